@@ -1,0 +1,301 @@
+"""Memory-mapped `.nq` reader: a small bounds-checked GGUF parser, validation, and zero-copy numpy views.
+
+The gguf package's GGUFReader builds numpy objects for every element of every metadata array, which costs seconds on
+large vocabularies; this parser reads the header with `struct` and never copies tensor data. Every malformed input
+becomes NQFormatError naming what is wrong, never another exception.
+"""
+from __future__ import annotations
+
+import mmap
+import os
+import struct
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from gguf import GGUFValueType as VT
+from gguf import GGMLQuantizationType as GT
+
+from . import keys as K
+from .config import ModelConfig
+from .errors import NQFormatError
+from .layout import LinearPlan, TensorSpec, file_specs, is_scale, is_signs, sign_columns
+from .metadata import Provenance, TokenizerInfo
+from .signs import padding_is_clear
+
+_SCALAR = {VT.UINT8: "<B", VT.INT8: "<b", VT.UINT16: "<H", VT.INT16: "<h", VT.UINT32: "<I", VT.INT32: "<i",
+           VT.FLOAT32: "<f", VT.BOOL: "<?", VT.UINT64: "<Q", VT.INT64: "<q", VT.FLOAT64: "<d"}
+_MAX_DIMS = 4
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    """Where one tensor lives in the file."""
+
+    name: str
+    gtype: GT
+    shape: tuple[int, ...]  # numpy order, elements
+    offset: int  # absolute byte offset in the file
+    nbytes: int
+
+
+@dataclass(frozen=True)
+class BinaryPath:
+    """One binary path of a factored linear: y += scale_out ⊙ U·(scale_mid ⊙ V·(scale_in ⊙ x)). Signs are packed
+    uint32 views of the file; scales are float16 views."""
+
+    v_signs: np.ndarray  # (r, ceil(n/32)) uint32
+    u_signs: np.ndarray  # (m, ceil(r/32)) uint32
+    scale_in: np.ndarray  # (n,) float16
+    scale_out: np.ndarray  # (m,) float16
+    scale_mid: np.ndarray | None  # (r,) float16
+    rank: int
+
+
+@dataclass(frozen=True)
+class FactoredLinear:
+    """A decoder linear (m out × n in) as the sum of its binary paths, plus an optional float32 bias."""
+
+    m: int
+    n: int
+    paths: tuple[BinaryPath, ...]
+    bias: np.ndarray | None
+
+
+class _Cursor:
+    """Bounds-checked little-endian reads over the mapped header."""
+
+    def __init__(self, buf: memoryview, size: int) -> None:
+        self.buf, self.size, self.pos = buf, size, 0
+
+    def take(self, n: int, what: str) -> int:
+        if n < 0 or self.pos + n > self.size:
+            raise NQFormatError(f"file truncated while reading {what} at byte {self.pos}")
+        start = self.pos
+        self.pos += n
+        return start
+
+    def scalar(self, fmt: str, what: str):
+        start = self.take(struct.calcsize(fmt), what)
+        return struct.unpack_from(fmt, self.buf, start)[0]
+
+    def string(self, what: str) -> str:
+        n = self.scalar("<Q", what)
+        start = self.take(n, what)
+        try:
+            return bytes(self.buf[start:start + n]).decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise NQFormatError(f"{what}: not valid UTF-8") from e
+
+    def value(self, vtype: int, key: str):
+        if vtype == VT.STRING:
+            return self.string(f"value of {key!r}")
+        if vtype == VT.ARRAY:
+            sub = self.scalar("<I", f"array type of {key!r}")
+            count = self.scalar("<Q", f"array length of {key!r}")
+            if sub == VT.STRING:
+                if count > self.size - self.pos:
+                    raise NQFormatError(f"array {key!r}: length {count} exceeds the file")
+                return [self.string(f"element of {key!r}") for _ in range(count)]
+            if sub not in _SCALAR:
+                raise NQFormatError(f"array {key!r}: element type {sub} not supported")
+            fmt = _SCALAR[VT(sub)]
+            width = struct.calcsize(fmt)
+            if count > (self.size - self.pos) // width:
+                raise NQFormatError(f"array {key!r}: length {count} exceeds the file")
+            start = self.take(width * count, f"array {key!r}")
+            return np.frombuffer(self.buf, dtype=np.dtype(fmt), count=count, offset=start).tolist()
+        if vtype not in _SCALAR:
+            raise NQFormatError(f"key {key!r}: value type {vtype} is not a GGUF type")
+        return self.scalar(_SCALAR[VT(vtype)], f"value of {key!r}")
+
+
+class NQFile:
+    """An open `.nq` file. Opening parses and validates the header, its checksum, every tensor's shape and type
+    against the config, sign padding and scale finiteness; `verify()` also checks every tensor's CRC32."""
+
+    def __init__(self, path: str | os.PathLike) -> None:
+        self.path = Path(path)
+        try:
+            with open(self.path, "rb") as f:
+                self.size = os.fstat(f.fileno()).st_size
+                if self.size < 24:
+                    raise NQFormatError(f"{self.path}: file truncated ({self.size} bytes), not a .nq file")
+                self._mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+        except OSError as e:
+            raise NQFormatError(f"{self.path}: cannot open: {e.strerror}") from e
+        self._buf = memoryview(self._mm)
+        self.metadata, self._types, self.tensors, self.data_start = self._parse_header()
+        self._check_header_crc()
+        self._check_metadata_types()
+        self.config = ModelConfig.from_metadata(self.metadata)
+        self.tokenizer = TokenizerInfo.from_metadata(self.metadata)
+        self.provenance = Provenance.from_metadata(self.metadata)
+        self.linears = self._derive_plan()
+        self._check_tensors()
+
+    # --- structure ----------------------------------------------------------------------------------------------
+    def _parse_header(self) -> tuple[dict[str, object], dict[str, int], dict[str, TensorInfo], int]:
+        c = _Cursor(self._buf, self.size)
+        if c.scalar("<I", "magic") != K.GGUF_MAGIC:
+            raise NQFormatError(f"{self.path}: bad magic, not a GGUF file")
+        version = c.scalar("<I", "version")
+        if version != K.GGUF_VERSION:
+            raise NQFormatError(f"{self.path}: GGUF version {version} not supported (expected {K.GGUF_VERSION})")
+        n_tensors = c.scalar("<Q", "tensor count")
+        n_kv = c.scalar("<Q", "metadata count")
+        if n_kv > (self.size - c.pos) // 13 or n_tensors > (self.size - c.pos) // 29:
+            raise NQFormatError(f"{self.path}: header counts ({n_kv} keys, {n_tensors} tensors) exceed the file size")
+        meta: dict[str, object] = {}
+        for _ in range(n_kv):
+            key = c.string("metadata key")
+            if key in meta:
+                raise NQFormatError(f"metadata key {key!r} appears twice")
+            vtype = c.scalar("<I", f"type of {key!r}")
+            meta[key] = (vtype, c.value(vtype, key))
+        align = meta.get(K.ALIGNMENT_KEY, (None, None))[1]
+        if align != K.ALIGNMENT:
+            raise NQFormatError(f"metadata key {K.ALIGNMENT_KEY!r} is {align!r}, expected {K.ALIGNMENT}")
+        raw = []
+        for _ in range(n_tensors):
+            name = c.string("tensor name")
+            n_dims = c.scalar("<I", f"dimension count of {name!r}")
+            if not 1 <= n_dims <= _MAX_DIMS:
+                raise NQFormatError(f"tensor {name!r}: {n_dims} dimensions")
+            dims = [c.scalar("<Q", f"shape of {name!r}") for _ in range(n_dims)]
+            gtype = c.scalar("<I", f"type of {name!r}")
+            offset = c.scalar("<Q", f"offset of {name!r}")
+            raw.append((name, dims, gtype, offset))
+        data_start = c.pos + (-c.pos) % K.ALIGNMENT
+        tensors: dict[str, TensorInfo] = {}
+        end = data_start
+        for name, dims, gtype, offset in raw:
+            if name in tensors:
+                raise NQFormatError(f"tensor {name!r} appears twice")
+            if gtype not in (GT.F16, GT.F32, GT.I32, GT.Q8_0):
+                raise NQFormatError(f"tensor {name!r}: GGML type {gtype} is not used by this format")
+            if any(d == 0 or d > self.size for d in dims):
+                raise NQFormatError(f"tensor {name!r}: impossible shape {dims}")
+            spec = TensorSpec(name, tuple(reversed(dims)), GT(gtype))
+            if gtype == GT.Q8_0 and dims[0] % 32:
+                raise NQFormatError(f"tensor {name!r}: Q8_0 rows must be a multiple of 32")
+            if data_start + offset != end:
+                raise NQFormatError(f"tensor {name!r}: offset {offset} breaks the packed, aligned layout")
+            tensors[name] = TensorInfo(name, spec.gtype, spec.shape, data_start + offset, spec.nbytes)
+            end = data_start + offset + spec.nbytes + (-spec.nbytes) % K.ALIGNMENT
+        if end != self.size:
+            raise NQFormatError(f"{self.path}: file is {self.size} bytes, its tensors end at {end} "
+                                f"({'truncated' if end > self.size else 'trailing bytes'})")
+        return {k: v for k, (_, v) in meta.items()}, {k: t for k, (t, _) in meta.items()}, tensors, data_start
+
+    def _check_header_crc(self) -> None:
+        table = self.tensors.get(K.CHECKSUMS)
+        if table is None or table.gtype != GT.I32 or table.shape != (len(self.tensors),):
+            raise NQFormatError(f"tensor {K.CHECKSUMS!r} is missing or has the wrong shape")
+        if list(self.tensors)[-1] != K.CHECKSUMS:
+            raise NQFormatError(f"tensor {K.CHECKSUMS!r} must be the last tensor")
+        expected = int(self._view(table)[0])
+        if zlib.crc32(self._buf[:self.data_start]) != expected:
+            raise NQFormatError(f"{self.path}: header checksum mismatch (metadata or tensor table corrupted)")
+
+    def _check_metadata_types(self) -> None:
+        types = self._types
+        for key, spec in K.METADATA.items():
+            if key not in self.metadata:
+                if spec.required:
+                    raise NQFormatError(f"metadata key {key!r} is missing")
+                continue
+            want = VT.ARRAY if spec.array else spec.vtype
+            if types[key] != want:
+                raise NQFormatError(f"metadata key {key!r} has type {types[key]}, expected {want.name}")
+        if self.metadata[K.ARCH] != K.ARCHITECTURE:
+            raise NQFormatError(f"general.architecture is {self.metadata[K.ARCH]!r}, expected {K.ARCHITECTURE!r}")
+        if self.metadata[K.VERSION] != K.FORMAT_VERSION:
+            raise NQFormatError(f"format version {self.metadata[K.VERSION]} not supported "
+                                f"(this reader reads version {K.FORMAT_VERSION})")
+
+    def _derive_plan(self) -> list[dict[str, LinearPlan]]:
+        """Ranks come from the V-sign shapes; the full expected plan is then rebuilt and compared tensor by tensor."""
+        if self.config.n_layers * len(K.LINEARS) > len(self.tensors):
+            raise NQFormatError(f"config has {self.config.n_layers} blocks but the file holds only "
+                                f"{len(self.tensors)} tensors")
+        plan = []
+        for layer in range(self.config.n_layers):
+            block = {}
+            for linear in K.LINEARS:
+                ranks = []
+                while (t := self.tensors.get(K.path_tensor(layer, linear, len(ranks), K.V_SIGNS))) is not None:
+                    ranks.append(t.shape[0])
+                    if len(ranks) > K.MAX_PATHS:
+                        break
+                if not ranks:
+                    raise NQFormatError(f"tensor {K.path_tensor(layer, linear, 0, K.V_SIGNS)!r} is missing")
+                has_mid = K.path_tensor(layer, linear, 0, K.SCALE_MID) in self.tensors
+                block[linear] = LinearPlan(tuple(ranks), has_mid)
+            plan.append(block)
+        return plan
+
+    def _check_tensors(self) -> None:
+        emb = self.tensors.get(K.TOKEN_EMBD)
+        if emb is None:
+            raise NQFormatError(f"tensor {K.TOKEN_EMBD!r} is missing")
+        expected = file_specs(self.config, self.linears, emb.gtype)
+        names = [s.name for s in expected]
+        for name in self.tensors:
+            if name not in set(names):
+                raise NQFormatError(f"unexpected tensor {name!r}")
+        for spec in expected:
+            info = self.tensors.get(spec.name)
+            if info is None:
+                raise NQFormatError(f"tensor {spec.name!r} is missing")
+            if info.gtype != spec.gtype or info.shape != spec.shape:
+                raise NQFormatError(f"tensor {spec.name!r}: {info.gtype.name}{list(info.shape)} where the config "
+                                    f"needs {spec.gtype.name}{list(spec.shape)}")
+            if is_scale(spec.name) and not np.all(np.isfinite(self._view(info))):
+                raise NQFormatError(f"tensor {spec.name!r}: non-finite scale")
+            if is_signs(spec.name) and not padding_is_clear(self._view(info),
+                                                            sign_columns(spec.name, self.config, self.linears)):
+                raise NQFormatError(f"tensor {spec.name!r}: padding bits past the last column are not 0")
+
+    # --- access -------------------------------------------------------------------------------------------------
+    def _view(self, info: TensorInfo) -> np.ndarray:
+        spec = TensorSpec(info.name, info.shape, info.gtype)
+        count = int(np.prod(spec.numpy_shape))
+        return np.frombuffer(self._mm, dtype=spec.numpy_dtype, count=count, offset=info.offset).reshape(spec.numpy_shape)
+
+    def array(self, name: str) -> np.ndarray:
+        """Zero-copy read-only view of a tensor (packed signs as uint32, Q8_0 as raw bytes)."""
+        if name not in self.tensors:
+            raise KeyError(f"no tensor {name!r} in {self.path}")
+        return self._view(self.tensors[name])
+
+    def linear(self, layer: int, linear: str) -> FactoredLinear:
+        """A decoder linear with all its binary paths (views into the file)."""
+        plan = self.linears[layer][linear]
+        m, n = self.config.linear_shape(linear)
+        paths = []
+        for p, r in enumerate(plan.ranks):
+            part = lambda name: self.array(K.path_tensor(layer, linear, p, name))  # noqa: E731
+            paths.append(BinaryPath(part(K.V_SIGNS), part(K.U_SIGNS), part(K.SCALE_IN), part(K.SCALE_OUT),
+                                    part(K.SCALE_MID) if plan.has_mid else None, r))
+        bias_name = K.bias_tensor(layer, linear)
+        bias = self.array(bias_name) if bias_name in self.tensors else None
+        return FactoredLinear(m, n, tuple(paths), bias)
+
+    def verify(self) -> None:
+        """Check every tensor's CRC32 and that all alignment padding is zero."""
+        table = self._view(self.tensors[K.CHECKSUMS])
+        for i, info in enumerate(list(self.tensors.values())[:-1]):
+            data = self._buf[info.offset:info.offset + info.nbytes]
+            if zlib.crc32(data) != int(table[i + 1]):
+                raise NQFormatError(f"tensor {info.name!r}: checksum mismatch (data corrupted)")
+        for info in self.tensors.values():
+            pad = self._buf[info.offset + info.nbytes:info.offset + info.nbytes + (-info.nbytes) % K.ALIGNMENT]
+            if any(pad):
+                raise NQFormatError(f"tensor {info.name!r}: alignment padding after it is not zero")
+
+
+def open_nq(path: str | os.PathLike) -> NQFile:
+    """Open and validate a `.nq` file (see NQFile)."""
+    return NQFile(path)

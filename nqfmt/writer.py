@@ -1,0 +1,138 @@
+"""Streaming, atomic `.nq` writer over the gguf package's GGUFWriter.
+
+The whole tensor plan is declared up front (GGUF puts every tensor's info before any data), then tensors are written
+one at a time in plan order, so a 70B model never sits in memory. Data go to `OUT.partial`; only a complete, fsynced
+file is renamed to OUT, so an existing OUT is never left half-overwritten.
+"""
+from __future__ import annotations
+
+import os
+import zlib
+from pathlib import Path
+
+import numpy as np
+from gguf import GGUFValueType as VT
+from gguf import GGUFWriter
+
+from . import keys as K
+from .config import ModelConfig
+from .errors import NQFormatError
+from .layout import LinearPlan, TensorSpec, file_specs, is_scale, is_signs, sign_columns
+from .metadata import Provenance, TokenizerInfo
+from .signs import padding_is_clear
+
+
+class NQWriter:
+    """Write one `.nq` file: `with NQWriter(...) as w: for spec in w.plan: w.write(spec.name, array)`.
+
+    Leaving the block normally commits the file; an exception (or an incomplete plan) removes the partial file.
+    """
+
+    def __init__(self, path: str | os.PathLike, config: ModelConfig, tokenizer: TokenizerInfo,
+                 provenance: Provenance, linears: list[dict[str, LinearPlan]], *, embedding_type=None,
+                 name: str | None = None) -> None:
+        self.path = Path(path)
+        self.partial = self.path.with_name(self.path.name + ".partial")
+        self.config = config
+        self.linears = linears
+        kwargs = {} if embedding_type is None else {"embedding_type": embedding_type}
+        specs = file_specs(config, linears, **kwargs)
+        self.plan: list[TensorSpec] = specs[:-1]
+        self._checksum_spec = specs[-1]
+        self._next = 0
+        self._crcs: list[int] = []
+        if not self.path.parent.is_dir():
+            raise NQFormatError(f"cannot write {self.path}: directory {self.path.parent} does not exist")
+        if not os.access(self.path.parent, os.W_OK):
+            raise NQFormatError(f"cannot write {self.path}: directory {self.path.parent} is not writable")
+        meta = {**config.to_metadata(), **tokenizer.to_metadata(), **provenance.to_metadata(), K.VERSION: K.FORMAT_VERSION}
+        if name:
+            meta[K.NAME] = name
+        self._gw = GGUFWriter(self.partial, K.ARCHITECTURE)
+        self._gw.add_custom_alignment(K.ALIGNMENT)
+        for key, spec in K.METADATA.items():
+            if key in meta:
+                self._add_kv(spec, meta[key])
+        for spec in self.plan + [self._checksum_spec]:
+            self._gw.add_tensor_info(spec.name, spec.numpy_shape, spec.numpy_dtype if spec.gtype != K.SIGN_TYPE
+                                     else np.dtype(np.int32), spec.nbytes, raw_dtype=spec.gtype)
+        try:
+            self._gw.write_header_to_file()
+            self._gw.write_kv_data_to_file()
+            self._gw.write_ti_data_to_file()
+            self._header_crc = self._crc_of_header()
+        except OSError as e:
+            self._discard()
+            raise NQFormatError(f"cannot write {self.partial}: {e.strerror}") from e
+
+    def _add_kv(self, spec: K.KeySpec, value: object) -> None:
+        if spec.array:
+            self._gw.add_key_value(spec.key, [bool(v) for v in value], VT.ARRAY, sub_type=spec.vtype)
+        else:
+            conv = {VT.STRING: str, VT.BOOL: bool, VT.FLOAT32: float}.get(spec.vtype, int)
+            self._gw.add_key_value(spec.key, conv(value), spec.vtype)
+
+    def _crc_of_header(self) -> int:
+        """CRC32 of every byte before the data section, alignment padding included (the padding is zeros)."""
+        fout = self._gw.fout[0]
+        fout.flush()
+        end = fout.tell()
+        with open(self.partial, "rb") as f:
+            head = f.read(end)
+        pad = (-end) % K.ALIGNMENT
+        return zlib.crc32(bytes(pad), zlib.crc32(head))
+
+    def write(self, name: str, array: np.ndarray) -> None:
+        """Write the next tensor of the plan; its name, shape, dtype (and finiteness, sign padding) are checked."""
+        if self._next >= len(self.plan):
+            raise NQFormatError(f"tensor {name!r} is beyond the plan ({len(self.plan)} tensors)")
+        spec = self.plan[self._next]
+        if name != spec.name:
+            raise NQFormatError(f"expected tensor {spec.name!r} next, got {name!r}")
+        a = np.ascontiguousarray(array)
+        if a.dtype != spec.numpy_dtype or a.shape != spec.numpy_shape:
+            raise NQFormatError(f"tensor {name!r}: got {a.dtype}{list(a.shape)}, "
+                                f"plan says {spec.numpy_dtype}{list(spec.numpy_shape)}")
+        if is_scale(name) and not np.all(np.isfinite(a)):
+            raise NQFormatError(f"tensor {name!r}: scales must be finite")
+        if is_signs(name) and not padding_is_clear(a, sign_columns(name, self.config, self.linears)):
+            raise NQFormatError(f"tensor {name!r}: padding bits past the last column must be 0")
+        if a.dtype == np.uint32:
+            a = a.view(np.int32)
+        self._crcs.append(zlib.crc32(a.view(np.uint8).reshape(-1)))
+        self._gw.write_tensor_data(a)
+        self._next += 1
+
+    def commit(self) -> Path:
+        """Append the checksum table, fsync, and atomically rename the partial file to its final name."""
+        if self._next != len(self.plan):
+            missing = self.plan[self._next].name
+            self._discard()
+            raise NQFormatError(f"file incomplete: tensor {missing!r} and {len(self.plan) - self._next - 1} more "
+                                f"were never written")
+        table = np.array([self._header_crc, *self._crcs], dtype=np.uint32).view(np.int32)
+        self._gw.write_tensor_data(table)
+        fout = self._gw.fout[0]
+        fout.flush()
+        os.fsync(fout.fileno())
+        self._gw.close()
+        os.replace(self.partial, self.path)
+        dir_fd = os.open(self.path.parent, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+        return self.path
+
+    def _discard(self) -> None:
+        self._gw.close()
+        self.partial.unlink(missing_ok=True)
+
+    def __enter__(self) -> "NQWriter":
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is None:
+            self.commit()
+        else:
+            self._discard()
