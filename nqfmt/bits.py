@@ -6,9 +6,9 @@ SCALE_BITS = 16
 
 def rank_for_bits(m: int, n: int, bits: float) -> int:
     """Rank of one binary path for target `bits` on an m×n linear: floor((b·m·n/(m+n) − 16)/32)·32, clamped to
-    [32, min(m, n)] (and to min(m, n) when that is below 32)."""
+    [32, min(m, n)] (spec/FORMAT.md §4)."""
     r = int((bits * m * n / (m + n) - SCALE_BITS) // 32) * 32
-    return max(min(max(r, 32), min(m, n)), 1)
+    return min(max(r, 32), min(m, n))
 
 
 def path_bits(m: int, n: int, r: int, has_mid: bool = False) -> int:

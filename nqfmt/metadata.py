@@ -3,6 +3,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
+
 from . import keys as K
 from .errors import NQFormatError
 
@@ -48,6 +50,10 @@ class Provenance:
     source_params: int
     calibration_sha256: str
     date: str
+
+    def __post_init__(self) -> None:
+        for name in ("bits_target", "bits_achieved"):  # stored as float32: keep memory and file identical
+            object.__setattr__(self, name, float(np.float32(getattr(self, name))))
 
     _KEYS = {
         "converter_version": K.CONVERTER_VERSION, "preset": K.PRESET, "recipe": K.RECIPE,

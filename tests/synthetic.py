@@ -39,7 +39,7 @@ def tiny_config(arch: str = "llama", **over) -> ModelConfig:
 
 def provenance(**over) -> Provenance:
     base = dict(converter_version="test", preset="test", recipe="{}", bits_target=1.0, bits_achieved=0.9,
-                source_name="synthetic", source_sha256="0" * 64, source_params=1, calibration_sha256="none",
+                source_name="synthetic", source_sha256="0" * 64, source_params=1000, calibration_sha256="none",
                 date="2026-01-01T00:00:00Z")
     base.update(over)
     return Provenance(**base)
@@ -72,7 +72,8 @@ def write_random(path: Path, config: ModelConfig | None = None, ranks=(32,), has
     linears = [{lin: LinearPlan(tuple(min(r, *config.linear_shape(lin)) for r in ranks), has_mid)
                 for lin in K.LINEARS} for _ in range(config.n_layers)]
     tok = TokenizerInfo(TINY_TOKENIZER, chat_template, bos_id=0, eos_id=1, add_bos=False)
-    with NQWriter(path, config, tok, provenance(), linears, embedding_type=embedding_type) as w:
+    prov = provenance(source_params=config.parameter_count())
+    with NQWriter(path, config, tok, prov, linears, embedding_type=embedding_type) as w:
         tensors = random_tensors(w, seed)
         for spec in w.plan:
             w.write(spec.name, tensors[spec.name])

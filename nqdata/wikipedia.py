@@ -1,0 +1,127 @@
+"""The default calibration and evaluation text: English Wikipedia articles from the sample dump in the gensim 4.4.0
+wheel, markup stripped with mwparserfromhell, every 4th article held out for evaluation.
+
+A fresh machine has no shared data directory, so the project builds this text itself (pip can download the wheel) and
+caches it in the user's cache directory.
+"""
+from __future__ import annotations
+
+import bz2
+import os
+import subprocess
+import sys
+import tempfile
+import xml.etree.ElementTree as ET
+import zipfile
+from pathlib import Path
+
+import mwparserfromhell
+
+WHEEL_REQUIREMENT = "gensim==4.4.0"
+DUMP_MEMBER = "gensim/test/test_data/enwiki-latest-pages-articles1.xml-p000000010p000030302-shortened.bz2"
+MIN_ARTICLE_CHARS = 2000
+TEST_EVERY = 4
+SPLITS = ("train", "test")
+_DROP_TAGS = {"ref", "table", "gallery", "math", "score", "timeline", "imagemap", "references"}
+_DROP_LINK_PREFIXES = ("file:", "image:", "category:", "media:")
+
+
+class DataError(RuntimeError):
+    """The default text could not be built (no network for pip, a changed wheel, ...)."""
+
+
+def cache_dir() -> Path:
+    """$NANOQUANT_CACHE, else $XDG_CACHE_HOME/nanoquant, else ~/.cache/nanoquant."""
+    if env := os.environ.get("NANOQUANT_CACHE"):
+        return Path(env)
+    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "nanoquant"
+
+
+def default_text(split: str) -> Path:
+    """Path of the default text for `split` ('train' for calibration, 'test' for evaluation), built on first use."""
+    if split not in SPLITS:
+        raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+    out = cache_dir() / "data"
+    paths = {s: out / f"enwiki-{s}.txt" for s in SPLITS}
+    if not all(p.exists() for p in paths.values()):
+        texts = split_articles(articles(read_dump(download_wheel())))
+        out.mkdir(parents=True, exist_ok=True)
+        for s, p in paths.items():
+            tmp = p.with_name(p.name + ".partial")
+            tmp.write_text(texts[s], encoding="utf-8")
+            os.replace(tmp, p)
+    return paths[split]
+
+
+def download_wheel() -> Path:
+    """Fetch the gensim wheel (no dependencies) into the cache; the wheel is only read as a zip file."""
+    dest = cache_dir() / "wheels"
+    found = sorted(dest.glob("gensim-4.4.0-*.whl")) if dest.exists() else []
+    if found:
+        return found[0]
+    dest.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=dest) as tmp:
+        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "-q", "-d", tmp,
+               WHEEL_REQUIREMENT]
+        done = subprocess.run(cmd, capture_output=True, text=True)
+        wheels = list(Path(tmp).glob("gensim-*.whl"))
+        if done.returncode or not wheels:
+            raise DataError(f"could not download {WHEEL_REQUIREMENT} for the default text: "
+                            f"{done.stderr.strip().splitlines()[-1] if done.stderr.strip() else 'no wheel'}")
+        final = dest / wheels[0].name
+        os.replace(wheels[0], final)
+    return final
+
+
+def read_dump(wheel: Path) -> bytes:
+    """The decompressed XML dump inside the wheel."""
+    try:
+        with zipfile.ZipFile(wheel) as z:
+            return bz2.decompress(z.read(DUMP_MEMBER))
+    except (KeyError, zipfile.BadZipFile, OSError) as e:
+        raise DataError(f"{wheel}: no usable {DUMP_MEMBER}: {e}") from e
+
+
+def articles(xml: bytes) -> list[tuple[str, str]]:
+    """(title, plain text) of every main-namespace, non-redirect page whose wikitext has MIN_ARTICLE_CHARS or more."""
+    out = []
+    for page in ET.fromstring(xml).iter():
+        if not page.tag.endswith("}page"):
+            continue
+        fields = {child.tag.rsplit("}", 1)[-1]: child for child in page}
+        if fields["ns"].text != "0" or "redirect" in fields:
+            continue
+        wikitext = next(el.text or "" for el in page.iter() if el.tag.endswith("}text"))
+        if len(wikitext) >= MIN_ARTICLE_CHARS:
+            out.append((fields["title"].text, plain_text(wikitext)))
+    return out
+
+
+def plain_text(wikitext: str) -> str:
+    """Strip templates, references, tables and file/category links; keep link labels, headings as plain lines."""
+    code = mwparserfromhell.parse(wikitext)
+    for tpl in code.filter_templates(recursive=False):
+        _remove(code, tpl)
+    for tag in code.filter_tags(recursive=False):
+        if str(tag.tag).strip().lower() in _DROP_TAGS or str(tag).startswith("{|"):
+            _remove(code, tag)
+    for link in code.filter_wikilinks(recursive=True):
+        if str(link.title).strip().lower().startswith(_DROP_LINK_PREFIXES):
+            _remove(code, link)
+    text = code.strip_code(normalize=True, collapse=True)
+    return "\n".join(ln.strip() for ln in text.splitlines() if ln.strip())
+
+
+def _remove(code, node) -> None:
+    try:
+        code.remove(node)
+    except ValueError:
+        pass
+
+
+def split_articles(items: list[tuple[str, str]]) -> dict[str, str]:
+    """Every TEST_EVERY-th article (the 4th, 8th, ...) goes to 'test', the rest to 'train'; WikiText-style titles."""
+    parts: dict[str, list[str]] = {s: [] for s in SPLITS}
+    for i, (title, text) in enumerate(items):
+        parts["test" if i % TEST_EVERY == TEST_EVERY - 1 else "train"].append(f" = {title} = \n\n{text}\n\n")
+    return {s: "".join(p) for s, p in parts.items()}
