@@ -1,0 +1,135 @@
+"""Backends: the handful of primitive ops the forward pass needs, behind one small interface.
+
+`runtime/model.py` is written once against `Backend`; each backend owns its weight layout (what `prepare_*` returns
+is opaque to the model), its compute dtype and its KV cache. Arrays crossing the interface are the backend's own
+array type (numpy here; cupy for a CUDA backend) and support `reshape`, `+`, `*` and indexing.
+
+Backends: `numpy` (float64 reference, slow and obviously correct), `numba` (float32 CPU fast path),
+`cuda` (a later issue: the name is reserved and reports clearly why it is unavailable). `auto` picks cuda when it is
+usable, else numba.
+"""
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from typing import Any
+
+import numpy as np
+from gguf import GGMLQuantizationType as GT
+
+from nqfmt import FactoredLinear, ModelConfig
+
+from ..errors import NQRunError
+
+BACKENDS = ("auto", "numpy", "numba", "cuda")
+
+
+class BackendUnavailable(NQRunError):
+    """The named backend cannot run here (missing package or device); the message says which and how to fix it."""
+
+
+class KVCache:
+    """Keys and values of every layer, laid out (layer, kv_head, position, head_dim) so one head's history is
+    contiguous. Allocated with zeros: untouched positions cost address space, not resident memory."""
+
+    def __init__(self, config: ModelConfig, n_ctx: int, dtype: np.dtype) -> None:
+        shape = (config.n_layers, config.n_kv_heads, n_ctx, config.head_dim)
+        self.k = np.zeros(shape, dtype=dtype)
+        self.v = np.zeros(shape, dtype=dtype)
+        self.n_ctx = n_ctx
+
+    @property
+    def nbytes(self) -> int:
+        return self.k.nbytes + self.v.nbytes
+
+
+class Backend(ABC):
+    """The primitive ops of a decoder forward pass. `x` arguments are (tokens, features) arrays in `dtype`."""
+
+    name: str
+    dtype: np.dtype
+
+    # --- weights ------------------------------------------------------------------------------------------------
+    @abstractmethod
+    def prepare_linear(self, linear: FactoredLinear) -> Any:
+        """Whatever this backend's `linear` needs for one factored linear (views of the file where possible)."""
+
+    @abstractmethod
+    def prepare_embedding(self, table: np.ndarray, gtype: GT, hidden: int) -> Any:
+        """An embedding table / output head as stored (F16, F32 or Q8_0 bytes); never upcast as a whole."""
+
+    def vector(self, values: np.ndarray) -> Any:
+        """A small float vector (norm weights) in the compute dtype."""
+        return np.ascontiguousarray(values, dtype=self.dtype)
+
+    def kv_cache(self, config: ModelConfig, n_ctx: int) -> KVCache:
+        return KVCache(config, n_ctx, self.dtype)
+
+    # --- ops ----------------------------------------------------------------------------------------------------
+    @abstractmethod
+    def embed(self, table: Any, ids: np.ndarray) -> Any:
+        """Rows `ids` of the embedding table, (T, hidden)."""
+
+    @abstractmethod
+    def linear(self, w: Any, x: Any) -> Any:
+        """y = Σ_paths s_out ⊙ U·(s_mid ⊙ V·(s_in ⊙ x)) (+ bias), x (T, n) -> (T, m)."""
+
+    @abstractmethod
+    def rms_norm(self, x: Any, weight: Any, eps: float) -> Any:
+        """x / sqrt(mean(x², last axis) + eps) * weight, over the last axis of a 2- or 3-D array."""
+
+    @abstractmethod
+    def rope(self, x: Any, cos: np.ndarray, sin: np.ndarray) -> Any:
+        """Rotate-half RoPE (Hugging Face layout) on x (T, heads, head_dim); cos/sin (T, head_dim/2)."""
+
+    @abstractmethod
+    def attention(self, cache: KVCache, layer: int, q: Any, k: Any, v: Any, pos0: int, window: int,
+                  scale: float, softcap: float) -> Any:
+        """Store k, v (T, kv_heads, d) at positions pos0.. of `layer`, then causal GQA attention of q (T, heads, d)
+        over positions 0..pos0+T-1 (only the last `window` positions when window > 0); returns (T, heads*d)."""
+
+    @abstractmethod
+    def glu(self, gate: Any, up: Any, activation: str) -> Any:
+        """act(gate) * up with act = silu or gelu_tanh."""
+
+    @abstractmethod
+    def head(self, table: Any, x: Any) -> np.ndarray:
+        """Logits x · tableᵀ, (T, vocab) as a numpy float array."""
+
+
+def get_backend(name: str = "auto", threads: int | None = None, *, exact: bool = True) -> Backend:
+    """Build a backend by name. `threads` caps the CPU threads (None: the machine's cores, at most 4);
+    `exact=False` lets the numba backend use its int8 popcount linear (faster, measured accuracy loss)."""
+    if name not in BACKENDS:
+        raise NQRunError(f"unknown backend {name!r} (choose one of: {', '.join(BACKENDS)})")
+    if name == "auto":
+        try:
+            return _cuda()
+        except BackendUnavailable:
+            return _numba(threads, exact)
+    if name == "numpy":
+        from .numpy_ref import NumpyBackend
+        return NumpyBackend()
+    if name == "numba":
+        return _numba(threads, exact)
+    return _cuda()
+
+
+def _numba(threads: int | None, exact: bool) -> Backend:
+    from .numba_cpu import NumbaBackend
+    return NumbaBackend(threads=threads, exact=exact)
+
+
+def _cuda() -> Backend:
+    """The CUDA backend is a later issue; until it lands this says precisely why `cuda` cannot be used."""
+    try:
+        import cupy
+    except ImportError:
+        raise BackendUnavailable("backend 'cuda' needs CuPy, which is not installed "
+                                 "(pip install 'nanoquant[cuda]'); use --backend numba") from None
+    try:
+        usable = cupy.cuda.runtime.getDeviceCount() > 0
+    except Exception:  # cupy raises its own CUDARuntimeError types when no driver or device is present
+        usable = False
+    if not usable:
+        raise BackendUnavailable("backend 'cuda': CuPy is installed but no CUDA GPU is usable; use --backend numba")
+    raise BackendUnavailable("backend 'cuda' is not implemented yet; use --backend numba")

@@ -1,0 +1,171 @@
+"""The decoder forward pass, written once for every supported architecture against the `Backend` interface.
+
+Llama / SmolLM / Mistral are the plain case; the others switch on config fields, never on the arch name alone:
+Qwen2 adds q/k/v biases (carried by the factored linear), Qwen3 RMS-normalizes each query/key head before RoPE,
+Gemma 3 adds post-attention/post-FFN norms, (1+w) norms (config.norm_offset), GeGLU, embedding and attention
+scales, softcaps, and sliding-window layers that use their own RoPE base (config.rope_theta_local).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+from gguf import GGMLQuantizationType as GT
+
+from nqfmt import ModelConfig, NQFile, NQFormatError
+from nqfmt import keys as K
+
+from .backends import Backend, KVCache
+from .errors import NQRunError
+
+
+@dataclass
+class Block:
+    """One decoder block's weights, prepared by the backend."""
+
+    norms: dict[str, Any]
+    linears: dict[str, Any]
+    sliding: bool
+
+
+def rope_inv_freq(config: ModelConfig, local: bool) -> np.ndarray:
+    """Inverse frequencies of rotate-half RoPE, computed in float32 as transformers does.
+
+    Local (sliding-window) layers of Gemma 3 use rope_theta_local unscaled; every other layer uses rope_theta with
+    the configured scaling (linear: divide by the factor; llama3: the wavelength-banded schedule).
+    """
+    d = config.head_dim
+    theta = config.rope_theta_local if local else config.rope_theta
+    inv = (1.0 / (np.float32(theta) ** (np.arange(0, d, 2, dtype=np.float32) / np.float32(d)))).astype(np.float32)
+    if local and config.arch == "gemma3":
+        return inv
+    factor = config.rope_scaling_factor
+    if config.rope_scaling_type == "linear":
+        return (inv / np.float32(factor)).astype(np.float32)
+    if config.rope_scaling_type == "llama3":
+        old = config.rope_original_context
+        low, high = config.rope_low_freq_factor, config.rope_high_freq_factor
+        wavelen = 2 * math.pi / inv
+        scaled = np.where(wavelen > old / low, inv / factor, inv)
+        smooth = (old / wavelen - low) / (high - low)
+        smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+        medium = ~(wavelen < old / high) & ~(wavelen > old / low)
+        return np.where(medium, smoothed, scaled).astype(np.float32)
+    return inv
+
+
+class Model:
+    """A `.nq` file's decoder on one backend: `forward(ids, pos0, cache)` → logits."""
+
+    def __init__(self, nq: NQFile, backend: Backend) -> None:
+        self.config = cfg = nq.config
+        self.backend = backend
+        self.nq = nq
+        emb_info = nq.tensors[K.TOKEN_EMBD]
+        self.embedding_type = emb_info.gtype
+        self.embedding = backend.prepare_embedding(_checked_table(nq, K.TOKEN_EMBD), emb_info.gtype, cfg.hidden)
+        self.head_table = self.embedding if cfg.tie_embeddings else backend.prepare_embedding(
+            _checked_table(nq, K.OUTPUT), nq.tensors[K.OUTPUT].gtype, cfg.hidden)
+        self.output_norm = self._norm(nq, K.OUTPUT_NORM)
+        self.blocks = []
+        for layer in range(cfg.n_layers):
+            norms = {nm: self._norm(nq, K.norm_tensor(layer, nm)) for nm in cfg.block_norms()}
+            linears = {}
+            for name in K.LINEARS:
+                lin = nq.linear(layer, name)
+                if lin.bias is not None and not np.all(np.isfinite(lin.bias)):
+                    raise NQFormatError(f"tensor {K.bias_tensor(layer, name)!r}: non-finite bias")
+                linears[name] = backend.prepare_linear(lin)
+            self.blocks.append(Block(norms, linears, cfg.sliding_layers[layer]))
+        self._inv_freq = {local: rope_inv_freq(cfg, local) for local in (False, True)}
+
+    def _norm(self, nq: NQFile, name: str) -> Any:
+        w = nq.array(name)
+        if not np.all(np.isfinite(w)):
+            raise NQFormatError(f"tensor {name!r}: non-finite norm weight")
+        return self.backend.vector(self.config.norm_offset + w.astype(self.backend.dtype))
+
+    def new_cache(self, n_ctx: int | None = None) -> KVCache:
+        n = self.config.context_length if n_ctx is None else n_ctx
+        if not 0 < n <= self.config.context_length:
+            raise NQRunError(f"context size {n} must be between 1 and the model's {self.config.context_length}")
+        return self.backend.kv_cache(self.config, n)
+
+    def _rope_tables(self, positions: np.ndarray) -> dict[bool, tuple[np.ndarray, np.ndarray]]:
+        tables = {}
+        for local, inv in self._inv_freq.items():
+            angles = (positions[:, None].astype(np.float32) * inv[None, :]).astype(np.float64)  # float32, as HF
+            tables[local] = (np.cos(angles).astype(self.backend.dtype), np.sin(angles).astype(self.backend.dtype))
+        return tables
+
+    def forward(self, ids: np.ndarray, pos0: int, cache: KVCache, all_logits: bool = False) -> np.ndarray:
+        """Run tokens `ids` at positions pos0.. (their keys/values go into `cache`); return the logits of the last
+        token, (1, vocab), or of every token when `all_logits`."""
+        cfg, be = self.config, self.backend
+        ids = np.asarray(ids, dtype=np.int64).reshape(-1)
+        t = len(ids)
+        if t == 0:
+            raise NQRunError("no tokens to run")
+        if ids.min() < 0 or ids.max() >= cfg.vocab:
+            raise NQRunError(f"token id {int(ids.max() if ids.max() >= cfg.vocab else ids.min())} is outside the "
+                             f"model's vocabulary of {cfg.vocab}")
+        if pos0 + t > cache.n_ctx:
+            raise NQRunError(f"{pos0 + t} tokens do not fit the context of {cache.n_ctx}")
+        ropes = self._rope_tables(np.arange(pos0, pos0 + t))
+        heads, kv_heads, d = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
+        x = be.embed(self.embedding, ids)
+        if cfg.embedding_scale != 1.0:
+            x = x * be.dtype.type(cfg.embedding_scale)
+        for layer, blk in enumerate(self.blocks):
+            nrm, lin = blk.norms, blk.linears
+            h = be.rms_norm(x, nrm[K.ATTN_NORM], cfg.norm_eps)
+            q = be.linear(lin[K.ATTN_Q], h).reshape(t, heads, d)
+            k = be.linear(lin[K.ATTN_K], h).reshape(t, kv_heads, d)
+            v = be.linear(lin[K.ATTN_V], h).reshape(t, kv_heads, d)
+            if cfg.qk_norm:
+                q = be.rms_norm(q, nrm[K.ATTN_Q_NORM], cfg.norm_eps)
+                k = be.rms_norm(k, nrm[K.ATTN_K_NORM], cfg.norm_eps)
+            local = blk.sliding
+            cos, sin = ropes[local]
+            q, k = be.rope(q, cos, sin), be.rope(k, cos, sin)
+            a = be.attention(cache, layer, q, k, v, pos0, cfg.sliding_window if local else 0,
+                             cfg.attention_scale, cfg.attn_softcap)
+            o = be.linear(lin[K.ATTN_OUT], a)
+            if cfg.post_norms:
+                o = be.rms_norm(o, nrm[K.ATTN_POST_NORM], cfg.norm_eps)
+            x = x + o
+            h = be.rms_norm(x, nrm[K.FFN_NORM], cfg.norm_eps)
+            f = be.linear(lin[K.FFN_DOWN], be.glu(be.linear(lin[K.FFN_GATE], h), be.linear(lin[K.FFN_UP], h),
+                                                  cfg.activation))
+            if cfg.post_norms:
+                f = be.rms_norm(f, nrm[K.FFN_POST_NORM], cfg.norm_eps)
+            x = x + f
+        if not all_logits:
+            x = x[-1:]
+        logits = be.head(self.head_table, be.rms_norm(x, self.output_norm, cfg.norm_eps))
+        if cfg.final_softcap > 0:
+            logits = cfg.final_softcap * np.tanh(logits / cfg.final_softcap)
+        return logits
+
+
+def _checked_table(nq: NQFile, name: str) -> np.ndarray:
+    """An embedding/head view, after checking every value is finite (a NaN row would poison every logit).
+    F16 is checked on its bits (exponent all ones), so the table is never upcast; Q8_0 on its block scales."""
+    table = nq.array(name)
+    gtype = nq.tensors[name].gtype
+    if gtype == GT.F16:
+        bad = _any_f16_nonfinite(table.view(np.uint16))
+    elif gtype == GT.Q8_0:
+        scales = np.ascontiguousarray(table.reshape(table.shape[0], -1, 34)[:, :, :2]).view(np.uint16)
+        bad = _any_f16_nonfinite(scales)
+    else:
+        bad = not np.all(np.isfinite(table))
+    if bad:
+        raise NQFormatError(f"tensor {name!r}: non-finite values")
+    return table
+
+
+def _any_f16_nonfinite(bits: np.ndarray) -> bool:
+    return bool(((bits & np.uint16(0x7C00)) == np.uint16(0x7C00)).any())
