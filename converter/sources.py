@@ -36,6 +36,12 @@ GGUF_ARCHITECTURES = {"llama": "llama", "qwen2": "qwen2", "qwen3": "qwen3"}
 _ACTIVATIONS = {"silu": "silu", "gelu_pytorch_tanh": "gelu_tanh"}
 
 
+def _library_error(e: BaseException) -> bool:
+    """True for errors a library raises on bad input: any Exception, and the pyo3 PanicException (a BaseException)
+    with which the Rust tokenizers library reports a malformed vocabulary."""
+    return isinstance(e, Exception) or type(e).__name__ == "PanicException"
+
+
 class SourceError(Exception):
     """A model source cannot be used; the message is one line naming the file or what is supported."""
 
@@ -290,7 +296,9 @@ class HFSource(Source):
         text = path.read_text(encoding="utf-8")
         try:
             tok = Tokenizer.from_str(text)
-        except Exception as e:
+        except BaseException as e:
+            if not _library_error(e):
+                raise
             raise SourceError(f"{path}: not a valid tokenizer ({str(e).splitlines()[0]})") from e
         tc, cfg = self._json("tokenizer_config.json"), self._json("config.json")
         template = tc.get("chat_template")
@@ -404,7 +412,9 @@ class GGUFSource(Source):
         hf_logging.set_verbosity_error()
         try:
             hf = AutoTokenizer.from_pretrained(str(self.path.parent), gguf_file=self.path.name)
-        except Exception as e:
+        except BaseException as e:
+            if not _library_error(e):
+                raise
             raise SourceError(f"{self.path}: transformers cannot build its tokenizer ({str(e).splitlines()[0]})") from e
         finally:
             hf_logging.set_verbosity(verbosity)

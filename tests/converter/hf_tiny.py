@@ -31,10 +31,11 @@ ARCHS = {
 }
 
 
-def build(arch: str, seed: int = 0):
-    """A random-initialised transformers model of `arch`, every parameter random (biases and norms included)."""
+def build(arch: str, seed: int = 0, **sizes):
+    """A random-initialised transformers model of `arch`, every parameter random (biases and norms included);
+    `sizes` overrides config fields (e.g. hidden_size)."""
     model_cls, config_cls, over = ARCHS[arch]
-    config = getattr(transformers, config_cls)(**_COMMON, **over)
+    config = getattr(transformers, config_cls)(**{**_COMMON, **over, **sizes})
     torch.manual_seed(seed)
     model = getattr(transformers, model_cls)(config).eval()
     with torch.no_grad():

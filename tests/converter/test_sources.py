@@ -1,0 +1,238 @@
+"""Sources: sharded safetensors, GGUF (dequantization and llama.cpp's Q/K permutation undone), bad inputs."""
+import hashlib
+import json
+
+import gguf
+import numpy as np
+import pytest
+import torch
+from gguf import GGMLQuantizationType as GT
+from gguf.quants import dequantize, quantize
+
+import hf_tiny
+from converter.model import TorchModel
+from converter.sources import SourceError, open_source
+from nqfmt import keys as K
+
+# rows of 96 let q/k/v/gate/up and the embedding be Q8_0 (o: 72, down: 100 cannot); plain RoPE (llama.cpp stores
+# llama3 scaling as a rope_freqs tensor, which sources refuse)
+GGUF_SIZES = dict(hidden_size=96, rope_theta=10_000.0, rope_scaling=None)
+
+_HF_TO_GGUF = {"self_attn.q_proj": K.ATTN_Q, "self_attn.k_proj": K.ATTN_K, "self_attn.v_proj": K.ATTN_V,
+               "self_attn.o_proj": K.ATTN_OUT, "mlp.gate_proj": K.FFN_GATE, "mlp.up_proj": K.FFN_UP,
+               "mlp.down_proj": K.FFN_DOWN, "input_layernorm": K.ATTN_NORM, "post_attention_layernorm": K.FFN_NORM}
+
+
+def gguf_name(hf_name: str) -> str:
+    if hf_name == "model.embed_tokens.weight":
+        return K.TOKEN_EMBD
+    if hf_name == "model.norm.weight":
+        return K.OUTPUT_NORM
+    _, _, layer, rest = hf_name.split(".", 3)
+    module, kind = rest.rsplit(".", 1)
+    return f"blk.{layer}.{_HF_TO_GGUF[module]}.{kind}"
+
+
+def llamacpp_permute(w: np.ndarray, heads: int) -> np.ndarray:
+    """What llama.cpp's converter does to Q/K rows: pair dimension i with i + head_dim/2, interleaved."""
+    return w.reshape(heads, 2, w.shape[0] // heads // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def gguf_type(name: str, w: np.ndarray) -> GT:
+    if w.ndim == 1 or ".ffn_down." in name:
+        return GT.F32
+    return GT.Q8_0 if w.shape[1] % 32 == 0 else GT.F16
+
+
+def roundtrip(w: np.ndarray, gtype: GT) -> np.ndarray:
+    """The float32 values a tensor of this type holds."""
+    if gtype == GT.F32:
+        return w
+    if gtype == GT.F16:
+        return w.astype(np.float16).astype(np.float32)
+    return dequantize(quantize(w, gtype), gtype).reshape(w.shape)
+
+
+@pytest.fixture(scope="module")
+def tiny_gguf(tmp_path_factory):
+    """A llama GGUF written the way llama.cpp writes one (permuted Q/K, mixed F32/F16/Q8_0), and the HF model holding
+    exactly the values the file stores."""
+    model = hf_tiny.build("llama", **GGUF_SIZES)
+    model.config._attn_implementation = "eager"
+    cfg = model.config
+    path = tmp_path_factory.mktemp("gguf") / "tiny.gguf"
+    w = gguf.GGUFWriter(path, "llama")
+    w.add_name("tiny llama")
+    w.add_block_count(cfg.num_hidden_layers)
+    w.add_context_length(cfg.max_position_embeddings)
+    w.add_embedding_length(cfg.hidden_size)
+    w.add_feed_forward_length(cfg.intermediate_size)
+    w.add_head_count(cfg.num_attention_heads)
+    w.add_head_count_kv(cfg.num_key_value_heads)
+    w.add_key_length(cfg.head_dim)
+    w.add_rope_freq_base(10_000.0)
+    w.add_layer_norm_rms_eps(cfg.rms_norm_eps)
+    w.add_tokenizer_model("gpt2")
+    w.add_tokenizer_pre("default")
+    w.add_token_list([chr(33 + i) for i in range(hf_tiny.VOCAB - 1)] + ['!"'])
+    w.add_token_types([1] * hf_tiny.VOCAB)
+    w.add_token_merges(["! \""])
+    w.add_bos_token_id(0)
+    w.add_eos_token_id(1)
+    w.add_chat_template(hf_tiny.CHAT_TEMPLATE)
+    stored = {}
+    for hf_name, p in model.state_dict().items():
+        if hf_name == "lm_head.weight":
+            continue  # tied
+        name = gguf_name(hf_name)
+        a = p.numpy().astype(np.float32)
+        gtype = gguf_type(name, a)
+        stored[hf_name] = roundtrip(a, gtype)
+        if name.endswith((".attn_q.weight", ".attn_k.weight")):
+            heads = cfg.num_attention_heads if ".attn_q." in name else cfg.num_key_value_heads
+            a = llamacpp_permute(a, heads)
+        w.add_tensor(name, quantize(a, gtype) if gtype == GT.Q8_0 else a.astype(np.float16) if gtype == GT.F16 else a,
+                     raw_dtype=gtype)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    with torch.no_grad():
+        for hf_name, a in stored.items():
+            model.state_dict()[hf_name].copy_(torch.from_numpy(a))
+    return path, model, stored
+
+
+def test_gguf_weights_are_unpermuted_and_dequantized(tiny_gguf):
+    path, model, stored = tiny_gguf
+    source = open_source(str(path))
+    assert source.config.hidden == 96 and source.config.tie_embeddings and source.name == "tiny llama"
+    for hf_name, want in stored.items():
+        np.testing.assert_array_equal(source.tensor(gguf_name(hf_name)).numpy(), want, err_msg=hf_name)
+    assert source.sha256 == hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def test_gguf_logits_match_transformers_on_the_stored_values(tiny_gguf):
+    path, model, _ = tiny_gguf
+    ours = TorchModel.from_source(open_source(str(path)))
+    tokens = torch.randint(0, hf_tiny.VOCAB, (2, 10), generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        torch.testing.assert_close(ours(tokens), model(tokens).logits, rtol=0, atol=1e-4)
+
+
+def test_gguf_tokenizer_metadata(tiny_gguf):
+    path, _, _ = tiny_gguf
+    tok = open_source(str(path)).tokenizer
+    assert tok.chat_template == hf_tiny.CHAT_TEMPLATE and (tok.bos_id, tok.eos_id) == (0, 1) and not tok.add_bos
+    assert open_source(str(path)).hf_tokenizer().encode("$#").ids == [3, 2]
+
+
+def test_sharded_checkpoint(tmp_path):
+    model = hf_tiny.save("qwen2", tmp_path, max_shard_size="40KB")
+    assert (tmp_path / "model.safetensors.index.json").is_file()
+    model.config._attn_implementation = "eager"
+    source = open_source(str(tmp_path))
+    tokens = torch.randint(0, hf_tiny.VOCAB, (1, 7), generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        torch.testing.assert_close(TorchModel.from_source(source)(tokens), model(tokens).logits, rtol=0, atol=1e-4)
+    assert source.tokenizer.chat_template == hf_tiny.CHAT_TEMPLATE and source.tokenizer.eos_id == 1
+    assert len(source.sha256) == 64
+
+
+def test_block_weights_keys(tmp_path):
+    hf_tiny.save("qwen2", tmp_path)
+    source = open_source(str(tmp_path))
+    weights = source.block_weights(1)
+    assert set(weights) == ({f"{lin}.weight" for lin in K.LINEARS} | {f"{lin}.bias" for lin in K.BIASED_LINEARS}
+                            | {f"{n}.weight" for n in source.config.block_norms()})
+    assert weights["attn_q.weight"].dtype == torch.float32 and weights["attn_q.weight"].shape == (72, 72)
+    with pytest.raises(KeyError):
+        source.tensor("blk.9.attn_q.weight")
+
+
+# --- bad inputs: one clear line each ---------------------------------------------------------------------------------
+
+def _error(spec) -> str:
+    with pytest.raises(SourceError) as info:
+        open_source(str(spec))
+    message = str(info.value)
+    assert "\n" not in message and message
+    return message
+
+
+@pytest.fixture
+def saved_llama(tmp_path):
+    hf_tiny.save("llama", tmp_path)
+    return tmp_path
+
+
+def test_missing_config(saved_llama):
+    (saved_llama / "config.json").unlink()
+    assert "config.json" in _error(saved_llama)
+
+
+def test_unsupported_architecture(saved_llama):
+    cfg = json.loads((saved_llama / "config.json").read_text())
+    (saved_llama / "config.json").write_text(json.dumps({**cfg, "model_type": "gpt2"}))
+    message = _error(saved_llama)
+    assert "gpt2" in message and "llama" in message and "qwen3" in message and "gemma3" in message
+
+
+def test_corrupt_safetensors_header(saved_llama):
+    weights = saved_llama / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[8:40] = b"{not json at all" + bytes(16)
+    weights.write_bytes(bytes(data))
+    assert "model.safetensors" in _error(saved_llama)
+
+
+def test_truncated_safetensors(saved_llama):
+    weights = saved_llama / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:100])
+    assert "model.safetensors" in _error(saved_llama)
+
+
+def test_missing_shard(tmp_path):
+    hf_tiny.save("llama", tmp_path, max_shard_size="40KB")
+    shard = sorted(tmp_path.glob("model-*.safetensors"))[-1]
+    shard.unlink()
+    assert shard.name in _error(tmp_path)
+
+
+def test_missing_tensor(saved_llama):
+    from safetensors.torch import load_file, save_file
+
+    tensors = load_file(saved_llama / "model.safetensors")
+    del tensors["model.layers.1.mlp.up_proj.weight"]
+    save_file(tensors, saved_llama / "model.safetensors")
+    assert "model.layers.1.mlp.up_proj.weight" in _error(saved_llama)
+
+
+def test_no_weights(saved_llama):
+    (saved_llama / "model.safetensors").unlink()
+    assert "safetensors" in _error(saved_llama)
+
+
+def test_nonexistent_path(tmp_path):
+    assert "no such file" in _error(tmp_path / "nothing")
+
+
+def test_not_a_gguf(tmp_path):
+    bad = tmp_path / "model.gguf"
+    bad.write_bytes(b"GGUF" + bytes(range(200)))
+    assert "model.gguf" in _error(bad)
+    other = tmp_path / "weights.bin"
+    other.write_bytes(b"x")
+    assert "weights.bin" in _error(other)
+
+
+def test_unsupported_gguf_architecture(tmp_path):
+    path = tmp_path / "gpt2.gguf"
+    w = gguf.GGUFWriter(path, "gpt2")
+    w.add_tensor("token_embd.weight", np.ones((4, 8), dtype=np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    message = _error(path)
+    assert "gpt2" in message and "llama" in message
