@@ -3,7 +3,11 @@ from __future__ import annotations
 
 from gguf import GGMLQuantizationType as GT
 
-from synthetic import tiny_config, write_random
+import numpy as np
+
+from nqfmt import LinearPlan, NQWriter, TokenizerInfo
+from nqfmt import keys as K
+from synthetic import TINY_TOKENIZER, provenance, random_tensors, tiny_config
 
 # name -> (config overrides, ranks per path, scale_mid, embedding type)
 VARIANTS = {
@@ -26,9 +30,22 @@ HF_VARIANTS = tuple(v for v in VARIANTS if v != "gemma3-attn-softcap")
 
 
 def write_variant(path, variant: str, seed: int = 0):
+    """Write one variant with synthetic.py's random tensors, each scale_out divided by sqrt(rank·n) so every
+    linear keeps activations at unit size, as trained weights do (raw ±1 products grow attention scores into
+    near-ties whose float32 rounding flips a softmax, which says nothing about the kernels)."""
     over, ranks, mid, emb = VARIANTS[variant]
     over = dict(over)
-    arch = over.pop("arch")
-    write_random(path, tiny_config(arch, **over), ranks=ranks, has_mid=mid, embedding_type=emb, seed=seed)
+    config = tiny_config(over.pop("arch"), **over)
+    linears = [{lin: LinearPlan(tuple(min(r, *config.linear_shape(lin)) for r in ranks), mid) for lin in K.LINEARS}
+               for _ in range(config.n_layers)]
+    tok = TokenizerInfo(TINY_TOKENIZER, "{{ messages }}", bos_id=0, eos_id=1, add_bos=False)
+    with NQWriter(path, config, tok, provenance(), linears, embedding_type=emb) as w:
+        tensors = random_tensors(w, seed)
+        for spec in w.plan:
+            a = tensors[spec.name]
+            if spec.name.endswith(K.SCALE_OUT):
+                _, layer, linear, p, _ = spec.name.split(".")
+                rank = linears[int(layer)][linear].ranks[int(p[1:])]
+                a = (a.astype(np.float32) / np.sqrt(rank * config.linear_shape(linear)[1])).astype(np.float16)
+            w.write(spec.name, a)
     return path
-

@@ -19,9 +19,8 @@ def test_numpy_reference_matches_transformers(variant_files, variant):
     model = Model(nq, get_backend("numpy"))
     ours = model.forward(ids, 0, model.new_cache(), all_logits=True)
     theirs = hf_logits(nq, ids)
-    # transformers runs RMSNorm and RoPE angles in float32 even in a float64 model: typical agreement is ~1e-6
-    # relative, with rare float32-sensitive positions near 1e-4; the bar for a torch model is 1e-3
-    assert np.abs(ours - theirs).max() <= 1e-3 * np.abs(theirs).max()
+    # transformers runs RMSNorm and RoPE angles in float32 even in a float64 model: agreement is ~1e-6, not 1e-12
+    assert np.abs(ours - theirs).max() <= 1e-4 * np.abs(theirs).max()
     assert np.median(np.abs(ours - theirs)) <= 1e-5 * np.abs(theirs).max()
 
 

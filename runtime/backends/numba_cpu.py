@@ -1,0 +1,189 @@
+"""The numba backend: float32 CPU kernels (numba_kernels.py) behind the Backend interface.
+
+Before numba is imported this module picks two process-wide settings:
+- the threading layer: `workqueue` unless NUMBA_THREADING_LAYER is set. OpenMP's default active spin-wait makes
+  2 threads on a loaded 2-core machine 10-20× slower than 1 (runtime-peers §4.2); workqueue threads block instead.
+- the kernel cache: next to the package when that is writable (numba's default), else NUMBA_CACHE_DIR under the
+  user's cache directory, so kernels compile once per machine either way.
+"""
+from __future__ import annotations
+
+import os
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from gguf import GGMLQuantizationType as GT
+
+
+def _configure_numba() -> None:
+    os.environ.setdefault("NUMBA_THREADING_LAYER", "workqueue")
+    if "NUMBA_CACHE_DIR" not in os.environ and not os.access(Path(__file__).parent, os.W_OK):
+        base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+        os.environ["NUMBA_CACHE_DIR"] = str(base / "nanoquant" / "numba")
+        if "numba" in sys.modules:  # imported earlier by the caller: tell its config too
+            import numba
+            numba.config.CACHE_DIR = os.environ["NUMBA_CACHE_DIR"]
+
+
+_configure_numba()
+
+import numba  # noqa: E402
+
+from nqfmt import FactoredLinear, NQFormatError  # noqa: E402
+
+from . import Backend, KVCache  # noqa: E402
+from . import numba_kernels as nk  # noqa: E402
+from .numba_kernels import BATCH  # noqa: E402
+
+DEFAULT_MAX_THREADS = 4
+
+
+@dataclass(frozen=True)
+class Path_:
+    """One binary path as the kernels read it: sign bytes (views of the file) and float32 scales."""
+
+    v_bytes: np.ndarray  # (r, 4·words(n)) uint8
+    u_bytes: np.ndarray  # (m, 4·words(r)) uint8
+    s_in: np.ndarray
+    s_mid: np.ndarray  # ones when the file has no scale_mid
+    s_out: np.ndarray
+
+
+@dataclass(frozen=True)
+class Linear:
+    m: int
+    n: int
+    paths: tuple[Path_, ...]
+    bias: np.ndarray | None
+
+
+@dataclass(frozen=True)
+class Table:
+    """An embedding / head table as stored: F16 bits (uint16), F32, or Q8_0 bytes plus their int8 view."""
+
+    gtype: GT
+    data: np.ndarray
+    qs: np.ndarray | None
+    hidden: int
+
+
+class NumbaBackend(Backend):
+    name = "numba"
+    dtype = np.dtype(np.float32)
+
+    def __init__(self, threads: int | None = None, exact: bool = True) -> None:
+        cores = numba.config.NUMBA_NUM_THREADS
+        self.threads = min(cores, DEFAULT_MAX_THREADS) if threads is None else threads
+        if not 1 <= self.threads <= cores:
+            from ..errors import NQRunError
+            raise NQRunError(f"--threads {self.threads}: this machine allows 1 to {cores}")
+        numba.set_num_threads(self.threads)
+        self.exact = exact
+        self._scratch_bytes = 0  # widest sign row seen (bytes), sizes the shared scratch buffers
+        self._scratch_rows = 0  # most output rows of any linear
+
+    # --- weights ------------------------------------------------------------------------------------------------
+    def prepare_linear(self, linear: FactoredLinear) -> Linear:
+        paths = []
+        for p in linear.paths:
+            v_bytes, u_bytes = p.v_signs.view(np.uint8), p.u_signs.view(np.uint8)
+            r = p.rank
+            # the kernels index tables by these shapes: check them here, not in the inner loop
+            if (v_bytes.shape != (r, 4 * ((linear.n + 31) // 32)) or u_bytes.shape != (linear.m, 4 * ((r + 31) // 32))
+                    or not (v_bytes.flags.c_contiguous and u_bytes.flags.c_contiguous)):
+                raise NQFormatError(f"factored linear ({linear.m}×{linear.n}, rank {r}): sign arrays have shapes "
+                                    f"{v_bytes.shape}, {u_bytes.shape}")
+            mid = np.ones(r, np.float32) if p.scale_mid is None else p.scale_mid.astype(np.float32)
+            paths.append(Path_(v_bytes, u_bytes, p.scale_in.astype(np.float32), mid, p.scale_out.astype(np.float32)))
+            self._scratch_bytes = max(self._scratch_bytes, v_bytes.shape[1], u_bytes.shape[1])
+            self._scratch_rows = max(self._scratch_rows, r, linear.m)
+        bias = None if linear.bias is None else linear.bias.astype(np.float32)
+        self._scratch = None
+        return Linear(linear.m, linear.n, tuple(paths), bias)
+
+    def prepare_embedding(self, table: np.ndarray, gtype: GT, hidden: int) -> Table:
+        if gtype == GT.F16:
+            return Table(gtype, table.view(np.uint16), None, hidden)
+        if gtype == GT.Q8_0:
+            return Table(gtype, table, table.view(np.int8), hidden)
+        return Table(gtype, table, None, hidden)
+
+    def _buffers(self, batch: int) -> tuple[np.ndarray, ...]:
+        """Scratch for the binary linear (allocated once: per-call large allocations would page-fault each time)."""
+        if getattr(self, "_scratch", None) is None or self._scratch[0] != batch:
+            nb, rows = self._scratch_bytes, self._scratch_rows
+            self._scratch = (batch, np.zeros(8 * nb * batch, np.float32), np.zeros(256 * nb * batch, np.float32),
+                             np.zeros(8 * max(nb, (rows + 7) // 8) * batch, np.float32),
+                             np.zeros(rows * batch, np.float32))
+        return self._scratch[1:]
+
+    # --- ops ----------------------------------------------------------------------------------------------------
+    def embed(self, table: Table, ids: np.ndarray) -> np.ndarray:
+        out = np.empty((len(ids), table.hidden), np.float32)
+        ids = np.ascontiguousarray(ids, dtype=np.int64)
+        if table.gtype == GT.F16:
+            nk.embed_f16(table.data, ids, out)
+        elif table.gtype == GT.Q8_0:
+            nk.embed_q8(table.data, table.qs, ids, out)
+        else:
+            out[:] = table.data[ids]
+        return out
+
+    def linear(self, w: Linear, x: np.ndarray) -> np.ndarray:
+        x = np.ascontiguousarray(x, dtype=np.float32)
+        t = x.shape[0]
+        if t == 1:
+            xs, tab, h, _ = self._buffers(1)
+            y = np.empty(w.m, np.float32)
+            for i, p in enumerate(w.paths):
+                nk.binary_path_decode(x[0], p.s_in, p.v_bytes, p.s_mid, p.u_bytes, p.s_out, xs, tab, h, y, i > 0)
+            y = y.reshape(1, w.m)
+        else:
+            xs, tab, h, yb = self._buffers(BATCH)
+            y = np.empty((t, w.m), np.float32)
+            for i, p in enumerate(w.paths):
+                nk.binary_path_batch(x, p.s_in, p.v_bytes, p.s_mid, p.u_bytes, p.s_out, xs, tab, h, yb, y, i > 0)
+        if w.bias is not None:
+            y += w.bias
+        return y
+
+    def rms_norm(self, x: np.ndarray, weight: np.ndarray, eps: float) -> np.ndarray:
+        shape = x.shape
+        x2 = np.ascontiguousarray(x, dtype=np.float32).reshape(-1, shape[-1])
+        out = np.empty_like(x2)
+        nk.rms_norm(x2, weight, np.float32(eps), out)
+        return out.reshape(shape)
+
+    def rope(self, x: np.ndarray, cos: np.ndarray, sin: np.ndarray) -> np.ndarray:
+        x = np.ascontiguousarray(x, dtype=np.float32)
+        out = np.empty_like(x)
+        nk.rope(x, cos, sin, out)
+        return out
+
+    def attention(self, cache: KVCache, layer: int, q: np.ndarray, k: np.ndarray, v: np.ndarray, pos0: int,
+                  window: int, scale: float, softcap: float) -> np.ndarray:
+        t, heads, d = q.shape
+        cache.k[layer, :, pos0:pos0 + t] = k.transpose(1, 0, 2)
+        cache.v[layer, :, pos0:pos0 + t] = v.transpose(1, 0, 2)
+        out = np.empty((t, heads, d), np.float32)
+        nk.attention(np.ascontiguousarray(q, dtype=np.float32), cache.k[layer], cache.v[layer], pos0, window,
+                     np.float32(scale), np.float32(softcap), out)
+        return out.reshape(t, heads * d)
+
+    def glu(self, gate: np.ndarray, up: np.ndarray, activation: str) -> np.ndarray:
+        out = np.empty_like(gate)
+        nk.glu(gate, up, activation == "gelu_tanh", out)
+        return out
+
+    def head(self, table: Table, x: np.ndarray) -> np.ndarray:
+        x = np.ascontiguousarray(x, dtype=np.float32)
+        out = np.empty((x.shape[0], table.data.shape[0]), np.float32)
+        if table.gtype == GT.F16:
+            nk.head_f16(table.data, x, out)
+        elif table.gtype == GT.Q8_0:
+            nk.head_q8(table.data, table.qs, x, out)
+        else:
+            nk.head_f32(table.data, x, out)
+        return out
