@@ -1,0 +1,145 @@
+"""The per-block stages: error-propagation mitigation, LB-ADMM initialisation, refinement with the STE, sign freezing.
+
+Every stage trains against the full-precision block's outputs on the full-precision trajectory (the targets) while
+feeding the block the *quantized* trajectory (the outputs of the already-quantized blocks before it), so each block
+also absorbs the error its predecessors left (nanoquant.md §1.3). The loss is a channel-weighted MSE, weights from
+the output-gradient second moments (importance.py). Randomness (batch order, ADMM init) comes from generators seeded
+by (seed, layer, stage), so a resumed run replays exactly what an uninterrupted one does.
+"""
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from nqfmt import keys as K
+from nqfmt.bits import rank_for_bits
+
+from .admm import AdmmSettings, lb_admm
+from .factored import BinaryFactoredLinear
+from .importance import LayerImportance
+from .model import DecoderBlock
+
+Report = Callable[[int, int, float], None]  # (step, steps, loss)
+
+
+@dataclass(frozen=True)
+class TuneSettings:
+    """One Adam(0.9, 0.99) + cosine phase over the calibration windows."""
+
+    epochs: int
+    batch: int = 4
+    lr: float = 3e-2
+    scale_lr: float = 2e-2  # relative: each scale vector's lr is this × its mean |value|
+
+
+def stage_seed(seed: int, layer: int, stage: int) -> int:
+    """A distinct, reproducible seed per (run seed, block, stage)."""
+    return (seed * 1_000_003 + layer * 101 + stage) % (2 ** 63)
+
+
+@torch.no_grad()
+def block_outputs(block: nn.Module, inputs: torch.Tensor, batch: int) -> torch.Tensor:
+    """block(inputs) computed `batch` windows at a time."""
+    return torch.cat([block(inputs[i:i + batch]) for i in range(0, inputs.shape[0], batch)])
+
+
+def weighted_mse(pred: torch.Tensor, target: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """Mean over tokens and channels of w_c (ŷ − y)² (a mean, not the official sum, so one lr fits all sizes)."""
+    return ((pred - target).pow(2) * weight).mean()
+
+
+def cosine_lr(base: float, step: int, steps: int, floor: float = 1e-2) -> float:
+    """Cosine decay from `base` to floor·base over `steps`."""
+    t = min(step / max(steps, 1), 1.0)
+    return base * (floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * t)))
+
+
+def tune(block: nn.Module, groups: list[dict], inputs: torch.Tensor, targets: torch.Tensor, weight: torch.Tensor,
+         settings: TuneSettings, seed: int, report: Report) -> float:
+    """Minimise the weighted MSE of block(inputs) to targets over the parameter groups; returns the last epoch's mean
+    loss. Each group's lr follows its own cosine schedule from the group's `lr`."""
+    if settings.epochs <= 0 or not groups:
+        return float("nan")
+    for g in groups:
+        g["base_lr"] = g["lr"]
+    opt = torch.optim.Adam(groups, betas=(0.9, 0.99), eps=1e-8)
+    gen = torch.Generator().manual_seed(seed)
+    n = inputs.shape[0]
+    per_epoch = math.ceil(n / settings.batch)
+    steps, step, epoch_loss = settings.epochs * per_epoch, 0, float("nan")
+    for _ in range(settings.epochs):
+        order = torch.randperm(n, generator=gen)
+        total = 0.0
+        for i in range(0, n, settings.batch):
+            idx = order[i:i + settings.batch]
+            for g in opt.param_groups:
+                g["lr"] = cosine_lr(g["base_lr"], step, steps)
+            loss = weighted_mse(block(inputs[idx]), targets[idx], weight)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            step += 1
+            value = loss.item()
+            total += value * len(idx)
+            report(step, steps, value)
+        epoch_loss = total / n
+    opt.zero_grad(set_to_none=True)
+    return epoch_loss
+
+
+def mitigate_errors(block: DecoderBlock, inputs: torch.Tensor, targets: torch.Tensor, weight: torch.Tensor,
+                    settings: TuneSettings, seed: int, report: Report) -> float:
+    """Error-propagation mitigation: tune the block's still-full-precision linear weights (not biases or norms) so
+    that, fed the quantized trajectory, the block reproduces the full-precision outputs; the ADMM then factorizes
+    these corrected weights."""
+    params = [lin.weight for lin in block.linears.values() if isinstance(lin, nn.Linear)]
+    for p in params:
+        p.requires_grad_(True)
+    try:
+        return tune(block, [{"params": params, "lr": settings.lr}], inputs, targets, weight, settings, seed, report)
+    finally:
+        for p in params:
+            p.requires_grad_(False)
+
+
+def block_ranks(config, bits: float) -> dict[str, int]:
+    """Rank of each decoder linear for a bits target (clarifications §3)."""
+    return {lin: rank_for_bits(*config.linear_shape(lin), bits) for lin in K.LINEARS}
+
+
+@torch.no_grad()
+def factorize(block: DecoderBlock, ranks: dict[str, int], importance: LayerImportance, settings: AdmmSettings,
+              seed: int, report: Callable[[int, int], None] = lambda i, n: None) -> None:
+    """Replace every nn.Linear of the block by the LB-ADMM initialisation of its binary factors (bias kept)."""
+    for i, name in enumerate(K.LINEARS):
+        lin = block.linears[name]
+        f = lb_admm(lin.weight, ranks[name], importance.d_in[name], importance.d_out[name], settings,
+                    seed=stage_seed(seed, block.layer, 10 + i))
+        bias = None if lin.bias is None else lin.bias.detach()
+        block.linears[name] = BinaryFactoredLinear.from_factors(f.u_latent, f.v_latent, f.scale_in, f.scale_out,
+                                                                bias=bias)
+        report(i + 1, len(K.LINEARS))
+
+
+def factored_linears(block: DecoderBlock) -> list[BinaryFactoredLinear]:
+    return [lin for lin in block.linears.values() if isinstance(lin, BinaryFactoredLinear)]
+
+
+def refine(block: DecoderBlock, inputs: torch.Tensor, targets: torch.Tensor, weight: torch.Tensor,
+           settings: TuneSettings, seed: int, report: Report) -> float:
+    """Tune latents (STE) and scales of all the block's factored linears jointly; norms and biases stay fixed."""
+    linears = factored_linears(block)
+    groups = [{"params": [p for lin in linears for p in lin.latents()], "lr": settings.lr}]
+    groups += [{"params": [s], "lr": settings.scale_lr * float(s.detach().abs().mean())}
+               for lin in linears for s in lin.scales()]
+    return tune(block, groups, inputs, targets, weight, settings, seed, report)
+
+
+def freeze(block: DecoderBlock) -> None:
+    """Signs become ±1 buffers; from here on only the scales can change (model reconstruction)."""
+    for lin in factored_linears(block):
+        lin.freeze_signs()

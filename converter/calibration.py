@@ -1,0 +1,69 @@
+"""Calibration windows: token windows drawn *without replacement* from one or more text files.
+
+The texts are tokenized once (joined by blank lines, no BOS), cut into non-overlapping windows of `seqlen` tokens, and
+`samples` of those windows are chosen by a seeded permutation. Drawing without replacement fixes the official code's
+loader, which re-draws with replacement and keeps only ~61% unique windows (nanoquant.md §8.1).
+"""
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+
+SHARED_TRAIN_TEXT = Path("/work/shared/data/enwiki-train.txt")
+
+
+class CalibrationError(Exception):
+    """The calibration text cannot supply the requested windows (one clear line)."""
+
+
+def default_calibration_text() -> Path:
+    """The project's Wikipedia training text (`nqdata`), or the shared copy where nqdata cannot build it."""
+    try:
+        from nqdata import DataError, default_text
+    except ImportError:
+        return SHARED_TRAIN_TEXT
+    try:
+        return default_text("train")
+    except DataError:
+        if SHARED_TRAIN_TEXT.exists():
+            return SHARED_TRAIN_TEXT
+        raise
+
+
+def read_texts(paths: Sequence[Path]) -> str:
+    """The files' contents joined by blank lines; a missing or unreadable file raises CalibrationError naming it."""
+    parts = []
+    for p in paths:
+        try:
+            parts.append(Path(p).read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError) as e:
+            raise CalibrationError(f"cannot read calibration text {p}: {getattr(e, 'strerror', None) or e}") from e
+    return "\n\n".join(parts)
+
+
+def draw_windows(tokens: Sequence[int], samples: int, seqlen: int, seed: int) -> torch.Tensor:
+    """`samples` distinct non-overlapping windows of `seqlen` tokens, [samples, seqlen] int64, chosen by `seed`."""
+    if samples < 1 or seqlen < 2:
+        raise CalibrationError(f"need at least 1 sample of at least 2 tokens, got {samples} × {seqlen}")
+    available = len(tokens) // seqlen
+    if available < samples:
+        raise CalibrationError(f"the calibration text holds {available} windows of {seqlen} tokens "
+                               f"({len(tokens)} tokens); {samples} requested — give more text with --calib "
+                               f"or lower --samples/--seqlen")
+    ids = torch.tensor(tokens[:available * seqlen], dtype=torch.int64).view(available, seqlen)
+    order = torch.randperm(available, generator=torch.Generator().manual_seed(seed))[:samples]
+    return ids[order].contiguous()
+
+
+def calibration_windows(tokenizer, paths: Sequence[Path], samples: int, seqlen: int, seed: int) -> torch.Tensor:
+    """Tokenize the texts with `tokenizer` (a `tokenizers.Tokenizer`, no special tokens) and draw the windows."""
+    encoding = tokenizer.encode(read_texts(paths), add_special_tokens=False)
+    return draw_windows(encoding.ids, samples, seqlen, seed)
+
+
+def windows_sha256(windows: torch.Tensor) -> str:
+    """Fingerprint of the exact calibration tokens (goes into the file's provenance)."""
+    return hashlib.sha256(windows.to(torch.int32).numpy().tobytes()).hexdigest()

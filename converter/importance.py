@@ -1,0 +1,144 @@
+"""Diagonal Fisher preconditioners: input-side activation and output-side gradient second moments of every linear.
+
+For each decoder linear, d_in[j] = sqrt(E[x̃_j²]) over its inputs and d_out[i] = sqrt(E[g̃_i²]) over the gradients of
+the next-token loss with respect to its outputs (nanoquant.md §1.2), with each token vector clipped to the 99.9th
+percentile of token norms (per batch of stat windows, so that a batch of 2048 tokens clips its 2 largest, as the
+official code does per 2048-token sample), then shrunk toward the mean: v ← (1−γ)v + γ·mean(v).
+
+The whole model's autograd graph is never built: one forward pass stores the hidden states at every block boundary
+for the (few) statistics windows, the loss gradient is taken at the head, and the gradient is carried back one block
+at a time by re-running that block from its stored input. Peak memory is one block's graph plus the boundaries.
+"""
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch.nn import functional as F
+
+from nqfmt import keys as K
+
+from .model import DecoderBlock, TorchModel
+
+PERCENTILE = 0.999
+
+
+@dataclass
+class LayerImportance:
+    """Preconditioners of one block: d_in / d_out per linear (mean 1) and the block loss's channel weights."""
+
+    d_in: dict[str, torch.Tensor]
+    d_out: dict[str, torch.Tensor]
+    channel_weight: torch.Tensor
+
+    @classmethod
+    def uniform(cls, config, hidden: int) -> "LayerImportance":
+        shapes = {lin: config.linear_shape(lin) for lin in K.LINEARS}
+        return cls({lin: torch.ones(n) for lin, (m, n) in shapes.items()},
+                   {lin: torch.ones(m) for lin, (m, n) in shapes.items()}, torch.ones(hidden))
+
+
+class ClippedSecondMoment:
+    """Running per-channel mean of x̃² where each token vector x is clipped to the batch's 99.9th-percentile norm."""
+
+    def __init__(self) -> None:
+        self.total: torch.Tensor | None = None
+        self.tokens = 0
+
+    def add(self, x: torch.Tensor) -> None:
+        flat = x.detach().reshape(-1, x.shape[-1]).to(torch.float32)
+        norms = flat.norm(dim=1)
+        k = max(1, math.floor(flat.shape[0] * (1 - PERCENTILE)))
+        tau = torch.topk(norms, k).values[-1]
+        clipped = flat * torch.clamp(tau / norms.clamp_min(1e-30), max=1.0)[:, None]
+        s = clipped.pow(2).sum(0).to(torch.float64)
+        self.total = s if self.total is None else self.total + s
+        self.tokens += flat.shape[0]
+
+    def mean(self) -> torch.Tensor:
+        return (self.total / max(self.tokens, 1)).to(torch.float32)
+
+
+def shrink(v: torch.Tensor, gamma: float) -> torch.Tensor:
+    """(1−γ)v + γ·mean(v): pulls the second moments toward their mean before the square root."""
+    return (1 - gamma) * v + gamma * v.mean()
+
+
+def preconditioner(v: torch.Tensor, gamma: float) -> torch.Tensor:
+    """sqrt of the shrunk second moments, normalised to mean 1 (only relative weights matter to the ADMM)."""
+    d = shrink(v, gamma).clamp_min(1e-24).sqrt()
+    return d / d.mean()
+
+
+def channel_weight(v: torch.Tensor, gamma: float) -> torch.Tensor:
+    """Block-loss weights per hidden channel: the shrunk output-gradient second moments of ffn_down, mean 1."""
+    w = shrink(v, gamma).clamp_min(1e-24)
+    return w / w.mean()
+
+
+def _linear_hooks(block: DecoderBlock, acts: dict[str, ClippedSecondMoment], grads: dict[str, ClippedSecondMoment]):
+    """Forward hooks recording each linear's input and, through a tensor hook, the gradient at its output."""
+    handles = []
+    for name, lin in block.linears.items():
+        def hook(module, args, out, name=name):
+            acts[name].add(args[0])
+            if out.requires_grad:
+                out.register_hook(lambda g, name=name: grads[name].add(g))
+        handles.append(lin.register_forward_hook(hook))
+    return handles
+
+
+def head_gradient(model_head: Callable[[torch.Tensor], torch.Tensor], h: torch.Tensor, tokens: torch.Tensor,
+                  total_tokens: int) -> torch.Tensor:
+    """∂L/∂h for the mean next-token cross-entropy over all stat windows (this batch's share of it)."""
+    h = h.detach().requires_grad_(True)
+    logits = model_head(h)
+    loss = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), tokens[:, 1:].reshape(-1),
+                           reduction="sum") / total_tokens
+    (grad,) = torch.autograd.grad(loss, h)
+    return grad
+
+
+def collect_importance(config, embed_head: TorchModel, load_block: Callable[[int], DecoderBlock],
+                       tokens: torch.Tensor, gamma: float, batch: int,
+                       progress: Callable[[int, int], None] = lambda i, n: None) -> list[LayerImportance]:
+    """Preconditioners for every block from next-token-loss gradients on `tokens` [S, T], block by block.
+
+    `embed_head` supplies `embed` and `head` (its blocks are not used); `load_block(i)` builds full-precision block i.
+    """
+    n = config.n_layers
+    batches = [slice(i, i + batch) for i in range(0, tokens.shape[0], batch)]
+    total = tokens.shape[0] * (tokens.shape[1] - 1)
+    with torch.no_grad():
+        boundaries = [embed_head.embed(tokens)]
+        for layer in range(n):
+            block = load_block(layer)
+            boundaries.append(torch.cat([block(boundaries[-1][b]) for b in batches]))
+            progress(layer + 1, 2 * n)
+            del block
+    grad = torch.cat([head_gradient(embed_head.head, boundaries[n][b], tokens[b], total) for b in batches])
+    boundaries.pop()
+    result: list[LayerImportance | None] = [None] * n
+    for layer in reversed(range(n)):
+        block = load_block(layer)
+        acts = {lin: ClippedSecondMoment() for lin in K.LINEARS}
+        grads = {lin: ClippedSecondMoment() for lin in K.LINEARS}
+        handles = _linear_hooks(block, acts, grads)
+        x_all = boundaries.pop()
+        new_grad = torch.empty_like(x_all)
+        for b in batches:
+            x = x_all[b].detach().requires_grad_(True)
+            y = block(x)
+            (new_grad[b],) = torch.autograd.grad(y, x, grad[b])
+        for h in handles:
+            h.remove()
+        grad = new_grad
+        result[layer] = LayerImportance(
+            {lin: preconditioner(acts[lin].mean(), gamma) for lin in K.LINEARS},
+            {lin: preconditioner(grads[lin].mean(), gamma) for lin in K.LINEARS},
+            channel_weight(grads[K.FFN_DOWN].mean(), gamma))
+        progress(2 * n - layer, 2 * n)
+        del block, x_all
+    return result

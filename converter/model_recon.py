@@ -1,0 +1,101 @@
+"""Model reconstruction: tune only the scales so the quantized model's next-token distribution matches the teacher's.
+
+The teacher's logits are never kept for the whole vocabulary (the official cache needs 16–137 GB, nanoquant.md §1.7).
+For every calibration token we keep the teacher's top-k log-probabilities and their ids, and the tail mass
+1 − Σ top-k as one extra bucket. The loss is the exact KL divergence between the two distributions coarsened to
+those k + 1 outcomes, KL(p̄_T ‖ p̄_S) = Σ_top p_T (log p_T − log p_S) + p_T,tail (log p_T,tail − log p_S,tail), where
+p_S,tail is the student's mass outside the teacher's top-k (a log-sum-exp over the masked logits). With k = 64 it
+covers ≥ 90% of the teacher's mass on typical tokens, and the tail bucket keeps the student from piling mass there.
+Cache size: windows × tokens × k × 8 bytes (33 MB for 256 × 256 × 64).
+"""
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from .block import cosine_lr, factored_linears
+from .model import TorchModel
+
+TOP_K = 64
+
+
+@dataclass
+class TeacherCache:
+    """Top-k teacher log-probabilities [N, T, k] (float32), their token ids [N, T, k] (int32), log tail mass [N, T]."""
+
+    logp: torch.Tensor
+    ids: torch.Tensor
+    log_tail: torch.Tensor
+
+
+def _log1mexp(x: torch.Tensor) -> torch.Tensor:
+    """log(1 − exp(x)) for x ≤ 0, stable on both ends (clamped so an all-in-top-k token stays finite)."""
+    x = x.clamp(max=-1e-7)
+    return torch.where(x > -math.log(2), torch.log(-torch.expm1(x)), torch.log1p(-torch.exp(x)))
+
+
+@torch.no_grad()
+def teacher_cache(head: Callable[[torch.Tensor], torch.Tensor], final_hidden: torch.Tensor, k: int,
+                  batch: int) -> TeacherCache:
+    """Top-k cache from the full-precision model's last hidden states (the FP trajectory after the last block)."""
+    logps, idss, tails = [], [], []
+    for i in range(0, final_hidden.shape[0], batch):
+        logp = torch.log_softmax(head(final_hidden[i:i + batch]), dim=-1)
+        top = torch.topk(logp, min(k, logp.shape[-1]), dim=-1)
+        logps.append(top.values)
+        idss.append(top.indices.to(torch.int32))
+        tails.append(_log1mexp(torch.logsumexp(top.values, dim=-1)))
+    return TeacherCache(torch.cat(logps), torch.cat(idss), torch.cat(tails))
+
+
+def coarse_kl(logits: torch.Tensor, logp_t: torch.Tensor, ids: torch.Tensor, log_tail_t: torch.Tensor) -> torch.Tensor:
+    """Mean over tokens of the KL between teacher and student coarsened to top-k + tail (see module docstring)."""
+    logp_s = torch.log_softmax(logits, dim=-1)
+    ids = ids.long()
+    top_s = logp_s.gather(-1, ids)
+    tail_s = torch.logsumexp(logp_s.scatter(-1, ids, float("-inf")), dim=-1)
+    p_t = logp_t.exp()
+    kl = (p_t * (logp_t - top_s)).sum(-1) + log_tail_t.exp() * (log_tail_t - tail_s)
+    return kl.mean()
+
+
+def scale_parameters(model: TorchModel) -> list[torch.nn.Parameter]:
+    return [s for block in model.blocks for lin in factored_linears(block) for s in lin.scales()]
+
+
+def reconstruct(model: TorchModel, tokens: torch.Tensor, cache: TeacherCache, epochs: int, batch: int,
+                lr: float, seed: int, report: Callable[[int, int, float], None]) -> float:
+    """Adam(0.9, 0.99) with cosine decay on the scales only (each at lr × its mean |value|), batches of windows in a
+    seeded order; everything else is frozen. Returns the last epoch's mean loss."""
+    scales = scale_parameters(model)
+    frozen = [p for p in model.parameters() if p.requires_grad and all(p is not s for s in scales)]
+    for p in frozen:
+        p.requires_grad_(False)
+    groups = [{"params": [s], "lr": lr * float(s.detach().abs().mean())} for s in scales]
+    for g in groups:
+        g["base_lr"] = g["lr"]
+    opt = torch.optim.Adam(groups, betas=(0.9, 0.99), eps=1e-8)
+    gen = torch.Generator().manual_seed(seed)
+    n = tokens.shape[0]
+    steps, step, epoch_loss = epochs * math.ceil(n / batch), 0, float("nan")
+    for _ in range(epochs):
+        order = torch.randperm(n, generator=gen)
+        total = 0.0
+        for i in range(0, n, batch):
+            idx = order[i:i + batch]
+            for g in opt.param_groups:
+                g["lr"] = cosine_lr(g["base_lr"], step, steps)
+            loss = coarse_kl(model(tokens[idx]), cache.logp[idx], cache.ids[idx], cache.log_tail[idx])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            step += 1
+            value = loss.item()
+            total += value * len(idx)
+            report(step, steps, value)
+        epoch_loss = total / n
+    opt.zero_grad(set_to_none=True)
+    return epoch_loss

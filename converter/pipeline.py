@@ -1,0 +1,433 @@
+"""The conversion pipeline: calibration → preconditioners → per block (mitigation, ADMM, refinement, freeze) →
+model reconstruction → `.nq` file, with presets, per-block checkpoints and progress reporting.
+
+Memory: one full-precision block at a time (built from the source's lazily loaded tensors), the calibration hidden
+states at the current block boundary (full-precision and quantized trajectories), the quantized blocks (±1 signs)
+and the teacher's top-k cache — never a second copy of the whole model.
+
+Checkpoints live in `OUT.work/` beside OUT: the preconditioners, every finished block's factors, the two boundary
+activation sets after the last finished block, the teacher cache and the reconstructed scales. Every random choice
+is drawn from a generator seeded by (seed, block, stage), and the final model is always assembled from the saved
+block files, so `--resume` after a kill writes the same bytes as an uninterrupted run (apart from the date). The work
+directory is removed once OUT is committed.
+"""
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+import hashlib
+import json
+import os
+import resource
+import shutil
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from nqfmt import NQWriter, Provenance
+from nqfmt import keys as K
+from nqfmt.bits import max_single_path_bits, path_bits
+
+from . import block as B
+from .admm import AdmmSettings
+from .calibration import calibration_windows, default_calibration_text, windows_sha256
+from .factored import BinaryFactoredLinear
+from .importance import LayerImportance, collect_importance
+from .model import DecoderBlock, TorchModel
+from .model_recon import TOP_K, TeacherCache, reconstruct, teacher_cache
+from .progress import Reporter, SilentReporter
+
+CONVERTER_VERSION = "0.1.0"
+MIN_BITS = 0.5
+
+
+class ConversionError(Exception):
+    """A conversion cannot start or continue; the message is one line saying why."""
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """Everything that decides the numbers in the file (goes into its provenance as JSON)."""
+
+    samples: int
+    seqlen: int
+    stat_samples: int
+    shrinkage: float
+    admm: AdmmSettings
+    mitigation: B.TuneSettings
+    refinement: B.TuneSettings
+    recon_samples: int
+    recon_epochs: int
+    recon_batch: int
+    recon_lr: float
+    top_k: int = TOP_K
+    error_mitigation: bool = True
+    refine: bool = True
+    model_recon: bool = True
+    forward_batch: int = 8
+
+    def to_json(self) -> str:
+        return json.dumps(dataclasses.asdict(self), sort_keys=True, separators=(",", ":"))
+
+
+PRESETS: dict[str, Recipe] = {
+    # ~30 min for SmolLM2-135M on 2 cores. Measured per block there (bench notes in the commit): refinement ≈ 29 s
+    # per epoch on 128 × 256 tokens, ADMM ≈ 12 s at 80 iterations, so one refinement epoch, 60 ADMM iterations
+    # (100 → 200 iterations gained only ~3%, clarifications §10) and distillation on 32 windows fit the budget.
+    "quick": Recipe(samples=128, seqlen=256, stat_samples=32, shrinkage=0.4, admm=AdmmSettings(iterations=60),
+                    mitigation=B.TuneSettings(epochs=1, batch=4, lr=1e-4, scale_lr=0.0),
+                    refinement=B.TuneSettings(epochs=1, batch=4, lr=3e-2, scale_lr=2e-2),
+                    recon_samples=32, recon_epochs=1, recon_batch=1, recon_lr=5e-2),
+    # Twice the calibration tokens and more of every stage, as the CPU probe (clarifications §10) found worthwhile;
+    # about 1.5 h on 2 cores.
+    "standard": Recipe(samples=256, seqlen=256, stat_samples=64, shrinkage=0.4, admm=AdmmSettings(iterations=100),
+                       mitigation=B.TuneSettings(epochs=2, batch=4, lr=1e-4, scale_lr=0.0),
+                       refinement=B.TuneSettings(epochs=2, batch=4, lr=3e-2, scale_lr=2e-2),
+                       recon_samples=128, recon_epochs=1, recon_batch=2, recon_lr=5e-2),
+}
+
+
+@dataclass
+class Options:
+    """What the command line asks for."""
+
+    model: str
+    out: Path
+    bits: float = 1.0
+    preset: str = "quick"
+    calib: Sequence[Path] = ()
+    samples: int | None = None
+    seqlen: int | None = None
+    seed: int = 0
+    threads: int | None = None
+    resume: bool = False
+    error_mitigation: bool = True
+    refine: bool = True
+    model_recon: bool = True
+
+    def recipe(self) -> Recipe:
+        if self.preset not in PRESETS:
+            raise ConversionError(f"unknown preset {self.preset!r} (choose from: {', '.join(PRESETS)})")
+        r = PRESETS[self.preset]
+        over = dict(error_mitigation=self.error_mitigation, refine=self.refine, model_recon=self.model_recon)
+        if self.samples is not None:
+            over["samples"] = self.samples
+            over["stat_samples"] = min(r.stat_samples, self.samples)
+            over["recon_samples"] = min(r.recon_samples, self.samples)
+        if self.seqlen is not None:
+            over["seqlen"] = self.seqlen
+        return dataclasses.replace(r, **over)
+
+
+@dataclass
+class Summary:
+    """What the end-of-run table shows (and bench scripts record)."""
+
+    out: Path
+    bits_target: float
+    bpw_linears: float
+    bpw_file: float
+    file_bytes: int
+    fp16_bytes: int
+    stage_seconds: dict[str, float]
+    peak_rss_mb: float
+    losses: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def ratio_to_fp16(self) -> float:
+        return self.fp16_bytes / self.file_bytes
+
+
+def max_bits(config) -> float:
+    """Largest target every linear can spend with one binary path (rank min(m, n))."""
+    return min(max_single_path_bits(*config.linear_shape(lin)) for lin in K.LINEARS)
+
+
+def check_bits(bits: float, config) -> None:
+    top = max_bits(config)
+    if not MIN_BITS <= bits <= top:
+        raise ConversionError(f"--bits {bits:g} is outside {MIN_BITS:g}..{top:.3f}, the range one binary path per "
+                              f"linear can spend on this model (residual paths for higher targets are not built yet)")
+
+
+def check_output(out: Path) -> None:
+    """Refuse an OUT whose directory is missing or read-only before any work is done."""
+    parent = out.parent if str(out.parent) else Path(".")
+    if out.is_dir():
+        raise ConversionError(f"cannot write {out}: it is a directory")
+    if not parent.is_dir():
+        raise ConversionError(f"cannot write {out}: directory {parent} does not exist")
+    if not os.access(parent, os.W_OK):
+        raise ConversionError(f"cannot write {out}: directory {parent} is not writable")
+
+
+def linear_bpw(config, ranks: dict[str, int]) -> float:
+    """Bits per weight over the decoder linears, the paper's way (signs + 16-bit scales; bias not counted)."""
+    bits = sum(path_bits(*config.linear_shape(lin), r) for lin, r in ranks.items())
+    return bits / sum(m * n for m, n in map(config.linear_shape, K.LINEARS))
+
+
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+# --- checkpoints ----------------------------------------------------------------------------------------------------
+
+class WorkDir:
+    """`OUT.work/`: atomic torch.save files and a fingerprint of the settings that made them."""
+
+    def __init__(self, out: Path, fingerprint: str, resume: bool) -> None:
+        self.path = out.with_name(out.name + ".work")
+        stamp = self.path / "settings.json"
+        if resume and stamp.is_file() and json.loads(stamp.read_text())["fingerprint"] != fingerprint:
+            raise ConversionError(f"{self.path} was made with other settings; run again without --resume")
+        if not resume and self.path.exists():
+            shutil.rmtree(self.path)
+        self.path.mkdir(exist_ok=True)
+        stamp.write_text(json.dumps({"fingerprint": fingerprint}))
+
+    def file(self, name: str) -> Path:
+        return self.path / name
+
+    def has(self, name: str) -> bool:
+        return self.file(name).is_file()
+
+    def save(self, name: str, obj: object) -> None:
+        tmp = self.file(name + ".tmp")
+        torch.save(obj, tmp)
+        os.replace(tmp, self.file(name))
+
+    def load(self, name: str) -> object:
+        return torch.load(self.file(name), weights_only=False)
+
+    def remove(self) -> None:
+        shutil.rmtree(self.path, ignore_errors=True)
+
+
+def block_state(block: DecoderBlock) -> dict[str, dict[str, torch.Tensor]]:
+    """Frozen factors of a finished block: signs as int8, scales float32, bias."""
+    state = {}
+    for name, lin in block.linears.items():
+        p = lin.paths[0]
+        u, v = p.signs()
+        state[name] = {"u": u.to(torch.int8), "v": v.to(torch.int8), "scale_in": p.scale_in.detach().clone(),
+                       "scale_out": p.scale_out.detach().clone(),
+                       "bias": None if lin.bias is None else lin.bias.clone()}
+    return state
+
+
+def quantized_block(config, layer: int, norms: dict[str, torch.Tensor], state: dict) -> DecoderBlock:
+    """A block of frozen BinaryFactoredLinears rebuilt from `block_state` (what the resumed run rebuilds too)."""
+    linears = {}
+    for name, s in state.items():
+        lin = BinaryFactoredLinear.from_factors(s["u"].float(), s["v"].float(), s["scale_in"], s["scale_out"],
+                                                bias=s["bias"])
+        lin.freeze_signs()
+        linears[name] = lin
+    return DecoderBlock(config, layer, norms, linears)
+
+
+def block_norms(source, layer: int) -> dict[str, torch.Tensor]:
+    return {f"{nm}.weight": source.tensor(f"blk.{layer}.{nm}.weight") for nm in source.config.block_norms()}
+
+
+# --- the pipeline ---------------------------------------------------------------------------------------------------
+
+class Timer:
+    """Seconds per stage, accumulated (a stage runs once per block)."""
+
+    def __init__(self, seconds: dict[str, float] | None = None) -> None:
+        self.seconds = dict(seconds or {})
+
+    def run(self, stage: str, fn, *args, **kwargs):
+        t = time.perf_counter()
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            self.seconds[stage] = self.seconds.get(stage, 0.0) + time.perf_counter() - t
+
+
+def skeleton(source) -> TorchModel:
+    """Embedding, final norm and head of the source, no blocks: enough for embed() and head()."""
+    c = source.config
+    output = None if c.tie_embeddings else source.tensor(K.OUTPUT)
+    return TorchModel(c, source.tensor(K.TOKEN_EMBD), [], source.tensor(K.OUTPUT_NORM), output)
+
+
+def convert(options: Options, reporter: Reporter | None = None) -> Summary:
+    """Run the whole conversion and commit OUT; raises ConversionError (or the source's error) on bad input."""
+    from .sources import open_source
+
+    reporter = reporter or SilentReporter()
+    recipe = options.recipe()
+    out = Path(options.out)
+    check_output(out)
+    if options.threads is not None:
+        if options.threads < 1:
+            raise ConversionError(f"--threads must be at least 1, got {options.threads}")
+        torch.set_num_threads(options.threads)
+    t_start = time.perf_counter()
+    timer = Timer()
+    source = timer.run("load", open_source, options.model)
+    config = source.config
+    check_bits(options.bits, config)
+    ranks = B.block_ranks(config, options.bits)
+
+    calib = list(options.calib) or [default_calibration_text()]
+    reporter.stage("calibration", 1)
+    windows = timer.run("calibration", calibration_windows, source.hf_tokenizer(), calib, recipe.samples,
+                        recipe.seqlen, options.seed)
+    calib_sha = windows_sha256(windows)
+    fingerprint = hashlib.sha256(json.dumps([source.sha256, options.bits, recipe.to_json(), options.seed, calib_sha,
+                                             CONVERTER_VERSION]).encode()).hexdigest()
+    work = WorkDir(out, fingerprint, options.resume)
+    if work.has("timings.pt"):
+        timer.seconds.update({k: v for k, v in work.load("timings.pt").items() if k not in ("load", "calibration")})
+    base = skeleton(source)
+
+    importance = _importance(source, base, windows, recipe, work, timer, reporter)
+    _blocks(source, base, windows, importance, ranks, recipe, options.seed, work, timer, reporter)
+    model = _assemble(source, base, work)
+    if recipe.model_recon:
+        _reconstruct(model, windows, recipe, options.seed, work, timer, reporter)
+    for blk in model.blocks:
+        for lin in B.factored_linears(blk):
+            lin.round_scales_to_fp16()
+    reporter.stage("writing", 1)
+    provenance = Provenance(
+        converter_version=CONVERTER_VERSION, preset=options.preset, recipe=recipe.to_json(),
+        bits_target=float(options.bits), bits_achieved=linear_bpw(config, ranks), source_name=source.name,
+        source_sha256=source.sha256, source_params=config.parameter_count(), calibration_sha256=calib_sha,
+        date=dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"))
+    timer.run("write", write_nq, out, source, model, provenance)
+    reporter.done()
+    work.remove()
+    timer.seconds["total"] = time.perf_counter() - t_start
+    size = out.stat().st_size
+    return Summary(out, options.bits, provenance.bits_achieved, size * 8 / config.parameter_count(), size,
+                   2 * config.parameter_count(), timer.seconds, peak_rss_mb())
+
+
+def _importance(source, base: TorchModel, windows: torch.Tensor, recipe: Recipe, work: WorkDir, timer: Timer,
+                reporter: Reporter) -> list[LayerImportance]:
+    config = source.config
+    if work.has("importance.pt"):
+        return work.load("importance.pt")
+    reporter.stage("preconditioners", 2 * config.n_layers)
+    result = timer.run("preconditioners", collect_importance, config, base,
+                       lambda i: DecoderBlock(config, i, source.block_weights(i)), windows[:recipe.stat_samples],
+                       recipe.shrinkage, recipe.forward_batch, lambda i, n: reporter.advance(i))
+    work.save("importance.pt", result)
+    return result
+
+
+def _blocks(source, base: TorchModel, windows: torch.Tensor, importance: list[LayerImportance],
+            ranks: dict[str, int], recipe: Recipe, seed: int, work: WorkDir, timer: Timer,
+            reporter: Reporter) -> None:
+    """Quantize every block not yet checkpointed; leaves block-i.pt files and, at the end, the teacher cache."""
+    config = source.config
+    n = config.n_layers
+    done = [i for i in range(n) if work.has(f"block-{i:03d}.pt")]
+    start = len(done)
+    if start == n and (work.has("teacher.pt") or not recipe.model_recon):
+        return
+    if start:
+        fp_in, q_in = (work.load("boundary.pt")[k] for k in ("fp", "q"))
+    else:
+        fp_in = B.block_outputs(base.embed, windows, recipe.forward_batch)
+        q_in = fp_in.clone()
+    fb = recipe.forward_batch
+    for layer in range(start, n):
+        blk = DecoderBlock(config, layer, source.block_weights(layer))
+        imp = importance[layer]
+        w = imp.channel_weight
+        reporter.block(layer, n)
+        targets = timer.run("targets", B.block_outputs, blk, fp_in, fb)
+        del fp_in
+        if recipe.error_mitigation:
+            reporter.stage("error mitigation", 0)
+            timer.run("error mitigation", B.mitigate_errors, blk, q_in, targets, w, recipe.mitigation,
+                      B.stage_seed(seed, layer, 1), reporter.update)
+        reporter.stage("LB-ADMM", len(K.LINEARS))
+        timer.run("admm", B.factorize, blk, ranks, imp, recipe.admm, seed, lambda i, k: reporter.advance(i))
+        if recipe.refine:
+            reporter.stage("refinement", 0)
+            timer.run("refinement", B.refine, blk, q_in, targets, w, recipe.refinement, B.stage_seed(seed, layer, 2),
+                      reporter.update)
+        B.freeze(blk)
+        q_out = timer.run("forward", B.block_outputs, blk, q_in, fb)
+        fp_in, q_in = targets, q_out
+        work.save(f"block-{layer:03d}.pt", block_state(blk))
+        work.save("boundary.pt", {"fp": fp_in, "q": q_in})
+        work.save("timings.pt", timer.seconds)
+        del blk
+    reporter.block(n, n)
+    if recipe.model_recon:
+        reporter.stage("teacher cache", 1)
+        cache = timer.run("teacher cache", teacher_cache, base.head, fp_in[:recipe.recon_samples], recipe.top_k, fb)
+        work.save("teacher.pt", cache)
+        work.save("timings.pt", timer.seconds)
+
+
+def _assemble(source, base: TorchModel, work: WorkDir) -> TorchModel:
+    """The quantized model from the block checkpoints, with the embedding/head rounded to what the file stores."""
+    config = source.config
+    blocks = [quantized_block(config, i, block_norms(source, i), work.load(f"block-{i:03d}.pt"))
+              for i in range(config.n_layers)]
+    embd = base.token_embd.detach().to(torch.float16).to(torch.float32)
+    output = None if base.output is None else base.output.detach().to(torch.float16).to(torch.float32)
+    return TorchModel(config, embd, blocks, base.output_norm.weight.detach(), output)
+
+
+def _reconstruct(model: TorchModel, windows: torch.Tensor, recipe: Recipe, seed: int, work: WorkDir, timer: Timer,
+                 reporter: Reporter) -> None:
+    """Scale-only KL distillation; its result (all scales) is checkpointed as one file."""
+    from .model_recon import scale_parameters
+
+    scales = scale_parameters(model)
+    if work.has("recon.pt"):
+        saved = work.load("recon.pt")
+    else:
+        cache: TeacherCache = work.load("teacher.pt")
+        reporter.stage("model reconstruction", 0)
+        timer.run("model reconstruction", reconstruct, model, windows[:recipe.recon_samples],
+                  cache, recipe.recon_epochs,
+                  recipe.recon_batch, recipe.recon_lr, B.stage_seed(seed, 10_000, 3),
+                  reporter.update)
+        saved = [s.detach().clone() for s in scales]
+        work.save("recon.pt", saved)
+        work.save("timings.pt", timer.seconds)
+    with torch.no_grad():
+        for s, v in zip(scales, saved):
+            s.copy_(v)
+
+
+def write_nq(out: Path, source, model: TorchModel, provenance: Provenance) -> None:
+    """Stream every tensor into NQWriter in plan order (atomic: OUT appears only when complete)."""
+    config = source.config
+    plans = [{name: lin.plan() for name, lin in blk.linears.items()} for blk in model.blocks]
+    exports: dict[int, dict[str, np.ndarray]] = {}
+
+    def array(name: str) -> np.ndarray:
+        if name in (K.TOKEN_EMBD, K.OUTPUT):
+            return source.tensor(name).numpy().astype(np.float16)
+        if name == K.OUTPUT_NORM:
+            return source.tensor(name).numpy().astype(np.float32)
+        layer = int(name.split(".")[1])
+        if layer not in exports:
+            exports.clear()
+            blk = model.blocks[layer]
+            exports[layer] = {K.norm_tensor(layer, nm): blk.norms[nm].weight.detach().numpy().astype(np.float32)
+                              for nm in config.block_norms()}
+            for lin_name, lin in blk.linears.items():
+                exports[layer].update(lin.export(layer, lin_name))
+        return exports[layer][name]
+
+    with NQWriter(out, config, source.tokenizer, provenance, plans, name=source.name) as w:
+        for spec in w.plan:
+            w.write(spec.name, array(spec.name))
+
