@@ -47,10 +47,11 @@ def build(arch: str, seed: int = 0, **sizes):
     return model
 
 
-def save(arch: str, directory: Path, seed: int = 0, **save_kwargs):
-    """Build and save_pretrained a tiny model plus a small tokenizer.json and tokenizer_config.json."""
-    model = build(arch, seed)
-    model.save_pretrained(directory, **save_kwargs)
+def save(arch: str, directory: Path, seed: int = 0, shard_size: str | None = None, **sizes):
+    """Build and save_pretrained a tiny model (in shards of `shard_size` if given) plus a small tokenizer.json and
+    tokenizer_config.json."""
+    model = build(arch, seed, **sizes)
+    model.save_pretrained(directory, **({"max_shard_size": shard_size} if shard_size else {}))
     (directory / "tokenizer.json").write_text(TINY_TOKENIZER)
     (directory / "tokenizer_config.json").write_text(json.dumps({"chat_template": CHAT_TEMPLATE, "eos_token": "b"}))
     return model

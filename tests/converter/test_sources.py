@@ -128,7 +128,7 @@ def test_gguf_tokenizer_metadata(tiny_gguf):
 
 
 def test_sharded_checkpoint(tmp_path):
-    model = hf_tiny.save("qwen2", tmp_path, max_shard_size="40KB")
+    model = hf_tiny.save("qwen2", tmp_path, shard_size="40KB")
     assert (tmp_path / "model.safetensors.index.json").is_file()
     model.config._attn_implementation = "eager"
     source = open_source(str(tmp_path))
@@ -193,7 +193,7 @@ def test_truncated_safetensors(saved_llama):
 
 
 def test_missing_shard(tmp_path):
-    hf_tiny.save("llama", tmp_path, max_shard_size="40KB")
+    hf_tiny.save("llama", tmp_path, shard_size="40KB")
     shard = sorted(tmp_path.glob("model-*.safetensors"))[-1]
     shard.unlink()
     assert shard.name in _error(tmp_path)
