@@ -14,6 +14,7 @@ import os
 import subprocess
 import sys
 import zipfile
+from abc import ABC, abstractmethod
 from functools import cached_property
 from pathlib import Path
 
@@ -46,21 +47,54 @@ class SourceError(Exception):
     """A model source cannot be used; the message is one line naming the file or what is supported."""
 
 
-class Source:
-    """Common behaviour of all sources. Subclasses set `config`, `name` and implement `_load`, `_weight_files`
-    and `_tokenizer_info`."""
+class Source(ABC):
+    """What every source offers. Subclasses set `config` and `name`, then call `_check_tensors()`."""
 
     config: ModelConfig
     name: str
 
+    @abstractmethod
     def _load(self, name: str) -> torch.Tensor:
-        raise NotImplementedError
+        """One tensor (a name of `tensor_names()`), float32, Hugging Face layout."""
 
+    @abstractmethod
+    def _shape(self, name: str) -> tuple[int, ...] | None:
+        """The stored shape of a tensor without reading it; None when the tensor is absent."""
+
+    @abstractmethod
+    def _where(self, name: str) -> str:
+        """How the source itself names a tensor, for error messages."""
+
+    @abstractmethod
     def _weight_files(self) -> list[Path]:
-        raise NotImplementedError
+        """The files holding the weights (what `sha256` covers)."""
 
+    @abstractmethod
     def _tokenizer_info(self) -> TokenizerInfo:
-        raise NotImplementedError
+        """The tokenizer, built from the source's own tokenizer files or metadata."""
+
+    def _check_tensors(self, origin: Path) -> None:
+        """Every tensor the config calls for must exist with the shape the config implies (so a config that does not
+        match its weights fails here, with a name, not deep inside a forward pass)."""
+        for name in self.tensor_names():
+            shape, want = self._shape(name), self.expected_shape(name)
+            if shape is None:
+                raise SourceError(f"{origin}: tensor {self._where(name)} is missing")
+            if tuple(shape) != want:
+                raise SourceError(f"{origin}: tensor {self._where(name)} has shape {list(shape)}, "
+                                  f"the config implies {list(want)}")
+
+    def expected_shape(self, name: str) -> tuple[int, ...]:
+        c = self.config
+        if name in (K.TOKEN_EMBD, K.OUTPUT):
+            return (c.vocab, c.hidden)
+        if name == K.OUTPUT_NORM:
+            return (c.hidden,)
+        part, kind = name.split(".")[2:]
+        if part in K.LINEARS:
+            m, n = c.linear_shape(part)
+            return (m, n) if kind == "weight" else (m,)
+        return (c.norm_length(part),)
 
     @cached_property
     def tokenizer(self) -> TokenizerInfo:
@@ -221,10 +255,7 @@ class HFSource(Source):
         self._prefix = next((p for p in self._PREFIXES if f"{p}embed_tokens.weight" in self._shard_of), None)
         if self._prefix is None:
             raise SourceError(f"{directory}: no embed_tokens.weight in the weights; not a decoder-only checkpoint")
-        missing = [n for n in self.tensor_names() if self._hf_name(n) not in self._shard_of]
-        if missing:
-            raise SourceError(f"{directory}: weights lack {self._hf_name(missing[0])} "
-                              f"({len(missing)} tensors missing)")
+        self._check_tensors(directory)
 
     def _json(self, name: str, required: bool = False) -> dict:
         path = self.directory / name
@@ -275,16 +306,28 @@ class HFSource(Source):
         _, layer, key = name.split(".", 2)
         return f"{self._prefix}layers.{layer}.{_hf_suffix(self.config, key)}"
 
-    def _load(self, name: str) -> torch.Tensor:
+    def _handle(self, name: str):
         from safetensors import safe_open
 
         path = self._shard_of[self._hf_name(name)]
         if path not in self._handles:
             self._handles[path] = safe_open(path, framework="pt")
+        return self._handles[path]
+
+    def _shape(self, name: str) -> tuple[int, ...] | None:
+        if self._hf_name(name) not in self._shard_of:
+            return None
+        return tuple(self._handle(name).get_slice(self._hf_name(name)).get_shape())
+
+    def _where(self, name: str) -> str:
+        return self._hf_name(name)
+
+    def _load(self, name: str) -> torch.Tensor:
         try:
-            return self._handles[path].get_tensor(self._hf_name(name)).to(torch.float32)
-        except Exception as e:
-            raise SourceError(f"{path}: cannot read {self._hf_name(name)} ({str(e).splitlines()[0]})") from e
+            return self._handle(name).get_tensor(self._hf_name(name)).to(torch.float32)
+        except Exception as e:  # a shard truncated or changed after opening
+            raise SourceError(f"{self._shard_of[self._hf_name(name)]}: cannot read {self._hf_name(name)} "
+                              f"({str(e).splitlines()[0]})") from e
 
     def _weight_files(self) -> list[Path]:
         return sorted(set(self._shard_of.values()))
@@ -348,7 +391,7 @@ class GGUFSource(Source):
             self._reader = GGUFReader(path)
         except Exception as e:  # the reader raises ValueError, IndexError, struct errors... on malformed files
             raise SourceError(f"{path}: not a readable GGUF file ({str(e).splitlines()[0] if str(e) else type(e).__name__})") from e
-        self._meta = {k: f for k, f in self._reader.fields.items()}
+        self._meta = dict(self._reader.fields)
         self._tensors = {t.name: t for t in self._reader.tensors}
         general = self._value("general.architecture")
         if general not in GGUF_ARCHITECTURES:
@@ -357,9 +400,7 @@ class GGUFSource(Source):
         self._gguf_arch = general
         self.config = self._config()
         self.name = str(self._value("general.name") or path.stem)
-        missing = [n for n in self.tensor_names() if n not in self._tensors]
-        if missing:
-            raise SourceError(f"{path}: tensor {missing[0]!r} is missing ({len(missing)} in all)")
+        self._check_tensors(path)
 
     def _value(self, key: str, default=None):
         field = self._meta.get(key)
@@ -386,11 +427,18 @@ class GGUFSource(Source):
         except (KeyError, TypeError, NQFormatError) as e:
             raise SourceError(f"{self.path}: incomplete {a} metadata ({e})") from e
 
+    def _shape(self, name: str) -> tuple[int, ...] | None:
+        t = self._tensors.get(name)
+        return None if t is None else tuple(int(d) for d in reversed(t.shape))
+
+    def _where(self, name: str) -> str:
+        return name
+
     def _load(self, name: str) -> torch.Tensor:
         from gguf.quants import dequantize
 
         t = self._tensors[name]
-        shape = tuple(int(d) for d in reversed(t.shape))
+        shape = self._shape(name)
         try:
             w = dequantize(t.data, t.tensor_type).reshape(shape).astype(np.float32, copy=True)
         except (NotImplementedError, ValueError) as e:

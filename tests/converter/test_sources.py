@@ -208,6 +208,13 @@ def test_missing_tensor(saved_llama):
     assert "model.layers.1.mlp.up_proj.weight" in _error(saved_llama)
 
 
+def test_config_that_does_not_match_the_weights(saved_llama):
+    cfg = json.loads((saved_llama / "config.json").read_text())
+    (saved_llama / "config.json").write_text(json.dumps({**cfg, "intermediate_size": 101}))
+    message = _error(saved_llama)
+    assert "mlp.gate_proj.weight" in message and "[100, 72]" in message and "[101, 72]" in message
+
+
 def test_no_weights(saved_llama):
     (saved_llama / "model.safetensors").unlink()
     assert "safetensors" in _error(saved_llama)
