@@ -1,8 +1,9 @@
 """The numba backend: float32 CPU kernels (numba_kernels.py) behind the Backend interface.
 
-Before numba is imported this module picks two process-wide settings:
-- the threading layer: `workqueue` unless NUMBA_THREADING_LAYER is set. OpenMP's default active spin-wait makes
-  2 threads on a loaded 2-core machine 10-20× slower than 1 (runtime-peers §4.2); workqueue threads block instead.
+Before numba is imported this module picks two process-wide settings (each only where the user has not):
+- threads wait passively: OpenMP with OMP_WAIT_POLICY=passive, falling back to workqueue where numba has no OpenMP.
+  OpenMP's default active spin-wait made a parallel region ~1 ms on this loaded 2-core machine instead of 3.5 µs
+  (passive); workqueue blocks too but costs ~30 µs per region, as much as a whole small linear.
 - the kernel cache: next to the package when that is writable (numba's default), else NUMBA_CACHE_DIR under the
   user's cache directory, so kernels compile once per machine either way.
 """
@@ -12,13 +13,15 @@ import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 from gguf import GGMLQuantizationType as GT
 
 
 def _configure_numba() -> None:
-    os.environ.setdefault("NUMBA_THREADING_LAYER", "workqueue")
+    os.environ.setdefault("OMP_WAIT_POLICY", "passive")
+    os.environ.setdefault("NUMBA_THREADING_LAYER_PRIORITY", "omp workqueue tbb")
     if "NUMBA_CACHE_DIR" not in os.environ and not os.access(Path(__file__).parent, os.W_OK):
         base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
         os.environ["NUMBA_CACHE_DIR"] = str(base / "nanoquant" / "numba")
@@ -38,6 +41,9 @@ from . import numba_kernels as nk  # noqa: E402
 from .numba_kernels import BATCH  # noqa: E402
 
 DEFAULT_MAX_THREADS = 4
+# Below these sizes a thread launch (~3.5 µs with passive OpenMP, more on a busy machine) costs more than it saves:
+PARALLEL_MIN_LOOKUPS = 48 * 1024  # sign bytes of one decode path (SmolLM2: gate/up/down are 99 K, q/o 36 K, k/v 12 K)
+PARALLEL_MIN_ATTENTION = 4096  # query × key pairs (× heads) of one attention call
 
 
 @dataclass(frozen=True)
@@ -57,6 +63,7 @@ class Linear:
     n: int
     paths: tuple[Path_, ...]
     bias: np.ndarray | None
+    decode: SimpleNamespace  # the serial or parallel kernels, chosen by size for one-token products
 
 
 @dataclass(frozen=True)
@@ -80,6 +87,7 @@ class NumbaBackend(Backend):
             from ..errors import NQRunError
             raise NQRunError(f"--threads {self.threads}: this machine allows 1 to {cores}")
         numba.set_num_threads(self.threads)
+        self.rows = nk.PARALLEL if self.threads > 1 else nk.SERIAL
         self.exact = exact
         self._scratch_bytes = 0  # widest sign row seen (bytes), sizes the shared scratch buffers
         self._scratch_rows = 0  # most output rows of any linear
@@ -101,7 +109,9 @@ class NumbaBackend(Backend):
             self._scratch_rows = max(self._scratch_rows, r, linear.m)
         bias = None if linear.bias is None else linear.bias.astype(np.float32)
         self._scratch = None
-        return Linear(linear.m, linear.n, tuple(paths), bias)
+        lookups = sum(p.v_bytes.size + p.u_bytes.size for p in paths)
+        return Linear(linear.m, linear.n, tuple(paths), bias,
+                      nk.PARALLEL if self.threads > 1 and lookups >= PARALLEL_MIN_LOOKUPS else nk.SERIAL)
 
     def prepare_embedding(self, table: np.ndarray, gtype: GT, hidden: int) -> Table:
         if gtype == GT.F16:
@@ -138,13 +148,13 @@ class NumbaBackend(Backend):
             xs, tab, h, _ = self._buffers(1)
             y = np.empty(w.m, np.float32)
             for i, p in enumerate(w.paths):
-                nk.binary_path_decode(x[0], p.s_in, p.v_bytes, p.s_mid, p.u_bytes, p.s_out, xs, tab, h, y, i > 0)
+                w.decode.binary_path_decode(x[0], p.s_in, p.v_bytes, p.s_mid, p.u_bytes, p.s_out, xs, tab, h, y, i > 0)
             y = y.reshape(1, w.m)
         else:
             xs, tab, h, yb = self._buffers(BATCH)
             y = np.empty((t, w.m), np.float32)
             for i, p in enumerate(w.paths):
-                nk.binary_path_batch(x, p.s_in, p.v_bytes, p.s_mid, p.u_bytes, p.s_out, xs, tab, h, yb, y, i > 0)
+                self.rows.binary_path_batch(x, p.s_in, p.v_bytes, p.s_mid, p.u_bytes, p.s_out, xs, tab, h, yb, y, i > 0)
         if w.bias is not None:
             y += w.bias
         return y
@@ -168,8 +178,9 @@ class NumbaBackend(Backend):
         cache.k[layer, :, pos0:pos0 + t] = k.transpose(1, 0, 2)
         cache.v[layer, :, pos0:pos0 + t] = v.transpose(1, 0, 2)
         out = np.empty((t, heads, d), np.float32)
-        nk.attention(np.ascontiguousarray(q, dtype=np.float32), cache.k[layer], cache.v[layer], pos0, window,
-                     np.float32(scale), np.float32(softcap), out)
+        kernels = self.rows if t * (pos0 + t) * heads >= PARALLEL_MIN_ATTENTION else nk.SERIAL
+        kernels.attention(np.ascontiguousarray(q, dtype=np.float32), cache.k[layer], cache.v[layer], pos0, window,
+                          np.float32(scale), np.float32(softcap), out)
         return out.reshape(t, heads * d)
 
     def glu(self, gate: np.ndarray, up: np.ndarray, activation: str) -> np.ndarray:
@@ -181,9 +192,9 @@ class NumbaBackend(Backend):
         x = np.ascontiguousarray(x, dtype=np.float32)
         out = np.empty((x.shape[0], table.data.shape[0]), np.float32)
         if table.gtype == GT.F16:
-            nk.head_f16(table.data, x, out)
+            self.rows.head_f16(table.data, x, out)
         elif table.gtype == GT.Q8_0:
-            nk.head_q8(table.data, table.qs, x, out)
+            self.rows.head_q8(table.data, table.qs, x, out)
         else:
-            nk.head_f32(table.data, x, out)
+            self.rows.head_f32(table.data, x, out)
         return out

@@ -8,11 +8,14 @@ sign byte b is column 8b+j (bit 1 = −1), which is exactly the file's uint32 wo
 Numba has no float16 on the CPU: F16 tables are read as uint16 and widened in-kernel by `f16_bits_to_f32`, an LLVM
 `fpext half` that LLVM vectorizes (vcvtph2ps with F16C).
 
-Every kernel is compiled once per signature and cached on disk (cache=True).
+The row-parallel kernels exist twice, built by `_kernels(parallel)`: SERIAL (plain loops: no thread launch at all,
+best for one thread and for small linears) and PARALLEL (prange over rows). Both are cached on disk (cache=True);
+the loop construct is a closure variable, which keeps their cache entries apart.
 """
 from __future__ import annotations
 
 import math
+from types import SimpleNamespace
 
 import numpy as np
 from llvmlite import ir
@@ -35,39 +38,7 @@ def f16_bits_to_f32(typingctx, bits):
     return types.float32(types.uint16), codegen
 
 
-# --- binary linear: one path, decode (one token) -----------------------------------------------------------------
-@njit(parallel=True, **_OPTS)
-def binary_path_decode(x, s_in, v_bytes, s_mid, u_bytes, s_out, xs, tab, h, y, accumulate):
-    """y (+)= s_out ⊙ U·(s_mid ⊙ V·(s_in ⊙ x)) for one token. xs, tab, h are scratch of at least
-    8·bytes, 256·bytes and 8·bytes(U) floats."""
-    n = x.shape[0]
-    r, nb1 = v_bytes.shape
-    m, nb2 = u_bytes.shape
-    for j in range(n):
-        xs[j] = x[j] * s_in[j]
-    for j in range(n, nb1 * 8):
-        xs[j] = 0.0
-    for g in prange(nb1):
-        _fill_table(xs, tab, g)
-    for i in prange(r):
-        acc = np.float32(0.0)
-        for g in range(nb1):
-            acc += tab[g * 256 + v_bytes[i, g]]
-        h[i] = acc * s_mid[i]
-    for j in range(r, nb2 * 8):
-        h[j] = 0.0
-    for g in prange(nb2):
-        _fill_table(h, tab, g)
-    for i in prange(m):
-        acc = np.float32(0.0)
-        for g in range(nb2):
-            acc += tab[g * 256 + u_bytes[i, g]]
-        if accumulate:
-            y[i] += acc * s_out[i]
-        else:
-            y[i] = acc * s_out[i]
-
-
+# --- lookup tables -------------------------------------------------------------------------------------------------
 @njit(inline="always", **_OPTS)
 def _fill_table(xs, tab, g):
     """tab[g·256 + b] = Σ_j (bit j of b ? −1 : +1)·xs[8g + j], built by doubling: entries with bit j set are
@@ -83,49 +54,6 @@ def _fill_table(xs, tab, g):
         for b in range(size):
             tab[base + size + b] = tab[base + b] - d
         size *= 2
-
-
-# --- binary linear: one path, batched (prefill) ------------------------------------------------------------------
-@njit(parallel=True, **_OPTS)
-def binary_path_batch(x, s_in, v_bytes, s_mid, u_bytes, s_out, xs, tab, h, yb, y, accumulate):
-    """The same product for T tokens, BATCH at a time: tables hold BATCH lanes per entry, so each lookup is a
-    contiguous BATCH-wide add. Scratch: xs 8·bytes·BATCH, tab 256·bytes·BATCH, h 8·bytes(U)·BATCH, yb m·BATCH."""
-    t_all, n = x.shape
-    r, nb1 = v_bytes.shape
-    m, nb2 = u_bytes.shape
-    for c0 in range(0, t_all, BATCH):
-        tc = min(BATCH, t_all - c0)
-        for j in range(nb1 * 8):
-            for t in range(BATCH):
-                xs[j * BATCH + t] = x[c0 + t, j] * s_in[j] if (j < n and t < tc) else 0.0
-        for g in prange(nb1):
-            _fill_table_batch(xs, tab, g)
-        for i in prange(r):
-            for t in range(BATCH):
-                h[i * BATCH + t] = 0.0
-            for g in range(nb1):
-                off = (g * 256 + v_bytes[i, g]) * BATCH
-                for t in range(BATCH):
-                    h[i * BATCH + t] += tab[off + t]
-            for t in range(BATCH):
-                h[i * BATCH + t] *= s_mid[i]
-        for j in range(r * BATCH, nb2 * 8 * BATCH):
-            h[j] = 0.0
-        for g in prange(nb2):
-            _fill_table_batch(h, tab, g)
-        for i in prange(m):
-            for t in range(BATCH):
-                yb[i * BATCH + t] = 0.0
-            for g in range(nb2):
-                off = (g * 256 + u_bytes[i, g]) * BATCH
-                for t in range(BATCH):
-                    yb[i * BATCH + t] += tab[off + t]
-        for t in range(tc):
-            for i in range(m):
-                if accumulate:
-                    y[c0 + t, i] += yb[i * BATCH + t] * s_out[i]
-                else:
-                    y[c0 + t, i] = yb[i * BATCH + t] * s_out[i]
 
 
 @njit(inline="always", **_OPTS)
@@ -187,41 +115,6 @@ def glu(gate, up, gelu, out):
             out[i, k] = a * up[i, k]
 
 
-@njit(parallel=True, **_OPTS)
-def attention(q, keys, values, pos0, window, scale, softcap, out):
-    """Causal GQA attention of q (T, H, D) at positions pos0.. over keys/values (KV, ctx, D) of one layer
-    (already holding this step's keys); window > 0 keeps only the last `window` positions."""
-    t_all, heads, d = q.shape
-    group = heads // keys.shape[0]
-    for idx in prange(t_all * heads):
-        t, h = idx // heads, idx % heads
-        g = h // group
-        qp = pos0 + t
-        lo = max(0, qp - window + 1) if window > 0 else 0
-        n = qp + 1 - lo
-        p = np.empty(n, dtype=np.float32)
-        best = -np.inf
-        for j in range(n):
-            s = np.float32(0.0)
-            for k in range(d):
-                s += q[t, h, k] * keys[g, lo + j, k]
-            s *= scale
-            if softcap > 0:
-                s = softcap * math.tanh(s / softcap)
-            p[j] = s
-            best = max(best, s)
-        total = np.float32(0.0)
-        for j in range(n):
-            p[j] = math.exp(p[j] - best)
-            total += p[j]
-        for k in range(d):
-            out[t, h, k] = 0.0
-        for j in range(n):
-            w = p[j] / total
-            for k in range(d):
-                out[t, h, k] += w * values[g, lo + j, k]
-
-
 # --- embedding tables and the output head (F16 bits, F32, Q8_0 bytes) ----------------------------------------------
 @njit(**_OPTS)
 def embed_f16(table, ids, out):
@@ -242,44 +135,172 @@ def embed_q8(raw, qs, ids, out):
                 out[t, b * 32 + k] = scale * np.float32(qs[row, o + 2 + k])
 
 
-@njit(parallel=True, **_OPTS)
-def head_f16(table, x, out):
-    """out (T, V) = x (T, d) · tableᵀ with the table as F16 bits (V, d), one vocabulary row per task."""
-    t_all, d = x.shape
-    for v in prange(table.shape[0]):
-        row = np.empty(d, dtype=np.float32)
-        for k in range(d):
-            row[k] = f16_bits_to_f32(table[v, k])
-        for t in range(t_all):
+# --- row-parallel kernels ------------------------------------------------------------------------------------------
+def _kernels(parallel: bool) -> SimpleNamespace:
+    """The row-parallel kernels, with `loop` = prange (parallel) or range (serial)."""
+    loop = prange if parallel else range
+
+    # --- binary linear: one path, decode (one token) -----------------------------------------------------------------
+    @njit(parallel=parallel, **_OPTS)
+    def binary_path_decode(x, s_in, v_bytes, s_mid, u_bytes, s_out, xs, tab, h, y, accumulate):
+        """y (+)= s_out ⊙ U·(s_mid ⊙ V·(s_in ⊙ x)) for one token. xs, tab, h are scratch of at least
+        8·bytes, 256·bytes and 8·bytes(U) floats."""
+        n = x.shape[0]
+        r, nb1 = v_bytes.shape
+        m, nb2 = u_bytes.shape
+        for j in range(n):
+            xs[j] = x[j] * s_in[j]
+        for j in range(n, nb1 * 8):
+            xs[j] = 0.0
+        for g in range(nb1):  # tables are cheap next to the lookups: not worth a thread launch
+            _fill_table(xs, tab, g)
+        for i in loop(r):
             acc = np.float32(0.0)
-            for k in range(d):
-                acc += row[k] * x[t, k]
-            out[t, v] = acc
-
-
-@njit(parallel=True, **_OPTS)
-def head_f32(table, x, out):
-    t_all, d = x.shape
-    for v in prange(table.shape[0]):
-        for t in range(t_all):
+            for g in range(nb1):
+                acc += tab[g * 256 + v_bytes[i, g]]
+            h[i] = acc * s_mid[i]
+        for j in range(r, nb2 * 8):
+            h[j] = 0.0
+        for g in range(nb2):
+            _fill_table(h, tab, g)
+        for i in loop(m):
             acc = np.float32(0.0)
-            for k in range(d):
-                acc += table[v, k] * x[t, k]
-            out[t, v] = acc
+            for g in range(nb2):
+                acc += tab[g * 256 + u_bytes[i, g]]
+            if accumulate:
+                y[i] += acc * s_out[i]
+            else:
+                y[i] = acc * s_out[i]
 
 
-@njit(parallel=True, **_OPTS)
-def head_q8(raw, qs, x, out):
-    """The head over Q8_0 rows: per 32-block, scale · Σ int8·x."""
-    t_all, d = x.shape
-    nblk = raw.shape[1] // 34
-    for v in prange(raw.shape[0]):
-        for t in range(t_all):
-            acc = np.float32(0.0)
-            for b in range(nblk):
-                o = b * 34
+    # --- binary linear: one path, batched (prefill) ------------------------------------------------------------------
+    @njit(parallel=parallel, **_OPTS)
+    def binary_path_batch(x, s_in, v_bytes, s_mid, u_bytes, s_out, xs, tab, h, yb, y, accumulate):
+        """The same product for T tokens, BATCH at a time: tables hold BATCH lanes per entry, so each lookup is a
+        contiguous BATCH-wide add. Scratch: xs 8·bytes·BATCH, tab 256·bytes·BATCH, h 8·bytes(U)·BATCH, yb m·BATCH."""
+        t_all, n = x.shape
+        r, nb1 = v_bytes.shape
+        m, nb2 = u_bytes.shape
+        for c0 in range(0, t_all, BATCH):
+            tc = min(BATCH, t_all - c0)
+            for j in range(nb1 * 8):
+                for t in range(BATCH):
+                    xs[j * BATCH + t] = x[c0 + t, j] * s_in[j] if (j < n and t < tc) else 0.0
+            for g in loop(nb1):
+                _fill_table_batch(xs, tab, g)
+            for i in loop(r):
+                for t in range(BATCH):
+                    h[i * BATCH + t] = 0.0
+                for g in range(nb1):
+                    off = (g * 256 + v_bytes[i, g]) * BATCH
+                    for t in range(BATCH):
+                        h[i * BATCH + t] += tab[off + t]
+                for t in range(BATCH):
+                    h[i * BATCH + t] *= s_mid[i]
+            for j in range(r * BATCH, nb2 * 8 * BATCH):
+                h[j] = 0.0
+            for g in loop(nb2):
+                _fill_table_batch(h, tab, g)
+            for i in loop(m):
+                for t in range(BATCH):
+                    yb[i * BATCH + t] = 0.0
+                for g in range(nb2):
+                    off = (g * 256 + u_bytes[i, g]) * BATCH
+                    for t in range(BATCH):
+                        yb[i * BATCH + t] += tab[off + t]
+            for t in range(tc):
+                for i in range(m):
+                    if accumulate:
+                        y[c0 + t, i] += yb[i * BATCH + t] * s_out[i]
+                    else:
+                        y[c0 + t, i] = yb[i * BATCH + t] * s_out[i]
+
+
+    @njit(parallel=parallel, **_OPTS)
+    def attention(q, keys, values, pos0, window, scale, softcap, out):
+        """Causal GQA attention of q (T, H, D) at positions pos0.. over keys/values (KV, ctx, D) of one layer
+        (already holding this step's keys); window > 0 keeps only the last `window` positions."""
+        t_all, heads, d = q.shape
+        group = heads // keys.shape[0]
+        for idx in loop(t_all * heads):
+            t, h = idx // heads, idx % heads
+            g = h // group
+            qp = pos0 + t
+            lo = max(0, qp - window + 1) if window > 0 else 0
+            n = qp + 1 - lo
+            p = np.empty(n, dtype=np.float32)
+            best = -np.inf
+            for j in range(n):
                 s = np.float32(0.0)
-                for k in range(32):
-                    s += np.float32(qs[v, o + 2 + k]) * x[t, b * 32 + k]
-                acc += s * f16_bits_to_f32(np.uint16(raw[v, o] | (np.uint16(raw[v, o + 1]) << 8)))
-            out[t, v] = acc
+                for k in range(d):
+                    s += q[t, h, k] * keys[g, lo + j, k]
+                s *= scale
+                if softcap > 0:
+                    s = softcap * math.tanh(s / softcap)
+                p[j] = s
+                best = max(best, s)
+            total = np.float32(0.0)
+            for j in range(n):
+                p[j] = math.exp(p[j] - best)
+                total += p[j]
+            for k in range(d):
+                out[t, h, k] = 0.0
+            for j in range(n):
+                w = p[j] / total
+                for k in range(d):
+                    out[t, h, k] += w * values[g, lo + j, k]
+
+
+    @njit(parallel=parallel, **_OPTS)
+    def head_f16(table, x, out):
+        """out (T, V) = x (T, d) · tableᵀ with the table as F16 bits (V, d). One token: widen and multiply in one
+        pass (vcvtph2ps + FMA); several: widen each row once into a buffer and reuse it for every token."""
+        t_all, d = x.shape
+        for v in loop(table.shape[0]):
+            if t_all == 1:
+                acc = np.float32(0.0)
+                for k in range(d):
+                    acc += f16_bits_to_f32(table[v, k]) * x[0, k]
+                out[0, v] = acc
+            else:
+                row = np.empty(d, dtype=np.float32)
+                for k in range(d):
+                    row[k] = f16_bits_to_f32(table[v, k])
+                for t in range(t_all):
+                    acc = np.float32(0.0)
+                    for k in range(d):
+                        acc += row[k] * x[t, k]
+                    out[t, v] = acc
+
+    @njit(parallel=parallel, **_OPTS)
+    def head_f32(table, x, out):
+        t_all, d = x.shape
+        for v in loop(table.shape[0]):
+            for t in range(t_all):
+                acc = np.float32(0.0)
+                for k in range(d):
+                    acc += table[v, k] * x[t, k]
+                out[t, v] = acc
+
+    @njit(parallel=parallel, **_OPTS)
+    def head_q8(raw, qs, x, out):
+        """The head over Q8_0 rows (blocks of a f16 scale and 32 int8): per block, scale · Σ int8·x."""
+        t_all, d = x.shape
+        nblk = raw.shape[1] // 34
+        for v in loop(raw.shape[0]):
+            for t in range(t_all):
+                acc = np.float32(0.0)
+                for b in range(nblk):
+                    o = b * 34
+                    s = np.float32(0.0)
+                    for k in range(32):
+                        s += np.float32(qs[v, o + 2 + k]) * x[t, b * 32 + k]
+                    acc += s * f16_bits_to_f32(np.uint16(raw[v, o] | (np.uint16(raw[v, o + 1]) << 8)))
+                out[t, v] = acc
+
+    return SimpleNamespace(binary_path_decode=binary_path_decode, binary_path_batch=binary_path_batch,
+                           attention=attention, head_f16=head_f16, head_f32=head_f32, head_q8=head_q8)
+
+
+SERIAL = _kernels(False)
+PARALLEL = _kernels(True)
