@@ -20,7 +20,8 @@ GGUF_SIZES = dict(hidden_size=96, rope_theta=10_000.0, rope_scaling=None)
 
 _HF_TO_GGUF = {"self_attn.q_proj": K.ATTN_Q, "self_attn.k_proj": K.ATTN_K, "self_attn.v_proj": K.ATTN_V,
                "self_attn.o_proj": K.ATTN_OUT, "mlp.gate_proj": K.FFN_GATE, "mlp.up_proj": K.FFN_UP,
-               "mlp.down_proj": K.FFN_DOWN, "input_layernorm": K.ATTN_NORM, "post_attention_layernorm": K.FFN_NORM}
+               "mlp.down_proj": K.FFN_DOWN, "input_layernorm": K.ATTN_NORM, "post_attention_layernorm": K.FFN_NORM,
+               "self_attn.q_norm": K.ATTN_Q_NORM, "self_attn.k_norm": K.ATTN_K_NORM}
 
 
 def gguf_name(hf_name: str) -> str:
@@ -28,6 +29,8 @@ def gguf_name(hf_name: str) -> str:
         return K.TOKEN_EMBD
     if hf_name == "model.norm.weight":
         return K.OUTPUT_NORM
+    if hf_name == "lm_head.weight":
+        return K.OUTPUT
     _, _, layer, rest = hf_name.split(".", 3)
     module, kind = rest.rsplit(".", 1)
     return f"blk.{layer}.{_HF_TO_GGUF[module]}.{kind}"
@@ -53,16 +56,17 @@ def roundtrip(w: np.ndarray, gtype: GT) -> np.ndarray:
     return dequantize(quantize(w, gtype), gtype).reshape(w.shape)
 
 
-@pytest.fixture(scope="module")
-def tiny_gguf(tmp_path_factory):
-    """A llama GGUF written the way llama.cpp writes one (permuted Q/K, mixed F32/F16/Q8_0), and the HF model holding
-    exactly the values the file stores."""
-    model = hf_tiny.build("llama", **GGUF_SIZES)
+@pytest.fixture(scope="module", params=["llama", "qwen2", "qwen3"])
+def tiny_gguf(request, tmp_path_factory):
+    """A GGUF written the way llama.cpp writes one (Q/K rows permuted for llama only; qwen2 biases, qwen3 q/k norms;
+    mixed F32/F16/Q8_0), and the HF model holding exactly the values the file stores."""
+    arch = request.param
+    model = hf_tiny.build(arch, **GGUF_SIZES)
     model.config._attn_implementation = "eager"
     cfg = model.config
     path = tmp_path_factory.mktemp("gguf") / "tiny.gguf"
-    w = gguf.GGUFWriter(path, "llama")
-    w.add_name("tiny llama")
+    w = gguf.GGUFWriter(path, arch)
+    w.add_name(f"tiny {arch}")
     w.add_block_count(cfg.num_hidden_layers)
     w.add_context_length(cfg.max_position_embeddings)
     w.add_embedding_length(cfg.hidden_size)
@@ -82,13 +86,13 @@ def tiny_gguf(tmp_path_factory):
     w.add_chat_template(hf_tiny.CHAT_TEMPLATE)
     stored = {}
     for hf_name, p in model.state_dict().items():
-        if hf_name == "lm_head.weight":
-            continue  # tied
+        if hf_name == "lm_head.weight" and cfg.tie_word_embeddings:
+            continue
         name = gguf_name(hf_name)
         a = p.numpy().astype(np.float32)
         gtype = gguf_type(name, a)
         stored[hf_name] = roundtrip(a, gtype)
-        if name.endswith((".attn_q.weight", ".attn_k.weight")):
+        if arch == "llama" and name.endswith((".attn_q.weight", ".attn_k.weight")):
             heads = cfg.num_attention_heads if ".attn_q." in name else cfg.num_key_value_heads
             a = llamacpp_permute(a, heads)
         w.add_tensor(name, quantize(a, gtype) if gtype == GT.Q8_0 else a.astype(np.float16) if gtype == GT.F16 else a,
@@ -106,7 +110,8 @@ def tiny_gguf(tmp_path_factory):
 def test_gguf_weights_are_unpermuted_and_dequantized(tiny_gguf):
     path, model, stored = tiny_gguf
     source = open_source(str(path))
-    assert source.config.hidden == 96 and source.config.tie_embeddings and source.name == "tiny llama"
+    assert source.config.arch == model.config.model_type and source.name == f"tiny {model.config.model_type}"
+    assert source.config.hidden == 96 and source.config.tie_embeddings == model.config.tie_word_embeddings
     for hf_name, want in stored.items():
         np.testing.assert_array_equal(source.tensor(gguf_name(hf_name)).numpy(), want, err_msg=hf_name)
     assert source.sha256 == hashlib.sha256(path.read_bytes()).hexdigest()
