@@ -135,7 +135,7 @@ class Summary:
     fp16_bytes: int
     stage_seconds: dict[str, float]
     peak_rss_mb: float
-    losses: dict[str, float] = field(default_factory=dict)
+    model: TorchModel | None = field(default=None, repr=False)  # the quantized model, equal to what OUT holds
 
     @property
     def ratio_to_fp16(self) -> float:
@@ -169,6 +169,11 @@ def linear_bpw(config, ranks: dict[str, int]) -> float:
     """Bits per weight over the decoder linears, the paper's way (signs + 16-bit scales; bias not counted)."""
     bits = sum(path_bits(*config.linear_shape(lin), r) for lin, r in ranks.items())
     return bits / sum(m * n for m, n in map(config.linear_shape, K.LINEARS))
+
+
+def now_utc() -> str:
+    """The conversion date (the only run-dependent metadata in the file)."""
+    return dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 def peak_rss_mb() -> float:
@@ -302,14 +307,14 @@ def convert(options: Options, reporter: Reporter | None = None) -> Summary:
         converter_version=CONVERTER_VERSION, preset=options.preset, recipe=recipe.to_json(),
         bits_target=float(options.bits), bits_achieved=linear_bpw(config, ranks), source_name=source.name,
         source_sha256=source.sha256, source_params=config.parameter_count(), calibration_sha256=calib_sha,
-        date=dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"))
+        date=now_utc())
     timer.run("write", write_nq, out, source, model, provenance)
     reporter.done()
     work.remove()
     timer.seconds["total"] = time.perf_counter() - t_start
     size = out.stat().st_size
-    return Summary(out, options.bits, provenance.bits_achieved, size * 8 / config.parameter_count(), size,
-                   2 * config.parameter_count(), timer.seconds, peak_rss_mb())
+    return Summary(out, options.bits, linear_bpw(config, ranks), size * 8 / config.parameter_count(), size,
+                   2 * config.parameter_count(), timer.seconds, peak_rss_mb(), model)
 
 
 def _importance(source, base: TorchModel, windows: torch.Tensor, recipe: Recipe, work: WorkDir, timer: Timer,
@@ -331,15 +336,16 @@ def _blocks(source, base: TorchModel, windows: torch.Tensor, importance: list[La
     """Quantize every block not yet checkpointed; leaves block-i.pt files and, at the end, the teacher cache."""
     config = source.config
     n = config.n_layers
-    done = [i for i in range(n) if work.has(f"block-{i:03d}.pt")]
-    start = len(done)
+    boundary = work.load("boundary.pt") if work.has("boundary.pt") else None
+    start = boundary["next"] if boundary else 0
     if start == n and (work.has("teacher.pt") or not recipe.model_recon):
         return
-    if start:
-        fp_in, q_in = (work.load("boundary.pt")[k] for k in ("fp", "q"))
+    if boundary:
+        fp_in, q_in = boundary["fp"], boundary["q"]
     else:
         fp_in = B.block_outputs(base.embed, windows, recipe.forward_batch)
         q_in = fp_in.clone()
+    del boundary
     fb = recipe.forward_batch
     for layer in range(start, n):
         blk = DecoderBlock(config, layer, source.block_weights(layer))
@@ -362,7 +368,7 @@ def _blocks(source, base: TorchModel, windows: torch.Tensor, importance: list[La
         q_out = timer.run("forward", B.block_outputs, blk, q_in, fb)
         fp_in, q_in = targets, q_out
         work.save(f"block-{layer:03d}.pt", block_state(blk))
-        work.save("boundary.pt", {"fp": fp_in, "q": q_in})
+        work.save("boundary.pt", {"next": layer + 1, "fp": fp_in, "q": q_in})  # after the block file: commits it
         work.save("timings.pt", timer.seconds)
         del blk
     reporter.block(n, n)

@@ -26,6 +26,9 @@ class SilentReporter:
     def done(self) -> None:
         """The conversion finished."""
 
+    def close(self) -> None:
+        """The conversion stopped (finished or not): release the display."""
+
 
 Reporter = SilentReporter
 
@@ -61,6 +64,9 @@ class RichReporter(SilentReporter):
         task = self.progress.tasks[self.overall]
         if task.total:
             self.progress.update(self.overall, completed=task.total)
+        self.close()
+
+    def close(self) -> None:
         self.progress.stop()
 
 

@@ -1,0 +1,135 @@
+"""The whole conversion on tiny random checkpoints: file validity, exactness against the converter's own model, the
+rank rule, and resume after an interruption."""
+import dataclasses
+import random
+
+import pytest
+import torch
+
+import hf_tiny
+from converter import block as B
+from converter import pipeline as P
+from converter.admm import AdmmSettings
+from converter.model import load_nq
+from nqfmt import open_nq, path_bits, rank_for_bits
+from nqfmt import keys as K
+
+TINY = P.Recipe(samples=6, seqlen=12, stat_samples=4, shrinkage=0.4, admm=AdmmSettings(iterations=8),
+                mitigation=B.TuneSettings(epochs=1, batch=3, lr=1e-3),
+                refinement=B.TuneSettings(epochs=1, batch=3), recon_samples=4, recon_epochs=1, recon_batch=2,
+                recon_lr=5e-2, top_k=5, forward_batch=4)
+
+
+@pytest.fixture
+def tiny_preset(monkeypatch):
+    monkeypatch.setitem(P.PRESETS, "tiny", TINY)
+    monkeypatch.setattr(P, "now_utc", lambda: "2026-01-01T00:00:00Z")
+    return "tiny"
+
+
+def calib_text(path):
+    rng = random.Random(1)
+    path.write_text("".join(rng.choice("ab") for _ in range(400)))
+    return path
+
+
+def run(tmp_path, model_dir, out_name="m.nq", **over):
+    options = P.Options(model=str(model_dir), out=tmp_path / out_name, preset="tiny",
+                        calib=[calib_text(tmp_path / "calib.txt")], threads=1, **over)
+    return P.convert(options)
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "qwen3", "gemma3"])
+def test_whole_pipeline_file_equals_converter_model(arch, tmp_path, tiny_preset):
+    hf_tiny.save(arch, tmp_path / arch)
+    summary = run(tmp_path, tmp_path / arch)
+    nq = open_nq(summary.out)
+    nq.verify()
+    assert not (tmp_path / "m.nq.work").exists()
+    loaded = load_nq(summary.out)
+    c = nq.config
+    for layer, (ours, back) in enumerate(zip(summary.model.blocks, loaded.blocks)):
+        for name in K.LINEARS:
+            assert torch.equal(back.linears[name].dense_weight(), ours.linears[name].dense_weight())
+            assert nq.linears[layer][name].ranks == (rank_for_bits(*c.linear_shape(name), 1.0),)
+    tokens = torch.randint(0, hf_tiny.VOCAB, (2, 10), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        assert torch.equal(loaded(tokens), summary.model(tokens))
+    shapes = [c.linear_shape(n) for n in K.LINEARS]
+    want = sum(path_bits(m, n, rank_for_bits(m, n, 1.0)) for m, n in shapes) / sum(m * n for m, n in shapes)
+    assert summary.bpw_linears == pytest.approx(want, rel=1e-12)
+    assert nq.provenance.bits_achieved == pytest.approx(want, rel=1e-6)
+    assert summary.bpw_file == pytest.approx(summary.out.stat().st_size * 8 / c.parameter_count())
+
+
+def test_stages_change_the_result_and_can_be_switched_off(tmp_path, tiny_preset):
+    hf_tiny.save("llama", tmp_path / "llama")
+    full = run(tmp_path, tmp_path / "llama", "full.nq")
+    bare = run(tmp_path, tmp_path / "llama", "bare.nq", error_mitigation=False, refine=False, model_recon=False)
+    assert full.out.read_bytes() != bare.out.read_bytes()
+    assert "model reconstruction" in full.stage_seconds and "model reconstruction" not in bare.stage_seconds
+    assert "refinement" not in bare.stage_seconds and "error mitigation" not in bare.stage_seconds
+
+
+@pytest.mark.parametrize("kill_after", ["block-001.pt", "boundary.pt", "teacher.pt"])
+def test_resume_after_interruption_is_byte_identical(kill_after, tmp_path, tiny_preset, monkeypatch):
+    hf_tiny.save("qwen3", tmp_path / "src")
+    reference = run(tmp_path, tmp_path / "src", "ref.nq").out.read_bytes()
+
+    save = P.WorkDir.save
+
+    def interrupting_save(self, name, obj):
+        save(self, name, obj)
+        if name == kill_after and (name != "boundary.pt" or obj["next"] == 1):
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(P.WorkDir, "save", interrupting_save)
+    with pytest.raises(KeyboardInterrupt):
+        run(tmp_path, tmp_path / "src", "m.nq")
+    assert not (tmp_path / "m.nq").exists()
+    assert (tmp_path / "m.nq.work" / kill_after).is_file()
+    monkeypatch.setattr(P.WorkDir, "save", save)
+    loads = []
+    load = P.WorkDir.load
+    monkeypatch.setattr(P.WorkDir, "load", lambda self, name: loads.append(name) or load(self, name))
+    resumed = run(tmp_path, tmp_path / "src", "m.nq", resume=True)
+    assert "importance.pt" in loads and ("boundary.pt" in loads or "teacher.pt" in loads)  # it continued
+    assert resumed.out.read_bytes() == reference
+
+
+def test_resume_refuses_other_settings(tmp_path, tiny_preset, monkeypatch):
+    hf_tiny.save("llama", tmp_path / "src")
+    save = P.WorkDir.save
+
+    def interrupting_save(self, name, obj):
+        save(self, name, obj)
+        if name == "block-000.pt":
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(P.WorkDir, "save", interrupting_save)
+    with pytest.raises(KeyboardInterrupt):
+        run(tmp_path, tmp_path / "src")
+    monkeypatch.setattr(P.WorkDir, "save", save)
+    with pytest.raises(P.ConversionError, match="other settings"):
+        run(tmp_path, tmp_path / "src", resume=True, seed=5)
+
+
+def test_max_bits_is_one_full_rank_path(tmp_path, tiny_preset):
+    hf_tiny.save("llama", tmp_path / "src")
+    from converter.sources import open_source
+    config = open_source(str(tmp_path / "src")).config
+    top = P.max_bits(config)
+    assert top == min(path_bits(m, n, min(m, n)) / (m * n) for m, n in map(config.linear_shape, K.LINEARS))
+    with pytest.raises(P.ConversionError, match=f"{top:.3f}"):
+        run(tmp_path, tmp_path / "src", bits=top + 0.01)
+    with pytest.raises(P.ConversionError, match="0.5"):
+        run(tmp_path, tmp_path / "src", bits=0.4)
+    assert not list(tmp_path.glob("m.nq*"))
+
+
+def test_presets_are_consistent():
+    for name, recipe in P.PRESETS.items():
+        assert recipe.stat_samples <= recipe.samples and recipe.recon_samples <= recipe.samples, name
+    quick, standard = P.PRESETS["quick"], P.PRESETS["standard"]
+    assert standard.samples * standard.seqlen >= quick.samples * quick.seqlen
+    assert dataclasses.asdict(quick) != dataclasses.asdict(standard)
