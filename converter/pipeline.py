@@ -34,7 +34,7 @@ from nqfmt.bits import max_single_path_bits, path_bits
 
 from . import block as B
 from .admm import AdmmSettings
-from .calibration import calibration_windows, default_calibration_text, windows_sha256
+from .calibration import CalibrationError, calibration_windows, default_calibration_text, windows_sha256
 from .factored import BinaryFactoredLinear
 from .importance import LayerImportance, collect_importance
 from .model import DecoderBlock, TorchModel
@@ -271,6 +271,9 @@ def convert(options: Options, reporter: Reporter | None = None) -> Summary:
     recipe = options.recipe()
     out = Path(options.out)
     check_output(out)
+    for path in options.calib:
+        if not Path(path).is_file():
+            raise CalibrationError(f"calibration text {path} does not exist or is not a file")
     if options.threads is not None:
         if options.threads < 1:
             raise ConversionError(f"--threads must be at least 1, got {options.threads}")
