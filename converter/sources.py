@@ -15,6 +15,7 @@ import subprocess
 import sys
 import zipfile
 from abc import ABC, abstractmethod
+from collections.abc import Callable, Collection
 from functools import cached_property
 from pathlib import Path
 
@@ -33,7 +34,7 @@ _DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 HF_ARCHITECTURES = {"llama": "llama", "mistral": "mistral", "qwen2": "qwen2", "qwen3": "qwen3",
                     "gemma3_text": "gemma3", "gemma3": "gemma3"}
 # GGUF `general.architecture` -> ours (llama.cpp files Mistral and SmolLM as "llama")
-GGUF_ARCHITECTURES = {"llama": "llama", "qwen2": "qwen2", "qwen3": "qwen3"}
+GGUF_ARCHITECTURES = {"llama": "llama", "qwen2": "qwen2", "qwen3": "qwen3", "gemma3": "gemma3"}
 _ACTIVATIONS = {"silu": "silu", "gelu_pytorch_tanh": "gelu_tanh"}
 
 
@@ -374,10 +375,48 @@ def _needs_bos(tok: Tokenizer, bos: int | None, source_adds_bos: bool) -> bool:
 
 # --- GGUF files ---------------------------------------------------------------------------------------------------
 
+# What llama.cpp's Gemma 3 support fixes rather than stores (its llama-model.cpp): unless the file gives a
+# sliding_window_pattern, every 6th layer global, the rest sliding; sliding layers use RoPE base 10k; queries scaled by head_dim^-0.5 (hidden/heads for the 62-layer 27B). Its converter adds 1
+# to every norm weight (undone in _load) and names the post norms differently.
+_GGUF_GEMMA3 = dict(activation="gelu_tanh", qk_norm=True, post_norms=True, norm_offset=1.0, rope_theta_local=10_000.0)
+_GGUF_NAMES = {"gemma3": {K.ATTN_POST_NORM: "post_attention_norm", K.FFN_POST_NORM: "post_ffw_norm"}}
+
+
 def _unpermute(w: np.ndarray, heads: int) -> np.ndarray:
     """Undo llama.cpp's Q/K row permutation (interleaved RoPE pairs) back to Hugging Face's rotate-half rows."""
     rows = w.shape[0]
     return w.reshape(heads, rows // heads // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def config_from_gguf(arch: str, value: Callable[[str, object], object], tensors: Collection[str]) -> ModelConfig:
+    """Map a GGUF file's metadata (`value(key, default)`) and tensor names to a ModelConfig."""
+    get = lambda key, default=None: value(f"{arch}.{key}", default)  # noqa: E731
+    if "rope_freqs.weight" in tensors:
+        raise SourceError("per-dimension RoPE factors (rope_freqs.weight) are not supported")
+    scaling = get("rope.scaling.type", "none")
+    if scaling not in ("none", "linear"):
+        raise SourceError(f"RoPE scaling {scaling!r} is not supported (supported: none, linear)")
+    try:
+        hidden, heads, n_layers = get("embedding_length"), get("attention.head_count"), get("block_count")
+        head_dim = get("attention.key_length", hidden // heads)
+        fields = dict(
+            arch=GGUF_ARCHITECTURES[arch], n_layers=n_layers, hidden=hidden, n_heads=heads,
+            n_kv_heads=get("attention.head_count_kv", heads), head_dim=head_dim, ffn=get("feed_forward_length"),
+            vocab=get("vocab_size") or len(value("tokenizer.ggml.tokens", None)),
+            context_length=get("context_length", 2048), norm_eps=get("attention.layer_norm_rms_epsilon"),
+            rope_theta=get("rope.freq_base", 10_000.0), tie_embeddings=K.OUTPUT not in tensors,
+            attention_bias=arch == "qwen2", qk_norm=arch == "qwen3", rope_scaling_type=scaling,
+            rope_scaling_factor=get("rope.scaling.factor", 1.0))
+        if arch == "gemma3":
+            pattern = get("attention.sliding_window_pattern", 6)
+            fields.update(_GGUF_GEMMA3, sliding_window=get("attention.sliding_window"),
+                          sliding_layers=tuple(pattern) if isinstance(pattern, list) else
+                          tuple(pattern == 0 or (i + 1) % pattern != 0 for i in range(n_layers)),
+                          embedding_scale=math.sqrt(hidden),
+                          attention_scale=(hidden // heads if n_layers == 62 else head_dim) ** -0.5)
+        return ModelConfig(**fields)
+    except (KeyError, TypeError, NQFormatError) as e:
+        raise SourceError(f"incomplete {arch} metadata ({e})") from e
 
 
 class GGUFSource(Source):
@@ -398,7 +437,10 @@ class GGUFSource(Source):
             raise SourceError(f"{path}: GGUF architecture {general!r} is not supported "
                               f"(supported: {', '.join(GGUF_ARCHITECTURES)})")
         self._gguf_arch = general
-        self.config = self._config()
+        try:
+            self.config = config_from_gguf(general, self._value, set(self._tensors))
+        except SourceError as e:
+            raise SourceError(f"{path}: {e}") from e
         self.name = str(self._value("general.name") or path.stem)
         self._check_tensors(path)
 
@@ -406,38 +448,25 @@ class GGUFSource(Source):
         field = self._meta.get(key)
         return default if field is None else field.contents()
 
-    def _config(self) -> ModelConfig:
-        a = self._gguf_arch
-        get = lambda key, default=None: self._value(f"{a}.{key}", default)  # noqa: E731
-        if "rope_freqs.weight" in self._tensors:
-            raise SourceError(f"{self.path}: per-dimension RoPE factors (rope_freqs.weight) are not supported")
-        scaling = get("rope.scaling.type", "none")
-        if scaling not in ("none", "linear"):
-            raise SourceError(f"{self.path}: RoPE scaling {scaling!r} is not supported (supported: none, linear)")
-        try:
-            hidden, heads = get("embedding_length"), get("attention.head_count")
-            vocab = get("vocab_size") or len(self._meta["tokenizer.ggml.tokens"].data)
-            return ModelConfig(
-                arch=GGUF_ARCHITECTURES[a], n_layers=get("block_count"), hidden=hidden, n_heads=heads,
-                n_kv_heads=get("attention.head_count_kv", heads), head_dim=get("attention.key_length", hidden // heads),
-                ffn=get("feed_forward_length"), vocab=vocab, context_length=get("context_length", 2048),
-                norm_eps=get("attention.layer_norm_rms_epsilon"), rope_theta=get("rope.freq_base", 10_000.0),
-                tie_embeddings=K.OUTPUT not in self._tensors, attention_bias=a == "qwen2", qk_norm=a == "qwen3",
-                rope_scaling_type=scaling, rope_scaling_factor=get("rope.scaling.factor", 1.0))
-        except (KeyError, TypeError, NQFormatError) as e:
-            raise SourceError(f"{self.path}: incomplete {a} metadata ({e})") from e
+    def _gguf_name(self, name: str) -> str:
+        """llama.cpp's name of one of our tensor names (they differ only for Gemma 3's post norms)."""
+        renames = _GGUF_NAMES.get(self._gguf_arch, {})
+        parts = name.split(".")
+        if len(parts) == 4 and parts[2] in renames:
+            parts[2] = renames[parts[2]]
+        return ".".join(parts)
 
     def _shape(self, name: str) -> tuple[int, ...] | None:
-        t = self._tensors.get(name)
+        t = self._tensors.get(self._gguf_name(name))
         return None if t is None else tuple(int(d) for d in reversed(t.shape))
 
     def _where(self, name: str) -> str:
-        return name
+        return self._gguf_name(name)
 
     def _load(self, name: str) -> torch.Tensor:
         from gguf.quants import dequantize
 
-        t = self._tensors[name]
+        t = self._tensors[self._gguf_name(name)]
         shape = self._shape(name)
         try:
             w = dequantize(t.data, t.tensor_type).reshape(shape).astype(np.float32, copy=True)
@@ -446,6 +475,8 @@ class GGUFSource(Source):
         if self._gguf_arch == "llama" and name.endswith((".attn_q.weight", ".attn_k.weight")):
             heads = self.config.n_heads if ".attn_q." in name else self.config.n_kv_heads
             w = _unpermute(w, heads)
+        if self._gguf_arch == "gemma3" and name.endswith("norm.weight"):
+            w -= 1.0
         return torch.from_numpy(w)
 
     def _weight_files(self) -> list[Path]:

@@ -11,12 +11,14 @@ from gguf.quants import dequantize, quantize
 
 import hf_tiny
 from converter.model import TorchModel
-from converter.sources import SourceError, open_source
+from converter.sources import SourceError, config_from_gguf, open_source
 from nqfmt import keys as K
 
 # rows of 96 let q/k/v/gate/up and the embedding be Q8_0 (o: 72, down: 100 cannot); plain RoPE (llama.cpp stores
-# llama3 scaling as a rope_freqs tensor, which sources refuse)
+# llama3 scaling as a rope_freqs tensor, which sources refuse); Gemma 3 as llama.cpp runs it (queries scaled by
+# head_dim^-0.5)
 GGUF_SIZES = dict(hidden_size=96, rope_theta=10_000.0, rope_scaling=None)
+GGUF_GEMMA = dict(hidden_size=96, query_pre_attn_scalar=hf_tiny.HEAD_DIM)
 
 _HF_TO_GGUF = {"self_attn.q_proj": K.ATTN_Q, "self_attn.k_proj": K.ATTN_K, "self_attn.v_proj": K.ATTN_V,
                "self_attn.o_proj": K.ATTN_OUT, "mlp.gate_proj": K.FFN_GATE, "mlp.up_proj": K.FFN_UP,
@@ -24,7 +26,21 @@ _HF_TO_GGUF = {"self_attn.q_proj": K.ATTN_Q, "self_attn.k_proj": K.ATTN_K, "self
                "self_attn.q_norm": K.ATTN_Q_NORM, "self_attn.k_norm": K.ATTN_K_NORM}
 
 
-def gguf_name(hf_name: str) -> str:
+_GEMMA_NORMS = {"post_attention_layernorm": K.ATTN_POST_NORM, "pre_feedforward_layernorm": K.FFN_NORM,
+                "post_feedforward_layernorm": K.FFN_POST_NORM}
+_LLAMACPP_GEMMA_NAMES = {K.ATTN_POST_NORM: "post_attention_norm", K.FFN_POST_NORM: "post_ffw_norm"}
+
+
+def llamacpp_name(name: str, arch: str) -> str:
+    """llama.cpp's name for one of our tensor names."""
+    parts = name.split(".")
+    if arch == "gemma3" and len(parts) == 4:
+        parts[2] = _LLAMACPP_GEMMA_NAMES.get(parts[2], parts[2])
+    return ".".join(parts)
+
+
+def gguf_name(hf_name: str, arch: str = "llama") -> str:
+    """Our (llama.cpp-style) name for a Hugging Face tensor name."""
     if hf_name == "model.embed_tokens.weight":
         return K.TOKEN_EMBD
     if hf_name == "model.norm.weight":
@@ -33,7 +49,8 @@ def gguf_name(hf_name: str) -> str:
         return K.OUTPUT
     _, _, layer, rest = hf_name.split(".", 3)
     module, kind = rest.rsplit(".", 1)
-    return f"blk.{layer}.{_HF_TO_GGUF[module]}.{kind}"
+    names = {**_HF_TO_GGUF, **_GEMMA_NORMS} if arch == "gemma3" else _HF_TO_GGUF
+    return f"blk.{layer}.{names[module]}.{kind}"
 
 
 def llamacpp_permute(w: np.ndarray, heads: int) -> np.ndarray:
@@ -56,12 +73,13 @@ def roundtrip(w: np.ndarray, gtype: GT) -> np.ndarray:
     return dequantize(quantize(w, gtype), gtype).reshape(w.shape)
 
 
-@pytest.fixture(scope="module", params=["llama", "qwen2", "qwen3"])
+@pytest.fixture(scope="module", params=["llama", "qwen2", "qwen3", "gemma3"])
 def tiny_gguf(request, tmp_path_factory):
     """A GGUF written the way llama.cpp writes one (Q/K rows permuted for llama only; qwen2 biases, qwen3 q/k norms;
-    mixed F32/F16/Q8_0), and the HF model holding exactly the values the file stores."""
+    Gemma 3 norms stored as 1 + w under its own post-norm names; mixed F32/F16/Q8_0), and the HF model holding
+    exactly the values the file stores."""
     arch = request.param
-    model = hf_tiny.build(arch, **GGUF_SIZES)
+    model = hf_tiny.build(arch, **(GGUF_GEMMA if arch == "gemma3" else GGUF_SIZES))
     model.config._attn_implementation = "eager"
     cfg = model.config
     path = tmp_path_factory.mktemp("gguf") / "tiny.gguf"
@@ -74,7 +92,10 @@ def tiny_gguf(request, tmp_path_factory):
     w.add_head_count(cfg.num_attention_heads)
     w.add_head_count_kv(cfg.num_key_value_heads)
     w.add_key_length(cfg.head_dim)
-    w.add_rope_freq_base(10_000.0)
+    w.add_rope_freq_base(1e6 if arch == "gemma3" else 10_000.0)
+    if arch == "gemma3":
+        w.add_sliding_window(cfg.sliding_window)
+        w.add_sliding_window_pattern([t == "sliding_attention" for t in cfg.layer_types])
     w.add_layer_norm_rms_eps(cfg.rms_norm_eps)
     w.add_tokenizer_model("gpt2")
     w.add_tokenizer_pre("default")
@@ -88,14 +109,18 @@ def tiny_gguf(request, tmp_path_factory):
     for hf_name, p in model.state_dict().items():
         if hf_name == "lm_head.weight" and cfg.tie_word_embeddings:
             continue
-        name = gguf_name(hf_name)
+        name = gguf_name(hf_name, arch)
         a = p.numpy().astype(np.float32)
         gtype = gguf_type(name, a)
-        stored[hf_name] = roundtrip(a, gtype)
+        if arch == "gemma3" and name.endswith("norm.weight"):
+            a = a + np.float32(1.0)
+            stored[hf_name] = a - np.float32(1.0)
+        else:
+            stored[hf_name] = roundtrip(a, gtype)
         if arch == "llama" and name.endswith((".attn_q.weight", ".attn_k.weight")):
             heads = cfg.num_attention_heads if ".attn_q." in name else cfg.num_key_value_heads
             a = llamacpp_permute(a, heads)
-        w.add_tensor(name, quantize(a, gtype) if gtype == GT.Q8_0 else a.astype(np.float16) if gtype == GT.F16 else a,
+        w.add_tensor(llamacpp_name(name, arch), quantize(a, gtype) if gtype == GT.Q8_0 else a.astype(np.float16) if gtype == GT.F16 else a,
                      raw_dtype=gtype)
     w.write_header_to_file()
     w.write_kv_data_to_file()
@@ -110,10 +135,11 @@ def tiny_gguf(request, tmp_path_factory):
 def test_gguf_weights_are_unpermuted_and_dequantized(tiny_gguf):
     path, model, stored = tiny_gguf
     source = open_source(str(path))
-    assert source.config.arch == model.config.model_type and source.name == f"tiny {model.config.model_type}"
+    arch = source.config.arch
+    assert model.config.model_type.startswith(arch) and source.name == f"tiny {arch}"
     assert source.config.hidden == 96 and source.config.tie_embeddings == model.config.tie_word_embeddings
     for hf_name, want in stored.items():
-        np.testing.assert_array_equal(source.tensor(gguf_name(hf_name)).numpy(), want, err_msg=hf_name)
+        np.testing.assert_array_equal(source.tensor(gguf_name(hf_name, arch)).numpy(), want, err_msg=hf_name)
     assert source.sha256 == hashlib.sha256(path.read_bytes()).hexdigest()
 
 
@@ -123,6 +149,16 @@ def test_gguf_logits_match_transformers_on_the_stored_values(tiny_gguf):
     tokens = torch.randint(0, hf_tiny.VOCAB, (2, 10), generator=torch.Generator().manual_seed(4))
     with torch.no_grad():
         torch.testing.assert_close(ours(tokens), model(tokens).logits, rtol=0, atol=1e-4)
+
+
+def test_gguf_gemma_layer_pattern_default():
+    """Without a sliding_window_pattern key, llama.cpp makes every 6th Gemma 3 layer global."""
+    values = {"gemma3.block_count": 12, "gemma3.embedding_length": 96, "gemma3.attention.head_count": 4,
+              "gemma3.attention.key_length": 32, "gemma3.feed_forward_length": 100, "gemma3.vocab_size": 91,
+              "gemma3.attention.layer_norm_rms_epsilon": 1e-6, "gemma3.attention.sliding_window": 8}
+    config = config_from_gguf("gemma3", lambda key, default: values.get(key, default), {K.TOKEN_EMBD})
+    assert config.sliding_layers == tuple(i not in (5, 11) for i in range(12))
+    assert config.attention_scale == np.float32(32 ** -0.5) and config.rope_theta_local == 10_000.0
 
 
 def test_gguf_tokenizer_metadata(tiny_gguf):
@@ -142,6 +178,16 @@ def test_sharded_checkpoint(tmp_path):
         torch.testing.assert_close(TorchModel.from_source(source)(tokens), model(tokens).logits, rtol=0, atol=1e-4)
     assert source.tokenizer.chat_template == hf_tiny.CHAT_TEMPLATE and source.tokenizer.eos_id == 1
     assert len(source.sha256) == 64
+
+
+def test_bfloat16_checkpoint(tmp_path):
+    model = hf_tiny.build("qwen3").to(torch.bfloat16)
+    model.save_pretrained(tmp_path)
+    (tmp_path / "tokenizer.json").write_text(hf_tiny.TINY_TOKENIZER)
+    source = open_source(str(tmp_path))
+    weight = source.tensor("blk.1.ffn_up.weight")
+    assert weight.dtype == torch.float32
+    torch.testing.assert_close(weight, model.model.layers[1].mlp.up_proj.weight.float(), rtol=0, atol=0)
 
 
 def test_block_weights_keys(tmp_path):
