@@ -21,7 +21,7 @@ class _SignSTE(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x: torch.Tensor) -> torch.Tensor:
-        return torch.where(x >= 0, 1.0, -1.0).to(x.dtype)
+        return signs_of(x)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
@@ -34,7 +34,8 @@ def signs_of(x: torch.Tensor) -> torch.Tensor:
 
 
 def _vector(x, length: int, what: str) -> nn.Parameter:
-    t = torch.as_tensor(np.asarray(x) if not isinstance(x, torch.Tensor) else x).detach().to(torch.float32).clone()
+    """A float32 copy of a scale vector (tensor, array or list) as a trainable parameter, its length checked."""
+    t = torch.as_tensor(x).detach().to(torch.float32).clone()
     if t.shape != (length,):
         raise ValueError(f"{what}: expected shape ({length},), got {tuple(t.shape)}")
     return nn.Parameter(t)
@@ -87,7 +88,8 @@ class BinaryPath(nn.Module):
     def dense_weight(self) -> torch.Tensor:
         """The m×n matrix this path applies, in float64 (so summing paths rounds only once)."""
         u, v = (s.detach().double() for s in self.signs())
-        mid = self.scale_mid.detach().double() if self.scale_mid is not None else torch.ones(self.rank, dtype=torch.float64)
+        mid = (self.scale_mid.detach().double() if self.scale_mid is not None
+               else torch.ones(self.rank, dtype=torch.float64))
         return self.scale_out.detach().double()[:, None] * ((u * mid) @ v) * self.scale_in.detach().double()
 
     def export(self, layer: int, linear: str, path: int) -> dict[str, np.ndarray]:

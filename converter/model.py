@@ -122,7 +122,8 @@ class DecoderBlock(nn.Module):
         """(cos, sin, mask) for positions 0..T-1, kept for the last T seen (blocks run many batches of one length)."""
         if self._cache is None or self._cache[0] != length or self._cache[1].device != device:
             cos, sin = rope(self.config, self.layer, torch.arange(length))
-            self._cache = (length, cos.to(device), sin.to(device), attention_mask(self.config, self.layer, length).to(device))
+            mask = attention_mask(self.config, self.layer, length)
+            self._cache = (length, cos.to(device), sin.to(device), mask.to(device))
         return self._cache[1:]
 
     def attention(self, x: torch.Tensor) -> torch.Tensor:
@@ -217,7 +218,8 @@ def _factored(nq, layer: int, linear: str) -> BinaryFactoredLinear:
     paths = []
     for p in fl.paths:
         mid = None if p.scale_mid is None else p.scale_mid.astype(np.float32)
-        path = BinaryPath(torch.from_numpy(unpack_signs(p.u_signs, p.rank)), torch.from_numpy(unpack_signs(p.v_signs, fl.n)),
+        u, v = unpack_signs(p.u_signs, p.rank), unpack_signs(p.v_signs, fl.n)
+        path = BinaryPath(torch.from_numpy(u), torch.from_numpy(v),
                           p.scale_in.astype(np.float32), p.scale_out.astype(np.float32), mid)
         path.freeze_signs()
         paths.append(path)

@@ -376,8 +376,9 @@ def _needs_bos(tok: Tokenizer, bos: int | None, source_adds_bos: bool) -> bool:
 # --- GGUF files ---------------------------------------------------------------------------------------------------
 
 # What llama.cpp's Gemma 3 support fixes rather than stores (its llama-model.cpp): unless the file gives a
-# sliding_window_pattern, every 6th layer global, the rest sliding; sliding layers use RoPE base 10k; queries scaled by head_dim^-0.5 (hidden/heads for the 62-layer 27B). Its converter adds 1
-# to every norm weight (undone in _load) and names the post norms differently.
+# sliding_window_pattern, every 6th layer global, the rest sliding; sliding layers use RoPE base 10k; queries scaled
+# by head_dim^-0.5 (hidden/heads for the 62-layer 27B). Its converter adds 1 to every norm weight (undone in _load)
+# and names the post norms differently.
 _GGUF_GEMMA3 = dict(activation="gelu_tanh", qk_norm=True, post_norms=True, norm_offset=1.0, rope_theta_local=10_000.0)
 _GGUF_NAMES = {"gemma3": {K.ATTN_POST_NORM: "post_attention_norm", K.FFN_POST_NORM: "post_ffw_norm"}}
 
@@ -429,7 +430,8 @@ class GGUFSource(Source):
         try:
             self._reader = GGUFReader(path)
         except Exception as e:  # the reader raises ValueError, IndexError, struct errors... on malformed files
-            raise SourceError(f"{path}: not a readable GGUF file ({str(e).splitlines()[0] if str(e) else type(e).__name__})") from e
+            why = str(e).splitlines()[0] if str(e) else type(e).__name__
+            raise SourceError(f"{path}: not a readable GGUF file ({why})") from e
         self._meta = dict(self._reader.fields)
         self._tensors = {t.name: t for t in self._reader.tensors}
         general = self._value("general.architecture")

@@ -120,8 +120,8 @@ def tiny_gguf(request, tmp_path_factory):
         if arch == "llama" and name.endswith((".attn_q.weight", ".attn_k.weight")):
             heads = cfg.num_attention_heads if ".attn_q." in name else cfg.num_key_value_heads
             a = llamacpp_permute(a, heads)
-        w.add_tensor(llamacpp_name(name, arch), quantize(a, gtype) if gtype == GT.Q8_0 else a.astype(np.float16) if gtype == GT.F16 else a,
-                     raw_dtype=gtype)
+        raw = {GT.Q8_0: lambda: quantize(a, gtype), GT.F16: lambda: a.astype(np.float16), GT.F32: lambda: a}[gtype]()
+        w.add_tensor(llamacpp_name(name, arch), raw, raw_dtype=gtype)
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
