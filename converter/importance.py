@@ -7,13 +7,15 @@ official code does per 2048-token sample), then shrunk toward the mean: v ← (1
 
 The whole model's autograd graph is never built: one forward pass stores the hidden states at every block boundary
 for the (few) statistics windows, the loss gradient is taken at the head, and the gradient is carried back one block
-at a time by re-running that block from its stored input. Peak memory is one block's graph plus the boundaries.
+at a time by re-running that block from its stored input. Peak memory is one block's graph plus two boundaries
+(the others wait on disk).
 """
 from __future__ import annotations
 
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from torch.nn import functional as F
@@ -101,32 +103,58 @@ def head_gradient(model_head: Callable[[torch.Tensor], torch.Tensor], h: torch.T
     return grad
 
 
+class BoundaryStore:
+    """Hidden states at every block boundary of the stat windows, kept on disk (one file per boundary) when a
+    directory is given, so RAM holds two boundaries at a time however deep the model is."""
+
+    def __init__(self, directory: Path | None) -> None:
+        self.directory = directory
+        self.memory: dict[int, torch.Tensor] = {}
+
+    def put(self, index: int, h: torch.Tensor) -> None:
+        if self.directory is None:
+            self.memory[index] = h
+        else:
+            torch.save(h, self.directory / f"stat-boundary-{index:03d}.pt")
+
+    def pop(self, index: int) -> torch.Tensor:
+        if self.directory is None:
+            return self.memory.pop(index)
+        path = self.directory / f"stat-boundary-{index:03d}.pt"
+        h = torch.load(path)
+        path.unlink()
+        return h
+
+
 def collect_importance(config, embed_head: TorchModel, load_block: Callable[[int], DecoderBlock],
-                       tokens: torch.Tensor, gamma: float, batch: int,
+                       tokens: torch.Tensor, gamma: float, batch: int, spill: Path | None = None,
                        progress: Callable[[int, int], None] = lambda i, n: None) -> list[LayerImportance]:
     """Preconditioners for every block from next-token-loss gradients on `tokens` [S, T], block by block.
 
-    `embed_head` supplies `embed` and `head` (its blocks are not used); `load_block(i)` builds full-precision block i.
+    `embed_head` supplies `embed` and `head` (its blocks are not used); `load_block(i)` builds full-precision block
+    i; boundaries go to files in `spill` when given.
     """
     n = config.n_layers
     batches = [slice(i, i + batch) for i in range(0, tokens.shape[0], batch)]
     total = tokens.shape[0] * (tokens.shape[1] - 1)
+    store = BoundaryStore(spill)
     with torch.no_grad():
-        boundaries = [embed_head.embed(tokens)]
+        h = embed_head.embed(tokens)
         for layer in range(n):
+            store.put(layer, h)
             block = load_block(layer)
-            boundaries.append(torch.cat([block(boundaries[-1][b]) for b in batches]))
+            h = torch.cat([block(h[b]) for b in batches])
             progress(layer + 1, 2 * n)
             del block
-    grad = torch.cat([head_gradient(embed_head.head, boundaries[n][b], tokens[b], total) for b in batches])
-    boundaries.pop()
+    grad = torch.cat([head_gradient(embed_head.head, h[b], tokens[b], total) for b in batches])
+    del h
     result: list[LayerImportance | None] = [None] * n
     for layer in reversed(range(n)):
         block = load_block(layer)
         acts = {lin: ClippedSecondMoment() for lin in K.LINEARS}
         grads = {lin: ClippedSecondMoment() for lin in K.LINEARS}
         handles = _linear_hooks(block, acts, grads)
-        x_all = boundaries.pop()
+        x_all = store.pop(layer)
         new_grad = torch.empty_like(x_all)
         for b in batches:
             x = x_all[b].detach().requires_grad_(True)

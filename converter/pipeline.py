@@ -328,7 +328,7 @@ def _importance(source, base: TorchModel, windows: torch.Tensor, recipe: Recipe,
     reporter.stage("preconditioners", 2 * config.n_layers)
     result = timer.run("preconditioners", collect_importance, config, base,
                        lambda i: DecoderBlock(config, i, source.block_weights(i)), windows[:recipe.stat_samples],
-                       recipe.shrinkage, recipe.forward_batch, lambda i, n: reporter.advance(i))
+                       recipe.shrinkage, recipe.forward_batch, work.path, lambda i, n: reporter.advance(i))
     work.save("importance.pt", result)
     return result
 
