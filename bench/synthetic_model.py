@@ -45,13 +45,20 @@ def _byte_vocab() -> dict[str, int]:
     return {c: i for i, c in enumerate(chars)}
 
 
+def byte_tokenizer_json(special: tuple[str, ...] = ()) -> str:
+    """tokenizer.json of a byte-level BPE with one token per byte (ids 0-255) and `special` tokens after them."""
+    tok = dict(_BYTES_TOKENIZER)
+    tok["model"] = dict(tok["model"], vocab=_byte_vocab())
+    tok["added_tokens"] = [{"id": 256 + i, "content": t, "single_word": False, "lstrip": False, "rstrip": False,
+                            "normalized": False, "special": True} for i, t in enumerate(special)]
+    return json.dumps(tok)
+
+
 def write_smollm2_shaped(path: Path, embedding: GT = GT.F16, seed: int = 0, bits: float = 1.0) -> Path:
     config = ModelConfig(**SMOLLM2_135M)
     linears = [{lin: LinearPlan((rank_for_bits(*config.linear_shape(lin), bits),)) for lin in K.LINEARS}
                for _ in range(config.n_layers)]
-    tok = dict(_BYTES_TOKENIZER)
-    tok["model"] = dict(tok["model"], vocab=_byte_vocab())
-    info = TokenizerInfo(json.dumps(tok), chat_template=None, bos_id=None, eos_id=None, add_bos=False)
+    info = TokenizerInfo(byte_tokenizer_json(), chat_template=None, bos_id=None, eos_id=None, add_bos=False)
     prov = Provenance(converter_version="bench", preset="random", recipe="{}", bits_target=bits, bits_achieved=0.0,
                       source_name="synthetic SmolLM2-135M shapes", source_sha256="0" * 64,
                       source_params=config.parameter_count(), calibration_sha256="none",

@@ -5,7 +5,7 @@ Before numba is imported this module picks two process-wide settings (each only 
   OpenMP's default active spin-wait made a parallel region ~1 ms on this loaded 2-core machine instead of 3.5 µs
   (passive); workqueue blocks too but costs ~30 µs per region, as much as a whole small linear.
 - the kernel cache: next to the package when that is writable (numba's default), else NUMBA_CACHE_DIR under the
-  user's cache directory, so kernels compile once per machine either way.
+  user's cache directory ($NANOQUANT_CACHE, else $XDG_CACHE_HOME/nanoquant, as nqdata), so kernels compile once per machine either way.
 """
 from __future__ import annotations
 
@@ -23,8 +23,9 @@ def _configure_numba() -> None:
     os.environ.setdefault("OMP_WAIT_POLICY", "passive")
     os.environ.setdefault("NUMBA_THREADING_LAYER_PRIORITY", "omp workqueue tbb")
     if "NUMBA_CACHE_DIR" not in os.environ and not os.access(Path(__file__).parent, os.W_OK):
-        base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
-        os.environ["NUMBA_CACHE_DIR"] = str(base / "nanoquant" / "numba")
+        base = os.environ.get("NANOQUANT_CACHE") or Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache",
+                                                         "nanoquant")
+        os.environ["NUMBA_CACHE_DIR"] = str(Path(base) / "numba")
         if "numba" in sys.modules:  # imported earlier by the caller: tell its config too
             import numba
             numba.config.CACHE_DIR = os.environ["NUMBA_CACHE_DIR"]

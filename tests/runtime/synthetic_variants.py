@@ -7,6 +7,7 @@ import numpy as np
 
 from nqfmt import LinearPlan, NQWriter, TokenizerInfo
 from nqfmt import keys as K
+from bench.synthetic_model import byte_tokenizer_json
 from synthetic import TINY_TOKENIZER, provenance, random_tensors, tiny_config
 
 # name -> (config overrides, ranks per path, scale_mid, embedding type)
@@ -29,16 +30,29 @@ VARIANTS = {
 HF_VARIANTS = tuple(v for v in VARIANTS if v != "gemma3-attn-softcap")
 
 
-def write_variant(path, variant: str, seed: int = 0):
+SPECIAL = ("<|im_start|>", "<|im_end|>", "<|endoftext|>")
+CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+          "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+
+
+def write_text_model(path, variant: str = "llama", seed: int = 0, add_bos: bool = False):
+    """A variant whose tokenizer has one token per byte plus ChatML's special tokens (ids 256-258, <|im_end|> the
+    EOS), over a 259-token vocabulary, so generated ids are text."""
+    return write_variant(path, variant, seed, vocab=259,
+                         tokenizer=TokenizerInfo(byte_tokenizer_json(SPECIAL), CHATML, bos_id=256, eos_id=257,
+                                                 add_bos=add_bos))
+
+
+def write_variant(path, variant: str, seed: int = 0, vocab: int | None = None, tokenizer: TokenizerInfo | None = None):
     """Write one variant with synthetic.py's random tensors, each scale_out divided by sqrt(rank·n) so every
     linear keeps activations at unit size, as trained weights do (raw ±1 products grow attention scores into
     near-ties whose float32 rounding flips a softmax, which says nothing about the kernels)."""
     over, ranks, mid, emb = VARIANTS[variant]
-    over = dict(over)
+    over = dict(over, **({"vocab": vocab} if vocab else {}))
     config = tiny_config(over.pop("arch"), **over)
     linears = [{lin: LinearPlan(tuple(min(r, *config.linear_shape(lin)) for r in ranks), mid) for lin in K.LINEARS}
                for _ in range(config.n_layers)]
-    tok = TokenizerInfo(TINY_TOKENIZER, "{{ messages }}", bos_id=0, eos_id=1, add_bos=False)
+    tok = tokenizer or TokenizerInfo(TINY_TOKENIZER, "{{ messages }}", bos_id=0, eos_id=1, add_bos=False)
     with NQWriter(path, config, tok, provenance(), linears, embedding_type=emb) as w:
         tensors = random_tensors(w, seed)
         for spec in w.plan:
