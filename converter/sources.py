@@ -250,7 +250,7 @@ class HFSource(Source):
     def __init__(self, directory: Path) -> None:
         self.directory = directory
         self.name = directory.resolve().name
-        self.config = config_from_hf(self._json("config.json", required=True))
+        self.config = config_from_hf(self._complete_config(self._json("config.json", required=True)))
         self._shard_of = self._index_weights()
         self._handles: dict[Path, object] = {}
         self._prefix = next((p for p in self._PREFIXES if f"{p}embed_tokens.weight" in self._shard_of), None)
@@ -268,6 +268,24 @@ class HFSource(Source):
             return json.loads(path.read_text(encoding="utf-8"))
         except (ValueError, UnicodeDecodeError) as e:
             raise SourceError(f"{path}: not valid JSON ({e})") from e
+
+    def _complete_config(self, raw: dict) -> dict:
+        """config.json with the fields it leaves to transformers' defaults filled in (Gemma 3's text_config omits
+        head counts, vocab size, ...), as llama.cpp's converter reads it; unsupported types are refused first."""
+        if raw.get("model_type") not in HF_ARCHITECTURES:
+            return raw
+        from transformers import AutoConfig
+        from transformers.utils import logging as hf_logging
+
+        verbosity = hf_logging.get_verbosity()
+        hf_logging.set_verbosity_error()
+        try:
+            return AutoConfig.from_pretrained(self.directory).to_dict()
+        except Exception as e:  # transformers validates configs with many exception types
+            raise SourceError(f"{self.directory / 'config.json'}: transformers cannot read it "
+                              f"({str(e).splitlines()[0]})") from e
+        finally:
+            hf_logging.set_verbosity(verbosity)
 
     def _index_weights(self) -> dict[str, Path]:
         """tensor name -> shard path, opening every shard's header once so that corruption shows up now."""

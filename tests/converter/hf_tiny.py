@@ -55,3 +55,20 @@ def save(arch: str, directory: Path, seed: int = 0, shard_size: str | None = Non
     (directory / "tokenizer.json").write_text(TINY_TOKENIZER)
     (directory / "tokenizer_config.json").write_text(json.dumps({"chat_template": CHAT_TEMPLATE, "eos_token": "b"}))
     return model
+
+
+def save_gemma3_multimodal(directory: Path, seed: int = 0):
+    """A tiny Gemma 3 image-text checkpoint (its config.json nests the text model's in text_config, leaving
+    defaults out); returns the transformers model, whose text-only forward is what we convert."""
+    text = getattr(transformers, ARCHS["gemma3"][1])(**_COMMON, **ARCHS["gemma3"][2])
+    vision = dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2, image_size=28,
+                  patch_size=14)
+    config = transformers.Gemma3Config(text_config=text.to_dict(), vision_config=vision, mm_tokens_per_image=4)
+    torch.manual_seed(seed)
+    model = transformers.Gemma3ForConditionalGeneration(config).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            p.uniform_(-0.5, 0.5) if "norm" in name else p.normal_(0.0, 0.2)
+    model.save_pretrained(directory)
+    (directory / "tokenizer.json").write_text(TINY_TOKENIZER)
+    return model

@@ -190,6 +190,18 @@ def test_bfloat16_checkpoint(tmp_path):
     torch.testing.assert_close(weight, model.model.layers[1].mlp.up_proj.weight.float(), rtol=0, atol=0)
 
 
+def test_gemma3_image_text_checkpoint_converts_its_text_model(tmp_path):
+    model = hf_tiny.save_gemma3_multimodal(tmp_path)
+    model.config.text_config._attn_implementation = "eager"
+    raw = json.loads((tmp_path / "config.json").read_text())
+    assert raw["model_type"] == "gemma3" and "text_config" in raw
+    source = open_source(str(tmp_path))
+    assert source.config.arch == "gemma3" and source.config.sliding_layers == (True, False)
+    tokens = torch.randint(0, hf_tiny.VOCAB, (1, 11), generator=torch.Generator().manual_seed(7))
+    with torch.no_grad():
+        torch.testing.assert_close(TorchModel.from_source(source)(tokens), model(tokens).logits, rtol=0, atol=1e-4)
+
+
 def test_block_weights_keys(tmp_path):
     hf_tiny.save("qwen2", tmp_path)
     source = open_source(str(tmp_path))
@@ -264,6 +276,12 @@ def test_config_that_does_not_match_the_weights(saved_llama):
     (saved_llama / "config.json").write_text(json.dumps({**cfg, "intermediate_size": 101}))
     message = _error(saved_llama)
     assert "mlp.gate_proj.weight" in message and "[100, 72]" in message and "[101, 72]" in message
+
+
+def test_config_transformers_rejects(saved_llama):
+    cfg = json.loads((saved_llama / "config.json").read_text())
+    (saved_llama / "config.json").write_text(json.dumps({**cfg, "num_attention_heads": "three"}))
+    assert "config.json" in _error(saved_llama)
 
 
 def test_no_weights(saved_llama):
