@@ -103,7 +103,8 @@ class DecoderBlock(nn.Module):
 
     `weights` uses the keys of `Source.block_weights` (`attn_q.weight`, `attn_q.bias`, `attn_norm.weight`, ...).
     `linears` may supply ready modules (e.g. BinaryFactoredLinear) instead of the `*.weight` entries. Full-precision
-    weights are frozen: nothing in the project trains them.
+    weights start with requires_grad off (computing teacher outputs needs no weight gradients); a stage that tunes
+    them switches it on.
     """
 
     def __init__(self, config: ModelConfig, layer: int, weights: dict[str, torch.Tensor],
