@@ -401,31 +401,65 @@ _GGUF_GEMMA3 = dict(activation="gelu_tanh", qk_norm=True, post_norms=True, norm_
 _GGUF_NAMES = {"gemma3": {K.ATTN_POST_NORM: "post_attention_norm", K.FFN_POST_NORM: "post_ffw_norm"}}
 
 
+_ROPE_FREQS = "rope_freqs.weight"
+
+
+def _dequantized(t) -> np.ndarray:
+    """A GGUF reader tensor as float32 in numpy order (rows first)."""
+    from gguf.quants import dequantize
+
+    return dequantize(t.data, t.tensor_type).reshape(tuple(int(d) for d in reversed(t.shape)))
+
+
 def _unpermute(w: np.ndarray, heads: int) -> np.ndarray:
     """Undo llama.cpp's Q/K row permutation (interleaved RoPE pairs) back to Hugging Face's rotate-half rows."""
     rows = w.shape[0]
     return w.reshape(heads, rows // heads // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
-def config_from_gguf(arch: str, value: Callable[[str, object], object], tensors: Collection[str]) -> ModelConfig:
-    """Map a GGUF file's metadata (`value(key, default)`) and tensor names to a ModelConfig."""
+def _llama3_from_factors(factors: np.ndarray, theta: float, head_dim: int) -> dict[str, object]:
+    """Llama 3.x RoPE scaling from the per-frequency divisors llama.cpp stores instead of its parameters
+    (`rope_freqs.weight`). The factor is the largest divisor; the band edges are Meta's (low 1, high 4, original
+    context 8192, which llama.cpp's converter assumes too). The divisors are recomputed from those parameters and must
+    match, so a file made any other way is refused rather than run with the wrong positions."""
+    factor = float(factors.max())
+    params = dict(rope_scaling_type="llama3", rope_scaling_factor=factor, rope_low_freq_factor=1.0,
+                  rope_high_freq_factor=4.0, rope_original_context=8192)
+    inv = 1.0 / theta ** (np.arange(0, head_dim, 2, dtype=np.float64) / head_dim)
+    wavelen = 2 * math.pi / inv
+    smooth = (8192 / wavelen - 1.0) / (4.0 - 1.0)
+    want = np.where(wavelen < 8192 / 4.0, 1.0, np.where(wavelen > 8192, factor, 1 / ((1 - smooth) / factor + smooth)))
+    if factors.shape != want.shape or not np.allclose(factors, want, rtol=1e-5, atol=0):
+        raise SourceError("per-frequency RoPE factors (rope_freqs.weight) that are not Llama 3's schedule "
+                          "are not supported")
+    return params
+
+
+def config_from_gguf(arch: str, value: Callable[[str, object], object], tensors: Collection[str],
+                     rope_factors: np.ndarray | None = None) -> ModelConfig:
+    """Map a GGUF file's metadata (`value(key, default)`), tensor names and `rope_freqs.weight` (if it has one)
+    to a ModelConfig."""
     get = lambda key, default=None: value(f"{arch}.{key}", default)  # noqa: E731
-    if "rope_freqs.weight" in tensors:
-        raise SourceError("per-dimension RoPE factors (rope_freqs.weight) are not supported")
     scaling = get("rope.scaling.type", "none")
     if scaling not in ("none", "linear"):
-        raise SourceError(f"RoPE scaling {scaling!r} is not supported (supported: none, linear)")
+        raise SourceError(f"RoPE scaling {scaling!r} is not supported (supported: none, linear, llama3)")
     try:
         hidden, heads, n_layers = get("embedding_length"), get("attention.head_count"), get("block_count")
         head_dim = get("attention.key_length", hidden // heads)
+        theta = get("rope.freq_base", 10_000.0)
         fields = dict(
             arch=GGUF_ARCHITECTURES[arch], n_layers=n_layers, hidden=hidden, n_heads=heads,
             n_kv_heads=get("attention.head_count_kv", heads), head_dim=head_dim, ffn=get("feed_forward_length"),
             vocab=get("vocab_size") or len(value("tokenizer.ggml.tokens", None)),
             context_length=get("context_length", 2048), norm_eps=get("attention.layer_norm_rms_epsilon"),
-            rope_theta=get("rope.freq_base", 10_000.0), tie_embeddings=K.OUTPUT not in tensors,
+            rope_theta=theta, tie_embeddings=K.OUTPUT not in tensors,
             attention_bias=arch == "qwen2", qk_norm=arch == "qwen3", rope_scaling_type=scaling,
             rope_scaling_factor=get("rope.scaling.factor", 1.0))
+        if rope_factors is not None:
+            if arch != "llama" or scaling != "none":
+                raise SourceError(f"per-frequency RoPE factors (rope_freqs.weight) in a {arch} file with "
+                                  f"{scaling} scaling are not supported")
+            fields.update(_llama3_from_factors(rope_factors, theta, head_dim))
         if arch == "gemma3":
             pattern = get("attention.sliding_window_pattern", 6)
             fields.update(_GGUF_GEMMA3, sliding_window=get("attention.sliding_window"),
@@ -458,7 +492,9 @@ class GGUFSource(Source):
                               f"(supported: {', '.join(GGUF_ARCHITECTURES)})")
         self._gguf_arch = general
         try:
-            self.config = config_from_gguf(general, self._value, set(self._tensors))
+            factors = self._tensors.get(_ROPE_FREQS)
+            factors = None if factors is None else _dequantized(factors).reshape(-1).astype(np.float64)
+            self.config = config_from_gguf(general, self._value, set(self._tensors), factors)
         except SourceError as e:
             raise SourceError(f"{path}: {e}") from e
         self.name = str(self._value("general.name") or path.stem)
@@ -484,12 +520,9 @@ class GGUFSource(Source):
         return self._gguf_name(name)
 
     def _load(self, name: str) -> torch.Tensor:
-        from gguf.quants import dequantize
-
         t = self._tensors[self._gguf_name(name)]
-        shape = self._shape(name)
         try:
-            w = dequantize(t.data, t.tensor_type).reshape(shape).astype(np.float32, copy=True)
+            w = _dequantized(t).astype(np.float32, copy=True)
         except (NotImplementedError, ValueError) as e:
             raise SourceError(f"{self.path}: cannot dequantize {name} ({t.tensor_type.name}: {e})") from e
         if self._gguf_arch == "llama" and name.endswith((".attn_q.weight", ".attn_k.weight")):

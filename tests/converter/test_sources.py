@@ -1,6 +1,7 @@
 """Sources: sharded safetensors, GGUF (dequantization and llama.cpp's Q/K permutation undone), bad inputs."""
 import hashlib
 import json
+import math
 
 import gguf
 import numpy as np
@@ -14,11 +15,31 @@ from converter.model import TorchModel
 from converter.sources import SourceError, config_from_gguf, open_source
 from nqfmt import keys as K
 
-# rows of 96 let q/k/v/gate/up and the embedding be Q8_0 (o: 72, down: 100 cannot); plain RoPE (llama.cpp stores
-# llama3 scaling as a rope_freqs tensor, which sources refuse); Gemma 3 as llama.cpp runs it (queries scaled by
-# head_dim^-0.5)
-GGUF_SIZES = dict(hidden_size=96, rope_theta=10_000.0, rope_scaling=None)
-GGUF_GEMMA = dict(hidden_size=96, query_pre_attn_scalar=hf_tiny.HEAD_DIM)
+# rows of 96 let q/k/v/gate/up and the embedding be Q8_0 (o: 72, down: 100 cannot); Gemma 3 as llama.cpp runs it
+# (queries scaled by head_dim^-0.5); Llama 3 RoPE scaling with Meta's band edges, whose head dims fall in all three
+# bands (wavelengths 6 to 10^6 around 2048..8192)
+GGUF_SIZES = {"llama": dict(hidden_size=96, rope_theta=10_000.0, rope_scaling=None),
+              "llama3": dict(hidden_size=96, rope_theta=500_000.0,
+                             rope_scaling=dict(rope_type="llama3", factor=8.0, low_freq_factor=1.0,
+                                               high_freq_factor=4.0, original_max_position_embeddings=8192)),
+              "gemma3": dict(hidden_size=96, query_pre_attn_scalar=hf_tiny.HEAD_DIM)}
+
+
+def llamacpp_rope_factors(theta: float, head_dim: int, scaling: dict) -> np.ndarray:
+    """What llama.cpp's converter writes as rope_freqs.weight for Llama 3 scaling: each frequency's divisor."""
+    factors = []
+    for i in range(0, head_dim, 2):
+        wavelen = 2 * math.pi * theta ** (i / head_dim)
+        old = scaling["original_max_position_embeddings"]
+        if wavelen < old / scaling["high_freq_factor"]:
+            factors.append(1.0)
+        elif wavelen > old / scaling["low_freq_factor"]:
+            factors.append(scaling["factor"])
+        else:
+            smooth = (old / wavelen - scaling["low_freq_factor"]) / (scaling["high_freq_factor"]
+                                                                    - scaling["low_freq_factor"])
+            factors.append(1 / ((1 - smooth) / scaling["factor"] + smooth))
+    return np.array(factors, dtype=np.float32)
 
 _HF_TO_GGUF = {"self_attn.q_proj": K.ATTN_Q, "self_attn.k_proj": K.ATTN_K, "self_attn.v_proj": K.ATTN_V,
                "self_attn.o_proj": K.ATTN_OUT, "mlp.gate_proj": K.FFN_GATE, "mlp.up_proj": K.FFN_UP,
@@ -73,18 +94,19 @@ def roundtrip(w: np.ndarray, gtype: GT) -> np.ndarray:
     return dequantize(quantize(w, gtype), gtype).reshape(w.shape)
 
 
-@pytest.fixture(scope="module", params=["llama", "qwen2", "qwen3", "gemma3"])
+@pytest.fixture(scope="module", params=["llama", "llama3", "qwen2", "qwen3", "gemma3"])
 def tiny_gguf(request, tmp_path_factory):
     """A GGUF written the way llama.cpp writes one (Q/K rows permuted for llama only; qwen2 biases, qwen3 q/k norms;
     Gemma 3 norms stored as 1 + w under its own post-norm names; mixed F32/F16/Q8_0), and the HF model holding
     exactly the values the file stores."""
-    arch = request.param
-    model = hf_tiny.build(arch, **(GGUF_GEMMA if arch == "gemma3" else GGUF_SIZES))
+    variant = request.param
+    arch = "llama" if variant == "llama3" else variant
+    model = hf_tiny.build(arch, **GGUF_SIZES.get(variant, GGUF_SIZES["llama"]))
     model.config._attn_implementation = "eager"
     cfg = model.config
     path = tmp_path_factory.mktemp("gguf") / "tiny.gguf"
     w = gguf.GGUFWriter(path, arch)
-    w.add_name(f"tiny {arch}")
+    w.add_name(f"tiny {variant}")
     w.add_block_count(cfg.num_hidden_layers)
     w.add_context_length(cfg.max_position_embeddings)
     w.add_embedding_length(cfg.hidden_size)
@@ -92,7 +114,10 @@ def tiny_gguf(request, tmp_path_factory):
     w.add_head_count(cfg.num_attention_heads)
     w.add_head_count_kv(cfg.num_key_value_heads)
     w.add_key_length(cfg.head_dim)
-    w.add_rope_freq_base(1e6 if arch == "gemma3" else 10_000.0)
+    theta = {"gemma3": 1e6, "llama3": 500_000.0}.get(variant, 10_000.0)
+    w.add_rope_freq_base(theta)
+    if variant == "llama3":
+        w.add_tensor("rope_freqs.weight", llamacpp_rope_factors(theta, cfg.head_dim, cfg.rope_parameters))
     if arch == "gemma3":
         w.add_sliding_window(cfg.sliding_window)
         w.add_sliding_window_pattern([t == "sliding_attention" for t in cfg.layer_types])
@@ -136,7 +161,10 @@ def test_gguf_weights_are_unpermuted_and_dequantized(tiny_gguf):
     path, model, stored = tiny_gguf
     source = open_source(str(path))
     arch = source.config.arch
-    assert model.config.model_type.startswith(arch) and source.name == f"tiny {arch}"
+    assert model.config.model_type.startswith(arch) and source.name.startswith(f"tiny {arch}")
+    scaling = "llama3" if source.name == "tiny llama3" else "none"
+    assert (source.config.rope_scaling_type, source.config.rope_scaling_factor) == (scaling, 8.0 if scaling != "none"
+                                                                                   else 1.0)
     assert source.config.hidden == 96 and source.config.tie_embeddings == model.config.tie_word_embeddings
     for hf_name, want in stored.items():
         np.testing.assert_array_equal(source.tensor(gguf_name(hf_name, arch)).numpy(), want, err_msg=hf_name)
@@ -159,6 +187,19 @@ def test_gguf_gemma_layer_pattern_default():
     config = config_from_gguf("gemma3", lambda key, default: values.get(key, default), {K.TOKEN_EMBD})
     assert config.sliding_layers == tuple(i not in (5, 11) for i in range(12))
     assert config.attention_scale == np.float32(32 ** -0.5) and config.rope_theta_local == 10_000.0
+
+
+def test_gguf_rope_factors_of_another_schedule_are_refused():
+    values = {"llama.block_count": 2, "llama.embedding_length": 96, "llama.attention.head_count": 4,
+              "llama.feed_forward_length": 100, "llama.vocab_size": 91, "llama.attention.layer_norm_rms_epsilon": 1e-6}
+    factors = llamacpp_rope_factors(500_000.0, 24, dict(factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
+                                                        original_max_position_embeddings=8192)).astype(np.float64)
+    get = lambda key, default: values.get(key, default)  # noqa: E731
+    values["llama.rope.freq_base"] = 500_000.0
+    assert config_from_gguf("llama", get, {K.TOKEN_EMBD}, factors).rope_scaling_type == "llama3"
+    factors[5] *= 1.1
+    with pytest.raises(SourceError, match="rope_freqs"):
+        config_from_gguf("llama", get, {K.TOKEN_EMBD}, factors)
 
 
 def test_gguf_tokenizer_metadata(tiny_gguf):
