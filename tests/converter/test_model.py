@@ -1,11 +1,13 @@
 """The torch reference forward against transformers on tiny random checkpoints of every architecture."""
 import dataclasses
 
+import numpy as np
 import pytest
 import torch
 
 import hf_tiny
-from converter.model import TorchModel, attention_mask, rope
+from converter.factored import BinaryFactoredLinear
+from converter.model import DecoderBlock, TorchModel, attention_mask, rope
 from converter.sources import config_from_hf, open_source
 from nqfmt import keys as K
 
@@ -85,10 +87,21 @@ def test_softcap_path_matches_plain_attention_for_a_huge_cap(saved):
 
 
 def test_linears_are_replaceable(saved):
+    """A block whose linears are BinaryFactoredLinears computes what the same block with their dense weights does."""
     _, directory, _ = saved
     source = open_source(str(directory))
-    from converter.model import DecoderBlock
-
-    block = DecoderBlock(source.config, 0, source.block_weights(0))
-    assert set(block.linears) == set(K.LINEARS)
-    assert set(block.norms) == set(source.config.block_norms())
+    weights = source.block_weights(0)
+    rng = np.random.default_rng(8)
+    factored = {}
+    for name in K.LINEARS:
+        m, n = source.config.linear_shape(name)
+        r = min(m, n) - 3
+        factored[name] = BinaryFactoredLinear.from_factors(
+            rng.standard_normal((m, r)), rng.standard_normal((r, n)), rng.uniform(0.5, 1.5, n),
+            rng.uniform(0.5, 1.5, m) / np.sqrt(r * n), bias=weights.get(f"{name}.bias"))
+    block = DecoderBlock(source.config, 0, weights, factored)
+    assert set(block.linears) == set(K.LINEARS) and set(block.norms) == set(source.config.block_norms())
+    dense = dict(weights, **{f"{name}.weight": lin.dense_weight() for name, lin in factored.items()})
+    x = torch.randn(2, 11, source.config.hidden, generator=torch.Generator().manual_seed(9))
+    with torch.no_grad():
+        torch.testing.assert_close(block(x), DecoderBlock(source.config, 0, dense)(x), rtol=1e-4, atol=1e-4)
