@@ -42,22 +42,30 @@ def _vector(x, length: int, what: str) -> nn.Parameter:
 
 
 class BinaryPath(nn.Module):
-    """One binary path: output-side signs U (m×r), input-side signs V (r×n), and its scale vectors."""
+    """One binary path: output-side signs U (m×r), input-side signs V (r×n), and its scale vectors.
 
-    def __init__(self, u: torch.Tensor, v: torch.Tensor, scale_in, scale_out, scale_mid=None) -> None:
+    `u`, `v` are latents (copied; their sign is what counts) unless `frozen`, in which case they must already be ±1
+    float32 and become the frozen sign buffers as they are (no copy: a whole model's signs are large).
+    """
+
+    def __init__(self, u: torch.Tensor, v: torch.Tensor, scale_in, scale_out, scale_mid=None,
+                 frozen: bool = False) -> None:
         super().__init__()
-        u = torch.as_tensor(u).detach().to(torch.float32).clone()
-        v = torch.as_tensor(v).detach().to(torch.float32).clone()
+        u, v = (torch.as_tensor(t).detach().to(torch.float32) for t in (u, v))
         if u.ndim != 2 or v.ndim != 2 or u.shape[1] != v.shape[0]:
             raise ValueError(f"U {tuple(u.shape)} and V {tuple(v.shape)} are not m×r and r×n")
         self.m, self.rank = u.shape
         self.n = v.shape[1]
-        self.latent_u = nn.Parameter(u)
-        self.latent_v = nn.Parameter(v)
+        if frozen:
+            self.register_buffer("latent_u", u)
+            self.register_buffer("latent_v", v)
+        else:
+            self.latent_u = nn.Parameter(u.clone())
+            self.latent_v = nn.Parameter(v.clone())
         self.scale_in = _vector(scale_in, self.n, "scale_in")
         self.scale_out = _vector(scale_out, self.m, "scale_out")
         self.scale_mid = None if scale_mid is None else _vector(scale_mid, self.rank, "scale_mid")
-        self.signs_frozen = False
+        self.signs_frozen = frozen
 
     def signs(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(sign(U), sign(V)); differentiable into the latents (STE) until frozen."""

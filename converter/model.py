@@ -220,10 +220,8 @@ def _factored(nq, layer: int, linear: str) -> BinaryFactoredLinear:
     for p in fl.paths:
         mid = None if p.scale_mid is None else p.scale_mid.astype(np.float32)
         u, v = unpack_signs(p.u_signs, p.rank), unpack_signs(p.v_signs, fl.n)
-        path = BinaryPath(torch.from_numpy(u), torch.from_numpy(v),
-                          p.scale_in.astype(np.float32), p.scale_out.astype(np.float32), mid)
-        path.freeze_signs()
-        paths.append(path)
+        paths.append(BinaryPath(torch.from_numpy(u), torch.from_numpy(v), p.scale_in.astype(np.float32),
+                                p.scale_out.astype(np.float32), mid, frozen=True))
     return BinaryFactoredLinear(paths, None if fl.bias is None else torch.from_numpy(fl.bias.astype(np.float32)))
 
 

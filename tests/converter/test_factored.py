@@ -121,3 +121,18 @@ def test_inconsistent_factors_are_refused(bad):
             BinaryFactoredLinear.from_factors(**f).add_path(**random_factors(rng, mid=False))
         else:
             BinaryFactoredLinear.from_factors(**f, bias=np.ones(M - 1))
+
+
+def test_frozen_construction_equals_freezing_latents():
+    from converter.factored import BinaryPath
+
+    rng = np.random.default_rng(6)
+    f = random_factors(rng)
+    lin = BinaryFactoredLinear.from_factors(**f)
+    lin.freeze_signs()
+    signs = {k: torch.tensor(np.where(f[k] >= 0, 1.0, -1.0), dtype=torch.float32) for k in ("u", "v")}
+    frozen = BinaryFactoredLinear([BinaryPath(signs["u"], signs["v"], f["scale_in"], f["scale_out"], f["scale_mid"],
+                                              frozen=True)])
+    assert frozen.signs_frozen and frozen.latents() == [] and len(frozen.scales()) == 3
+    x = torch.randn(3, N)
+    torch.testing.assert_close(frozen(x), lin(x), rtol=0, atol=0)
