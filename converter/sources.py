@@ -380,15 +380,17 @@ class HFSource(Source):
 
         bos = special("bos")
         return TokenizerInfo(text, template, bos, special("eos"), special("pad"),
-                             add_bos=_needs_bos(tok, bos, bool(tc.get("add_bos_token", False))))
+                             add_bos=_expects_bos(tok, bos, bool(tc.get("add_bos_token", False))))
 
 
-def _needs_bos(tok: Tokenizer, bos: int | None, source_adds_bos: bool) -> bool:
-    """True when the source wants a BOS that the tokenizer.json itself does not add, so the runtime must add it."""
-    if not source_adds_bos or bos is None:
+def _expects_bos(tok: Tokenizer, bos: int | None, flag: bool) -> bool:
+    """Whether the model's text starts with BOS: the source's add_bos_token flag, or a tokenizer.json whose
+    post-processor puts it in front (Llama 3 sets no flag). The runtime encodes without the post-processor and adds
+    BOS itself when the file says so, so this one bit must carry both."""
+    if bos is None:
         return False
     ids = tok.encode("a", add_special_tokens=True).ids
-    return not ids or ids[0] != bos
+    return flag or (bool(ids) and ids[0] == bos)
 
 
 # --- GGUF files ---------------------------------------------------------------------------------------------------
@@ -554,8 +556,8 @@ class GGUFSource(Source):
         ids = {key: self._value(f"tokenizer.ggml.{key}_token_id") for key in ("bos", "eos", "padding")}
         ids = {k: int(v) if v is not None else None for k, v in ids.items()}
         return TokenizerInfo(text, self._value("tokenizer.chat_template"), ids["bos"], ids["eos"], ids["padding"],
-                             add_bos=_needs_bos(Tokenizer.from_str(text), ids["bos"],
-                                                bool(self._value("tokenizer.ggml.add_bos_token", False))))
+                             add_bos=_expects_bos(Tokenizer.from_str(text), ids["bos"],
+                                                  bool(self._value("tokenizer.ggml.add_bos_token", False))))
 
 
 # --- the default model --------------------------------------------------------------------------------------------

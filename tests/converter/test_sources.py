@@ -243,6 +243,24 @@ def test_gemma3_image_text_checkpoint_converts_its_text_model(tmp_path):
         torch.testing.assert_close(TorchModel.from_source(source)(tokens), model(tokens).logits, rtol=0, atol=1e-4)
 
 
+@pytest.mark.parametrize("post_processor,flag,expected", [(True, False, True), (False, True, True),
+                                                           (False, False, False)])
+def test_bos_expectation(tmp_path, post_processor, flag, expected):
+    """add_bos says whether the model's text starts with BOS, whether the flag or the post-processor says so
+    (Llama 3 sets no flag); the runtime encodes without the post-processor and adds BOS itself."""
+    from tokenizers import Tokenizer, processors
+
+    hf_tiny.save("llama", tmp_path)
+    tok = Tokenizer.from_str(hf_tiny.TINY_TOKENIZER)
+    tok.add_special_tokens(["<s>"])
+    if post_processor:
+        tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 2)])
+    (tmp_path / "tokenizer.json").write_text(tok.to_str())
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({"bos_token": "<s>", "add_bos_token": flag}))
+    info = open_source(str(tmp_path)).tokenizer
+    assert info.bos_id == 2 and info.add_bos == expected
+
+
 def test_block_weights_keys(tmp_path):
     hf_tiny.save("qwen2", tmp_path)
     source = open_source(str(tmp_path))
