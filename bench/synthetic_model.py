@@ -54,8 +54,14 @@ def byte_tokenizer_json(special: tuple[str, ...] = ()) -> str:
     return json.dumps(tok)
 
 
-def write_smollm2_shaped(path: Path, embedding: GT = GT.F16, seed: int = 0, bits: float = 1.0) -> Path:
-    config = ModelConfig(**SMOLLM2_135M)
+TINY = dict(SMOLLM2_135M, n_layers=1, hidden=64, n_heads=2, n_kv_heads=1, head_dim=32, ffn=96, vocab=512,
+            context_length=256)
+
+
+def write_smollm2_shaped(path: Path, embedding: GT = GT.F16, seed: int = 0, bits: float = 1.0,
+                         shapes: dict = SMOLLM2_135M) -> Path:
+    """The random model (`shapes`: SMOLLM2_135M, or TINY to warm kernels up cheaply)."""
+    config = ModelConfig(**shapes)
     linears = [{lin: LinearPlan((rank_for_bits(*config.linear_shape(lin), bits),)) for lin in K.LINEARS}
                for _ in range(config.n_layers)]
     info = TokenizerInfo(byte_tokenizer_json(), chat_template=None, bos_id=None, eos_id=None, add_bos=False)
@@ -74,7 +80,7 @@ def write_smollm2_shaped(path: Path, embedding: GT = GT.F16, seed: int = 0, bits
                 a = pack_signs(rng.standard_normal((spec.shape[0], cols)))
             elif part == K.SCALE_OUT:
                 _, layer, linear, _, _ = spec.name.split(".")
-                n, r = config.linear_shape(linear)[1], linears[0][linear].ranks[0]
+                n, r = config.linear_shape(linear)[1], linears[int(layer)][linear].ranks[0]
                 a = (rng.uniform(0.5, 1.5, spec.shape) / np.sqrt(n * r)).astype(np.float16)
             elif spec.gtype == GT.Q8_0:
                 a = quantize((rng.standard_normal(spec.shape) * 0.05).astype(np.float32), GT.Q8_0)

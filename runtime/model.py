@@ -167,5 +167,9 @@ def _checked_table(nq: NQFile, name: str) -> np.ndarray:
     return table
 
 
-def _any_f16_nonfinite(bits: np.ndarray) -> bool:
-    return bool(((bits & np.uint16(0x7C00)) == np.uint16(0x7C00)).any())
+def _any_f16_nonfinite(bits: np.ndarray, chunk: int = 1 << 20) -> bool:
+    """Any half with an all-ones exponent (inf/NaN), checked a chunk at a time: whole-table temporaries would add
+    1.5× the table to peak memory."""
+    flat = bits.reshape(-1)
+    exponent = np.uint16(0x7C00)
+    return any(bool(((flat[i:i + chunk] & exponent) == exponent).any()) for i in range(0, flat.size, chunk))

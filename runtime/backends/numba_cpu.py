@@ -39,7 +39,6 @@ from nqfmt import FactoredLinear, NQFormatError  # noqa: E402
 
 from . import Backend, KVCache  # noqa: E402
 from . import numba_kernels as nk  # noqa: E402
-from .numba_kernels import BATCH  # noqa: E402
 
 DEFAULT_MAX_THREADS = 4
 # Below these sizes a thread launch (~3.5 µs with passive OpenMP, more on a busy machine) costs more than it saves:
@@ -53,6 +52,8 @@ class Path_:
 
     v_bytes: np.ndarray  # (r, 4·words(n)) uint8
     u_bytes: np.ndarray  # (m, 4·words(r)) uint8
+    v_words: np.ndarray  # the same signs as uint32 words (the int8 popcount kernel)
+    u_words: np.ndarray
     s_in: np.ndarray
     s_mid: np.ndarray  # ones when the file has no scale_mid
     s_out: np.ndarray
@@ -91,7 +92,8 @@ class NumbaBackend(Backend):
         self.rows = nk.PARALLEL if self.threads > 1 else nk.SERIAL
         self.exact = exact
         self._scratch_bytes = 0  # widest sign row seen (bytes), sizes the shared scratch buffers
-        self._scratch_rows = 0  # most output rows of any linear
+        self._scratch_rows = 0  # largest rank of any path
+        self._scratch: tuple[np.ndarray, ...] | None = None
 
     # --- weights ------------------------------------------------------------------------------------------------
     def prepare_linear(self, linear: FactoredLinear) -> Linear:
@@ -105,9 +107,10 @@ class NumbaBackend(Backend):
                 raise NQFormatError(f"factored linear ({linear.m}×{linear.n}, rank {r}): sign arrays have shapes "
                                     f"{v_bytes.shape}, {u_bytes.shape}")
             mid = np.ones(r, np.float32) if p.scale_mid is None else p.scale_mid.astype(np.float32)
-            paths.append(Path_(v_bytes, u_bytes, p.scale_in.astype(np.float32), mid, p.scale_out.astype(np.float32)))
+            paths.append(Path_(v_bytes, u_bytes, p.v_signs, p.u_signs, p.scale_in.astype(np.float32), mid,
+                               p.scale_out.astype(np.float32)))
             self._scratch_bytes = max(self._scratch_bytes, v_bytes.shape[1], u_bytes.shape[1])
-            self._scratch_rows = max(self._scratch_rows, r, linear.m)
+            self._scratch_rows = max(self._scratch_rows, r)
         bias = None if linear.bias is None else linear.bias.astype(np.float32)
         self._scratch = None
         lookups = sum(p.v_bytes.size + p.u_bytes.size for p in paths)
@@ -121,14 +124,14 @@ class NumbaBackend(Backend):
             return Table(gtype, table, table.view(np.int8), hidden)
         return Table(gtype, table, None, hidden)
 
-    def _buffers(self, batch: int) -> tuple[np.ndarray, ...]:
-        """Scratch for the binary linear (allocated once: per-call large allocations would page-fault each time)."""
-        if getattr(self, "_scratch", None) is None or self._scratch[0] != batch:
-            nb, rows = self._scratch_bytes, self._scratch_rows
-            self._scratch = (batch, np.zeros(8 * nb * batch, np.float32), np.zeros(256 * nb * batch, np.float32),
-                             np.zeros(8 * max(nb, (rows + 7) // 8) * batch, np.float32),
-                             np.zeros(rows * batch, np.float32))
-        return self._scratch[1:]
+    def _buffers(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Scratch of the one-token linear, allocated once for the widest linear: allocating ~200 KB per call
+        would map and page-fault fresh memory every time."""
+        if self._scratch is None:
+            nb = max(self._scratch_bytes, (self._scratch_rows + 7) // 8)
+            self._scratch = (np.zeros(8 * nb, np.float32), np.zeros(256 * nb, np.float32),
+                             np.zeros(8 * nb, np.float32))
+        return self._scratch
 
     # --- ops ----------------------------------------------------------------------------------------------------
     def embed(self, table: Table, ids: np.ndarray) -> np.ndarray:
@@ -146,16 +149,20 @@ class NumbaBackend(Backend):
         x = np.ascontiguousarray(x, dtype=np.float32)
         t = x.shape[0]
         if t == 1:
-            xs, tab, h, _ = self._buffers(1)
+            xs, tab, h = self._buffers()
             y = np.empty(w.m, np.float32)
             for i, p in enumerate(w.paths):
-                w.decode.binary_path_decode(x[0], p.s_in, p.v_bytes, p.s_mid, p.u_bytes, p.s_out, xs, tab, h, y, i > 0)
+                if self.exact:
+                    w.decode.binary_path_decode(x[0], p.s_in, p.v_bytes, p.s_mid, p.u_bytes, p.s_out, xs, tab, h, y,
+                                                i > 0)
+                else:
+                    w.decode.binary_path_decode_int8(x[0], p.s_in, p.v_words, p.s_mid, p.u_words, p.s_out,
+                                                     tab.view(np.uint32), h, y, i > 0)
             y = y.reshape(1, w.m)
         else:
-            xs, tab, h, yb = self._buffers(BATCH)
             y = np.empty((t, w.m), np.float32)
             for i, p in enumerate(w.paths):
-                self.rows.binary_path_batch(x, p.s_in, p.v_bytes, p.s_mid, p.u_bytes, p.s_out, xs, tab, h, yb, y, i > 0)
+                self.rows.binary_path_batch(x, p.s_in, p.v_bytes, p.s_mid, p.u_bytes, p.s_out, y, i > 0)
         if w.bias is not None:
             y += w.bias
         return y

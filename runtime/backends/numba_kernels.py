@@ -22,7 +22,6 @@ from llvmlite import ir
 from numba import njit, prange, types
 from numba.extending import intrinsic
 
-BATCH = 16  # tokens per lookup-table chunk in the batched (prefill) linear
 _OPTS = dict(fastmath=True, cache=True, nogil=True)
 
 
@@ -36,6 +35,18 @@ def f16_bits_to_f32(typingctx, bits):
         return builder.fpext(builder.bitcast(args[0], ir.HalfType()), ir.FloatType())
 
     return types.float32(types.uint16), codegen
+
+
+@intrinsic
+def popcount(typingctx, word):
+    """Set bits of an unsigned integer (LLVM ctpop: vpopcnt where the CPU has it)."""
+    if not isinstance(word, types.Integer) or word.signed:
+        return None
+
+    def codegen(context, builder, signature, args):
+        return builder.ctpop(args[0])
+
+    return word(word), codegen
 
 
 # --- lookup tables -------------------------------------------------------------------------------------------------
@@ -57,21 +68,41 @@ def _fill_table(xs, tab, g):
 
 
 @njit(inline="always", **_OPTS)
-def _fill_table_batch(xs, tab, g):
-    base = g * 256 * BATCH
-    for t in range(BATCH):
-        tab[base + t] = 0.0
-    for j in range(8):
-        for t in range(BATCH):
-            tab[base + t] += xs[(g * 8 + j) * BATCH + t]
-    size = 1
-    for j in range(8):
-        src = (g * 8 + j) * BATCH
-        for b in range(size):
-            dst, low = base + (size + b) * BATCH, base + b * BATCH
-            for t in range(BATCH):
-                tab[dst + t] = tab[low + t] - 2 * xs[src + t]
-        size *= 2
+def _planes(x, scale, n, words, planes):
+    """x (times `scale` unless it is empty) → u = round(127·x/absmax) + 128 as 8 bit planes, plane-major
+    (planes[p·words + word]); returns (absmax/127, Σu). Padding columns stay 0 in every plane."""
+    amax = np.float32(0.0)
+    for j in range(n):
+        v = x[j] * scale[j] if scale.shape[0] else x[j]
+        amax = max(amax, abs(v))
+    step = amax / np.float32(127.0) if amax > 0 else np.float32(1.0)
+    for k in range(words * 8):
+        planes[k] = 0
+    usum = 0
+    for j in range(n):
+        v = x[j] * scale[j] if scale.shape[0] else x[j]
+        u = np.int64(round(v / step)) + 128
+        usum += u
+        bit = np.uint32(1) << np.uint32(j % 32)
+        for p in range(8):
+            if (u >> p) & 1:
+                planes[p * words + j // 32] |= bit
+    return step, usum
+
+
+@njit(inline="always", **_OPTS)
+def _popcount_dot(words, i, nw, planes, n, usum):
+    """Σ_k sign_k·q_k of row i against the planes (q = u − 128); each plane's loop over words vectorizes."""
+    ones = np.int32(0)
+    for wd in range(nw):
+        ones += np.int32(popcount(words[i, wd]))
+    neg = 0
+    for p in range(8):
+        c = np.int32(0)
+        for wd in range(nw):
+            c += np.int32(popcount(words[i, wd] & planes[p * nw + wd]))
+        neg += np.int64(c) << p
+    return np.float32(usum - 2 * neg - 128 * (n - 2 * np.int64(ones)))
 
 
 # --- small ops -----------------------------------------------------------------------------------------------------
@@ -135,12 +166,11 @@ def embed_q8(raw, qs, ids, out):
                 out[t, b * 32 + k] = scale * np.float32(qs[row, o + 2 + k])
 
 
-# --- row-parallel kernels ------------------------------------------------------------------------------------------
-def _kernels(parallel: bool) -> SimpleNamespace:
-    """The row-parallel kernels, with `loop` = prange (parallel) or range (serial)."""
+# --- binary linear: one path, one token -----------------------------------------------------------------------------
+def _decode_kernel(parallel: bool):
+    """The one-token product, its row loops `loop` = prange (parallel) or range (serial)."""
     loop = prange if parallel else range
 
-    # --- binary linear: one path, decode (one token) -----------------------------------------------------------------
     @njit(parallel=parallel, **_OPTS)
     def binary_path_decode(x, s_in, v_bytes, s_mid, u_bytes, s_out, xs, tab, h, y, accumulate):
         """y (+)= s_out ⊙ U·(s_mid ⊙ V·(s_in ⊙ x)) for one token. xs, tab, h are scratch of at least
@@ -172,49 +202,28 @@ def _kernels(parallel: bool) -> SimpleNamespace:
             else:
                 y[i] = acc * s_out[i]
 
+    return binary_path_decode
 
-    # --- binary linear: one path, batched (prefill) ------------------------------------------------------------------
+
+_decode_serial = _decode_kernel(False)
+
+
+# --- row-parallel kernels ------------------------------------------------------------------------------------------
+def _kernels(parallel: bool) -> SimpleNamespace:
+    """The row-parallel kernels, with `loop` = prange (parallel) or range (serial)."""
+    loop = prange if parallel else range
+
     @njit(parallel=parallel, **_OPTS)
-    def binary_path_batch(x, s_in, v_bytes, s_mid, u_bytes, s_out, xs, tab, h, yb, y, accumulate):
-        """The same product for T tokens, BATCH at a time: tables hold BATCH lanes per entry, so each lookup is a
-        contiguous BATCH-wide add. Scratch: xs 8·bytes·BATCH, tab 256·bytes·BATCH, h 8·bytes(U)·BATCH, yb m·BATCH."""
-        t_all, n = x.shape
-        r, nb1 = v_bytes.shape
-        m, nb2 = u_bytes.shape
-        for c0 in range(0, t_all, BATCH):
-            tc = min(BATCH, t_all - c0)
-            for j in range(nb1 * 8):
-                for t in range(BATCH):
-                    xs[j * BATCH + t] = x[c0 + t, j] * s_in[j] if (j < n and t < tc) else 0.0
-            for g in loop(nb1):
-                _fill_table_batch(xs, tab, g)
-            for i in loop(r):
-                for t in range(BATCH):
-                    h[i * BATCH + t] = 0.0
-                for g in range(nb1):
-                    off = (g * 256 + v_bytes[i, g]) * BATCH
-                    for t in range(BATCH):
-                        h[i * BATCH + t] += tab[off + t]
-                for t in range(BATCH):
-                    h[i * BATCH + t] *= s_mid[i]
-            for j in range(r * BATCH, nb2 * 8 * BATCH):
-                h[j] = 0.0
-            for g in loop(nb2):
-                _fill_table_batch(h, tab, g)
-            for i in loop(m):
-                for t in range(BATCH):
-                    yb[i * BATCH + t] = 0.0
-                for g in range(nb2):
-                    off = (g * 256 + u_bytes[i, g]) * BATCH
-                    for t in range(BATCH):
-                        yb[i * BATCH + t] += tab[off + t]
-            for t in range(tc):
-                for i in range(m):
-                    if accumulate:
-                        y[c0 + t, i] += yb[i * BATCH + t] * s_out[i]
-                    else:
-                        y[c0 + t, i] = yb[i * BATCH + t] * s_out[i]
-
+    def binary_path_batch(x, s_in, v_bytes, s_mid, u_bytes, s_out, y, accumulate):
+        """The same product for T tokens (prefill): one token per task, each through the serial one-token kernel
+        with its own scratch (lookup tables are per input vector, so tokens share nothing but the sign rows)."""
+        t_all = x.shape[0]
+        nb = max(v_bytes.shape[1], u_bytes.shape[1])
+        for t in loop(t_all):
+            xs = np.empty(8 * nb, dtype=np.float32)
+            tab = np.empty(256 * nb, dtype=np.float32)
+            h = np.empty(8 * nb, dtype=np.float32)
+            _decode_serial(x[t], s_in, v_bytes, s_mid, u_bytes, s_out, xs, tab, h, y[t], accumulate)
 
     @njit(parallel=parallel, **_OPTS)
     def attention(q, keys, values, pos0, window, scale, softcap, out):
@@ -298,7 +307,29 @@ def _kernels(parallel: bool) -> SimpleNamespace:
                     acc += s * f16_bits_to_f32(np.uint16(raw[v, o] | (np.uint16(raw[v, o + 1]) << 8)))
                 out[t, v] = acc
 
-    return SimpleNamespace(binary_path_decode=binary_path_decode, binary_path_batch=binary_path_batch,
+    @njit(parallel=parallel, **_OPTS)
+    def binary_path_decode_int8(x, s_in, v_words, s_mid, u_words, s_out, planes, h, y, accumulate):
+        """The opt-in approximate decode product: each stage's input quantized to int8 (absmax per vector) and
+        split into 8 bit planes, so a row's dot product is popcounts (bit 1 = −1):
+        Σ_k s_k·u_k = Σ_k u_k − 2·Σ_p 2^p·popc(w & plane_p), with u = q + 128 ≥ 0 and the offset removed as
+        128·Σ_k s_k = 128·(n − 2·popc(w))."""
+        n = x.shape[0]
+        r, nw1 = v_words.shape
+        m, nw2 = u_words.shape
+        scale1, usum1 = _planes(x, s_in, n, nw1, planes)
+        for i in loop(r):
+            h[i] = _popcount_dot(v_words, i, nw1, planes, n, usum1) * scale1 * s_mid[i]
+        scale2, usum2 = _planes(h, s_out[:0], r, nw2, planes)
+        for i in loop(m):
+            v = _popcount_dot(u_words, i, nw2, planes, r, usum2) * scale2 * s_out[i]
+            if accumulate:
+                y[i] += v
+            else:
+                y[i] = v
+
+    return SimpleNamespace(binary_path_decode=_decode_serial if not parallel else _decode_kernel(True),
+                           binary_path_decode_int8=binary_path_decode_int8,
+                           binary_path_batch=binary_path_batch,
                            attention=attention, head_f16=head_f16, head_f32=head_f32, head_q8=head_q8)
 
 
