@@ -7,7 +7,7 @@ Library API
 -----------
     import runtime
 
-    m = runtime.load("model.nq")                   # backend="auto" | "numba" | "numpy" | "cuda", threads=None, n_ctx=None
+    m = runtime.load("model.nq")     # backend="auto" | "numba" | "numpy" | "cuda", threads=None, n_ctx=None
     print(m.info)                                  # architecture, sizes, bits per weight, backend (a ModelInfo)
 
     text = m.generate("The capital of France is", max_tokens=32, temperature=0)      # greedy

@@ -5,7 +5,8 @@ Before numba is imported this module picks two process-wide settings (each only 
   OpenMP's default active spin-wait made a parallel region ~1 ms on this loaded 2-core machine instead of 3.5 µs
   (passive); workqueue blocks too but costs ~30 µs per region, as much as a whole small linear.
 - the kernel cache: next to the package when that is writable (numba's default), else NUMBA_CACHE_DIR under the
-  user's cache directory ($NANOQUANT_CACHE, else $XDG_CACHE_HOME/nanoquant, as nqdata), so kernels compile once per machine either way.
+  user's cache directory ($NANOQUANT_CACHE, else $XDG_CACHE_HOME/nanoquant, as nqdata), so kernels compile once
+  per machine either way.
 """
 from __future__ import annotations
 
@@ -37,6 +38,7 @@ import numba  # noqa: E402
 
 from nqfmt import FactoredLinear, NQFormatError  # noqa: E402
 
+from ..errors import NQRunError  # noqa: E402
 from . import Backend, KVCache  # noqa: E402
 from . import numba_kernels as nk  # noqa: E402
 
@@ -47,7 +49,7 @@ PARALLEL_MIN_ATTENTION = 4096  # query × key pairs (× heads) of one attention 
 
 
 @dataclass(frozen=True)
-class Path_:
+class SignPath:
     """One binary path as the kernels read it: sign bytes (views of the file) and float32 scales."""
 
     v_bytes: np.ndarray  # (r, 4·words(n)) uint8
@@ -63,7 +65,7 @@ class Path_:
 class Linear:
     m: int
     n: int
-    paths: tuple[Path_, ...]
+    paths: tuple[SignPath, ...]
     bias: np.ndarray | None
     decode: SimpleNamespace  # the serial or parallel kernels, chosen by size for one-token products
 
@@ -86,7 +88,6 @@ class NumbaBackend(Backend):
         cores = numba.config.NUMBA_NUM_THREADS
         self.threads = min(cores, DEFAULT_MAX_THREADS) if threads is None else threads
         if not 1 <= self.threads <= cores:
-            from ..errors import NQRunError
             raise NQRunError(f"--threads {self.threads}: this machine allows 1 to {cores}")
         numba.set_num_threads(self.threads)
         self.rows = nk.PARALLEL if self.threads > 1 else nk.SERIAL
@@ -107,8 +108,8 @@ class NumbaBackend(Backend):
                 raise NQFormatError(f"factored linear ({linear.m}×{linear.n}, rank {r}): sign arrays have shapes "
                                     f"{v_bytes.shape}, {u_bytes.shape}")
             mid = np.ones(r, np.float32) if p.scale_mid is None else p.scale_mid.astype(np.float32)
-            paths.append(Path_(v_bytes, u_bytes, p.v_signs, p.u_signs, p.scale_in.astype(np.float32), mid,
-                               p.scale_out.astype(np.float32)))
+            paths.append(SignPath(v_bytes, u_bytes, p.v_signs, p.u_signs, p.scale_in.astype(np.float32), mid,
+                                  p.scale_out.astype(np.float32)))
             self._scratch_bytes = max(self._scratch_bytes, v_bytes.shape[1], u_bytes.shape[1])
             self._scratch_rows = max(self._scratch_rows, r)
         bias = None if linear.bias is None else linear.bias.astype(np.float32)
