@@ -115,3 +115,24 @@ def test_thread_counts_agree(variant_files):
         model = Model(nq, get_backend("numba", threads=threads))
         outs.append(model.forward(ids, 0, model.new_cache(), all_logits=True))
     assert close(outs[0], outs[1], 1e-5)
+
+
+def test_kernel_cache_falls_back_to_the_user_cache_dir(monkeypatch, tmp_path):
+    """With the package directory read-only, kernels are cached under $NANOQUANT_CACHE/numba instead."""
+    import numba
+
+    from runtime.backends import numba_cpu
+    monkeypatch.setenv("NUMBA_CACHE_DIR", "")  # recorded, so teardown restores whatever was there before
+    monkeypatch.delenv("NUMBA_CACHE_DIR")
+    monkeypatch.setenv("NANOQUANT_CACHE", str(tmp_path))
+    monkeypatch.setattr(numba_cpu.os, "access", lambda path, mode: False)
+    monkeypatch.setattr(numba.config, "CACHE_DIR", numba.config.CACHE_DIR)
+    numba_cpu._configure_numba()
+    assert numba.config.CACHE_DIR == str(tmp_path / "numba")
+    assert numba_cpu.os.environ["NUMBA_CACHE_DIR"] == str(tmp_path / "numba")
+
+
+def test_kernels_are_cached_on_disk():
+    from runtime.backends import numba_kernels as nk
+    for kernel in (nk.rms_norm, nk.SERIAL.binary_path_decode, nk.PARALLEL.head_f16, nk.SERIAL.binary_path_batch):
+        assert kernel._cache.__class__.__name__ == "FunctionCache"
