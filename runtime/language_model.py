@@ -56,6 +56,8 @@ class LanguageModel:
         self.file = open_nq(path)
         self.backend = get_backend(backend, threads, exact=exact)
         self.model = Model(self.file, self.backend)
+        if self.backend.jit:
+            self.model.warm_up()
         self.tokenizer = Tokenizer(self.file.tokenizer)
         self.generator = Generator(self.model, n_ctx)
         self._template = None

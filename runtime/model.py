@@ -93,6 +93,11 @@ class Model:
             raise NQRunError(f"context size {n} must be between 1 and the model's {self.config.context_length}")
         return self.backend.kv_cache(self.config, n)
 
+    def warm_up(self) -> None:
+        """One throwaway single-token step, so a JIT backend loads its compiled kernels now rather than inside the
+        first prefill (whose speed figure would otherwise mostly measure kernel loading)."""
+        self.forward(np.zeros(1, dtype=np.int64), 0, self.new_cache(1))
+
     def _rope_tables(self, positions: np.ndarray) -> dict[bool, tuple[np.ndarray, np.ndarray]]:
         tables = {}
         for local, inv in self._inv_freq.items():

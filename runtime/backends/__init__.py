@@ -51,6 +51,7 @@ class Backend(ABC):
 
     name: str
     dtype: np.dtype
+    jit: bool = False  # kernels compiled (or loaded from a disk cache) on first use
 
     # --- weights ------------------------------------------------------------------------------------------------
     @abstractmethod

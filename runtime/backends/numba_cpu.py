@@ -83,6 +83,7 @@ class Table:
 class NumbaBackend(Backend):
     name = "numba"
     dtype = np.dtype(np.float32)
+    jit = True
 
     def __init__(self, threads: int | None = None, exact: bool = True) -> None:
         cores = numba.config.NUMBA_NUM_THREADS
