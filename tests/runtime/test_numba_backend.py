@@ -18,10 +18,17 @@ def backends():
     return get_backend("numba", threads=2), get_backend("numpy")
 
 
+def readonly(a):
+    """Views of a memory-mapped file are read-only: test with the same array types, so the same compiled kernels."""
+    a.setflags(write=False)
+    return a
+
+
 def random_linear(rng, m, n, ranks, mid, bias):
     paths = []
     for r in ranks:
-        paths.append(BinaryPath(pack_signs(rng.standard_normal((r, n))), pack_signs(rng.standard_normal((m, r))),
+        paths.append(BinaryPath(readonly(pack_signs(rng.standard_normal((r, n)))),
+                                readonly(pack_signs(rng.standard_normal((m, r)))),
                                 rng.uniform(0.5, 1.5, n).astype(np.float16),
                                 rng.uniform(-1.5, 1.5, m).astype(np.float16),
                                 rng.uniform(0.5, 1.5, r).astype(np.float16) if mid else None, r))
@@ -64,6 +71,7 @@ def test_embedding_and_head(backends, gtype):
     values = rng.standard_normal((vocab, hidden)).astype(np.float32)
     table = quantize(values, GT.Q8_0) if gtype == GT.Q8_0 else values.astype(np.float16 if gtype == GT.F16 else
                                                                             np.float32)
+    table = readonly(table)
     tf, tr = fast.prepare_embedding(table, gtype, hidden), ref.prepare_embedding(table, gtype, hidden)
     ids = rng.integers(0, vocab, 11)
     np.testing.assert_array_equal(fast.embed(tf, ids), tr.rows(ids).astype(np.float32))
