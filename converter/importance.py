@@ -146,7 +146,9 @@ def collect_importance(config, embed_head: TorchModel, load_block: Callable[[int
             h = torch.cat([block(h[b]) for b in batches])
             progress(layer + 1, 2 * n)
             del block
-    grad = torch.cat([head_gradient(embed_head.head, h[b], tokens[b], total) for b in batches])
+    # one window at a time through the head: its logits (vocab-wide) dominate memory otherwise
+    grad = torch.cat([head_gradient(embed_head.head, h[i:i + 1], tokens[i:i + 1], total)
+                      for i in range(tokens.shape[0])])
     del h
     result: list[LayerImportance | None] = [None] * n
     for layer in reversed(range(n)):

@@ -377,7 +377,7 @@ def _blocks(source, base: TorchModel, windows: torch.Tensor, importance: list[La
     reporter.block(n, n)
     if recipe.model_recon:
         reporter.stage("teacher cache", 1)
-        cache = timer.run("teacher cache", teacher_cache, base.head, fp_in[:recipe.recon_samples], recipe.top_k, fb)
+        cache = timer.run("teacher cache", teacher_cache, base.head, fp_in[:recipe.recon_samples], recipe.top_k, 1)
         work.save("teacher.pt", cache)
         work.save("timings.pt", timer.seconds)
 
