@@ -43,8 +43,11 @@ from . import Backend, KVCache  # noqa: E402
 from . import numba_kernels as nk  # noqa: E402
 
 DEFAULT_MAX_THREADS = 4
-# Below these sizes a thread launch (~3.5 µs with passive OpenMP, more on a busy machine) costs more than it saves:
-PARALLEL_MIN_LOOKUPS = 48 * 1024  # sign bytes of one decode path (SmolLM2: gate/up/down are 99 K, q/o 36 K, k/v 12 K)
+# Below these sizes a thread launch costs more than it saves. Passive waiting makes each parallel region wake a
+# sleeping thread: on SmolLM2-135M (gate/up/down 99 K sign bytes, q/o 36 K, k/v 12 K) parallel decode linears made
+# 2-thread decode 40% slower than 1 thread on an idle 2-core machine, so one-token linears stay serial up to 8× that
+# size; the head (28 M weights), prefill (parallel over tokens) and long attention still use the threads.
+PARALLEL_MIN_LOOKUPS = 800 * 1024  # sign bytes of one decode path
 PARALLEL_MIN_ATTENTION = 4096  # query × key pairs (× heads) of one attention call
 
 
