@@ -84,6 +84,9 @@ class Table:
 
 
 class NumbaBackend(Backend):
+    """float32 kernels on `threads` CPU threads (numba's thread count is per process: the backend built last sets
+    it for all)."""
+
     name = "numba"
     dtype = np.dtype(np.float32)
     jit = True
