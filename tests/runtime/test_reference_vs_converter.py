@@ -2,14 +2,13 @@
 file: the two sides of the format agree on what a `.nq` file means (issue bar: 1e-3 relative)."""
 import numpy as np
 import pytest
+import torch
 
+from converter import model as converter_model
 from nqfmt import open_nq
 from runtime.backends import get_backend
 from runtime.model import Model
 from synthetic_variants import VARIANTS
-
-torch = pytest.importorskip("torch")
-converter_model = pytest.importorskip("converter.model")
 
 
 @pytest.mark.parametrize("variant", VARIANTS)

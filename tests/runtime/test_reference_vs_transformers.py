@@ -9,8 +9,6 @@ from nqfmt import open_nq
 from runtime.backends import get_backend
 from runtime.model import Model
 
-pytest.importorskip("transformers")
-
 
 @pytest.mark.parametrize("variant", HF_VARIANTS)
 def test_numpy_reference_matches_transformers(variant_files, variant):
