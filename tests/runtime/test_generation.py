@@ -133,3 +133,26 @@ def test_info(model):
     info = model.info
     assert (info.arch, info.n_layers, info.vocab, info.backend, info.threads) == ("llama", 2, 259, "numba", 1)
     assert "llama" in str(info)
+
+
+def test_stop_string_split_across_tokens_is_held_back(model):
+    """Text that may begin a stop string is not emitted until it is clear; the stop string itself never is."""
+    from runtime.generate import GenerationStats, text_pieces
+    ids = model.tokenize("abc<END>xyz")
+
+    def pieces(stop):
+        return list(text_pieces((i for i in ids), model.tokenizer, stop, GenerationStats()))
+
+    got = pieces(("<END>",))
+    assert "".join(got) == "abc" and all("<" not in p for p in got)
+    assert "".join(pieces(("<EN!",))) == "abc<END>xyz"  # a partial match that fails is released in order
+
+
+def test_repl_survives_a_turn_that_overflows_the_context(text_model_path):
+    from typer.testing import CliRunner
+
+    from runtime.cli import _app, run
+    result = CliRunner().invoke(_app(run), [str(text_model_path), "--chat", "--ctx", "40", "-n", "3",
+                                            "--temperature", "0"], input="x" * 60 + "\nhi\n")
+    assert result.exit_code == 0
+    assert "context holds 40" in result.stderr and result.stdout.count("> ") == 3
