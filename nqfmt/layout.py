@@ -8,13 +8,12 @@ import math
 from dataclasses import dataclass
 
 import numpy as np
-from gguf import GGML_QUANT_SIZES
-from gguf import GGMLQuantizationType as GT
-
 from . import keys as K
 from .config import ModelConfig
 from .errors import NQFormatError
 from .signs import words_per_row
+
+GT = K.GGMLType
 
 
 @dataclass(frozen=True)
@@ -27,7 +26,7 @@ class TensorSpec:
 
     @property
     def nbytes(self) -> int:
-        block, size = GGML_QUANT_SIZES[self.gtype]
+        block, size = K.TYPE_SIZES[self.gtype]
         return math.prod(self.shape) // block * size
 
     @property
@@ -39,7 +38,7 @@ class TensorSpec:
     def numpy_shape(self) -> tuple[int, ...]:
         """Shape of that array (Q8_0: raw bytes, 34 per block of 32)."""
         if self.gtype == GT.Q8_0:
-            block, size = GGML_QUANT_SIZES[GT.Q8_0]
+            block, size = K.TYPE_SIZES[GT.Q8_0]
             return (*self.shape[:-1], self.shape[-1] // block * size)
         return self.shape
 

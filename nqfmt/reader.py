@@ -14,15 +14,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from gguf import GGUFValueType as VT
-from gguf import GGMLQuantizationType as GT
-
 from . import keys as K
 from .config import ModelConfig
 from .errors import NQFormatError
 from .layout import LinearPlan, TensorSpec, file_specs, is_scale, is_signs, sign_columns
 from .metadata import Provenance, TokenizerInfo
 from .signs import padding_is_clear
+
+VT, GT = K.ValueType, K.GGMLType
 
 _SCALAR = {VT.UINT8: "<B", VT.INT8: "<b", VT.UINT16: "<H", VT.INT16: "<h", VT.UINT32: "<I", VT.INT32: "<i",
            VT.FLOAT32: "<f", VT.BOOL: "<?", VT.UINT64: "<Q", VT.INT64: "<q", VT.FLOAT64: "<d"}
@@ -154,6 +153,10 @@ class NQFile:
                 raise NQFormatError(f"metadata key {key!r} appears twice")
             vtype = c.scalar("<I", f"type of {key!r}")
             meta[key] = (vtype, c.value(vtype, key))
+        arch = meta.get(K.ARCH, (None, None))[1]
+        if arch != K.ARCHITECTURE:
+            raise NQFormatError(f"{self.path}: general.architecture is {arch!r}, not {K.ARCHITECTURE!r}: "
+                                f"not a NanoQuant .nq file")
         align = meta.get(K.ALIGNMENT_KEY, (None, None))[1]
         if align != K.ALIGNMENT:
             raise NQFormatError(f"metadata key {K.ALIGNMENT_KEY!r} is {align!r}, expected {K.ALIGNMENT}")
@@ -209,8 +212,6 @@ class NQFile:
             want = VT.ARRAY if spec.array else spec.vtype
             if types[key] != want:
                 raise NQFormatError(f"metadata key {key!r} has type {types[key]}, expected {want.name}")
-        if self.metadata[K.ARCH] != K.ARCHITECTURE:
-            raise NQFormatError(f"general.architecture is {self.metadata[K.ARCH]!r}, expected {K.ARCHITECTURE!r}")
         if self.metadata[K.VERSION] != K.FORMAT_VERSION:
             raise NQFormatError(f"format version {self.metadata[K.VERSION]} not supported "
                                 f"(this reader reads version {K.FORMAT_VERSION})")

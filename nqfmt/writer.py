@@ -11,8 +11,7 @@ import zlib
 from pathlib import Path
 
 import numpy as np
-from gguf import GGUFValueType as VT
-from gguf import GGUFWriter
+from gguf import GGMLQuantizationType, GGUFValueType, GGUFWriter
 
 from . import keys as K
 from .config import ModelConfig
@@ -55,7 +54,7 @@ class NQWriter:
                 self._add_kv(spec, meta[key])
         for spec in self.plan + [self._checksum_spec]:
             self._gw.add_tensor_info(spec.name, spec.numpy_shape, spec.numpy_dtype if spec.gtype != K.SIGN_TYPE
-                                     else np.dtype(np.int32), spec.nbytes, raw_dtype=spec.gtype)
+                                     else np.dtype(np.int32), spec.nbytes, raw_dtype=GGMLQuantizationType(spec.gtype))
         try:
             self._gw.write_header_to_file()
             self._gw.write_kv_data_to_file()
@@ -66,11 +65,12 @@ class NQWriter:
             raise NQFormatError(f"cannot write {self.partial}: {e.strerror}") from e
 
     def _add_kv(self, spec: K.KeySpec, value: object) -> None:
+        vtype = GGUFValueType(spec.vtype)
         if spec.array:
-            self._gw.add_key_value(spec.key, [bool(v) for v in value], VT.ARRAY, sub_type=spec.vtype)
+            self._gw.add_key_value(spec.key, [bool(v) for v in value], GGUFValueType.ARRAY, sub_type=vtype)
         else:
-            conv = {VT.STRING: str, VT.BOOL: bool, VT.FLOAT32: float}.get(spec.vtype, int)
-            self._gw.add_key_value(spec.key, conv(value), spec.vtype)
+            conv = {GGUFValueType.STRING: str, GGUFValueType.BOOL: bool, GGUFValueType.FLOAT32: float}.get(vtype, int)
+            self._gw.add_key_value(spec.key, conv(value), vtype)
 
     def _crc_of_header(self) -> int:
         """CRC32 of every byte before the data section, alignment padding included (the padding is zeros)."""

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-from gguf import GGMLQuantizationType as GT
+from nqfmt.keys import GGMLType as GT
 
 from nqfmt import ModelConfig, NQFile, NQFormatError
 from nqfmt import keys as K

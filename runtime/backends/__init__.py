@@ -15,7 +15,7 @@ from abc import ABC, abstractmethod
 from typing import Any
 
 import numpy as np
-from gguf import GGMLQuantizationType as GT
+from nqfmt.keys import GGMLType as GT
 
 from nqfmt import FactoredLinear, ModelConfig
 

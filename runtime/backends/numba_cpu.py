@@ -17,7 +17,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
-from gguf import GGMLQuantizationType as GT
+from nqfmt.keys import GGMLType as GT
 
 
 def _configure_numba() -> None:

@@ -5,8 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
-from gguf import GGMLQuantizationType as GT
-from gguf.quants import dequantize
+from nqfmt.keys import GGMLType as GT
+from nqfmt.q8_0 import dequantize_q8_0
 
 from nqfmt import FactoredLinear, unpack_signs
 
@@ -22,10 +22,10 @@ class Embedding:
     hidden: int
 
     def rows(self, ids: np.ndarray) -> np.ndarray:
-        """Rows `ids` as float64 (Q8_0 through gguf's reference dequantizer)."""
+        """Rows `ids` as float64 (Q8_0 through nqfmt's reference dequantizer)."""
         raw = self.table[ids]
         if self.gtype == GT.Q8_0:
-            return dequantize(raw, GT.Q8_0).astype(np.float64).reshape(len(ids), self.hidden)
+            return dequantize_q8_0(raw).astype(np.float64).reshape(len(ids), self.hidden)
         return raw.astype(np.float64)
 
 

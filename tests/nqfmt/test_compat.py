@@ -52,3 +52,29 @@ def test_nqfmt_never_imports_torch():
     code = "import nqfmt, nqfmt.cli, nqdata, sys; print(any(m in sys.modules for m in ('torch', 'transformers')))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "False"
+
+
+def test_own_type_enums_equal_the_gguf_package():
+    import gguf
+
+    from nqfmt.keys import TYPE_SIZES, GGMLType, ValueType
+    assert {v.name: int(v) for v in ValueType} == {v.name: int(v) for v in gguf.GGUFValueType}
+    for t in GGMLType:
+        assert int(gguf.GGMLQuantizationType[t.name]) == int(t)
+        assert TYPE_SIZES[t] == gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType[t.name]]
+
+
+def test_q8_0_reference_equals_gguf_dequantizer():
+    from gguf import GGMLQuantizationType
+    from gguf.quants import dequantize, quantize
+
+    from nqfmt.q8_0 import dequantize_q8_0
+    x = np.random.default_rng(1).standard_normal((7, 96)).astype(np.float32)
+    raw = quantize(x, GGMLQuantizationType.Q8_0)
+    np.testing.assert_array_equal(dequantize_q8_0(raw), dequantize(raw, GGMLQuantizationType.Q8_0))
+
+
+def test_reading_never_imports_gguf():
+    code = "import nqfmt, nqfmt.cli, sys; nqfmt.open_nq; print('gguf' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "False"
