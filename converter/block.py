@@ -8,7 +8,6 @@ by (seed, layer, stage), so a resumed run replays exactly what an uninterrupted 
 """
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -22,8 +21,8 @@ from .admm import AdmmSettings, lb_admm
 from .factored import BinaryFactoredLinear
 from .importance import LayerImportance
 from .model import DecoderBlock
+from .optim import Report, adam_cosine
 
-Report = Callable[[int, int, float], None]  # (step, steps, loss)
 
 
 @dataclass(frozen=True)
@@ -52,43 +51,14 @@ def weighted_mse(pred: torch.Tensor, target: torch.Tensor, weight: torch.Tensor)
     return ((pred - target).pow(2) * weight).mean()
 
 
-def cosine_lr(base: float, step: int, steps: int, floor: float = 1e-2) -> float:
-    """Cosine decay from `base` to floor·base over `steps`."""
-    t = min(step / max(steps, 1), 1.0)
-    return base * (floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * t)))
-
-
 def tune(block: nn.Module, groups: list[dict], inputs: torch.Tensor, targets: torch.Tensor, weight: torch.Tensor,
          settings: TuneSettings, seed: int, report: Report) -> float:
     """Minimise the weighted MSE of block(inputs) to targets over the parameter groups; returns the last epoch's mean
     loss. Each group's lr follows its own cosine schedule from the group's `lr`."""
     if settings.epochs <= 0 or not groups:
         return float("nan")
-    for g in groups:
-        g["base_lr"] = g["lr"]
-    opt = torch.optim.Adam(groups, betas=(0.9, 0.99), eps=1e-8)
-    gen = torch.Generator().manual_seed(seed)
-    n = inputs.shape[0]
-    per_epoch = math.ceil(n / settings.batch)
-    steps, step, epoch_loss = settings.epochs * per_epoch, 0, float("nan")
-    for _ in range(settings.epochs):
-        order = torch.randperm(n, generator=gen)
-        total = 0.0
-        for i in range(0, n, settings.batch):
-            idx = order[i:i + settings.batch]
-            for g in opt.param_groups:
-                g["lr"] = cosine_lr(g["base_lr"], step, steps)
-            loss = weighted_mse(block(inputs[idx]), targets[idx], weight)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            step += 1
-            value = loss.item()
-            total += value * len(idx)
-            report(step, steps, value)
-        epoch_loss = total / n
-    opt.zero_grad(set_to_none=True)
-    return epoch_loss
+    return adam_cosine(groups, inputs.shape[0], settings.batch, settings.epochs, seed,
+                       lambda idx: weighted_mse(block(inputs[idx]), targets[idx], weight), report)
 
 
 def mitigate_errors(block: DecoderBlock, inputs: torch.Tensor, targets: torch.Tensor, weight: torch.Tensor,

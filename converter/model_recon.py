@@ -16,8 +16,9 @@ from dataclasses import dataclass
 
 import torch
 
-from .block import cosine_lr, factored_linears
+from .block import factored_linears
 from .model import TorchModel
+from .optim import Report, adam_cosine
 
 TOP_K = 64
 
@@ -67,7 +68,7 @@ def scale_parameters(model: TorchModel) -> list[torch.nn.Parameter]:
 
 
 def reconstruct(model: TorchModel, tokens: torch.Tensor, cache: TeacherCache, epochs: int, batch: int,
-                lr: float, seed: int, report: Callable[[int, int, float], None]) -> float:
+                lr: float, seed: int, report: Report) -> float:
     """Adam(0.9, 0.99) with cosine decay on the scales only (each at lr × its mean |value|), batches of windows in a
     seeded order; everything else is frozen. Returns the last epoch's mean loss."""
     scales = scale_parameters(model)
@@ -75,27 +76,6 @@ def reconstruct(model: TorchModel, tokens: torch.Tensor, cache: TeacherCache, ep
     for p in frozen:
         p.requires_grad_(False)
     groups = [{"params": [s], "lr": lr * float(s.detach().abs().mean())} for s in scales]
-    for g in groups:
-        g["base_lr"] = g["lr"]
-    opt = torch.optim.Adam(groups, betas=(0.9, 0.99), eps=1e-8)
-    gen = torch.Generator().manual_seed(seed)
-    n = tokens.shape[0]
-    steps, step, epoch_loss = epochs * math.ceil(n / batch), 0, float("nan")
-    for _ in range(epochs):
-        order = torch.randperm(n, generator=gen)
-        total = 0.0
-        for i in range(0, n, batch):
-            idx = order[i:i + batch]
-            for g in opt.param_groups:
-                g["lr"] = cosine_lr(g["base_lr"], step, steps)
-            loss = coarse_kl(model(tokens[idx]), cache.logp[idx], cache.ids[idx], cache.log_tail[idx])
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            step += 1
-            value = loss.item()
-            total += value * len(idx)
-            report(step, steps, value)
-        epoch_loss = total / n
-    opt.zero_grad(set_to_none=True)
-    return epoch_loss
+    return adam_cosine(groups, tokens.shape[0], batch, epochs, seed,
+                       lambda idx: coarse_kl(model(tokens[idx]), cache.logp[idx], cache.ids[idx], cache.log_tail[idx]),
+                       report)
