@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from typing import Generator, Iterator
+from typing import Iterator
 
 import numpy as np
 
@@ -134,7 +134,7 @@ class Generator:
             logits = self.step(token)
 
 
-def text_pieces(tokens: Generator[int, None, None], tokenizer: Tokenizer, stop: tuple[str, ...],
+def text_pieces(tokens: Iterator[int], tokenizer: Tokenizer, stop: tuple[str, ...],
                 stats: GenerationStats) -> Iterator[str]:
     """Generated text as it becomes final: text that might be the start of a stop string is held back until it
     is clear; a stop string ends the generation and is not part of the output."""
