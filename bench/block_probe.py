@@ -1,0 +1,121 @@
+"""Block-stage probe: quantize only the first N blocks of the default model with a variant of the quick recipe (the
+rest stay full precision) and measure perplexity on a few test windows — minutes per variant instead of a whole
+conversion, so the block stage's settings can be compared side by side.
+
+    PYTHONPATH=. nice python bench/block_probe.py --blocks 4 base epochs=8 dout=0 samples=256,epochs=2
+
+Each positional argument is a variant: comma-separated overrides of epochs, batch, lr, scale_lr, samples, admm
+(iterations), mitigation (0/1), dout (0/1: output-side preconditioner), din (0/1), cw (0/1: channel-weighted loss);
+"base" is the quick preset unchanged. One JSON line per variant is appended to bench/results/block-probe.jsonl.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+from torch.nn import functional as F
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from bench.quality import RESULTS, git_commit, machine, test_text
+from converter import block as B
+from converter.admm import AdmmSettings
+from converter.calibration import calibration_windows, default_calibration_text
+from converter.importance import LayerImportance, collect_importance
+from converter.model import DecoderBlock, TorchModel
+from converter.pipeline import PRESETS, skeleton
+from converter.sources import open_source
+
+DEFAULTS = {"epochs": None, "batch": None, "lr": None, "scale_lr": None, "samples": None, "admm": None,
+            "mitigation": 1, "dout": 1, "din": 1, "cw": 1}
+
+
+def parse_variant(text: str) -> dict:
+    """'epochs=8,dout=0' → overrides; unknown keys are an error (a typo must not silently probe the baseline)."""
+    out = dict(DEFAULTS)
+    if text == "base":
+        return out
+    for item in text.split(","):
+        key, _, value = item.partition("=")
+        if key not in DEFAULTS or not value:
+            raise SystemExit(f"bad variant item {item!r}; keys: {', '.join(DEFAULTS)}")
+        out[key] = float(value) if key in ("lr", "scale_lr") else int(value)
+    return out
+
+
+def ones_where(imp: LayerImportance, v: dict) -> LayerImportance:
+    """The layer's preconditioners with the switched-off ones replaced by 1."""
+    keep = lambda d, on: {k: (x if on else torch.ones_like(x)) for k, x in d.items()}  # noqa: E731
+    cw = imp.channel_weight if v["cw"] else torch.ones_like(imp.channel_weight)
+    return LayerImportance(keep(imp.d_in, v["din"]), keep(imp.d_out, v["dout"]), cw)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("variants", nargs="+")
+    ap.add_argument("--blocks", type=int, default=4)
+    ap.add_argument("--windows", type=int, default=4, help="2048-token test windows for perplexity")
+    ap.add_argument("--bits", type=float, default=1.0)
+    args = ap.parse_args()
+    variants = [(name, parse_variant(name)) for name in args.variants]
+
+    recipe = PRESETS["quick"]
+    src = open_source("smollm2-135m")
+    c = src.config
+    max_samples = max(v["samples"] or recipe.samples for _, v in variants)
+    win = calibration_windows(src.hf_tokenizer(), [default_calibration_text()], max_samples, recipe.seqlen, 0)
+    base = skeleton(src)
+    stats = collect_importance(c, base, lambda i: DecoderBlock(c, i, src.block_weights(i)),
+                               win[:recipe.stat_samples], recipe.shrinkage, recipe.forward_batch, None)
+    ids = src.hf_tokenizer().encode(test_text().read_text(encoding="utf-8"), add_special_tokens=False).ids
+    ev = torch.tensor(ids[:args.windows * 2048]).view(args.windows, 2048)
+    fp_blocks = [DecoderBlock(c, i, src.block_weights(i)) for i in range(c.n_layers)]
+
+    @torch.no_grad()
+    def ppl(blocks: list) -> float:
+        m = TorchModel(c, base.token_embd, blocks, base.output_norm.weight, None)
+        return math.exp(sum(float(F.cross_entropy(m(w[None])[0][:-1], w[1:])) for w in ev) / len(ev))
+
+    fp_ppl = ppl(fp_blocks)
+    for name, v in variants:
+        t = time.perf_counter()
+        refine = dataclasses.replace(recipe.refinement, **{k: v[k] for k in ("epochs", "batch", "lr", "scale_lr")
+                                                           if v[k] is not None})
+        admm = AdmmSettings(iterations=v["admm"]) if v["admm"] else recipe.admm
+        samples = v["samples"] or recipe.samples
+        fp_in = B.block_outputs(base.embed, win[:samples], 8)
+        q_in = fp_in.clone()
+        qblocks, loss = [], float("nan")
+        for layer in range(args.blocks):
+            blk = DecoderBlock(c, layer, src.block_weights(layer))
+            imp = ones_where(stats[layer], v)
+            targets = B.block_outputs(blk, fp_in, 8)
+            if v["mitigation"]:
+                B.mitigate_errors(blk, q_in, targets, imp.channel_weight, recipe.mitigation, B.stage_seed(0, layer, 1),
+                                  lambda *a: None)
+            B.factorize(blk, B.block_ranks(c, args.bits), imp, admm, 0)
+            if refine.epochs:
+                loss = B.refine(blk, q_in, targets, imp.channel_weight, refine, B.stage_seed(0, layer, 2),
+                                lambda *a: None)
+            B.freeze(blk)
+            q_in, fp_in = B.block_outputs(blk, q_in, 8), targets
+            qblocks.append(blk)
+        record = {"commit": git_commit(), "machine": machine(), "load_average": os.getloadavg(), "variant": name,
+                  "settings": v, "blocks": args.blocks, "windows": args.windows, "bits": args.bits,
+                  "ppl_fp32": fp_ppl, "ppl": ppl(qblocks + fp_blocks[args.blocks:]), "last_block_loss": loss,
+                  "seconds": time.perf_counter() - t}
+        with open(RESULTS / "block-probe.jsonl", "a") as f:
+            f.write(json.dumps(record) + "\n")
+        print(json.dumps(record), flush=True)
+
+
+if __name__ == "__main__":
+    main()
