@@ -75,19 +75,22 @@ class Recipe:
 
 
 PRESETS: dict[str, Recipe] = {
-    # ~20 min for SmolLM2-135M on an idle 2-core machine. Measured with the first 4 blocks quantized (rest full
-    # precision, ppl on 4 test windows, FP 20.56): refinement epochs on 128 × 256 tokens at batch 4 gave 1: 64.7,
-    # 2: 47.6, 4: 37.4, 8: 33.1; 4 epochs at batch 2 gave 34.4 for ~4.5 s per block-epoch — the block stage is
-    # where time buys quality. ADMM iterations beyond ~60 buy little (100 → 200: −3%, clarifications §10).
+    # ~25 min for SmolLM2-135M on an idle 2-core machine. Block stage: with the first 4 blocks quantized (rest full
+    # precision, ppl on 4 test windows, FP 20.56), refinement epochs on 128 × 256 tokens at batch 4 gave 1: 64.7,
+    # 2: 47.6, 4: 37.4, 8: 33.1 — the block stage is where time buys quality (4 epochs at batch 2: 954 s for the
+    # whole model without distillation, ppl 8.08× FP). Distillation from that model (bench/recon_probe.py, 128
+    # windows, 2 epochs at batch 1): lr 2e-3 → 5.19×, 5e-3 → 5.09×, 2e-2 → 5.79×. ADMM iterations beyond ~60 buy
+    # little (100 → 200: −3%, clarifications §10).
     "quick": Recipe(samples=128, seqlen=256, stat_samples=32, shrinkage=0.4, admm=AdmmSettings(iterations=60),
                     mitigation=B.TuneSettings(epochs=1, batch=4, lr=1e-4, scale_lr=0.0),
-                    refinement=B.TuneSettings(epochs=4, batch=2, lr=3e-2, scale_lr=2e-2),
-                    recon_samples=64, recon_epochs=1, recon_batch=1, recon_lr=2e-2),
-    # Twice the calibration tokens, more refinement and distillation: about 45 min idle, within the 2 h bar.
+                    refinement=B.TuneSettings(epochs=5, batch=2, lr=3e-2, scale_lr=2e-2),
+                    recon_samples=128, recon_epochs=3, recon_batch=1, recon_lr=5e-3),
+    # Twice the calibration tokens, more refinement and distillation: about 65 min idle (estimated from quick's
+    # per-step costs, not yet run), within the 2 h bar.
     "standard": Recipe(samples=256, seqlen=256, stat_samples=64, shrinkage=0.4, admm=AdmmSettings(iterations=100),
                        mitigation=B.TuneSettings(epochs=1, batch=4, lr=1e-4, scale_lr=0.0),
                        refinement=B.TuneSettings(epochs=6, batch=2, lr=3e-2, scale_lr=2e-2),
-                       recon_samples=256, recon_epochs=2, recon_batch=2, recon_lr=2e-2),
+                       recon_samples=256, recon_epochs=2, recon_batch=1, recon_lr=5e-3),
 }
 
 
