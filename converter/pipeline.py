@@ -75,11 +75,11 @@ class Recipe:
 
 
 PRESETS: dict[str, Recipe] = {
-    # ~25 min for SmolLM2-135M on an idle 2-core machine. Block stage: with the first 4 blocks quantized (rest full
-    # precision, ppl on 4 test windows, FP 20.56), refinement epochs on 128 × 256 tokens at batch 4 gave 1: 64.7,
-    # 2: 47.6, 4: 37.4, 8: 33.1 — the block stage is where time buys quality (4 epochs at batch 2: 954 s for the
-    # whole model without distillation, ppl 8.08× FP). Distillation from that model (bench/recon_probe.py, 128
-    # windows, 2 epochs at batch 1): lr 2e-3 → 5.19×, 5e-3 → 5.09×, 2e-2 → 5.79×. ADMM iterations beyond ~60 buy
+    # 27 min for SmolLM2-135M on an idle 2-core machine (5.27× FP ppl). Block stage: with the first 4 blocks
+    # quantized (rest full precision, ppl on 4 test windows, FP 20.56), refinement epochs on 128 × 256 tokens at
+    # batch 4 gave 1: 64.7, 2: 47.6, 4: 37.4, 8: 33.1 — time spent there buys quality (4 epochs at batch 2: 954 s
+    # for the whole model without distillation, 8.08×). Distillation from that model (bench/recon_probe.py, 128
+    # windows × 2 epochs, batch 1): lr 2e-3 → 5.19×, 5e-3 → 5.09×, 2e-2 → 5.79×. ADMM iterations beyond ~60 buy
     # little (100 → 200: −3%, clarifications §10).
     "quick": Recipe(samples=128, seqlen=256, stat_samples=32, shrinkage=0.4, admm=AdmmSettings(iterations=60),
                     mitigation=B.TuneSettings(epochs=1, batch=4, lr=1e-4, scale_lr=0.0),
