@@ -13,19 +13,17 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import math
 import os
 import sys
 import time
 from pathlib import Path
 
 import torch
-from torch.nn import functional as F
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench.quality import RESULTS, git_commit, machine, test_text
+from bench.quality import RESULTS, eval_windows, git_commit, machine, perplexity, test_text
 from converter import block as B
 from converter.admm import AdmmSettings
 from converter.calibration import calibration_windows, default_calibration_text
@@ -75,14 +73,11 @@ def main() -> None:
     base = skeleton(src)
     stats = collect_importance(c, base, lambda i: DecoderBlock(c, i, src.block_weights(i)),
                                win[:recipe.stat_samples], recipe.shrinkage, recipe.forward_batch, None)
-    ids = src.hf_tokenizer().encode(test_text().read_text(encoding="utf-8"), add_special_tokens=False).ids
-    ev = torch.tensor(ids[:args.windows * 2048]).view(args.windows, 2048)
+    ev = eval_windows(src, test_text(), args.windows)
     fp_blocks = [DecoderBlock(c, i, src.block_weights(i)) for i in range(c.n_layers)]
 
-    @torch.no_grad()
     def ppl(blocks: list) -> float:
-        m = TorchModel(c, base.token_embd, blocks, base.output_norm.weight, None)
-        return math.exp(sum(float(F.cross_entropy(m(w[None])[0][:-1], w[1:])) for w in ev) / len(ev))
+        return perplexity(TorchModel(c, base.token_embd, blocks, base.output_norm.weight, None), ev)
 
     fp_ppl = ppl(fp_blocks)
     for name, v in variants:
