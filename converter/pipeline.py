@@ -73,24 +73,31 @@ class Recipe:
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), sort_keys=True, separators=(",", ":"))
 
+    @property
+    def windows(self) -> int:
+        """Calibration windows to draw: the block stage tunes on the first `samples`; distillation may use more
+        distinct windows (measured: 256 windows × 1 epoch beat 128 × 2), whose full-precision trajectory is carried
+        through the blocks as the teacher's input."""
+        return max(self.samples, self.recon_samples) if self.model_recon else self.samples
+
 
 PRESETS: dict[str, Recipe] = {
-    # 27 min for SmolLM2-135M on an idle 2-core machine (5.27× FP ppl). Block stage: with the first 4 blocks
-    # quantized (rest full precision, ppl on 4 test windows, FP 20.56), refinement epochs on 128 × 256 tokens at
-    # batch 4 gave 1: 64.7, 2: 47.6, 4: 37.4, 8: 33.1 — time spent there buys quality (4 epochs at batch 2: 954 s
-    # for the whole model without distillation, 8.08×). Distillation from that model (bench/recon_probe.py, 128
-    # windows × 2 epochs, batch 1): lr 2e-3 → 5.19×, 5e-3 → 5.09×, 2e-2 → 5.79×. ADMM iterations beyond ~60 buy
-    # little (100 → 200: −3%, clarifications §10).
+    # SmolLM2-135M on an idle 2-core machine, measured piecewise (bench/results): the blocks with 4 refinement
+    # epochs and no distillation take 954 s (8.08× FP ppl); distillation from them on 512 distinct windows × 1
+    # epoch takes 473 s and reaches 4.35× (256 × 1: 4.65×, 128 × 2: 5.09× — distinct windows beat passes over
+    # the same ones). Block stage: with the first 4 blocks quantized (rest FP, ppl on 4 test windows, FP 20.56),
+    # refinement epochs at batch 4 gave 1: 64.7, 2: 47.6, 4: 37.4, 8: 33.1. Distillation lr (128 × 2): 2e-3 →
+    # 5.19×, 5e-3 → 5.09×, 2e-2 → 5.79×. ADMM iterations beyond ~60 buy little (100 → 200: −3%, clarifications §10).
     "quick": Recipe(samples=128, seqlen=256, stat_samples=32, shrinkage=0.4, admm=AdmmSettings(iterations=60),
                     mitigation=B.TuneSettings(epochs=1, batch=4, lr=1e-4, scale_lr=0.0),
-                    refinement=B.TuneSettings(epochs=5, batch=2, lr=3e-2, scale_lr=2e-2),
-                    recon_samples=128, recon_epochs=3, recon_batch=1, recon_lr=5e-3),
-    # Twice the calibration tokens, more refinement and distillation: about 65 min idle (estimated from quick's
-    # per-step costs, not yet run), within the 2 h bar.
+                    refinement=B.TuneSettings(epochs=4, batch=2, lr=3e-2, scale_lr=2e-2),
+                    recon_samples=512, recon_epochs=1, recon_batch=1, recon_lr=5e-3),
+    # Twice the block-stage windows, 6 refinement epochs, 100 ADMM iterations, distillation on 1024 distinct
+    # windows: about 65 min idle by quick's per-step costs, within the 2 h bar.
     "standard": Recipe(samples=256, seqlen=256, stat_samples=64, shrinkage=0.4, admm=AdmmSettings(iterations=100),
                        mitigation=B.TuneSettings(epochs=1, batch=4, lr=1e-4, scale_lr=0.0),
                        refinement=B.TuneSettings(epochs=6, batch=2, lr=3e-2, scale_lr=2e-2),
-                       recon_samples=256, recon_epochs=2, recon_batch=1, recon_lr=5e-3),
+                       recon_samples=1024, recon_epochs=1, recon_batch=1, recon_lr=5e-3),
 }
 
 
@@ -118,9 +125,11 @@ class Options:
         r = PRESETS[self.preset]
         over = dict(error_mitigation=self.error_mitigation, refine=self.refine, model_recon=self.model_recon)
         if self.samples is not None:
+            if self.samples < 1:
+                raise ConversionError(f"--samples must be at least 1, got {self.samples}")
             over["samples"] = self.samples
             over["stat_samples"] = min(r.stat_samples, self.samples)
-            over["recon_samples"] = min(r.recon_samples, self.samples)
+            over["recon_samples"] = max(1, round(r.recon_samples * self.samples / r.samples))
         if self.seqlen is not None:
             over["seqlen"] = self.seqlen
         return dataclasses.replace(r, **over)
@@ -290,7 +299,7 @@ def convert(options: Options, reporter: Reporter | None = None) -> Summary:
 
     calib = list(options.calib) or [default_calibration_text()]
     reporter.stage("calibration", 1)
-    windows = timer.run("calibration", calibration_windows, source.hf_tokenizer(), calib, recipe.samples,
+    windows = timer.run("calibration", calibration_windows, source.hf_tokenizer(), calib, recipe.windows,
                         recipe.seqlen, options.seed)
     calib_sha = windows_sha256(windows)
     fingerprint = hashlib.sha256(json.dumps([source.sha256, options.bits, recipe.to_json(), options.seed, calib_sha,
@@ -339,7 +348,10 @@ def _importance(source, base: TorchModel, windows: torch.Tensor, recipe: Recipe,
 def _blocks(source, base: TorchModel, windows: torch.Tensor, importance: list[LayerImportance],
             ranks: dict[str, int], recipe: Recipe, seed: int, work: WorkDir, timer: Timer,
             reporter: Reporter) -> None:
-    """Quantize every block not yet checkpointed; leaves block-i.pt files and, at the end, the teacher cache."""
+    """Quantize every block not yet checkpointed; leaves block-i.pt files and, at the end, the teacher cache.
+
+    The full-precision trajectory `fp_in` runs over all `windows` (the teacher's inputs for distillation); the
+    quantized trajectory `q_in` and the tuning only over the first `recipe.samples`."""
     config = source.config
     n = config.n_layers
     boundary = work.load("boundary.pt") if work.has("boundary.pt") else None
@@ -350,7 +362,7 @@ def _blocks(source, base: TorchModel, windows: torch.Tensor, importance: list[La
         fp_in, q_in = boundary["fp"], boundary["q"]
     else:
         fp_in = B.block_outputs(base.embed, windows, recipe.forward_batch)
-        q_in = fp_in.clone()
+        q_in = fp_in[:recipe.samples].clone()
     del boundary
     fb = recipe.forward_batch
     for layer in range(start, n):
@@ -360,15 +372,16 @@ def _blocks(source, base: TorchModel, windows: torch.Tensor, importance: list[La
         reporter.block(layer, n)
         targets = timer.run("targets", B.block_outputs, blk, fp_in, fb)
         del fp_in
+        tune_targets = targets[:recipe.samples]
         if recipe.error_mitigation:
             reporter.stage("error mitigation", 0)
-            timer.run("error mitigation", B.mitigate_errors, blk, q_in, targets, w, recipe.mitigation,
+            timer.run("error mitigation", B.mitigate_errors, blk, q_in, tune_targets, w, recipe.mitigation,
                       B.stage_seed(seed, layer, 1), reporter.update)
         reporter.stage("LB-ADMM", len(K.LINEARS))
         timer.run("admm", B.factorize, blk, ranks, imp, recipe.admm, seed, lambda i, k: reporter.advance(i))
         if recipe.refine:
             reporter.stage("refinement", 0)
-            timer.run("refinement", B.refine, blk, q_in, targets, w, recipe.refinement, B.stage_seed(seed, layer, 2),
+            timer.run("refinement", B.refine, blk, q_in, tune_targets, w, recipe.refinement, B.stage_seed(seed, layer, 2),
                       reporter.update)
         B.freeze(blk)
         q_out = timer.run("forward", B.block_outputs, blk, q_in, fb)

@@ -2,6 +2,7 @@
 rank rule, and resume after an interruption."""
 import dataclasses
 import random
+from pathlib import Path
 
 import pytest
 import torch
@@ -129,7 +130,47 @@ def test_max_bits_is_one_full_rank_path(tmp_path, tiny_preset):
 
 def test_presets_are_consistent():
     for name, recipe in P.PRESETS.items():
-        assert recipe.stat_samples <= recipe.samples and recipe.recon_samples <= recipe.samples, name
+        assert recipe.stat_samples <= recipe.samples <= recipe.windows, name
+        assert recipe.windows == max(recipe.samples, recipe.recon_samples), name
     quick, standard = P.PRESETS["quick"], P.PRESETS["standard"]
     assert standard.samples * standard.seqlen >= quick.samples * quick.seqlen
     assert dataclasses.asdict(quick) != dataclasses.asdict(standard)
+
+
+def test_distillation_windows_beyond_the_block_stage(tmp_path, tiny_preset, monkeypatch):
+    """recon_samples > samples: the blocks are tuned on the same first `samples` windows as before (identical block
+    files), and the teacher cache and the distillation cover all recon_samples windows."""
+    hf_tiny.save("llama", tmp_path / "src")
+    saved: dict[str, dict] = {}
+    save = P.WorkDir.save
+
+    def spy(self, name, obj):
+        saved.setdefault(self.path.name, {})[name] = obj
+        save(self, name, obj)
+
+    monkeypatch.setattr(P.WorkDir, "save", spy)
+    distilled = []
+    reconstruct = P.reconstruct
+    monkeypatch.setattr(P, "reconstruct", lambda model, tokens, *a: distilled.append(tokens) or reconstruct(
+        model, tokens, *a))
+    run(tmp_path, tmp_path / "src", "few.nq")
+    monkeypatch.setitem(P.PRESETS, "tiny", dataclasses.replace(TINY, recon_samples=9))
+    run(tmp_path, tmp_path / "src", "many.nq")
+    few, many = saved["few.nq.work"], saved["many.nq.work"]
+    for layer in range(2):
+        a, b = few[f"block-{layer:03d}.pt"], many[f"block-{layer:03d}.pt"]
+        assert all(torch.equal(a[lin][k], b[lin][k]) for lin in a for k in ("u", "v", "scale_in", "scale_out"))
+    assert many["boundary.pt"]["fp"].shape[0] == 9 and many["boundary.pt"]["q"].shape[0] == TINY.samples
+    assert many["teacher.pt"].logp.shape[0] == 9 and few["teacher.pt"].logp.shape[0] == TINY.recon_samples
+    assert [t.shape[0] for t in distilled] == [TINY.recon_samples, 9]
+    assert torch.equal(distilled[1][:TINY.recon_samples], distilled[0])
+    assert torch.allclose(many["teacher.pt"].logp[:TINY.recon_samples], few["teacher.pt"].logp)
+
+
+def test_samples_override_keeps_the_presets_distillation_ratio():
+    quick = P.PRESETS["quick"]
+    recipe = P.Options(model="m", out=Path("o.nq"), samples=quick.samples // 2).recipe()
+    assert recipe.samples == quick.samples // 2
+    assert recipe.recon_samples == round(quick.recon_samples / 2)
+    with pytest.raises(P.ConversionError, match="--samples"):
+        P.Options(model="m", out=Path("o.nq"), samples=0).recipe()
