@@ -82,22 +82,22 @@ class Recipe:
 
 
 PRESETS: dict[str, Recipe] = {
-    # SmolLM2-135M on an idle 2-core machine, measured piecewise (bench/results): the blocks with 4 refinement
-    # epochs and no distillation take 954 s (8.08× FP ppl); distillation from them on 512 distinct windows × 1
-    # epoch takes 473 s and reaches 4.35× (256 × 1: 4.65×, 128 × 2: 5.09× — distinct windows beat passes over
-    # the same ones). Block stage: with the first 4 blocks quantized (rest FP, ppl on 4 test windows, FP 20.56),
+    # 24.2 min for SmolLM2-135M on an idle 2-core machine, 4.33× FP ppl. Measured piecewise first: the blocks with
+    # 4 refinement epochs and no distillation take 954 s (8.08×); distillation from them on 512 distinct windows
+    # × 1 epoch takes 473 s and reaches 4.35× (256 × 1: 4.65×, 128 × 2: 5.09× — distinct windows beat passes
+    # over the same ones). Block stage: with the first 4 blocks quantized (rest FP, ppl on 4 test windows, FP 20.56),
     # refinement epochs at batch 4 gave 1: 64.7, 2: 47.6, 4: 37.4, 8: 33.1. Distillation lr (128 × 2): 2e-3 →
     # 5.19×, 5e-3 → 5.09×, 2e-2 → 5.79×. ADMM iterations beyond ~60 buy little (100 → 200: −3%, clarifications §10).
     "quick": Recipe(samples=128, seqlen=256, stat_samples=32, shrinkage=0.4, admm=AdmmSettings(iterations=60),
                     mitigation=B.TuneSettings(epochs=1, batch=4, lr=1e-4, scale_lr=0.0),
                     refinement=B.TuneSettings(epochs=4, batch=2, lr=3e-2, scale_lr=2e-2),
                     recon_samples=512, recon_epochs=1, recon_batch=1, recon_lr=5e-3),
-    # Twice the block-stage windows, 6 refinement epochs, 100 ADMM iterations, distillation on 1024 distinct
-    # windows: about 65 min idle by quick's per-step costs, within the 2 h bar.
+    # Twice the block-stage windows, 6 refinement epochs, 100 ADMM iterations, distillation on 1536 distinct
+    # windows (of the ~2000 the default text holds): about 65 min idle by quick's per-step costs, within 2 h.
     "standard": Recipe(samples=256, seqlen=256, stat_samples=64, shrinkage=0.4, admm=AdmmSettings(iterations=100),
                        mitigation=B.TuneSettings(epochs=1, batch=4, lr=1e-4, scale_lr=0.0),
                        refinement=B.TuneSettings(epochs=6, batch=2, lr=3e-2, scale_lr=2e-2),
-                       recon_samples=1024, recon_epochs=1, recon_batch=1, recon_lr=5e-3),
+                       recon_samples=1536, recon_epochs=1, recon_batch=1, recon_lr=5e-3),
 }
 
 
