@@ -31,6 +31,7 @@ from converter.model import TorchModel, load_nq  # noqa: E402
 from converter.pipeline import Options, convert  # noqa: E402
 from converter.progress import LineReporter  # noqa: E402
 from converter.sources import open_source  # noqa: E402
+from nqfmt import open_nq  # noqa: E402
 
 RESULTS = ROOT / "bench" / "results"
 WINDOW = 2048
@@ -133,7 +134,8 @@ def main() -> None:
         "settings": {"model": args.model, "preset": args.preset, "bits": args.bits, "seed": args.seed,
                      "threads": torch.get_num_threads(), "error_mitigation": not args.no_error_mitigation,
                      "refine": not args.no_refine, "model_recon": not args.no_model_recon,
-                     "text": str(text), "windows": len(windows)},
+                     "text": str(text), "windows": len(windows),
+                     "recipe": json.loads(open_nq(out).provenance.recipe)},
         "bits_target": args.bits, "bpw_decoder_linears": summary.bpw_linears, "bpw_whole_file": summary.bpw_file,
         "file_bytes": summary.file_bytes, "ratio_to_fp16": summary.ratio_to_fp16,
         "convert_seconds_wall": convert_seconds, "seconds_per_stage": summary.stage_seconds,
