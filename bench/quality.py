@@ -114,6 +114,7 @@ def main() -> None:
     RESULTS.mkdir(parents=True, exist_ok=True)
     text = args.text or test_text()
     load_before = os.getloadavg()
+    commit = git_commit()  # the code that converts, even if HEAD moves during the run
     out = args.out_dir / f"{name}.nq"
     t0 = time.perf_counter()
     summary = convert(Options(model=args.model, out=out, bits=args.bits, preset=args.preset, seed=args.seed,
@@ -129,7 +130,7 @@ def main() -> None:
     t = time.perf_counter()
     ppl = perplexity(load_nq(out), windows)
     record = {
-        "commit": git_commit(), "machine": machine(), "load_average_start": load_before,
+        "commit": commit, "machine": machine(), "load_average_start": load_before,
         "load_average_after_convert": load_after_convert, "load_average_end": os.getloadavg(),
         "settings": {"model": args.model, "preset": args.preset, "bits": args.bits, "seed": args.seed,
                      "threads": torch.get_num_threads(), "error_mitigation": not args.no_error_mitigation,
