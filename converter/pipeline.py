@@ -87,7 +87,8 @@ PRESETS: dict[str, Recipe] = {
     # × 1 epoch takes 473 s and reaches 4.35× (256 × 1: 4.65×, 128 × 2: 5.09× — distinct windows beat passes
     # over the same ones). Block stage: with the first 4 blocks quantized (rest FP, ppl on 4 test windows, FP 20.56),
     # refinement epochs at batch 4 gave 1: 64.7, 2: 47.6, 4: 37.4, 8: 33.1. Distillation lr (128 × 2): 2e-3 →
-    # 5.19×, 5e-3 → 5.09×, 2e-2 → 5.79×. ADMM iterations beyond ~60 buy little (100 → 200: −3%, clarifications §10).
+    # 5.19×, 5e-3 → 5.09×, 2e-2 → 5.79×. ADMM iterations beyond ~60 buy little (100 → 200: −3%,
+    # clarifications §10).
     "quick": Recipe(samples=128, seqlen=256, stat_samples=32, shrinkage=0.4, admm=AdmmSettings(iterations=60),
                     mitigation=B.TuneSettings(epochs=1, batch=4, lr=1e-4, scale_lr=0.0),
                     refinement=B.TuneSettings(epochs=4, batch=2, lr=3e-2, scale_lr=2e-2),
@@ -381,8 +382,8 @@ def _blocks(source, base: TorchModel, windows: torch.Tensor, importance: list[La
         timer.run("admm", B.factorize, blk, ranks, imp, recipe.admm, seed, lambda i, k: reporter.advance(i))
         if recipe.refine:
             reporter.stage("refinement", 0)
-            timer.run("refinement", B.refine, blk, q_in, tune_targets, w, recipe.refinement, B.stage_seed(seed, layer, 2),
-                      reporter.update)
+            timer.run("refinement", B.refine, blk, q_in, tune_targets, w, recipe.refinement,
+                      B.stage_seed(seed, layer, 2), reporter.update)
         B.freeze(blk)
         q_out = timer.run("forward", B.block_outputs, blk, q_in, fb)
         fp_in, q_in = targets, q_out
