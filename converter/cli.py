@@ -52,7 +52,8 @@ def nqconvert(
     preset: str = typer.Option("quick", help=f"recipe: {', '.join(PRESETS)}"),
     calib: Optional[list[Path]] = typer.Option(None, help="calibration text file(s); default: the project's "
                                                           "Wikipedia training text"),
-    samples: Optional[int] = typer.Option(None, help="calibration windows of the block stage (default: the preset's); distillation's scale with it"),
+    samples: Optional[int] = typer.Option(None, help="calibration windows of the block stage (default: the "
+                                                      "preset's); distillation's windows scale with it"),
     seqlen: Optional[int] = typer.Option(None, help="tokens per calibration window (default: the preset's)"),
     seed: int = typer.Option(0, help="seed of every random choice"),
     threads: Optional[int] = typer.Option(None, help="torch threads (default: all cores)"),
