@@ -93,13 +93,14 @@ PRESETS: dict[str, Recipe] = {
                     mitigation=B.TuneSettings(epochs=1, batch=4, lr=1e-4, scale_lr=0.0),
                     refinement=B.TuneSettings(epochs=4, batch=2, lr=3e-2, scale_lr=2e-2),
                     recon_samples=512, recon_epochs=1, recon_batch=1, recon_lr=5e-3),
-    # Four times quick's block-stage windows at its 4 refinement epochs, 100 ADMM iterations, distillation on 2000
-    # distinct windows (of the 2009 the default text holds). Chosen by bench/block_probe.py (first 4 blocks, 4 test
-    # windows, FP 20.56): 256 windows × 6 epochs 31.13 (342 s), 384 × 6 30.26 (546 s), 512 × 4 30.12 (498 s).
-    # The previous standard (256 × 6, distillation on 1536) took 74.9 min and reached 3.93×.
+    # Four times quick's block-stage windows, 3 refinement epochs (the 768 steps per block of the previous standard,
+    # 256 windows × 6), 100 ADMM iterations, distillation on 2000 distinct windows (of the 2009 the default text
+    # holds). bench/block_probe.py (first 4 blocks, 4 test windows, FP 20.56): 256 × 6 31.13, 384 × 6 30.26,
+    # 512 × 4 30.12 — distinct windows again beat repeats. 512 × 4 itself measured 156 s per block in the pipeline
+    # (vs 91 s for 256 × 6), which with this distillation would overrun the 2-hour budget.
     "standard": Recipe(samples=512, seqlen=256, stat_samples=64, shrinkage=0.4, admm=AdmmSettings(iterations=100),
                        mitigation=B.TuneSettings(epochs=1, batch=4, lr=1e-4, scale_lr=0.0),
-                       refinement=B.TuneSettings(epochs=4, batch=2, lr=3e-2, scale_lr=2e-2),
+                       refinement=B.TuneSettings(epochs=3, batch=2, lr=3e-2, scale_lr=2e-2),
                        recon_samples=2000, recon_epochs=1, recon_batch=1, recon_lr=5e-3),
 }
 
