@@ -5,7 +5,8 @@ conversion, so the block stage's settings can be compared side by side.
     PYTHONPATH=. nice python bench/block_probe.py --blocks 4 base epochs=8 dout=0 samples=256,epochs=2
 
 Each positional argument is a variant: comma-separated overrides of epochs, batch, lr, scale_lr, samples, admm
-(iterations), mitigation (0/1), dout (0/1: output-side preconditioner), din (0/1), cw (0/1: channel-weighted loss);
+(iterations), mitigation (0/1), dout (0/1: output-side preconditioner), din (0/1), cw (0/1: channel-weighted loss),
+mid (0/1: per-rank scale_mid);
 "base" is the quick preset unchanged. One JSON line per variant is appended to bench/results/block-probe.jsonl.
 """
 from __future__ import annotations
@@ -33,7 +34,7 @@ from converter.pipeline import PRESETS, skeleton
 from converter.sources import open_source
 
 DEFAULTS = {"epochs": None, "batch": None, "lr": None, "scale_lr": None, "samples": None, "admm": None,
-            "mitigation": 1, "dout": 1, "din": 1, "cw": 1}
+            "mitigation": 1, "dout": 1, "din": 1, "cw": 1, "mid": 0}
 
 
 def parse_variant(text: str) -> dict:
@@ -96,7 +97,7 @@ def main() -> None:
             if v["mitigation"]:
                 B.mitigate_errors(blk, q_in, targets, imp.channel_weight, recipe.mitigation, B.stage_seed(0, layer, 1),
                                   lambda *a: None)
-            B.factorize(blk, B.block_ranks(c, args.bits), imp, admm, 0)
+            B.factorize(blk, B.block_ranks(c, args.bits), imp, admm, 0, scale_mid=bool(v["mid"]))
             if refine.epochs:
                 loss = B.refine(blk, q_in, targets, imp.channel_weight, refine, B.stage_seed(0, layer, 2),
                                 lambda *a: None)

@@ -31,7 +31,7 @@ from bench.quality import (
     perplexity,
     test_text,
 )
-from converter.block import block_outputs
+from converter.block import block_outputs, factored_linears
 from converter.calibration import calibration_windows, default_calibration_text
 from converter.model import TorchModel, load_nq
 from converter.model_recon import reconstruct, teacher_cache
@@ -46,6 +46,15 @@ def final_hidden(model: TorchModel, windows: torch.Tensor, batch: int = 8) -> to
     return h
 
 
+def add_unit_mid(model: TorchModel) -> None:
+    """A scale_mid of ones on every path that has none: the same function, one more trainable vector per path."""
+    for blk in model.blocks:
+        for lin in factored_linears(blk):
+            for p in lin.paths:
+                if p.scale_mid is None:
+                    p.scale_mid = torch.nn.Parameter(torch.ones(p.rank))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("nq", type=Path)
@@ -57,6 +66,8 @@ def main() -> None:
     ap.add_argument("--epochs", type=int, nargs="+", default=[1])
     ap.add_argument("--batch", type=int, default=1)
     ap.add_argument("--lr", type=float, nargs="+", default=[2e-2])
+    ap.add_argument("--add-mid", action="store_true",
+                    help="give every path a trainable scale_mid of ones first (probes per-rank scales)")
     ap.add_argument("--top-k", type=int, default=64)
     ap.add_argument("--windows", type=int, default=40)
     args = ap.parse_args()
@@ -77,6 +88,8 @@ def main() -> None:
     for epochs in args.epochs:
         for lr in args.lr:
             model = load_nq(args.nq)
+            if args.add_mid:
+                add_unit_mid(model)
             losses: list[float] = []
             t1 = time.perf_counter()
             last = reconstruct(model, calib, cache, epochs, args.batch, lr, 12345,

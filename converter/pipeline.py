@@ -64,6 +64,7 @@ class Recipe:
     recon_epochs: int
     recon_batch: int
     recon_lr: float
+    scale_mid: bool = False  # a trainable per-rank scale on every path (16 bits per rank)
     top_k: int = TOP_K
     error_mitigation: bool = True
     refine: bool = True
@@ -123,12 +124,15 @@ class Options:
     error_mitigation: bool = True
     refine: bool = True
     model_recon: bool = True
+    scale_mid: bool | None = None  # None: the preset's
 
     def recipe(self) -> Recipe:
         if self.preset not in PRESETS:
             raise ConversionError(f"unknown preset {self.preset!r} (choose from: {', '.join(PRESETS)})")
         r = PRESETS[self.preset]
         over = dict(error_mitigation=self.error_mitigation, refine=self.refine, model_recon=self.model_recon)
+        if self.scale_mid is not None:
+            over["scale_mid"] = self.scale_mid
         if self.samples is not None:
             if self.samples < 1:
                 raise ConversionError(f"--samples must be at least 1, got {self.samples}")
@@ -182,9 +186,9 @@ def check_output(out: Path) -> None:
         raise ConversionError(f"cannot write {out}: directory {parent} is not writable")
 
 
-def linear_bpw(config, ranks: dict[str, int]) -> float:
+def linear_bpw(config, ranks: dict[str, int], has_mid: bool = False) -> float:
     """Bits per weight over the decoder linears, the paper's way (signs + 16-bit scales; bias not counted)."""
-    bits = sum(path_bits(*config.linear_shape(lin), r) for lin, r in ranks.items())
+    bits = sum(path_bits(*config.linear_shape(lin), r, has_mid) for lin, r in ranks.items())
     return bits / sum(m * n for m, n in map(config.linear_shape, K.LINEARS))
 
 
@@ -238,6 +242,7 @@ def block_state(block: DecoderBlock) -> dict[str, dict[str, torch.Tensor]]:
         u, v = p.signs()
         state[name] = {"u": u.to(torch.int8), "v": v.to(torch.int8), "scale_in": p.scale_in.detach().clone(),
                        "scale_out": p.scale_out.detach().clone(),
+                       "scale_mid": None if p.scale_mid is None else p.scale_mid.detach().clone(),
                        "bias": None if lin.bias is None else lin.bias.clone()}
     return state
 
@@ -247,7 +252,7 @@ def quantized_block(config, layer: int, norms: dict[str, torch.Tensor], state: d
     linears = {}
     for name, s in state.items():
         lin = BinaryFactoredLinear.from_factors(s["u"].float(), s["v"].float(), s["scale_in"], s["scale_out"],
-                                                bias=s["bias"])
+                                                s["scale_mid"], bias=s["bias"])
         lin.freeze_signs()
         linears[name] = lin
     return DecoderBlock(config, layer, norms, linears)
@@ -323,9 +328,10 @@ def convert(options: Options, reporter: Reporter | None = None) -> Summary:
         for lin in B.factored_linears(blk):
             lin.round_scales_to_fp16()
     reporter.stage("writing", 1)
+    bpw = linear_bpw(config, ranks, recipe.scale_mid)
     provenance = Provenance(
         converter_version=CONVERTER_VERSION, preset=options.preset, recipe=recipe.to_json(),
-        bits_target=float(options.bits), bits_achieved=linear_bpw(config, ranks), source_name=source.name,
+        bits_target=float(options.bits), bits_achieved=bpw, source_name=source.name,
         source_sha256=source.sha256, source_params=config.parameter_count(), calibration_sha256=calib_sha,
         date=now_utc())
     timer.run("write", write_nq, out, source, model, provenance)
@@ -333,7 +339,7 @@ def convert(options: Options, reporter: Reporter | None = None) -> Summary:
     work.remove()
     timer.seconds["total"] = time.perf_counter() - t_start
     size = out.stat().st_size
-    return Summary(out, options.bits, linear_bpw(config, ranks), size * 8 / config.parameter_count(), size,
+    return Summary(out, options.bits, bpw, size * 8 / config.parameter_count(), size,
                    2 * config.parameter_count(), timer.seconds, peak_rss_mb(), model)
 
 
@@ -383,7 +389,8 @@ def _blocks(source, base: TorchModel, windows: torch.Tensor, importance: list[La
             timer.run("error mitigation", B.mitigate_errors, blk, q_in, tune_targets, w, recipe.mitigation,
                       B.stage_seed(seed, layer, 1), reporter.update)
         reporter.stage("LB-ADMM", len(K.LINEARS))
-        timer.run("admm", B.factorize, blk, ranks, imp, recipe.admm, seed, lambda i, k: reporter.advance(i))
+        timer.run("admm", B.factorize, blk, ranks, imp, recipe.admm, seed, lambda i, k: reporter.advance(i),
+                  recipe.scale_mid)
         if recipe.refine:
             reporter.stage("refinement", 0)
             timer.run("refinement", B.refine, blk, q_in, tune_targets, w, recipe.refinement,

@@ -98,6 +98,28 @@ def test_resume_after_interruption_is_byte_identical(kill_after, tmp_path, tiny_
     assert resumed.out.read_bytes() == reference
 
 
+def test_scale_mid_is_trained_written_and_counted(tmp_path, monkeypatch):
+    """With per-rank scales the file carries them, the rebuilt model equals the converter's, bpw counts 16 bits per
+    rank, and refinement/distillation moved them away from their initial ones."""
+    monkeypatch.setitem(P.PRESETS, "tiny", dataclasses.replace(TINY, scale_mid=True))
+    hf_tiny.save("qwen2", tmp_path / "src")
+    summary = run(tmp_path, tmp_path / "src")
+    nq = open_nq(summary.out)
+    c = nq.config
+    loaded = load_nq(summary.out)
+    for layer, (ours, back) in enumerate(zip(summary.model.blocks, loaded.blocks)):
+        for name in K.LINEARS:
+            assert nq.linears[layer][name].has_mid
+            mid = ours.linears[name].paths[0].scale_mid
+            assert mid is not None and not torch.equal(mid, torch.ones_like(mid))
+            assert torch.equal(back.linears[name].dense_weight(), ours.linears[name].dense_weight())
+    shapes = [c.linear_shape(n) for n in K.LINEARS]
+    ranks = [rank_for_bits(m, n, 1.0) for m, n in shapes]
+    want = sum(path_bits(m, n, r, True) for (m, n), r in zip(shapes, ranks)) / sum(m * n for m, n in shapes)
+    assert summary.bpw_linears == pytest.approx(want, rel=1e-12)
+    assert want > sum(path_bits(m, n, r) for (m, n), r in zip(shapes, ranks)) / sum(m * n for m, n in shapes)
+
+
 def test_resume_refuses_other_settings(tmp_path, tiny_preset, monkeypatch):
     hf_tiny.save("llama", tmp_path / "src")
     save = P.WorkDir.save
