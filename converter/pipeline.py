@@ -99,7 +99,8 @@ PRESETS: dict[str, Recipe] = {
     # holds). bench/block_probe.py (first 4 blocks, 4 test windows, FP 20.56): 256 × 6 31.13, 384 × 6 30.26,
     # 512 × 4 30.12 — distinct windows again beat repeats. 512 × 4 itself measured 156 s per block in the pipeline
     # (vs 91 s for 256 × 6), which with this distillation would overrun the 2-hour budget. This recipe: 104.1 min
-    # idle, 3.70× FP ppl (bar 3.5×; v1 3.93× in 74.9 min), peak RSS 5.8 GB.
+    # idle, 3.70× FP ppl (bar 3.5×; v1 3.93× in 74.9 min), peak RSS 5.8 GB. With --scale-mid: 3.69×, no real gain
+    # for its 0.0087 bpw, so scale_mid stays off (spec/CONVERTER.md, "Tried and not adopted").
     "standard": Recipe(samples=512, seqlen=256, stat_samples=64, shrinkage=0.4, admm=AdmmSettings(iterations=100),
                        mitigation=B.TuneSettings(epochs=1, batch=4, lr=1e-4, scale_lr=0.0),
                        refinement=B.TuneSettings(epochs=3, batch=2, lr=3e-2, scale_lr=2e-2),

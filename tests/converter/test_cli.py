@@ -43,6 +43,15 @@ def test_converts_and_prints_summary(tiny, tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m.nq"]
 
 
+@pytest.mark.parametrize("flag, has_mid", [("--scale-mid", True), ("--no-scale-mid", False)])
+def test_scale_mid_switch_reaches_the_file(tiny, tmp_path, flag, has_mid):
+    result = convert(tiny, tmp_path / "m.nq", flag)
+    assert result.exit_code == 0, result.output
+    nq = open_nq(tmp_path / "m.nq")
+    assert {plan.has_mid for block in nq.linears for plan in block.values()} == {has_mid}
+    assert json.loads(nq.provenance.recipe)["scale_mid"] is has_mid
+
+
 def test_unsupported_architecture(tmp_path):
     (tmp_path / "gpt2").mkdir()
     (tmp_path / "gpt2" / "config.json").write_text(json.dumps({"model_type": "gpt2", "n_layer": 2}))
