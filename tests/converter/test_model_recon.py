@@ -1,0 +1,48 @@
+"""The teacher's top-k cache and the coarsened KL against float64 references on random logits."""
+import torch
+
+from converter.model_recon import coarse_kl, teacher_cache
+
+
+def _head(weight: torch.Tensor):
+    return lambda h: h @ weight.T
+
+
+def test_teacher_cache_matches_float64_topk_and_tail_across_uneven_batches():
+    gen = torch.Generator().manual_seed(3)
+    weight = torch.randn(97, 19, generator=gen)
+    hidden = torch.randn(7, 13, 19, generator=gen)
+    cache = teacher_cache(_head(weight), hidden, k=11, batch=3)
+    logp = torch.log_softmax(hidden.double() @ weight.double().T, dim=-1)
+    top = torch.topk(logp, 11, dim=-1)
+    assert cache.logp.shape == (7, 13, 11) and cache.ids.dtype == torch.int32
+    torch.testing.assert_close(cache.logp.double(), top.values, rtol=0, atol=1e-5)
+    assert torch.equal(cache.ids.long(), top.indices)
+    tail = 1 - top.values.exp().sum(-1)  # float32 sums leave ~1e-7 absolute error in this mass
+    torch.testing.assert_close(cache.log_tail.double().exp(), tail, rtol=0, atol=1e-6)
+
+
+def test_teacher_cache_keeps_the_whole_vocabulary_when_k_exceeds_it():
+    weight = torch.randn(5, 4, generator=torch.Generator().manual_seed(4))
+    cache = teacher_cache(_head(weight), torch.randn(2, 3, 4), k=64, batch=1)
+    assert cache.logp.shape == (2, 3, 5)
+    torch.testing.assert_close(cache.logp.exp().sum(-1), torch.ones(2, 3))
+
+
+def test_coarse_kl_is_the_float64_kl_of_the_coarsened_distributions():
+    gen = torch.Generator().manual_seed(5)
+    weight = torch.randn(53, 9, generator=gen)
+    hidden = torch.randn(3, 6, 9, generator=gen)
+    cache = teacher_cache(_head(weight), hidden, k=7, batch=2)
+    student = torch.randn(3, 6, 53, generator=gen)
+    logq = torch.log_softmax(student.double(), dim=-1)
+    ids = cache.ids.long()
+    q_top = logq.gather(-1, ids).exp()
+    q_tail = 1 - q_top.sum(-1)
+    p_top = cache.logp.double().exp()
+    p_tail = cache.log_tail.double().exp()
+    expected = ((p_top * (p_top / q_top).log()).sum(-1) + p_tail * (p_tail / q_tail).log()).mean()
+    got = coarse_kl(student, cache.logp, cache.ids, cache.log_tail)
+    torch.testing.assert_close(got.double(), expected, rtol=1e-4, atol=1e-6)
+    teacher_logits = hidden @ weight.T
+    assert abs(float(coarse_kl(teacher_logits, cache.logp, cache.ids, cache.log_tail))) < 1e-5
