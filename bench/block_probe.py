@@ -6,7 +6,7 @@ conversion, so the block stage's settings can be compared side by side.
 
 Each positional argument is a variant: comma-separated overrides of epochs, batch, lr, scale_lr, samples, admm
 (iterations), mitigation (0/1), dout (0/1: output-side preconditioner), din (0/1), cw (0/1: channel-weighted loss),
-mid (0/1: per-rank scale_mid);
+mid (0/1: per-rank scale_mid), seqlen (tuning window length; the preconditioner statistics stay on quick's windows);
 "base" is the quick preset unchanged. One JSON line per variant is appended to bench/results/block-probe.jsonl.
 """
 from __future__ import annotations
@@ -34,7 +34,7 @@ from converter.pipeline import PRESETS, skeleton
 from converter.sources import open_source
 
 DEFAULTS = {"epochs": None, "batch": None, "lr": None, "scale_lr": None, "samples": None, "admm": None,
-            "mitigation": 1, "dout": 1, "din": 1, "cw": 1, "mid": 0}
+            "mitigation": 1, "dout": 1, "din": 1, "cw": 1, "mid": 0, "seqlen": None}
 
 
 def parse_variant(text: str) -> dict:
@@ -69,8 +69,8 @@ def main() -> None:
     recipe = PRESETS["quick"]
     src = open_source("smollm2-135m")
     c = src.config
-    max_samples = max(v["samples"] or recipe.samples for _, v in variants)
-    win = calibration_windows(src.hf_tokenizer(), [default_calibration_text()], max_samples, recipe.seqlen, 0)
+    tok = src.hf_tokenizer()
+    win = calibration_windows(tok, [default_calibration_text()], recipe.stat_samples, recipe.seqlen, 0)
     base = skeleton(src)
     stats = collect_importance(c, base, lambda i: DecoderBlock(c, i, src.block_weights(i)),
                                win[:recipe.stat_samples], recipe.shrinkage, recipe.forward_batch, None)
@@ -87,7 +87,8 @@ def main() -> None:
                                                            if v[k] is not None})
         admm = AdmmSettings(iterations=v["admm"]) if v["admm"] else recipe.admm
         samples = v["samples"] or recipe.samples
-        fp_in = B.block_outputs(base.embed, win[:samples], 8)
+        tune_win = calibration_windows(tok, [default_calibration_text()], samples, v["seqlen"] or recipe.seqlen, 0)
+        fp_in = B.block_outputs(base.embed, tune_win, 8)
         q_in = fp_in.clone()
         qblocks, loss = [], float("nan")
         for layer in range(args.blocks):
