@@ -27,7 +27,7 @@ sys.path.insert(0, str(ROOT))
 from bench.quality import RESULTS, eval_windows, git_commit, machine, perplexity, test_text
 from converter import block as B
 from converter.admm import AdmmSettings
-from converter.calibration import calibration_windows, default_calibration_text
+from converter.calibration import default_calibration_text, draw_windows, read_texts
 from converter.importance import LayerImportance, collect_importance
 from converter.model import DecoderBlock, TorchModel
 from converter.pipeline import PRESETS, skeleton
@@ -69,11 +69,11 @@ def main() -> None:
     recipe = PRESETS["quick"]
     src = open_source("smollm2-135m")
     c = src.config
-    tok = src.hf_tokenizer()
-    win = calibration_windows(tok, [default_calibration_text()], recipe.stat_samples, recipe.seqlen, 0)
+    ids = src.hf_tokenizer().encode(read_texts([default_calibration_text()]), add_special_tokens=False).ids
+    win = draw_windows(ids, recipe.stat_samples, recipe.seqlen, 0)
     base = skeleton(src)
     stats = collect_importance(c, base, lambda i: DecoderBlock(c, i, src.block_weights(i)),
-                               win[:recipe.stat_samples], recipe.shrinkage, recipe.forward_batch, None)
+                               win, recipe.shrinkage, recipe.forward_batch, None)
     ev = eval_windows(src, test_text(), args.windows)
     fp_blocks = [DecoderBlock(c, i, src.block_weights(i)) for i in range(c.n_layers)]
 
@@ -87,7 +87,7 @@ def main() -> None:
                                                            if v[k] is not None})
         admm = AdmmSettings(iterations=v["admm"]) if v["admm"] else recipe.admm
         samples = v["samples"] or recipe.samples
-        tune_win = calibration_windows(tok, [default_calibration_text()], samples, v["seqlen"] or recipe.seqlen, 0)
+        tune_win = draw_windows(ids, samples, v["seqlen"] or recipe.seqlen, 0)
         fp_in = B.block_outputs(base.embed, tune_win, 8)
         q_in = fp_in.clone()
         qblocks, loss = [], float("nan")
