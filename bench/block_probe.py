@@ -27,7 +27,7 @@ sys.path.insert(0, str(ROOT))
 from bench.quality import RESULTS, eval_windows, git_commit, machine, perplexity, test_text
 from converter import block as B
 from converter.admm import AdmmSettings
-from converter.calibration import default_calibration_text, draw_windows, read_texts
+from converter.calibration import calibration_tokens, default_calibration_text, draw_windows
 from converter.importance import LayerImportance, collect_importance
 from converter.model import DecoderBlock, TorchModel
 from converter.pipeline import PRESETS, skeleton
@@ -69,7 +69,7 @@ def main() -> None:
     recipe = PRESETS["quick"]
     src = open_source("smollm2-135m")
     c = src.config
-    ids = src.hf_tokenizer().encode(read_texts([default_calibration_text()]), add_special_tokens=False).ids
+    ids = calibration_tokens(src.hf_tokenizer(), [default_calibration_text()])
     win = draw_windows(ids, recipe.stat_samples, recipe.seqlen, 0)
     base = skeleton(src)
     stats = collect_importance(c, base, lambda i: DecoderBlock(c, i, src.block_weights(i)),

@@ -58,10 +58,14 @@ def draw_windows(tokens: Sequence[int], samples: int, seqlen: int, seed: int) ->
     return ids[order].contiguous()
 
 
+def calibration_tokens(tokenizer, paths: Sequence[Path]) -> list[int]:
+    """The texts' token ids under `tokenizer` (a `tokenizers.Tokenizer`), no special tokens: what windows are cut from."""
+    return tokenizer.encode(read_texts(paths), add_special_tokens=False).ids
+
+
 def calibration_windows(tokenizer, paths: Sequence[Path], samples: int, seqlen: int, seed: int) -> torch.Tensor:
-    """Tokenize the texts with `tokenizer` (a `tokenizers.Tokenizer`, no special tokens) and draw the windows."""
-    encoding = tokenizer.encode(read_texts(paths), add_special_tokens=False)
-    return draw_windows(encoding.ids, samples, seqlen, seed)
+    """Tokenize the texts and draw the windows."""
+    return draw_windows(calibration_tokens(tokenizer, paths), samples, seqlen, seed)
 
 
 def windows_sha256(windows: torch.Tensor) -> str:
