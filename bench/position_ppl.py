@@ -1,0 +1,81 @@
+"""Where in the context a quantized model loses: perplexity by token position, full precision beside `.nq` files.
+
+    PYTHONPATH=. nice python bench/position_ppl.py FILE.nq [FILE.nq ...] [--windows 8] [--fp-linears attn_q,attn_k]
+
+The windows are those of clarifications §7 (2048 tokens, no BOS; the first `--windows` of the test text). For each
+position bucket the mean next-token cross-entropy is averaged over windows, and the ratio exp(CE_q − CE_fp) says how
+much worse the file is there than the full-precision model. The calibration windows are 256 tokens while the test
+windows are 2048, so a ratio that grows with position would point at context length. `--fp-linears` puts the named
+linears of every block back to full precision (from the source model), to see which linears the loss comes from.
+One JSON line per file is appended to bench/results/position-ppl.jsonl.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+from torch.nn import functional as F
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from bench.quality import RESULTS, eval_windows, git_commit, machine, test_text  # noqa: E402
+from converter.model import TorchModel, _linear, load_nq  # noqa: E402
+from converter.sources import open_source  # noqa: E402
+
+EDGES = (0, 64, 256, 512, 1024, 2047)
+
+
+@torch.no_grad()
+def token_losses(model: TorchModel, windows: torch.Tensor) -> torch.Tensor:
+    """[2047] mean over windows of the cross-entropy of predicting token t+1 at position t."""
+    return torch.stack([F.cross_entropy(model(w[None])[0][:-1], w[1:], reduction="none") for w in windows]).mean(0)
+
+
+def buckets(fp: torch.Tensor, q: torch.Tensor) -> list[dict]:
+    """Per position bucket: both perplexities and their ratio."""
+    rows = []
+    for a, b in zip(EDGES[:-1], EDGES[1:]):
+        f, g = float(fp[a:b].mean()), float(q[a:b].mean())
+        rows.append({"positions": [a, b], "ppl_fp32": float(torch.tensor(f).exp()),
+                     "ppl_quantized": float(torch.tensor(g).exp()), "ratio": float(torch.tensor(g - f).exp())})
+    return rows
+
+
+def restore_fp(model: TorchModel, source, names: list[str]) -> None:
+    """Replace the named linears of every block by the source's full-precision weights (and bias)."""
+    for i, blk in enumerate(model.blocks):
+        w = source.block_weights(i)
+        for name in names:
+            blk.linears[name] = _linear(w[f"{name}.weight"], w.get(f"{name}.bias"))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("nq", type=Path, nargs="+")
+    ap.add_argument("--model", default="smollm2-135m")
+    ap.add_argument("--windows", type=int, default=8)
+    ap.add_argument("--fp-linears", default="", help="comma-separated linears kept full precision, e.g. attn_q,attn_k")
+    args = ap.parse_args()
+    source = open_source(args.model)
+    windows = eval_windows(source, test_text(), args.windows)
+    fp = token_losses(TorchModel.from_source(source), windows)
+    fp_linears = [n for n in args.fp_linears.split(",") if n]
+    for path in args.nq:
+        model = load_nq(path)
+        restore_fp(model, source, fp_linears)
+        q = token_losses(model, windows)
+        record = {"commit": git_commit(), "machine": machine(), "model": args.model, "nq": str(path),
+                  "fp_linears": fp_linears, "windows": len(windows), "ratio_all": float((q.mean() - fp.mean()).exp()),
+                  "buckets": buckets(fp, q)}
+        with open(RESULTS / "position-ppl.jsonl", "a") as f:
+            f.write(json.dumps(record) + "\n")
+        print(path.name, args.fp_linears or "-", " ".join(f"{r['positions'][0]}-{r['positions'][1]}: {r['ratio']:.3f}"
+                                  for r in record["buckets"]), f"all: {record['ratio_all']:.3f}")
+
+
+if __name__ == "__main__":
+    main()
