@@ -23,7 +23,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from bench.quality import RESULTS, eval_windows, git_commit, machine, test_text  # noqa: E402
-from converter.model import TorchModel, _linear, load_nq  # noqa: E402
+from converter.model import DecoderBlock, TorchModel, load_nq  # noqa: E402
 from converter.sources import open_source  # noqa: E402
 
 EDGES = (0, 64, 256, 512, 1024, 2047)
@@ -48,9 +48,9 @@ def buckets(fp: torch.Tensor, q: torch.Tensor) -> list[dict]:
 def restore_fp(model: TorchModel, source, names: list[str]) -> None:
     """Replace the named linears of every block by the source's full-precision weights (and bias)."""
     for i, blk in enumerate(model.blocks):
-        w = source.block_weights(i)
+        full = DecoderBlock(source.config, i, source.block_weights(i))
         for name in names:
-            blk.linears[name] = _linear(w[f"{name}.weight"], w.get(f"{name}.bias"))
+            blk.linears[name] = full.linears[name]
 
 
 def main() -> None:
