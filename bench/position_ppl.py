@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 from pathlib import Path
 
@@ -25,6 +26,7 @@ sys.path.insert(0, str(ROOT))
 from bench.quality import RESULTS, eval_windows, git_commit, machine, test_text  # noqa: E402
 from converter.model import DecoderBlock, TorchModel, load_nq  # noqa: E402
 from converter.sources import open_source  # noqa: E402
+from nqfmt import keys as K  # noqa: E402
 
 EDGES = (0, 64, 256, 512, 1024, 2047)
 
@@ -40,8 +42,8 @@ def buckets(fp: torch.Tensor, q: torch.Tensor) -> list[dict]:
     rows = []
     for a, b in zip(EDGES[:-1], EDGES[1:]):
         f, g = float(fp[a:b].mean()), float(q[a:b].mean())
-        rows.append({"positions": [a, b], "ppl_fp32": float(torch.tensor(f).exp()),
-                     "ppl_quantized": float(torch.tensor(g).exp()), "ratio": float(torch.tensor(g - f).exp())})
+        rows.append({"positions": [a, b], "ppl_fp32": math.exp(f), "ppl_quantized": math.exp(g),
+                     "ratio": math.exp(g - f)})
     return rows
 
 
@@ -60,10 +62,12 @@ def main() -> None:
     ap.add_argument("--windows", type=int, default=8)
     ap.add_argument("--fp-linears", default="", help="comma-separated linears kept full precision, e.g. attn_q,attn_k")
     args = ap.parse_args()
+    fp_linears = [n for n in args.fp_linears.split(",") if n]
+    if unknown := sorted(set(fp_linears) - set(K.LINEARS)):
+        ap.error(f"--fp-linears: unknown {', '.join(unknown)} (choose from {', '.join(K.LINEARS)})")
     source = open_source(args.model)
     windows = eval_windows(source, test_text(), args.windows)
     fp = token_losses(TorchModel.from_source(source), windows)
-    fp_linears = [n for n in args.fp_linears.split(",") if n]
     for path in args.nq:
         model = load_nq(path)
         restore_fp(model, source, fp_linears)
@@ -73,8 +77,8 @@ def main() -> None:
                   "buckets": buckets(fp, q)}
         with open(RESULTS / "position-ppl.jsonl", "a") as f:
             f.write(json.dumps(record) + "\n")
-        print(path.name, args.fp_linears or "-", " ".join(f"{r['positions'][0]}-{r['positions'][1]}: {r['ratio']:.3f}"
-                                  for r in record["buckets"]), f"all: {record['ratio_all']:.3f}")
+        cells = " ".join(f"{r['positions'][0]}-{r['positions'][1]}: {r['ratio']:.3f}" for r in record["buckets"])
+        print(path.name, args.fp_linears or "-", cells, f"all: {record['ratio_all']:.3f}")
 
 
 if __name__ == "__main__":
