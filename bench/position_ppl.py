@@ -18,23 +18,16 @@ import sys
 from pathlib import Path
 
 import torch
-from torch.nn import functional as F
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench.quality import RESULTS, eval_windows, git_commit, machine, test_text  # noqa: E402
+from bench.quality import RESULTS, eval_windows, git_commit, machine, test_text, token_losses  # noqa: E402
 from converter.model import DecoderBlock, TorchModel, load_nq  # noqa: E402
 from converter.sources import open_source  # noqa: E402
 from nqfmt import keys as K  # noqa: E402
 
 EDGES = (0, 64, 256, 512, 1024, 2047)
-
-
-@torch.no_grad()
-def token_losses(model: TorchModel, windows: torch.Tensor) -> torch.Tensor:
-    """[2047] mean over windows of the cross-entropy of predicting token t+1 at position t."""
-    return torch.stack([F.cross_entropy(model(w[None])[0][:-1], w[1:], reduction="none") for w in windows]).mean(0)
 
 
 def buckets(fp: torch.Tensor, q: torch.Tensor) -> list[dict]:
@@ -67,11 +60,11 @@ def main() -> None:
         ap.error(f"--fp-linears: unknown {', '.join(unknown)} (choose from {', '.join(K.LINEARS)})")
     source = open_source(args.model)
     windows = eval_windows(source, test_text(), args.windows)
-    fp = token_losses(TorchModel.from_source(source), windows)
+    fp = token_losses(TorchModel.from_source(source), windows).mean(0)
     for path in args.nq:
         model = load_nq(path)
         restore_fp(model, source, fp_linears)
-        q = token_losses(model, windows)
+        q = token_losses(model, windows).mean(0)
         record = {"commit": git_commit(), "machine": machine(), "model": args.model, "nq": str(path),
                   "fp_linears": fp_linears, "windows": len(windows), "ratio_all": float((q.mean() - fp.mean()).exp()),
                   "buckets": buckets(fp, q)}

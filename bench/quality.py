@@ -53,13 +53,14 @@ def eval_windows(source, text: Path, windows: int) -> torch.Tensor:
 
 
 @torch.no_grad()
+def token_losses(model: TorchModel, windows: torch.Tensor) -> torch.Tensor:
+    """[windows, 2047] next-token cross-entropy at every shifted position, one window at a time."""
+    return torch.stack([F.cross_entropy(model(w[None])[0][:-1], w[1:], reduction="none") for w in windows])
+
+
 def perplexity(model: TorchModel, windows: torch.Tensor) -> float:
     """exp of the mean over windows of the mean next-token cross-entropy over 2047 shifted tokens."""
-    losses = []
-    for w in windows:
-        logits = model(w[None])[0]
-        losses.append(float(F.cross_entropy(logits[:-1], w[1:])))
-    return math.exp(sum(losses) / len(losses))
+    return math.exp(float(token_losses(model, windows).double().mean(1).mean()))
 
 
 def git_commit() -> str:
