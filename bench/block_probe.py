@@ -6,7 +6,8 @@ conversion, so the block stage's settings can be compared side by side.
 
 Each positional argument is a variant: comma-separated overrides of epochs, batch, lr, scale_lr, samples, admm
 (iterations), mitigation (0/1), dout (0/1: output-side preconditioner), din (0/1), cw (0/1: channel-weighted loss),
-mid (0/1: per-rank scale_mid), seqlen (tuning window length; the preconditioner statistics stay on quick's windows);
+mid (0/1: per-rank scale_mid), seqlen (tuning window length; the preconditioner statistics stay on quick's windows),
+shrink (the preconditioners' shrinkage γ in percent, e.g. shrink=20 for γ = 0.2; statistics recomputed);
 "base" is the quick preset unchanged. One JSON line per variant is appended to bench/results/block-probe.jsonl.
 """
 from __future__ import annotations
@@ -34,7 +35,7 @@ from converter.pipeline import PRESETS, skeleton
 from converter.sources import open_source
 
 DEFAULTS = {"epochs": None, "batch": None, "lr": None, "scale_lr": None, "samples": None, "admm": None,
-            "mitigation": 1, "dout": 1, "din": 1, "cw": 1, "mid": 0, "seqlen": None}
+            "mitigation": 1, "dout": 1, "din": 1, "cw": 1, "mid": 0, "seqlen": None, "shrink": None}
 
 
 def parse_variant(text: str) -> dict:
@@ -72,8 +73,15 @@ def main() -> None:
     ids = calibration_tokens(src.hf_tokenizer(), [default_calibration_text()])
     win = draw_windows(ids, recipe.stat_samples, recipe.seqlen, 0)
     base = skeleton(src)
-    stats = collect_importance(c, base, lambda i: DecoderBlock(c, i, src.block_weights(i)),
-                               win, recipe.shrinkage, recipe.forward_batch, None)
+    stats_by_shrink: dict[float, list[LayerImportance]] = {}
+
+    def stats(shrinkage: float) -> list[LayerImportance]:
+        """The preconditioners at this shrinkage, computed once per γ (they cost a forward and backward pass)."""
+        if shrinkage not in stats_by_shrink:
+            stats_by_shrink[shrinkage] = collect_importance(
+                c, base, lambda i: DecoderBlock(c, i, src.block_weights(i)), win, shrinkage, recipe.forward_batch, None)
+        return stats_by_shrink[shrinkage]
+
     ev = eval_windows(src, test_text(), args.windows)
     fp_blocks = [DecoderBlock(c, i, src.block_weights(i)) for i in range(c.n_layers)]
 
@@ -93,7 +101,8 @@ def main() -> None:
         qblocks, loss = [], float("nan")
         for layer in range(args.blocks):
             blk = DecoderBlock(c, layer, src.block_weights(layer))
-            imp = ones_where(stats[layer], v)
+            shrinkage = recipe.shrinkage if v["shrink"] is None else v["shrink"] / 100
+            imp = ones_where(stats(shrinkage)[layer], v)
             targets = B.block_outputs(blk, fp_in, 8)
             if v["mitigation"]:
                 B.mitigate_errors(blk, q_in, targets, imp.channel_weight, recipe.mitigation, B.stage_seed(0, layer, 1),
