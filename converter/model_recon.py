@@ -62,11 +62,14 @@ def teacher_cache(head: Callable[[torch.Tensor], torch.Tensor], final_hidden: to
 
 
 def coarse_kl(logits: torch.Tensor, logp_t: torch.Tensor, ids: torch.Tensor, log_tail_t: torch.Tensor) -> torch.Tensor:
-    """Mean over tokens of the KL between teacher and student coarsened to top-k + tail (see module docstring)."""
-    logp_s = torch.log_softmax(logits, dim=-1)
-    ids = ids.long()
-    top_s = logp_s.gather(-1, ids)
-    tail_s = torch.logsumexp(logp_s.scatter(-1, ids, float("-inf")), dim=-1)
+    """Mean over tokens of the KL between teacher and student coarsened to top-k + tail (see module docstring).
+
+    The student's tail is 1 − its top-k mass, taken from the k gathered log-probs: a log-sum-exp over the masked
+    vocabulary gives the same value with two more full-vocabulary passes forward and three backward (512-window
+    distillation probe: 591 → 561 s, same perplexity to 4 digits). Its float32 error is ~1e-7 absolute in the tail
+    mass, which only matters where the teacher's own tail, the term's weight, is as small."""
+    top_s = torch.log_softmax(logits, dim=-1).gather(-1, ids.long())
+    tail_s = _log1mexp(torch.logsumexp(top_s, dim=-1))
     p_t = logp_t.exp()
     kl = (p_t * (logp_t - top_s)).sum(-1) + log_tail_t.exp() * (log_tail_t - tail_s)
     return kl.mean()

@@ -46,3 +46,21 @@ def test_coarse_kl_is_the_float64_kl_of_the_coarsened_distributions():
     torch.testing.assert_close(got.double(), expected, rtol=1e-4, atol=1e-6)
     teacher_logits = hidden @ weight.T
     assert abs(float(coarse_kl(teacher_logits, cache.logp, cache.ids, cache.log_tail))) < 1e-5
+
+
+def test_coarse_kl_gradient_matches_the_float64_masked_logsumexp_form():
+    """The tail taken as 1 − top-k mass must give the gradient of the exact form (tail = log-sum-exp outside top-k)."""
+    gen = torch.Generator().manual_seed(6)
+    weight = torch.randn(61, 11, generator=gen)
+    cache = teacher_cache(_head(weight), torch.randn(2, 5, 11, generator=gen), k=9, batch=2)
+    student = torch.randn(2, 5, 61, generator=gen)
+    exact = student.double().requires_grad_()
+    logq = torch.log_softmax(exact, dim=-1)
+    ids = cache.ids.long()
+    q_tail = torch.logsumexp(logq.scatter(-1, ids, float("-inf")), dim=-1)
+    p_top, p_tail = cache.logp.double(), cache.log_tail.double()
+    kl = ((p_top.exp() * (p_top - logq.gather(-1, ids))).sum(-1) + p_tail.exp() * (p_tail - q_tail)).mean()
+    kl.backward()
+    fast = student.clone().requires_grad_()
+    coarse_kl(fast, cache.logp, cache.ids, cache.log_tail).backward()
+    torch.testing.assert_close(fast.grad.double(), exact.grad, rtol=1e-4, atol=1e-7)
