@@ -67,8 +67,20 @@ def git_commit() -> str:
     return subprocess.run(["git", "-C", str(ROOT), "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
 
 
+def cpu_model() -> str:
+    """The CPU's model name and clock from /proc/cpuinfo: our 2-core VMs land on different hosts (an AMX Xeon, a 2.6 GHz EPYC)
+    whose speeds differ by ~25%, and platform.processor() is empty on Linux."""
+    try:
+        info = dict(line.split(":", 1) for line in Path("/proc/cpuinfo").read_text().splitlines() if ":" in line)
+    except OSError:
+        return platform.processor()
+    info = {k.strip(): v.strip() for k, v in info.items()}
+    model = info.get("model name", platform.processor())
+    return f"{model} @ {float(info['cpu MHz']):.0f} MHz" if "cpu MHz" in info else model
+
+
 def machine() -> dict:
-    return {"platform": platform.platform(), "processor": platform.processor(), "cpus": os.cpu_count(),
+    return {"platform": platform.platform(), "processor": cpu_model(), "cpus": os.cpu_count(),
             "torch_threads": torch.get_num_threads()}
 
 
