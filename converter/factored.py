@@ -15,22 +15,19 @@ from torch import nn
 from nqfmt import LinearPlan, pack_signs
 from nqfmt import keys as K
 
+from .admm import sign
+
 
 class _SignSTE(torch.autograd.Function):
     """sign(x) with sign(0) = +1 in the forward pass, the identity in the backward pass (straight-through)."""
 
     @staticmethod
     def forward(ctx, x: torch.Tensor) -> torch.Tensor:
-        return signs_of(x)
+        return sign(x)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
         return grad
-
-
-def signs_of(x: torch.Tensor) -> torch.Tensor:
-    """±1 float tensor, sign(0) = +1 (the file's bit 0), without gradient."""
-    return torch.where(x >= 0, 1.0, -1.0).to(torch.float32)
 
 
 def _vector(x, length: int, what: str) -> nn.Parameter:
@@ -84,7 +81,7 @@ class BinaryPath(nn.Module):
         """Replace the latents by ±1 buffers (same names), so only the scales remain trainable."""
         if self.signs_frozen:
             return
-        u, v = signs_of(self.latent_u.detach()), signs_of(self.latent_v.detach())
+        u, v = sign(self.latent_u.detach()), sign(self.latent_v.detach())
         del self.latent_u, self.latent_v
         self.register_buffer("latent_u", u)
         self.register_buffer("latent_v", v)

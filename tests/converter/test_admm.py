@@ -89,3 +89,12 @@ def test_rank_rule_exact():
 def test_admm_rejects_bad_rank():
     with pytest.raises(ValueError, match="rank"):
         lb_admm(torch.randn(5, 7), 6)
+
+
+def test_sign_is_plus_one_at_either_zero_and_matches_the_comparison_rule():
+    x = torch.randn(37, 53, generator=torch.Generator().manual_seed(11))
+    x[0, :4] = torch.tensor([0.0, -0.0, 1e-45, -1e-45])
+    got = sign(x)
+    assert got.dtype == torch.float32
+    assert torch.equal(got, torch.where(x >= 0, 1.0, -1.0))
+    assert got[0, :4].tolist() == [1.0, 1.0, 1.0, -1.0]
