@@ -99,10 +99,10 @@ def main() -> None:
         fp_in = B.block_outputs(base.embed, tune_win, 8)
         q_in = fp_in.clone()
         qblocks, loss = [], float("nan")
+        layer_stats = stats(recipe.shrinkage if v["shrink"] is None else v["shrink"] / 100)
         for layer in range(args.blocks):
             blk = DecoderBlock(c, layer, src.block_weights(layer))
-            shrinkage = recipe.shrinkage if v["shrink"] is None else v["shrink"] / 100
-            imp = ones_where(stats(shrinkage)[layer], v)
+            imp = ones_where(layer_stats[layer], v)
             targets = B.block_outputs(blk, fp_in, 8)
             if v["mitigation"]:
                 B.mitigate_errors(blk, q_in, targets, imp.channel_weight, recipe.mitigation, B.stage_seed(0, layer, 1),

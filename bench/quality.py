@@ -68,13 +68,13 @@ def git_commit() -> str:
 
 
 def cpu_model() -> str:
-    """The CPU's model name and clock from /proc/cpuinfo: our 2-core VMs land on different hosts (an AMX Xeon, a 2.6 GHz EPYC)
-    whose speeds differ by ~25%, and platform.processor() is empty on Linux."""
+    """The CPU's model name and clock from /proc/cpuinfo: our 2-core VMs land on different hosts (an AMX Xeon, a
+    2.6 GHz EPYC) whose speeds differ by ~25%, and platform.processor() is empty on Linux."""
     try:
-        info = dict(line.split(":", 1) for line in Path("/proc/cpuinfo").read_text().splitlines() if ":" in line)
+        text = Path("/proc/cpuinfo").read_text()
     except OSError:
         return platform.processor()
-    info = {k.strip(): v.strip() for k, v in info.items()}
+    info = {k.strip(): v.strip() for k, sep, v in (line.partition(":") for line in text.splitlines()) if sep}
     model = info.get("model name", platform.processor())
     return f"{model} @ {float(info['cpu MHz']):.0f} MHz" if "cpu MHz" in info else model
 
