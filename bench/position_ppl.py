@@ -45,6 +45,8 @@ def buckets(fp: torch.Tensor, q: torch.Tensor) -> list[dict]:
 
 def restore_fp(model: TorchModel, source, names: list[str]) -> None:
     """Replace the named linears of every block by the source's full-precision weights (and bias)."""
+    if not names:
+        return
     for i, blk in enumerate(model.blocks):
         full = DecoderBlock(source.config, i, source.block_weights(i))
         for name in names:
