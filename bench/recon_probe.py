@@ -11,6 +11,7 @@ bench/results/recon-probe.jsonl.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import sys
@@ -55,6 +56,17 @@ def add_unit_mid(model: TorchModel) -> None:
                     p.scale_mid = torch.nn.Parameter(torch.ones(p.rank))
 
 
+def thaw_signs(model: TorchModel) -> None:
+    """Frozen ±1 signs become trainable latents of the same values (mean |latent| = 1, as refinement starts them)."""
+    for blk in model.blocks:
+        for lin in factored_linears(blk):
+            for p in lin.paths:
+                u, v = p.latent_u, p.latent_v
+                del p.latent_u, p.latent_v
+                p.latent_u, p.latent_v = torch.nn.Parameter(u.clone()), torch.nn.Parameter(v.clone())
+                p.signs_frozen = False
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("nq", type=Path)
@@ -68,6 +80,8 @@ def main() -> None:
     ap.add_argument("--lr", type=float, nargs="+", default=[2e-2])
     ap.add_argument("--add-mid", action="store_true",
                     help="give every path a trainable scale_mid of ones first (probes per-rank scales)")
+    ap.add_argument("--latent-lr", type=float, nargs="+", default=[0.0],
+                    help="also train the signs (STE latents started at ±1) at these lrs; 0 = scales only")
     ap.add_argument("--top-k", type=int, default=64)
     ap.add_argument("--windows", type=int, default=40)
     args = ap.parse_args()
@@ -86,18 +100,20 @@ def main() -> None:
     windows = eval_windows(source, text, args.windows)
     fp_ppl = fp_perplexity(Path(args.model).name, source, windows, text)["ppl"]
     for epochs in args.epochs:
-        for lr in args.lr:
+        for lr, latent_lr in itertools.product(args.lr, args.latent_lr):
             model = load_nq(args.nq)
             if args.add_mid:
                 add_unit_mid(model)
+            if latent_lr > 0:
+                thaw_signs(model)
             losses: list[float] = []
             t1 = time.perf_counter()
             last = reconstruct(model, calib, cache, epochs, args.batch, lr, 12345,
-                               lambda step, steps, loss, out=losses: out.append(loss))
+                               lambda step, steps, loss, out=losses: out.append(loss), latent_lr)
             t_recon = time.perf_counter() - t1
             ppl = perplexity(model, windows)
             tenth = max(len(losses) // 10, 1)
-            settings = vars(args) | {"nq": str(args.nq), "epochs": epochs, "lr": lr}
+            settings = vars(args) | {"nq": str(args.nq), "epochs": epochs, "lr": lr, "latent_lr": latent_lr}
             record = {"commit": git_commit(), "machine": machine(), "load_average": os.getloadavg(),
                       "settings": settings, "cache_seconds": t_cache, "recon_seconds": t_recon,
                       "loss_first_tenth": sum(losses[:tenth]) / tenth, "loss_last_epoch": last,

@@ -4,7 +4,7 @@ The teacher's logits are never kept for the whole vocabulary (the official cache
 For every calibration token we keep the teacher's top-k log-probabilities and their ids, and the tail mass
 1 − Σ top-k as one extra bucket. The loss is the exact KL divergence between the two distributions coarsened to
 those k + 1 outcomes, KL(p̄_T ‖ p̄_S) = Σ_top p_T (log p_T − log p_S) + p_T,tail (log p_T,tail − log p_S,tail), where
-p_S,tail is the student's mass outside the teacher's top-k (a log-sum-exp over the masked logits). With k = 64 it
+p_S,tail is the student's mass outside the teacher's top-k (1 − its top-k mass). With k = 64 it
 covers ≥ 90% of the teacher's mass on typical tokens, and the tail bucket keeps the student from piling mass there.
 Cache size: windows × tokens × k × 8 bytes (33 MB for 256 × 256 × 64).
 """
@@ -85,14 +85,20 @@ def scale_parameters(model: TorchModel) -> list[torch.nn.Parameter]:
 
 
 def reconstruct(model: TorchModel, tokens: torch.Tensor, cache: TeacherCache, epochs: int, batch: int,
-                lr: float, seed: int, report: Report) -> float:
-    """Adam(0.9, 0.99) with cosine decay on the scales only (each at lr × its mean |value|), batches of windows in a
-    seeded order; everything else is frozen. Returns the last epoch's mean loss."""
+                lr: float, seed: int, report: Report, latent_lr: float = 0.0) -> float:
+    """Adam(0.9, 0.99) with cosine decay on the scales (each at lr × its mean |value|), batches of windows in a
+    seeded order; everything else is frozen, except the sign latents of paths whose signs are not frozen, which
+    train at `latent_lr` when it is positive. Returns the last epoch's mean loss."""
     scales = scale_parameters(model)
-    frozen = [p for p in model.parameters() if p.requires_grad and all(p is not s for s in scales)]
+    latents = ([t for block in model.blocks for lin in factored_linears(block) for t in lin.latents()]
+               if latent_lr > 0 else [])
+    tuned = scales + latents
+    frozen = [p for p in model.parameters() if p.requires_grad and all(p is not s for s in tuned)]
     for p in frozen:
         p.requires_grad_(False)
     groups = [{"params": [s], "lr": lr * float(s.detach().abs().mean())} for s in scales]
+    if latents:
+        groups.append({"params": latents, "lr": latent_lr})
     return adam_cosine(groups, tokens.shape[0], batch, epochs, seed,
                        lambda idx: coarse_kl(model(tokens[idx]), cache.logp[idx], cache.ids[idx], cache.log_tail[idx]),
                        report)
