@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .block import factored_linears
+from .block import bf16_autocast, factored_linears
 from .model import TorchModel
 from .optim import Report, adam_cosine
 
@@ -45,8 +45,9 @@ def _log_tail(top_logp: torch.Tensor) -> torch.Tensor:
 
 @torch.no_grad()
 def teacher_cache(head: Callable[[torch.Tensor], torch.Tensor], final_hidden: torch.Tensor, k: int,
-                  batch: int) -> TeacherCache:
-    """Top-k cache from the full-precision model's last hidden states (the FP trajectory after the last block).
+                  batch: int, bf16: bool = False) -> TeacherCache:
+    """Top-k cache from the full-precision model's last hidden states (the FP trajectory after the last block); with
+    `bf16` the head's matmul runs in bfloat16 (the log-softmax stays float32), as the teacher's blocks do.
 
     The outputs are allocated once up front and filled in place: keeping small per-batch results alive between the
     large transient log-softmax buffers fragmented glibc's heap until 1024 windows of 128 tokens were killed for
@@ -54,7 +55,10 @@ def teacher_cache(head: Callable[[torch.Tensor], torch.Tensor], final_hidden: to
     n, t = final_hidden.shape[:2]
     cache = None
     for i in range(0, n, batch):
-        logp = torch.log_softmax(head(final_hidden[i:i + batch]), dim=-1)
+        with bf16_autocast(bf16):
+            logits = head(final_hidden[i:i + batch])
+        logp = torch.log_softmax(logits.float(), dim=-1)
+        del logits
         top = torch.topk(logp, min(k, logp.shape[-1]), dim=-1)
         if cache is None:
             kk = top.values.shape[-1]

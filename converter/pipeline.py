@@ -65,6 +65,7 @@ class Recipe:
     recon_batch: int
     recon_lr: float
     scale_mid: bool = False  # a trainable per-rank scale on every path (16 bits per rank)
+    teacher_bf16: bool = False  # the full-precision targets and teacher cache in bfloat16 (where the CPU has it)
     top_k: int = TOP_K
     error_mitigation: bool = True
     refine: bool = True
@@ -93,7 +94,7 @@ PRESETS: dict[str, Recipe] = {
     "quick": Recipe(samples=128, seqlen=256, stat_samples=32, shrinkage=0.4, admm=AdmmSettings(iterations=60),
                     mitigation=B.TuneSettings(epochs=1, batch=4, lr=1e-4, scale_lr=0.0),
                     refinement=B.TuneSettings(epochs=4, batch=2, lr=3e-2, scale_lr=2e-2),
-                    recon_samples=512, recon_epochs=1, recon_batch=1, recon_lr=5e-3),
+                    recon_samples=512, recon_epochs=1, recon_batch=1, recon_lr=5e-3, teacher_bf16=True),
     # Four times quick's block-stage windows, 3 refinement epochs (the 768 steps per block of the previous standard,
     # 256 windows × 6), 100 ADMM iterations, distillation on 2000 distinct windows (of the 2009 the default text
     # holds). bench/block_probe.py (first 4 blocks, 4 test windows, FP 20.56): 256 × 6 31.13, 384 × 6 30.26,
@@ -104,7 +105,8 @@ PRESETS: dict[str, Recipe] = {
     "standard": Recipe(samples=512, seqlen=256, stat_samples=64, shrinkage=0.4, admm=AdmmSettings(iterations=100),
                        mitigation=B.TuneSettings(epochs=1, batch=4, lr=1e-4, scale_lr=0.0),
                        refinement=B.TuneSettings(epochs=3, batch=2, lr=3e-2, scale_lr=2e-2),
-                       recon_samples=2000, recon_epochs=1, recon_batch=1, recon_lr=5e-3),
+                       recon_samples=2000, recon_epochs=1, recon_batch=1, recon_lr=5e-3,
+                       teacher_bf16=True),
 }
 
 
@@ -131,7 +133,8 @@ class Options:
         if self.preset not in PRESETS:
             raise ConversionError(f"unknown preset {self.preset!r} (choose from: {', '.join(PRESETS)})")
         r = PRESETS[self.preset]
-        over = dict(error_mitigation=self.error_mitigation, refine=self.refine, model_recon=self.model_recon)
+        over = dict(error_mitigation=self.error_mitigation, refine=self.refine, model_recon=self.model_recon,
+                    teacher_bf16=r.teacher_bf16 and B.native_bf16())
         if self.scale_mid is not None:
             over["scale_mid"] = self.scale_mid
         if self.samples is not None:
@@ -382,7 +385,7 @@ def _blocks(source, base: TorchModel, windows: torch.Tensor, importance: list[La
         imp = importance[layer]
         w = imp.channel_weight
         reporter.block(layer, n)
-        targets = timer.run("targets", B.block_outputs, blk, fp_in, fb)
+        targets = timer.run("targets", B.block_outputs, blk, fp_in, fb, recipe.teacher_bf16)
         del fp_in
         tune_targets = targets[:recipe.samples]
         if recipe.error_mitigation:
@@ -406,7 +409,8 @@ def _blocks(source, base: TorchModel, windows: torch.Tensor, importance: list[La
     reporter.block(n, n)
     if recipe.model_recon:
         reporter.stage("teacher cache", 1)
-        cache = timer.run("teacher cache", teacher_cache, base.head, fp_in[:recipe.recon_samples], recipe.top_k, 1)
+        cache = timer.run("teacher cache", teacher_cache, base.head, fp_in[:recipe.recon_samples], recipe.top_k, 1,
+                          recipe.teacher_bf16)
         work.save("teacher.pt", cache)
         work.save("timings.pt", timer.seconds)
 

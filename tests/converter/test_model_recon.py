@@ -64,3 +64,15 @@ def test_coarse_kl_gradient_matches_the_float64_masked_logsumexp_form():
     fast = student.clone().requires_grad_()
     coarse_kl(fast, cache.logp, cache.ids, cache.log_tail).backward()
     torch.testing.assert_close(fast.grad.double(), exact.grad, rtol=1e-4, atol=1e-7)
+
+
+def test_teacher_cache_in_bfloat16_stays_close_to_float32():
+    """The bf16 teacher: same layout and dtypes, log-probs within bfloat16's rounding of the logits."""
+    gen = torch.Generator().manual_seed(6)
+    weight = torch.randn(97, 19, generator=gen)
+    hidden = torch.randn(4, 13, 19, generator=gen)
+    exact = teacher_cache(_head(weight), hidden, k=11, batch=3)
+    bf16 = teacher_cache(_head(weight), hidden, k=11, batch=3, bf16=True)
+    assert bf16.logp.dtype == torch.float32 and bf16.ids.dtype == torch.int32
+    assert not torch.equal(bf16.logp, exact.logp)  # bfloat16 really ran
+    torch.testing.assert_close(bf16.logp, exact.logp, rtol=0, atol=0.15)

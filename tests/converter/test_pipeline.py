@@ -18,7 +18,7 @@ from nqfmt import keys as K
 TINY = P.Recipe(samples=6, seqlen=12, stat_samples=4, shrinkage=0.4, admm=AdmmSettings(iterations=8),
                 mitigation=B.TuneSettings(epochs=1, batch=3, lr=1e-3),
                 refinement=B.TuneSettings(epochs=1, batch=3), recon_samples=4, recon_epochs=1, recon_batch=2,
-                recon_lr=5e-2, top_k=5, forward_batch=4)
+                recon_lr=5e-2, top_k=5, forward_batch=4, teacher_bf16=True)
 
 
 @pytest.fixture
@@ -196,3 +196,19 @@ def test_samples_override_keeps_the_presets_distillation_ratio():
     assert recipe.recon_samples == round(quick.recon_samples / 2)
     with pytest.raises(P.ConversionError, match="--samples"):
         P.Options(model="m", out=Path("o.nq"), samples=0).recipe()
+
+
+def test_teacher_bf16_only_where_the_cpu_multiplies_bfloat16(monkeypatch):
+    for native in (True, False):
+        monkeypatch.setattr(B, "native_bf16", lambda: native)
+        for preset in P.PRESETS:
+            assert P.Options(model="m", out=Path("o.nq"), preset=preset).recipe().teacher_bf16 == native
+
+
+def test_block_outputs_in_bfloat16_are_float32_and_close():
+    gen = torch.Generator().manual_seed(8)
+    lin = torch.nn.Linear(37, 29)
+    x = torch.randn(5, 7, 37, generator=gen)
+    exact, bf16 = B.block_outputs(lin, x, 2), B.block_outputs(lin, x, 2, bf16=True)
+    assert bf16.dtype == torch.float32 and not torch.equal(bf16, exact)
+    torch.testing.assert_close(bf16, exact, rtol=0, atol=0.05 * float(exact.abs().max()))
