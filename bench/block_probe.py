@@ -68,6 +68,7 @@ def main() -> None:
     variants = [(name, parse_variant(name)) for name in args.variants]
 
     recipe = PRESETS["quick"]
+    teacher_bf16 = recipe.teacher_bf16 and B.native_bf16()  # the targets' precision, as the pipeline picks it
     src = open_source("smollm2-135m")
     c = src.config
     ids = calibration_tokens(src.hf_tokenizer(), [default_calibration_text()])
@@ -103,7 +104,7 @@ def main() -> None:
         for layer in range(args.blocks):
             blk = DecoderBlock(c, layer, src.block_weights(layer))
             imp = ones_where(layer_stats[layer], v)
-            targets = B.block_outputs(blk, fp_in, 8)
+            targets = B.block_outputs(blk, fp_in, 8, teacher_bf16)
             if v["mitigation"]:
                 B.mitigate_errors(blk, q_in, targets, imp.channel_weight, recipe.mitigation, B.stage_seed(0, layer, 1),
                                   lambda *a: None)
@@ -116,6 +117,7 @@ def main() -> None:
             qblocks.append(blk)
         record = {"commit": git_commit(), "machine": machine(), "load_average": os.getloadavg(), "variant": name,
                   "settings": v, "blocks": args.blocks, "windows": args.windows, "bits": args.bits,
+                  "teacher_bf16": teacher_bf16,
                   "ppl_fp32": fp_ppl, "ppl": ppl(qblocks + fp_blocks[args.blocks:]), "last_block_loss": loss,
                   "seconds": time.perf_counter() - t}
         with open(RESULTS / "block-probe.jsonl", "a") as f:
