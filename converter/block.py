@@ -43,8 +43,11 @@ def stage_seed(seed: int, layer: int, stage: int) -> int:
 def native_bf16() -> bool:
     """Whether this CPU multiplies bfloat16 natively (AVX512-BF16 or AMX). There a bfloat16 matmul of a block's
     shapes runs 4–5× faster than float32 (a 2.6 GHz EPYC: 2048×576×1536 in 4.2 against 20.6 ms); elsewhere
-    oneDNN emulates it, slower than float32, so the teacher stays float32."""
-    caps = torch.cpu.get_capabilities()
+    oneDNN emulates it, slower than float32, so the teacher stays float32 (also on a torch too old to say)."""
+    capabilities = getattr(torch.cpu, "get_capabilities", None)
+    if capabilities is None:
+        return False
+    caps = capabilities()
     return bool(caps.get("avx512_bf16") or caps.get("amx_bf16"))
 
 
