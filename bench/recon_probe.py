@@ -57,14 +57,11 @@ def add_unit_mid(model: TorchModel) -> None:
 
 
 def thaw_signs(model: TorchModel) -> None:
-    """Frozen ±1 signs become trainable latents of the same values (mean |latent| = 1, as refinement starts them)."""
+    """Every path's frozen signs become trainable latents again (`BinaryPath.thaw_signs`)."""
     for blk in model.blocks:
         for lin in factored_linears(blk):
             for p in lin.paths:
-                u, v = p.latent_u, p.latent_v
-                del p.latent_u, p.latent_v
-                p.latent_u, p.latent_v = torch.nn.Parameter(u.clone()), torch.nn.Parameter(v.clone())
-                p.signs_frozen = False
+                p.thaw_signs()
 
 
 def main() -> None:

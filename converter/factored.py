@@ -87,6 +87,16 @@ class BinaryPath(nn.Module):
         self.register_buffer("latent_v", v)
         self.signs_frozen = True
 
+    def thaw_signs(self) -> None:
+        """The inverse of `freeze_signs`: the ±1 buffers become trainable latents of the same values (mean |latent|
+        = 1, as refinement starts them), so a later stage can flip signs again."""
+        if not self.signs_frozen:
+            return
+        u, v = self.latent_u, self.latent_v
+        del self.latent_u, self.latent_v
+        self.latent_u, self.latent_v = nn.Parameter(u.clone()), nn.Parameter(v.clone())
+        self.signs_frozen = False
+
     def scales(self) -> list[nn.Parameter]:
         return [s for s in (self.scale_in, self.scale_out, self.scale_mid) if s is not None]
 
