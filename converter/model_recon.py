@@ -88,19 +88,30 @@ def scale_parameters(model: TorchModel) -> list[torch.nn.Parameter]:
     return [s for block in model.blocks for lin in factored_linears(block) for s in lin.scales()]
 
 
+def head_parameters(model: TorchModel) -> list[torch.nn.Parameter]:
+    """The final norm and the head (the embedding when tied): full-precision tensors the file stores as they are,
+    so tuning them costs no bits."""
+    return [model.output_norm.weight, model.token_embd if model.output is None else model.output]
+
+
 def reconstruct(model: TorchModel, tokens: torch.Tensor, cache: TeacherCache, epochs: int, batch: int,
-                lr: float, seed: int, report: Report, latent_lr: float = 0.0) -> float:
+                lr: float, seed: int, report: Report, latent_lr: float = 0.0, head_lr: float = 0.0) -> float:
     """Adam(0.9, 0.99) with cosine decay on the scales (each at lr × its mean |value|), batches of windows in a
     seeded order; everything else is frozen, except the sign latents of paths whose signs are not frozen, which
-    train at `latent_lr` when it is positive. Returns the last epoch's mean loss."""
-    scales = scale_parameters(model)
+    train at `latent_lr` when it is positive, and the head's tensors, at `head_lr` × their mean |value| when it is
+    positive. Returns the last epoch's mean loss."""
+    scales = scale_parameters(model) + (head_parameters(model) if head_lr > 0 else [])
     latents = ([t for block in model.blocks for lin in factored_linears(block) for t in lin.latents()]
                if latent_lr > 0 else [])
     tuned = scales + latents
+    for p in tuned:
+        p.requires_grad_(True)
     frozen = [p for p in model.parameters() if p.requires_grad and all(p is not s for s in tuned)]
     for p in frozen:
         p.requires_grad_(False)
-    groups = [{"params": [s], "lr": lr * float(s.detach().abs().mean())} for s in scales]
+    head = head_parameters(model) if head_lr > 0 else []
+    groups = [{"params": [s], "lr": (head_lr if any(s is h for h in head) else lr) * float(s.detach().abs().mean())}
+              for s in scales]
     if latents:
         groups.append({"params": latents, "lr": latent_lr})
     return adam_cosine(groups, tokens.shape[0], batch, epochs, seed,
