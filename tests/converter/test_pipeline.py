@@ -212,3 +212,31 @@ def test_block_outputs_in_bfloat16_are_float32_and_close():
     exact, bf16 = B.block_outputs(lin, x, 2), B.block_outputs(lin, x, 2, bf16=True)
     assert bf16.dtype == torch.float32 and not torch.equal(bf16, exact)
     torch.testing.assert_close(bf16, exact, rtol=0, atol=0.05 * float(exact.abs().max()))
+
+
+@pytest.mark.parametrize("latent_lr,head_lr", [(0.0, 0.0), (5e-2, 0.0), (0.0, 5e-2)])
+def test_distillation_tunes_exactly_what_it_is_asked_to(latent_lr, head_lr, tmp_path, tiny_preset):
+    from converter.model_recon import reconstruct, teacher_cache
+
+    hf_tiny.save("llama", tmp_path / "llama")
+    out = run(tmp_path, tmp_path / "llama", model_recon=False).out
+    teacher, model = load_nq(out), load_nq(out)
+    for blk in model.blocks:
+        for lin in B.factored_linears(blk):
+            for p in lin.paths:
+                p.thaw_signs()
+    before = {name: t.detach().clone() for name, t in model.state_dict().items()}
+    tokens = torch.randint(0, hf_tiny.VOCAB, (4, 10), generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        h = teacher.embed(tokens)
+        for blk in teacher.blocks:
+            h = blk(h) * 1.1  # a teacher the student does not already match
+    cache = teacher_cache(teacher.head, h, 5, 2)
+    reconstruct(model, tokens, cache, 2, 2, 5e-2, 0, lambda *a: None, latent_lr, head_lr)
+    changed = {name for name, t in model.state_dict().items() if not torch.equal(t, before[name])}
+    assert changed, "nothing was tuned"
+    assert all(n.endswith(("scale_in", "scale_out")) or "latent" in n or n in ("token_embd", "output_norm.weight")
+               for n in changed)
+    assert any(n.endswith("scale_out") for n in changed)
+    assert (latent_lr > 0) == any("latent" in n for n in changed)
+    assert (head_lr > 0) == ("token_embd" in changed) == ("output_norm.weight" in changed)
