@@ -100,18 +100,18 @@ def reconstruct(model: TorchModel, tokens: torch.Tensor, cache: TeacherCache, ep
     seeded order; everything else is frozen, except the sign latents of paths whose signs are not frozen, which
     train at `latent_lr` when it is positive, and the head's tensors, at `head_lr` × their mean |value| when it is
     positive. Returns the last epoch's mean loss."""
-    scales = scale_parameters(model) + (head_parameters(model) if head_lr > 0 else [])
+    scales = scale_parameters(model)
+    head = head_parameters(model) if head_lr > 0 else []
     latents = ([t for block in model.blocks for lin in factored_linears(block) for t in lin.latents()]
                if latent_lr > 0 else [])
-    tuned = scales + latents
+    tuned = scales + head + latents
     for p in tuned:
         p.requires_grad_(True)
     frozen = [p for p in model.parameters() if p.requires_grad and all(p is not s for s in tuned)]
     for p in frozen:
         p.requires_grad_(False)
-    head = head_parameters(model) if head_lr > 0 else []
-    groups = [{"params": [s], "lr": (head_lr if any(s is h for h in head) else lr) * float(s.detach().abs().mean())}
-              for s in scales]
+    groups = [{"params": [t], "lr": rate * float(t.detach().abs().mean())}
+              for tensors, rate in ((scales, lr), (head, head_lr)) for t in tensors]
     if latents:
         groups.append({"params": latents, "lr": latent_lr})
     return adam_cosine(groups, tokens.shape[0], batch, epochs, seed,
