@@ -57,11 +57,10 @@ def add_unit_mid(model: TorchModel) -> None:
 
 
 def thaw_signs(model: TorchModel) -> None:
-    """Every path's frozen signs become trainable latents again (`BinaryPath.thaw_signs`)."""
+    """Every linear's frozen signs become trainable latents again (`BinaryFactoredLinear.thaw_signs`)."""
     for blk in model.blocks:
         for lin in factored_linears(blk):
-            for p in lin.paths:
-                p.thaw_signs()
+            lin.thaw_signs()
 
 
 def main() -> None:

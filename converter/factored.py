@@ -175,6 +175,11 @@ class BinaryFactoredLinear(nn.Module):
         for p in self.paths:
             p.freeze_signs()
 
+    def thaw_signs(self) -> None:
+        """Every path's ±1 buffers become trainable latents again (`BinaryPath.thaw_signs`)."""
+        for p in self.paths:
+            p.thaw_signs()
+
     def latents(self) -> list[nn.Parameter]:
         """The trainable sign latents (empty once frozen)."""
         return [t for p in self.paths if not p.signs_frozen for t in (p.latent_u, p.latent_v)]

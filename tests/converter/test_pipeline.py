@@ -223,8 +223,7 @@ def test_distillation_tunes_exactly_what_it_is_asked_to(latent_lr, head_lr, tmp_
     teacher, model = load_nq(out), load_nq(out)
     for blk in model.blocks:
         for lin in B.factored_linears(blk):
-            for p in lin.paths:
-                p.thaw_signs()
+            lin.thaw_signs()
     before = {name: t.detach().clone() for name, t in model.state_dict().items()}
     tokens = torch.randint(0, hf_tiny.VOCAB, (4, 10), generator=torch.Generator().manual_seed(5))
     with torch.no_grad():
