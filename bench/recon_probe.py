@@ -80,6 +80,8 @@ def main() -> None:
                     help="also train the signs (STE latents started at ±1) at these lrs; 0 = scales only")
     ap.add_argument("--head-lr", type=float, nargs="+", default=[0.0],
                     help="also train the final norm and the (tied) head at these lrs × mean |value|; 0 = off")
+    ap.add_argument("--ce-weight", type=float, nargs="+", default=[0.0],
+                    help="add this × the next-token cross-entropy on the calibration text to the KL loss; 0 = off")
     ap.add_argument("--top-k", type=int, default=64)
     ap.add_argument("--windows", type=int, default=40)
     args = ap.parse_args()
@@ -98,7 +100,7 @@ def main() -> None:
     windows = eval_windows(source, text, args.windows)
     fp_ppl = fp_perplexity(Path(args.model).name, source, windows, text)["ppl"]
     for epochs in args.epochs:
-        for lr, latent_lr, head_lr in itertools.product(args.lr, args.latent_lr, args.head_lr):
+        for lr, latent_lr, head_lr, ce in itertools.product(args.lr, args.latent_lr, args.head_lr, args.ce_weight):
             model = load_nq(args.nq)
             if args.add_mid:
                 add_unit_mid(model)
@@ -107,12 +109,12 @@ def main() -> None:
             losses: list[float] = []
             t1 = time.perf_counter()
             last = reconstruct(model, calib, cache, epochs, args.batch, lr, 12345,
-                               lambda step, steps, loss, out=losses: out.append(loss), latent_lr, head_lr)
+                               lambda step, steps, loss, out=losses: out.append(loss), latent_lr, head_lr, ce)
             t_recon = time.perf_counter() - t1
             ppl = perplexity(model, windows)
             tenth = max(len(losses) // 10, 1)
             settings = vars(args) | {"nq": str(args.nq), "epochs": epochs, "lr": lr, "latent_lr": latent_lr,
-                                    "head_lr": head_lr}
+                                    "head_lr": head_lr, "ce_weight": ce}
             record = {"commit": git_commit(), "machine": machine(), "load_average": os.getloadavg(),
                       "settings": settings, "cache_seconds": t_cache, "recon_seconds": t_recon,
                       "loss_first_tenth": sum(losses[:tenth]) / tenth, "loss_last_epoch": last,

@@ -94,8 +94,14 @@ def head_parameters(model: TorchModel) -> list[torch.nn.Parameter]:
     return [model.output_norm.weight, model.token_embd if model.output is None else model.output]
 
 
+def next_token_ce(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+    """Mean cross-entropy of each position's logits against the window's next token (the last position has none)."""
+    return torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), tokens[:, 1:].flatten().long())
+
+
 def reconstruct(model: TorchModel, tokens: torch.Tensor, cache: TeacherCache, epochs: int, batch: int,
-                lr: float, seed: int, report: Report, latent_lr: float = 0.0, head_lr: float = 0.0) -> float:
+                lr: float, seed: int, report: Report, latent_lr: float = 0.0, head_lr: float = 0.0,
+                ce_weight: float = 0.0) -> float:
     """Adam(0.9, 0.99) with cosine decay on the scales (each at lr × its mean |value|), batches of windows in a
     seeded order; everything else is frozen, except the sign latents of paths whose signs are not frozen, which
     train at `latent_lr` when it is positive, and the head's tensors, at `head_lr` × their mean |value| when it is
@@ -114,6 +120,10 @@ def reconstruct(model: TorchModel, tokens: torch.Tensor, cache: TeacherCache, ep
               for tensors, rate in ((scales, lr), (head, head_lr)) for t in tensors]
     if latents:
         groups.append({"params": latents, "lr": latent_lr})
-    return adam_cosine(groups, tokens.shape[0], batch, epochs, seed,
-                       lambda idx: coarse_kl(model(tokens[idx]), cache.logp[idx], cache.ids[idx], cache.log_tail[idx]),
-                       report)
+
+    def loss(idx: torch.Tensor) -> torch.Tensor:
+        logits = model(tokens[idx])
+        kl = coarse_kl(logits, cache.logp[idx], cache.ids[idx], cache.log_tail[idx])
+        return kl + ce_weight * next_token_ce(logits, tokens[idx]) if ce_weight > 0 else kl
+
+    return adam_cosine(groups, tokens.shape[0], batch, epochs, seed, loss, report)

@@ -67,6 +67,7 @@ class Recipe:
     scale_mid: bool = False  # a trainable per-rank scale on every path (16 bits per rank)
     teacher_bf16: bool = False  # the full-precision targets and teacher cache in bfloat16 (where the CPU has it)
     top_k: int = TOP_K
+    recon_ce: float = 0.0  # weight of the calibration text's next-token cross-entropy beside the distillation's KL
     error_mitigation: bool = True
     refine: bool = True
     model_recon: bool = True
@@ -105,7 +106,7 @@ PRESETS: dict[str, Recipe] = {
     "standard": Recipe(samples=512, seqlen=256, stat_samples=64, shrinkage=0.4, admm=AdmmSettings(iterations=100),
                        mitigation=B.TuneSettings(epochs=1, batch=4, lr=1e-4, scale_lr=0.0),
                        refinement=B.TuneSettings(epochs=3, batch=2, lr=3e-2, scale_lr=2e-2),
-                       recon_samples=2000, recon_epochs=1, recon_batch=1, recon_lr=5e-3,
+                       recon_samples=2000, recon_epochs=1, recon_batch=1, recon_lr=5e-3, recon_ce=1.0,
                        teacher_bf16=True),
 }
 
@@ -439,7 +440,7 @@ def _reconstruct(model: TorchModel, windows: torch.Tensor, recipe: Recipe, seed:
         timer.run("model reconstruction", reconstruct, model, windows[:recipe.recon_samples],
                   cache, recipe.recon_epochs,
                   recipe.recon_batch, recipe.recon_lr, B.stage_seed(seed, 10_000, 3),
-                  reporter.update)
+                  reporter.update, ce_weight=recipe.recon_ce)
         saved = [s.detach().clone() for s in scales]
         work.save("recon.pt", saved)
         work.save("timings.pt", timer.seconds)

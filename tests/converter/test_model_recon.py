@@ -1,7 +1,7 @@
 """The teacher's top-k cache and the coarsened KL against float64 references on random logits."""
 import torch
 
-from converter.model_recon import coarse_kl, teacher_cache
+from converter.model_recon import coarse_kl, next_token_ce, teacher_cache
 
 
 def _head(weight: torch.Tensor):
@@ -76,3 +76,12 @@ def test_teacher_cache_in_bfloat16_stays_close_to_float32():
     assert bf16.logp.dtype == torch.float32 and bf16.ids.dtype == torch.int32
     assert not torch.equal(bf16.logp, exact.logp)  # bfloat16 really ran
     torch.testing.assert_close(bf16.logp, exact.logp, rtol=0, atol=0.15)
+
+
+def test_next_token_ce_is_the_float64_mean_negative_log_likelihood_of_each_next_token():
+    gen = torch.Generator().manual_seed(6)
+    logits = torch.randn(3, 7, 41, generator=gen)
+    tokens = torch.randint(0, 41, (3, 7), generator=gen, dtype=torch.int32)
+    logq = torch.log_softmax(logits.double(), dim=-1)
+    expected = -sum(float(logq[b, t, tokens[b, t + 1]]) for b in range(3) for t in range(6)) / 18
+    assert abs(float(next_token_ce(logits, tokens)) - expected) < 1e-5

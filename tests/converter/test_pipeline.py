@@ -173,8 +173,8 @@ def test_distillation_windows_beyond_the_block_stage(tmp_path, tiny_preset, monk
     monkeypatch.setattr(P.WorkDir, "save", spy)
     distilled = []
     reconstruct = P.reconstruct
-    monkeypatch.setattr(P, "reconstruct", lambda model, tokens, *a: distilled.append(tokens) or reconstruct(
-        model, tokens, *a))
+    monkeypatch.setattr(P, "reconstruct", lambda model, tokens, *a, **kw: distilled.append(tokens) or reconstruct(
+        model, tokens, *a, **kw))
     run(tmp_path, tmp_path / "src", "few.nq")
     monkeypatch.setitem(P.PRESETS, "tiny", dataclasses.replace(TINY, recon_samples=9))
     run(tmp_path, tmp_path / "src", "many.nq")
