@@ -6,7 +6,9 @@ For every calibration token we keep the teacher's top-k log-probabilities and th
 those k + 1 outcomes, KL(p̄_T ‖ p̄_S) = Σ_top p_T (log p_T − log p_S) + p_T,tail (log p_T,tail − log p_S,tail), where
 p_S,tail is the student's mass outside the teacher's top-k (1 − its top-k mass). With k = 64 it
 covers ≥ 90% of the teacher's mass on typical tokens, and the tail bucket keeps the student from piling mass there.
-Cache size: windows × tokens × k × 8 bytes (33 MB for 256 × 256 × 64).
+Cache size: windows × tokens × k × 8 bytes (33 MB for 256 × 256 × 64). Optionally the loss adds the student's
+cross-entropy on the calibration text's own next tokens (`ce_weight`), which the coarsened KL knows nothing of when
+the next token lies in the teacher's tail.
 """
 from __future__ import annotations
 
@@ -105,7 +107,9 @@ def reconstruct(model: TorchModel, tokens: torch.Tensor, cache: TeacherCache, ep
     """Adam(0.9, 0.99) with cosine decay on the scales (each at lr × its mean |value|), batches of windows in a
     seeded order; everything else is frozen, except the sign latents of paths whose signs are not frozen, which
     train at `latent_lr` when it is positive, and the head's tensors, at `head_lr` × their mean |value| when it is
-    positive. Returns the last epoch's mean loss."""
+    positive. The loss is the coarsened KL plus `ce_weight` × the next-token cross-entropy on `tokens` themselves:
+    the KL cannot say which of the teacher's tail tokens comes next, the text can. Returns the last epoch's mean
+    loss."""
     scales = scale_parameters(model)
     head = head_parameters(model) if head_lr > 0 else []
     latents = ([t for block in model.blocks for lin in factored_linears(block) for t in lin.latents()]
