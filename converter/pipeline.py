@@ -99,10 +99,10 @@ PRESETS: dict[str, Recipe] = {
     # Four times quick's block-stage windows, 3 refinement epochs (the 768 steps per block of the previous standard,
     # 256 windows × 6), 100 ADMM iterations, distillation on 2000 distinct windows (of the 2009 the default text
     # holds). bench/block_probe.py (first 4 blocks, 4 test windows, FP 20.56): 256 × 6 31.13, 384 × 6 30.26,
-    # 512 × 4 30.12 — distinct windows again beat repeats. 512 × 4 itself measured 156 s per block in the pipeline
-    # (vs 91 s for 256 × 6), which with this distillation would overrun the 2-hour budget. This recipe: 104.1 min
-    # idle, 3.70× FP ppl (bar 3.5×; v1 3.93× in 74.9 min), peak RSS 5.8 GB. With --scale-mid: 3.69×, no real gain
-    # for its 0.0087 bpw, so scale_mid stays off (spec/CONVERTER.md, "Tried and not adopted").
+    # 512 × 4 30.12 — distinct windows again beat repeats, but 512 × 4 with this distillation would overrun the
+    # 2-hour budget. On the 2.6 GHz EPYC host, bfloat16 teacher: 86.7 min idle, 3.57× FP ppl with the CE term
+    # (3.70× with the KL alone; bar 3.5×), peak RSS 6.0 GB. With --scale-mid: 3.69× against 3.70× (KL alone), no
+    # real gain for its 0.0087 bpw, so scale_mid stays off (spec/CONVERTER.md, "Tried and not adopted").
     "standard": Recipe(samples=512, seqlen=256, stat_samples=64, shrinkage=0.4, admm=AdmmSettings(iterations=100),
                        mitigation=B.TuneSettings(epochs=1, batch=4, lr=1e-4, scale_lr=0.0),
                        refinement=B.TuneSettings(epochs=3, batch=2, lr=3e-2, scale_lr=2e-2),
