@@ -214,9 +214,20 @@ def test_block_outputs_in_bfloat16_are_float32_and_close():
     torch.testing.assert_close(bf16, exact, rtol=0, atol=0.05 * float(exact.abs().max()))
 
 
+def _teacher_cache(teacher, tokens: torch.Tensor, stretch: float = 1.0):
+    """A top-5 cache from `teacher`'s final hidden states, each block's output multiplied by `stretch`."""
+    from converter.model_recon import teacher_cache
+
+    with torch.no_grad():
+        h = teacher.embed(tokens)
+        for blk in teacher.blocks:
+            h = blk(h) * stretch
+    return teacher_cache(teacher.head, h, 5, 2)
+
+
 @pytest.mark.parametrize("latent_lr,head_lr", [(0.0, 0.0), (5e-2, 0.0), (0.0, 5e-2)])
 def test_distillation_tunes_exactly_what_it_is_asked_to(latent_lr, head_lr, tmp_path, tiny_preset):
-    from converter.model_recon import reconstruct, teacher_cache
+    from converter.model_recon import reconstruct
 
     hf_tiny.save("llama", tmp_path / "llama")
     out = run(tmp_path, tmp_path / "llama", model_recon=False).out
@@ -226,11 +237,7 @@ def test_distillation_tunes_exactly_what_it_is_asked_to(latent_lr, head_lr, tmp_
             lin.thaw_signs()
     before = {name: t.detach().clone() for name, t in model.state_dict().items()}
     tokens = torch.randint(0, hf_tiny.VOCAB, (4, 10), generator=torch.Generator().manual_seed(5))
-    with torch.no_grad():
-        h = teacher.embed(tokens)
-        for blk in teacher.blocks:
-            h = blk(h) * 1.1  # a teacher the student does not already match
-    cache = teacher_cache(teacher.head, h, 5, 2)
+    cache = _teacher_cache(teacher, tokens, stretch=1.1)  # a teacher the student does not already match
     reconstruct(model, tokens, cache, 2, 2, 5e-2, 0, lambda *a: None, latent_lr, head_lr)
     changed = {name for name, t in model.state_dict().items() if not torch.equal(t, before[name])}
     assert changed, "nothing was tuned"
@@ -243,18 +250,14 @@ def test_distillation_tunes_exactly_what_it_is_asked_to(latent_lr, head_lr, tmp_
 
 def test_distillation_with_the_text_cross_entropy_fits_the_text_better(tmp_path, tiny_preset):
     """ce_weight > 0 pulls the student toward the windows' real next tokens: after the same steps its cross-entropy
-    on them is lower than after the KL alone, and the KL-only run is what ce_weight = 0 gives."""
-    from converter.model_recon import next_token_ce, reconstruct, teacher_cache
+    on them is lower than after the KL alone."""
+    from converter.model_recon import next_token_ce, reconstruct
 
     hf_tiny.save("llama", tmp_path / "llama")
     out = run(tmp_path, tmp_path / "llama", model_recon=False).out
     teacher = load_nq(out)
     tokens = torch.randint(0, hf_tiny.VOCAB, (4, 10), generator=torch.Generator().manual_seed(7))
-    with torch.no_grad():
-        h = teacher.embed(tokens)
-        for blk in teacher.blocks:
-            h = blk(h)
-    cache = teacher_cache(teacher.head, h, 5, 2)
+    cache = _teacher_cache(teacher, tokens)
     ce = {}
     for weight in (0.0, 2.0):
         model = load_nq(out)
