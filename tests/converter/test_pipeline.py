@@ -263,5 +263,5 @@ def test_distillation_with_the_text_cross_entropy_fits_the_text_better(tmp_path,
         model = load_nq(out)
         reconstruct(model, tokens, cache, 3, 2, 5e-2, 0, lambda *a: None, ce_weight=weight)
         with torch.no_grad():
-            ce[weight] = float(next_token_ce(model(tokens), tokens))
+            ce[weight] = float(next_token_ce(torch.log_softmax(model(tokens), dim=-1), tokens))
     assert ce[2.0] < ce[0.0]
