@@ -71,7 +71,7 @@ def main() -> None:
     ap.add_argument("--seqlen", type=int, default=256)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--samples", type=int, default=128, help="windows used for distillation")
-    ap.add_argument("--epochs", type=int, nargs="+", default=[1])
+    ap.add_argument("--epochs", type=float, nargs="+", default=[1.0])
     ap.add_argument("--batch", type=int, default=1)
     ap.add_argument("--lr", type=float, nargs="+", default=[2e-2])
     ap.add_argument("--add-mid", action="store_true",

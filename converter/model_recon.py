@@ -103,7 +103,7 @@ def next_token_ce(logp_s: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
     return torch.nn.functional.nll_loss(logp_s[:, :-1].flatten(0, 1), tokens[:, 1:].flatten().long())
 
 
-def reconstruct(model: TorchModel, tokens: torch.Tensor, cache: TeacherCache, epochs: int, batch: int,
+def reconstruct(model: TorchModel, tokens: torch.Tensor, cache: TeacherCache, epochs: float, batch: int,
                 lr: float, seed: int, report: Report, latent_lr: float = 0.0, head_lr: float = 0.0,
                 ce_weight: float = 0.0) -> float:
     """Adam(0.9, 0.99) with cosine decay on the scales (each at lr × its mean |value|), batches of windows in a
