@@ -29,8 +29,7 @@ def adam_cosine(groups: list[dict], n: int, batch: int, epochs: float, seed: int
         g["base_lr"] = g["lr"]
     opt = torch.optim.Adam(groups, betas=(0.9, 0.99), eps=1e-8)
     gen = torch.Generator().manual_seed(seed)
-    passes = [n] * math.floor(epochs) + ([round((epochs % 1) * n)] if epochs % 1 else [])
-    passes = [size for size in passes if size > 0]
+    passes = [size for size in [n] * math.floor(epochs) + [round((epochs % 1) * n)] if size > 0]
     steps, step, pass_loss = sum(math.ceil(size / batch) for size in passes), 0, float("nan")
     for size in passes:
         order = torch.randperm(n, generator=gen)[:size]
