@@ -23,8 +23,8 @@ def adam_cosine(groups: list[dict], n: int, batch: int, epochs: float, seed: int
                 batch_loss: Callable[[torch.Tensor], torch.Tensor], report: Report) -> float:
     """Run `epochs` passes over n windows in batches drawn in a seeded order, minimising batch_loss(indices); each
     group's lr follows its own cosine schedule from its initial `lr`. A fractional part is a last pass over that
-    share of a fresh permutation, so a schedule can be lengthened in steps finer than a whole pass (the 2 h budget
-    of `standard` holds 1.75 passes of its distillation, not 2). Returns the last pass's mean loss."""
+    share of a fresh permutation, so a schedule can be lengthened in steps finer than a whole pass (a time budget
+    may hold 1.75 passes, not 2). Returns the last pass's mean loss."""
     for g in groups:
         g["base_lr"] = g["lr"]
     opt = torch.optim.Adam(groups, betas=(0.9, 0.99), eps=1e-8)
