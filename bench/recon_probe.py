@@ -35,16 +35,22 @@ from bench.quality import (
 from converter.block import block_outputs, factored_linears
 from converter.calibration import calibration_windows, default_calibration_text
 from converter.model import TorchModel, load_nq
-from converter.model_recon import reconstruct, teacher_cache
+from converter.model_recon import HiddenTargets, reconstruct, teacher_cache
 from converter.sources import open_source
 
 
-def final_hidden(model: TorchModel, windows: torch.Tensor, batch: int = 8) -> torch.Tensor:
-    """The full-precision trajectory's last hidden states (what the pipeline feeds the teacher cache)."""
+def fp_trajectory(model: TorchModel, windows: torch.Tensor, every: int,
+                  batch: int = 8) -> tuple[torch.Tensor, HiddenTargets]:
+    """The full-precision trajectory's last hidden states (what the pipeline feeds the teacher cache), and its states
+    (bfloat16) after every `every`-th block for the hidden-state term (none when `every` is 0)."""
     h = block_outputs(model.embed, windows, batch)
-    for blk in model.blocks:
+    kept = HiddenTargets([], [])
+    for layer, blk in enumerate(model.blocks):
         h = block_outputs(blk, h, batch)
-    return h
+        if every and (layer + 1) % every == 0:
+            kept.layers.append(layer)
+            kept.states.append(h.to(torch.bfloat16))
+    return h, kept
 
 
 def add_unit_mid(model: TorchModel) -> None:
@@ -82,6 +88,10 @@ def main() -> None:
                     help="also train the final norm and the (tied) head at these lrs × mean |value|; 0 = off")
     ap.add_argument("--ce-weight", type=float, nargs="+", default=[0.0],
                     help="add this × the next-token cross-entropy on the calibration text to the KL loss; 0 = off")
+    ap.add_argument("--hidden-weight", type=float, nargs="+", default=[0.0],
+                    help="add this × the unit-RMS hidden-state distance to the teacher's, averaged over the watched "
+                         "block outputs; 0 = off")
+    ap.add_argument("--hidden-every", type=int, default=1, help="watch the output of every k-th block")
     ap.add_argument("--top-k", type=int, default=64)
     ap.add_argument("--windows", type=int, default=40)
     args = ap.parse_args()
@@ -93,14 +103,17 @@ def main() -> None:
     t0 = time.perf_counter()
     with torch.no_grad():
         fp = TorchModel.from_source(source)
-        cache = teacher_cache(fp.head, final_hidden(fp, calib), args.top_k, 1)
+        last, hidden = fp_trajectory(fp, calib, args.hidden_every if max(args.hidden_weight) > 0 else 0)
+        cache = teacher_cache(fp.head, last, args.top_k, 1)
+        del last
     del fp
     t_cache = time.perf_counter() - t0
     text = test_text()
     windows = eval_windows(source, text, args.windows)
     fp_ppl = fp_perplexity(Path(args.model).name, source, windows, text)["ppl"]
     for epochs in args.epochs:
-        for lr, latent_lr, head_lr, ce in itertools.product(args.lr, args.latent_lr, args.head_lr, args.ce_weight):
+        for lr, latent_lr, head_lr, ce, hw in itertools.product(args.lr, args.latent_lr, args.head_lr,
+                                                                args.ce_weight, args.hidden_weight):
             model = load_nq(args.nq)
             if args.add_mid:
                 add_unit_mid(model)
@@ -109,12 +122,13 @@ def main() -> None:
             losses: list[float] = []
             t1 = time.perf_counter()
             last = reconstruct(model, calib, cache, epochs, args.batch, lr, 12345,
-                               lambda step, steps, loss, out=losses: out.append(loss), latent_lr, head_lr, ce)
+                               lambda step, steps, loss, out=losses: out.append(loss), latent_lr, head_lr, ce,
+                               hidden, hw)
             t_recon = time.perf_counter() - t1
             ppl = perplexity(model, windows)
             tenth = max(len(losses) // 10, 1)
             settings = vars(args) | {"nq": str(args.nq), "epochs": epochs, "lr": lr, "latent_lr": latent_lr,
-                                    "head_lr": head_lr, "ce_weight": ce}
+                                    "head_lr": head_lr, "ce_weight": ce, "hidden_weight": hw}
             record = {"commit": git_commit(), "machine": machine(), "load_average": os.getloadavg(),
                       "settings": settings, "cache_seconds": t_cache, "recon_seconds": t_recon,
                       "loss_first_tenth": sum(losses[:tenth]) / tenth, "loss_last_epoch": last,

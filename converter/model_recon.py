@@ -103,9 +103,28 @@ def next_token_ce(logp_s: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
     return torch.nn.functional.nll_loss(logp_s[:, :-1].flatten(0, 1), tokens[:, 1:].flatten().long())
 
 
+@dataclass
+class HiddenTargets:
+    """The full-precision trajectory's hidden states after the blocks in `layers`: states[j] is [N, T, d] after
+    block layers[j], for the same windows as the teacher cache."""
+
+    layers: list[int]
+    states: list[torch.Tensor]
+
+
+def _unit_rms(h: torch.Tensor) -> torch.Tensor:
+    return h * torch.rsqrt(h.float().pow(2).mean(-1, keepdim=True) + 1e-6)
+
+
+def hidden_distance(h_s: torch.Tensor, h_t: torch.Tensor) -> torch.Tensor:
+    """Mean over tokens of the squared distance between the two hidden states scaled to unit RMS (2 − 2·cosine): what
+    the next block's RMSNorm sees, apart from its weight, so a few massive-activation channels cannot dominate it."""
+    return (_unit_rms(h_s) - _unit_rms(h_t.float())).pow(2).mean()
+
+
 def reconstruct(model: TorchModel, tokens: torch.Tensor, cache: TeacherCache, epochs: float, batch: int,
                 lr: float, seed: int, report: Report, latent_lr: float = 0.0, head_lr: float = 0.0,
-                ce_weight: float = 0.0) -> float:
+                ce_weight: float = 0.0, hidden: HiddenTargets | None = None, hidden_weight: float = 0.0) -> float:
     """Adam(0.9, 0.99) with cosine decay on the scales (each at lr × its mean |value|), batches of windows in a
     seeded order; everything else is frozen, except the sign latents of paths whose signs are not frozen, which
     train at `latent_lr` when it is positive, and the head's tensors, at `head_lr` × their mean |value| when it is
@@ -127,9 +146,20 @@ def reconstruct(model: TorchModel, tokens: torch.Tensor, cache: TeacherCache, ep
     if latents:
         groups.append({"params": latents, "lr": latent_lr})
 
+    watched = {layer: j for j, layer in enumerate(hidden.layers)} if hidden and hidden_weight > 0 else {}
+
     def loss(idx: torch.Tensor) -> torch.Tensor:
-        logp = torch.log_softmax(model(tokens[idx]), dim=-1)
-        kl = coarse_kl(logp, cache.logp[idx], cache.ids[idx], cache.log_tail[idx])
-        return kl + ce_weight * next_token_ce(logp, tokens[idx]) if ce_weight > 0 else kl
+        h, match = model.embed(tokens[idx]), 0.0
+        for layer, block in enumerate(model.blocks):
+            h = block(h)
+            if layer in watched:
+                match = match + hidden_distance(h, hidden.states[watched[layer]][idx])
+        logp = torch.log_softmax(model.head(h), dim=-1)
+        total = coarse_kl(logp, cache.logp[idx], cache.ids[idx], cache.log_tail[idx])
+        if ce_weight > 0:
+            total = total + ce_weight * next_token_ce(logp, tokens[idx])
+        if watched:
+            total = total + hidden_weight * match / len(watched)
+        return total
 
     return adam_cosine(groups, tokens.shape[0], batch, epochs, seed, loss, report)
