@@ -33,7 +33,7 @@ from bench.quality import (
     test_text,
 )
 from converter.block import block_outputs, factored_linears
-from converter.calibration import calibration_windows, default_calibration_text
+from converter.calibration import calibration_tokens, calibration_windows, default_calibration_text
 from converter.model import TorchModel, load_nq
 from converter.model_recon import HiddenTargets, reconstruct, teacher_cache
 from converter.sources import open_source
@@ -51,6 +51,21 @@ def fp_trajectory(model: TorchModel, windows: torch.Tensor, every: int,
             kept.layers.append(layer)
             kept.states.append(h.to(torch.bfloat16))
     return h, kept
+
+
+def region_windows(tokens: list[int], samples: int, seqlen: int, shifted: bool) -> torch.Tensor:
+    """Windows cut from the start of the token stream instead of drawn: `samples` consecutive windows, or with
+    `shifted` half as many plus the windows between them, offset by seqlen/2 — the same tokens in new contexts.
+    Comparing the two at equal steps says whether shifted windows are worth what fresh ones are once a text is used
+    up (`standard` distils on 2000 of its 2009 windows)."""
+    n = samples // 2 if shifted else samples
+    ids = torch.tensor(tokens[:n * seqlen], dtype=torch.int64)
+    base = ids.view(n, seqlen)
+    if not shifted:
+        return base
+    half = seqlen // 2
+    between = ids[half:half + (n - 1) * seqlen].view(n - 1, seqlen)
+    return torch.cat([base, between])
 
 
 def add_unit_mid(model: TorchModel) -> None:
@@ -92,14 +107,21 @@ def main() -> None:
                     help="add this × the unit-RMS hidden-state distance to the teacher's, averaged over the watched "
                          "block outputs; 0 = off")
     ap.add_argument("--hidden-every", type=int, default=1, help="watch the output of every k-th block")
+    ap.add_argument("--layout", choices=["drawn", "region", "shifted"], default="drawn",
+                    help="drawn: the windows nqconvert draws; region: the first `samples` windows of the text; "
+                         "shifted: half as many, plus the half-offset windows between them")
     ap.add_argument("--top-k", type=int, default=64)
     ap.add_argument("--windows", type=int, default=40)
     args = ap.parse_args()
 
     source = open_source(args.model)
     tok = source.hf_tokenizer()
-    calib = calibration_windows(tok, [default_calibration_text()], max(args.calib_samples, args.samples),
-                                args.seqlen, args.seed)[:args.samples]
+    if args.layout == "drawn":
+        calib = calibration_windows(tok, [default_calibration_text()], max(args.calib_samples, args.samples),
+                                    args.seqlen, args.seed)[:args.samples]
+    else:
+        calib = region_windows(calibration_tokens(tok, [default_calibration_text()]), args.samples, args.seqlen,
+                               args.layout == "shifted")
     t0 = time.perf_counter()
     with torch.no_grad():
         fp = TorchModel.from_source(source)
@@ -128,7 +150,8 @@ def main() -> None:
             ppl = perplexity(model, windows)
             tenth = max(len(losses) // 10, 1)
             settings = vars(args) | {"nq": str(args.nq), "epochs": epochs, "lr": lr, "latent_lr": latent_lr,
-                                    "head_lr": head_lr, "ce_weight": ce, "hidden_weight": hw}
+                                    "head_lr": head_lr, "ce_weight": ce, "hidden_weight": hw,
+                                    "distill_windows": calib.shape[0]}
             record = {"commit": git_commit(), "machine": machine(), "load_average": os.getloadavg(),
                       "settings": settings, "cache_seconds": t_cache, "recon_seconds": t_recon,
                       "loss_first_tenth": sum(losses[:tenth]) / tenth, "loss_last_epoch": last,
