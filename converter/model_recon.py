@@ -129,8 +129,9 @@ def reconstruct(model: TorchModel, tokens: torch.Tensor, cache: TeacherCache, ep
     seeded order; everything else is frozen, except the sign latents of paths whose signs are not frozen, which
     train at `latent_lr` when it is positive, and the head's tensors, at `head_lr` × their mean |value| when it is
     positive. The loss is the coarsened KL plus `ce_weight` × the next-token cross-entropy on `tokens` themselves:
-    the KL cannot say which of the teacher's tail tokens comes next, the text can. Returns the last epoch's mean
-    loss."""
+    the KL cannot say which of the teacher's tail tokens comes next, the text can. With `hidden_weight` > 0 it
+    also adds that weight × the mean `hidden_distance` to `hidden`'s states after the watched blocks (a probe
+    option: measured at most −0.1%, spec/CONVERTER.md). Returns the last epoch's mean loss."""
     scales = scale_parameters(model)
     head = head_parameters(model) if head_lr > 0 else []
     latents = ([t for block in model.blocks for lin in factored_linears(block) for t in lin.latents()]
