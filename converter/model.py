@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import os
+from collections.abc import Callable
 
 import numpy as np
 import torch
@@ -197,10 +198,15 @@ class TorchModel(nn.Module):
             logits = torch.tanh(logits / self.config.final_softcap) * self.config.final_softcap
         return logits
 
-    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+    def forward(self, tokens: torch.Tensor,
+                after_block: Callable[[int, torch.Tensor], None] | None = None) -> torch.Tensor:
+        """Logits; `after_block(layer, h)` sees each block's output on the way (a distillation loss that also
+        matches hidden states reads them here rather than spelling out the forward pass again)."""
         h = self.embed(tokens)
-        for block in self.blocks:
+        for layer, block in enumerate(self.blocks):
             h = block(h)
+            if after_block is not None:
+                after_block(layer, h)
         return self.head(h)
 
 

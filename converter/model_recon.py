@@ -150,17 +150,18 @@ def reconstruct(model: TorchModel, tokens: torch.Tensor, cache: TeacherCache, ep
     watched = {layer: j for j, layer in enumerate(hidden.layers)} if hidden and hidden_weight > 0 else {}
 
     def loss(idx: torch.Tensor) -> torch.Tensor:
-        h, match = model.embed(tokens[idx]), 0.0
-        for layer, block in enumerate(model.blocks):
-            h = block(h)
+        matches: list[torch.Tensor] = []
+
+        def match(layer: int, h: torch.Tensor) -> None:
             if layer in watched:
-                match = match + hidden_distance(h, hidden.states[watched[layer]][idx])
-        logp = torch.log_softmax(model.head(h), dim=-1)
+                matches.append(hidden_distance(h, hidden.states[watched[layer]][idx]))
+
+        logp = torch.log_softmax(model(tokens[idx], match if watched else None), dim=-1)
         total = coarse_kl(logp, cache.logp[idx], cache.ids[idx], cache.log_tail[idx])
         if ce_weight > 0:
             total = total + ce_weight * next_token_ce(logp, tokens[idx])
         if watched:
-            total = total + hidden_weight * match / len(watched)
+            total = total + hidden_weight * torch.stack(matches).mean()
         return total
 
     return adam_cosine(groups, tokens.shape[0], batch, epochs, seed, loss, report)

@@ -38,11 +38,18 @@ def test_block_by_block_equals_whole_model(saved):
     source = open_source(str(directory))
     model = TorchModel.from_source(source)
     tokens = torch.randint(0, hf_tiny.VOCAB, (1, 9), generator=torch.Generator().manual_seed(2))
+    seen: list[tuple[int, torch.Tensor]] = []
     with torch.no_grad():
         h = model.embed(tokens)
+        outputs = []
         for block in model.blocks:
             h = block(h)
+            outputs.append(h)
         torch.testing.assert_close(model.head(h), model(tokens), rtol=0, atol=0)
+        model(tokens, lambda layer, state: seen.append((layer, state)))
+    assert [layer for layer, _ in seen] == list(range(len(model.blocks)))
+    for (_, state), expected in zip(seen, outputs):
+        torch.testing.assert_close(state, expected, rtol=0, atol=0)
 
 
 def _config(arch):
