@@ -35,21 +35,20 @@ from bench.quality import (
 from converter.block import block_outputs, factored_linears
 from converter.calibration import calibration_tokens, calibration_windows, default_calibration_text
 from converter.model import TorchModel, load_nq
-from converter.model_recon import HiddenTargets, reconstruct, teacher_cache
+from converter.model_recon import reconstruct, teacher_cache
 from converter.sources import open_source
 
 
 def fp_trajectory(model: TorchModel, windows: torch.Tensor, every: int,
-                  batch: int = 8) -> tuple[torch.Tensor, HiddenTargets]:
+                  batch: int = 8) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
     """The full-precision trajectory's last hidden states (what the pipeline feeds the teacher cache), and its states
-    (bfloat16) after every `every`-th block for the hidden-state term (none when `every` is 0)."""
+    (bfloat16) after every `every`-th block, by block, for the hidden-state term (none when `every` is 0)."""
     h = block_outputs(model.embed, windows, batch)
-    kept = HiddenTargets([], [])
+    kept = {}
     for layer, blk in enumerate(model.blocks):
         h = block_outputs(blk, h, batch)
         if every and (layer + 1) % every == 0:
-            kept.layers.append(layer)
-            kept.states.append(h.to(torch.bfloat16))
+            kept[layer] = h.to(torch.bfloat16)
     return h, kept
 
 
