@@ -32,8 +32,9 @@ from bench.quality import (
     perplexity,
     test_text,
 )
-from converter.block import block_outputs, factored_linears
+from converter.block import block_outputs, factored_linears, native_bf16
 from converter.calibration import calibration_tokens, calibration_windows, default_calibration_text
+from converter.generate import sample_windows
 from converter.model import TorchModel, load_nq
 from converter.model_recon import reconstruct, teacher_cache
 from converter.sources import open_source
@@ -65,6 +66,14 @@ def region_windows(tokens: list[int], samples: int, seqlen: int, shifted: bool) 
     half = seqlen // 2
     between = ids[half:half + (n - 1) * seqlen].view(n - 1, seqlen)
     return torch.cat([base, between])
+
+
+def with_generated(model: TorchModel, real: torch.Tensor, prompt: int, temperature: float, seed: int) -> torch.Tensor:
+    """The real windows, then as many windows the full-precision model writes itself, each continuing the first
+    `prompt` tokens of one real window: whether the teacher's own text is worth what fresh text is, once the text
+    is used up."""
+    fake = sample_windows(model, real[:, :prompt], real.shape[1], 128, seed, temperature, native_bf16())
+    return torch.cat([real, fake])
 
 
 def add_unit_mid(model: TorchModel) -> None:
@@ -106,9 +115,12 @@ def main() -> None:
                     help="add this × the unit-RMS hidden-state distance to the teacher's, averaged over the watched "
                          "block outputs; 0 = off")
     ap.add_argument("--hidden-every", type=int, default=1, help="watch the output of every k-th block")
-    ap.add_argument("--layout", choices=["drawn", "region", "shifted"], default="drawn",
+    ap.add_argument("--layout", choices=["drawn", "region", "shifted", "generated"], default="drawn",
                     help="drawn: the windows nqconvert draws; region: the first `samples` windows of the text; "
-                         "shifted: half as many, plus the half-offset windows between them")
+                         "shifted: half as many, plus the half-offset windows between them; generated: half as "
+                         "many, plus as many the full-precision model writes from their first --prompt tokens")
+    ap.add_argument("--prompt", type=int, default=16, help="prompt tokens of a generated window")
+    ap.add_argument("--temperature", type=float, default=1.0, help="sampling temperature of generated windows")
     ap.add_argument("--top-k", type=int, default=64)
     ap.add_argument("--windows", type=int, default=40)
     args = ap.parse_args()
@@ -119,11 +131,16 @@ def main() -> None:
         calib = calibration_windows(tok, [default_calibration_text()], max(args.calib_samples, args.samples),
                                     args.seqlen, args.seed)[:args.samples]
     else:
-        calib = region_windows(calibration_tokens(tok, [default_calibration_text()]), args.samples, args.seqlen,
+        calib = region_windows(calibration_tokens(tok, [default_calibration_text()]),
+                               args.samples // 2 if args.layout == "generated" else args.samples, args.seqlen,
                                args.layout == "shifted")
     t0 = time.perf_counter()
     with torch.no_grad():
         fp = TorchModel.from_source(source)
+        if args.layout == "generated":
+            calib = with_generated(fp, calib, args.prompt, args.temperature, args.seed)
+            print(f"generated {calib.shape[0] // 2} windows in {time.perf_counter() - t0:.0f} s", flush=True)
+            print(tok.decode(calib[calib.shape[0] // 2].tolist()), flush=True)
         last, hidden = fp_trajectory(fp, calib, args.hidden_every if max(args.hidden_weight) > 0 else 0)
         cache = teacher_cache(fp.head, last, args.top_k, 1)
         del last
