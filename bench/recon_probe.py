@@ -11,6 +11,7 @@ bench/results/recon-probe.jsonl.
 from __future__ import annotations
 
 import argparse
+import copy
 import itertools
 import json
 import os
@@ -72,7 +73,8 @@ def with_generated(model: TorchModel, real: torch.Tensor, prompt: int, temperatu
     """The real windows, then as many windows the full-precision model writes itself, each continuing the first
     `prompt` tokens of one real window: whether the teacher's own text is worth what fresh text is, once the text
     is used up."""
-    fake = sample_windows(model, real[:, :prompt], real.shape[1], 128, seed, temperature, native_bf16())
+    writer = copy.deepcopy(model).to(torch.bfloat16) if native_bf16() else model  # .to() is in place
+    fake = sample_windows(writer, real[:, :prompt], real.shape[1], 128, seed, temperature)
     return torch.cat([real, fake])
 
 

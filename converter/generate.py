@@ -7,17 +7,20 @@ on yet (LLM-QAT, Liu et al. 2023, distils on such text alone).
 """
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
-from .block import bf16_autocast
 from .model import KVCache, TorchModel
 
 
 @torch.no_grad()
 def sample_windows(model: TorchModel, prompts: torch.Tensor, length: int, batch: int, seed: int,
-                   temperature: float = 1.0, bf16: bool = False) -> torch.Tensor:
+                   temperature: float = 1.0, report: Callable[[int], None] | None = None) -> torch.Tensor:
     """[N, length] int64: each prompt [N, P] continued by `length` − P tokens sampled at `temperature` from `model`,
-    `batch` sequences at a time with a KV cache; the draws come from a generator seeded by `seed` alone."""
+    `batch` sequences at a time with a KV cache; the draws come from a generator seeded by `seed` alone. The model
+    may be a bfloat16 copy (`TorchModel.to(torch.bfloat16)`): the logits are sampled in float32 either way.
+    `report(done)` hears the windows finished so far."""
     n, p = prompts.shape
     if not 0 < p < length:
         raise ValueError(f"a prompt of {p} tokens cannot start a window of {length}")
@@ -29,9 +32,10 @@ def sample_windows(model: TorchModel, prompts: torch.Tensor, length: int, batch:
         cache = KVCache(len(model.blocks), length)
         step = rows[:, :p]
         for pos in range(p, length):
-            with bf16_autocast(bf16):
-                logits = model(step, cache=cache)[:, -1].float()
+            logits = model(step, cache=cache)[:, -1].float()
             probs = torch.softmax(logits / temperature, dim=-1)
             rows[:, pos] = torch.multinomial(probs, 1, generator=gen)[:, 0]
             step = rows[:, pos:pos + 1]
+        if report is not None:
+            report(i + rows.shape[0])
     return out

@@ -165,6 +165,7 @@ class DecoderBlock(nn.Module):
         else:
             cos, sin = (r.to(x.device) for r in rope(c, self.layer, torch.arange(cache.length, cache.length + t)))
             mask = attention_mask(c, self.layer, t, cache.length).to(x.device)
+        cos, sin = cos.to(q.dtype), sin.to(q.dtype)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is not None:
             k, v = cache.extend(self.layer, k, v)

@@ -36,6 +36,7 @@ from . import block as B
 from .admm import AdmmSettings
 from .calibration import CalibrationError, calibration_windows, default_calibration_text, windows_sha256
 from .factored import BinaryFactoredLinear
+from .generate import sample_windows
 from .importance import LayerImportance, collect_importance
 from .model import DecoderBlock, TorchModel
 from .model_recon import TOP_K, TeacherCache, reconstruct, teacher_cache
@@ -68,6 +69,9 @@ class Recipe:
     teacher_bf16: bool = False  # the full-precision targets and teacher cache in bfloat16 (where the CPU has it)
     top_k: int = TOP_K
     recon_ce: float = 0.0  # weight of the calibration text's next-token cross-entropy beside the distillation's KL
+    recon_written: int = 0  # distillation windows the full-precision model writes, beyond the drawn ones
+    write_prompt: int = 16  # tokens of a drawn window that start each written one
+    write_temperature: float = 1.0
     error_mitigation: bool = True
     refine: bool = True
     model_recon: bool = True
@@ -82,6 +86,16 @@ class Recipe:
         distinct windows (measured: 256 windows × 1 epoch beat 128 × 2), whose full-precision trajectory is carried
         through the blocks as the teacher's input."""
         return max(self.samples, self.recon_samples) if self.model_recon else self.samples
+
+    @property
+    def written(self) -> int:
+        """Windows the full-precision model writes (`converter.generate`), appended after the drawn ones."""
+        return self.recon_written if self.model_recon else 0
+
+    def distilled(self, rows: torch.Tensor) -> torch.Tensor:
+        """The distillation's rows of anything indexed like the windows (drawn, then written): the first
+        `recon_samples` drawn ones and every written one."""
+        return torch.cat([rows[:self.recon_samples], rows[self.windows:]]) if self.written else rows[:self.recon_samples]
 
 
 PRESETS: dict[str, Recipe] = {
@@ -147,6 +161,7 @@ class Options:
             over["samples"] = self.samples
             over["stat_samples"] = min(r.stat_samples, self.samples)
             over["recon_samples"] = max(1, round(r.recon_samples * self.samples / r.samples))
+            over["recon_written"] = round(r.recon_written * self.samples / r.samples)
         if self.seqlen is not None:
             over["seqlen"] = self.seqlen
         return dataclasses.replace(r, **over)
@@ -325,6 +340,8 @@ def convert(options: Options, reporter: Reporter | None = None) -> Summary:
     work = WorkDir(out, fingerprint, options.resume)
     if work.has("timings.pt"):
         timer.seconds.update({k: v for k, v in work.load("timings.pt").items() if k not in ("load", "calibration")})
+    if recipe.written:
+        windows = torch.cat([windows, _written(source, windows, recipe, options.seed, work, timer, reporter)])
     base = skeleton(source)
 
     importance = _importance(source, base, windows, recipe, work, timer, reporter)
@@ -349,6 +366,27 @@ def convert(options: Options, reporter: Reporter | None = None) -> Summary:
     size = out.stat().st_size
     return Summary(out, options.bits, bpw, size * 8 / config.parameter_count(), size,
                    2 * config.parameter_count(), timer.seconds, peak_rss_mb(), model)
+
+
+def _written(source, drawn: torch.Tensor, recipe: Recipe, seed: int, work: WorkDir, timer: Timer,
+             reporter: Reporter) -> torch.Tensor:
+    """Windows the full-precision model writes, each continuing the first `write_prompt` tokens of a drawn window
+    (the i-th of them, cyclically), checkpointed as one file. The one stage that holds the whole model: it is built
+    for this stage alone and freed before the preconditioners."""
+    if work.has("written.pt"):
+        return work.load("written.pt")
+    n = recipe.written
+    prompts = drawn[torch.arange(n) % drawn.shape[0], :recipe.write_prompt]
+    reporter.stage("sampling windows", n)
+    model = TorchModel.from_source(source)
+    if recipe.teacher_bf16:
+        model = model.to(torch.bfloat16)  # autocast would re-cast every weight at every token
+    written = timer.run("sampling windows", sample_windows, model, prompts, recipe.seqlen, 128,
+                        B.stage_seed(seed, 10_000, 4), recipe.write_temperature, reporter.advance)
+    del model
+    work.save("written.pt", written)
+    work.save("timings.pt", timer.seconds)
+    return written
 
 
 def _importance(source, base: TorchModel, windows: torch.Tensor, recipe: Recipe, work: WorkDir, timer: Timer,
@@ -413,7 +451,7 @@ def _blocks(source, base: TorchModel, windows: torch.Tensor, importance: list[La
     reporter.block(n, n)
     if recipe.model_recon:
         reporter.stage("teacher cache", 1)
-        cache = timer.run("teacher cache", teacher_cache, base.head, fp_in[:recipe.recon_samples], recipe.top_k, 1,
+        cache = timer.run("teacher cache", teacher_cache, base.head, recipe.distilled(fp_in), recipe.top_k, 1,
                           recipe.teacher_bf16)
         work.save("teacher.pt", cache)
         work.save("timings.pt", timer.seconds)
@@ -440,7 +478,7 @@ def _reconstruct(model: TorchModel, windows: torch.Tensor, recipe: Recipe, seed:
     else:
         cache: TeacherCache = work.load("teacher.pt")
         reporter.stage("model reconstruction", 0)
-        timer.run("model reconstruction", reconstruct, model, windows[:recipe.recon_samples],
+        timer.run("model reconstruction", reconstruct, model, recipe.distilled(windows),
                   cache, recipe.recon_epochs,
                   recipe.recon_batch, recipe.recon_lr, B.stage_seed(seed, 10_000, 3),
                   reporter.update, ce_weight=recipe.recon_ce)

@@ -72,8 +72,9 @@ def test_stages_change_the_result_and_can_be_switched_off(tmp_path, tiny_preset)
     assert "refinement" not in bare.stage_seconds and "error mitigation" not in bare.stage_seconds
 
 
-@pytest.mark.parametrize("kill_after", ["block-001.pt", "boundary.pt", "teacher.pt"])
+@pytest.mark.parametrize("kill_after", ["written.pt", "block-001.pt", "boundary.pt", "teacher.pt"])
 def test_resume_after_interruption_is_byte_identical(kill_after, tmp_path, tiny_preset, monkeypatch):
+    monkeypatch.setitem(P.PRESETS, "tiny", dataclasses.replace(TINY, recon_written=3, write_prompt=4))
     hf_tiny.save("qwen3", tmp_path / "src")
     reference = run(tmp_path, tmp_path / "src", "ref.nq").out.read_bytes()
 
@@ -94,7 +95,7 @@ def test_resume_after_interruption_is_byte_identical(kill_after, tmp_path, tiny_
     load = P.WorkDir.load
     monkeypatch.setattr(P.WorkDir, "load", lambda self, name: loads.append(name) or load(self, name))
     resumed = run(tmp_path, tmp_path / "src", "m.nq", resume=True)
-    assert "importance.pt" in loads and ("boundary.pt" in loads or "teacher.pt" in loads)  # it continued
+    assert kill_after in loads  # it continued from what the killed run saved
     assert resumed.out.read_bytes() == reference
 
 
@@ -187,6 +188,39 @@ def test_distillation_windows_beyond_the_block_stage(tmp_path, tiny_preset, monk
     assert [t.shape[0] for t in distilled] == [TINY.recon_samples, 9]
     assert torch.equal(distilled[1][:TINY.recon_samples], distilled[0])
     assert torch.allclose(many["teacher.pt"].logp[:TINY.recon_samples], few["teacher.pt"].logp)
+
+
+def test_written_windows_join_only_the_distillation(tmp_path, tiny_preset, monkeypatch):
+    """recon_written > 0: the full-precision model writes that many windows, each continuing the first write_prompt
+    tokens of a drawn window; the block stage is unchanged (identical block files) and the teacher cache and the
+    distillation cover the first recon_samples drawn windows, then the written ones."""
+    hf_tiny.save("llama", tmp_path / "src")
+    saved: dict[str, dict] = {}
+    save = P.WorkDir.save
+    monkeypatch.setattr(P.WorkDir, "save", lambda self, name, obj: saved.setdefault(self.path.name, {}).update(
+        {name: obj}) or save(self, name, obj))
+    distilled = []
+    reconstruct = P.reconstruct
+    monkeypatch.setattr(P, "reconstruct", lambda model, tokens, *a, **kw: distilled.append(tokens) or reconstruct(
+        model, tokens, *a, **kw))
+    recipe = dataclasses.replace(TINY, samples=4, recon_samples=5, recon_written=7, write_prompt=3)
+    monkeypatch.setitem(P.PRESETS, "tiny", dataclasses.replace(recipe, recon_written=0))
+    plain = run(tmp_path, tmp_path / "src", "plain.nq")
+    monkeypatch.setitem(P.PRESETS, "tiny", recipe)
+    summary = run(tmp_path, tmp_path / "src", "written.nq")
+    assert summary.stage_seconds["sampling windows"] > 0 and "sampling windows" not in plain.stage_seconds
+    few, many = saved["plain.nq.work"], saved["written.nq.work"]
+    for layer in range(2):
+        a, b = few[f"block-{layer:03d}.pt"], many[f"block-{layer:03d}.pt"]
+        assert all(torch.equal(a[lin][k], b[lin][k]) for lin in a for k in ("u", "v", "scale_in", "scale_out"))
+    written = many["written.pt"]
+    drawn = distilled[0]
+    assert written.shape == (7, TINY.seqlen) and drawn.shape == (5, TINY.seqlen)
+    assert torch.equal(written[:, :3], torch.cat([drawn, drawn[:2]])[:, :3])
+    assert not torch.equal(written[:5], drawn)
+    assert torch.equal(distilled[1], torch.cat([drawn, written]))
+    assert many["teacher.pt"].logp.shape[0] == 12
+    assert torch.allclose(many["teacher.pt"].logp[:5], few["teacher.pt"].logp)
 
 
 def test_samples_override_keeps_the_presets_distillation_ratio():
