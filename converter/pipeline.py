@@ -71,7 +71,7 @@ class Recipe:
     recon_ce: float = 0.0  # weight of the calibration text's next-token cross-entropy beside the distillation's KL
     recon_written: int = 0  # distillation windows the full-precision model writes, beyond the drawn ones
     write_prompt: int = 16  # tokens of a drawn window that start each written one
-    write_temperature: float = 1.0
+    write_temperature: float = 0.8  # probe: 0.6–0.7 and 1.0 write less useful text (spec/CONVERTER.md)
     error_mitigation: bool = True
     refine: bool = True
     model_recon: bool = True
