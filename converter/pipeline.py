@@ -95,7 +95,8 @@ class Recipe:
     def distilled(self, rows: torch.Tensor) -> torch.Tensor:
         """The distillation's rows of anything indexed like the windows (drawn, then written): the first
         `recon_samples` drawn ones and every written one."""
-        return torch.cat([rows[:self.recon_samples], rows[self.windows:]]) if self.written else rows[:self.recon_samples]
+        first = rows[:self.recon_samples]
+        return torch.cat([first, rows[self.windows:]]) if self.written else first
 
 
 PRESETS: dict[str, Recipe] = {
