@@ -7,7 +7,8 @@ conversion, so the block stage's settings can be compared side by side.
 Each positional argument is a variant: comma-separated overrides of epochs, batch, lr, scale_lr, samples, admm
 (iterations), mitigation (0/1), dout (0/1: output-side preconditioner), din (0/1), cw (0/1: channel-weighted loss),
 mid (0/1: per-rank scale_mid), seqlen (tuning window length; the preconditioner statistics stay on quick's windows),
-shrink (the preconditioners' shrinkage γ in percent, e.g. shrink=20 for γ = 0.2; statistics recomputed);
+shrink (the preconditioners' shrinkage γ in percent, e.g. shrink=20 for γ = 0.2; statistics recomputed),
+first (refinement epochs of block 0 alone, which costs the most when quantized: bench/block_sensitivity.py);
 "base" is the quick preset unchanged. One JSON line per variant is appended to bench/results/block-probe.jsonl.
 """
 from __future__ import annotations
@@ -35,7 +36,7 @@ from converter.pipeline import PRESETS, skeleton
 from converter.sources import open_source
 
 DEFAULTS = {"epochs": None, "batch": None, "lr": None, "scale_lr": None, "samples": None, "admm": None,
-            "mitigation": 1, "dout": 1, "din": 1, "cw": 1, "mid": 0, "seqlen": None, "shrink": None}
+            "mitigation": 1, "dout": 1, "din": 1, "cw": 1, "mid": 0, "seqlen": None, "shrink": None, "first": None}
 
 
 def parse_variant(text: str) -> dict:
@@ -109,8 +110,9 @@ def main() -> None:
                 B.mitigate_errors(blk, q_in, targets, imp.channel_weight, recipe.mitigation, B.stage_seed(0, layer, 1),
                                   lambda *a: None)
             B.factorize(blk, B.block_ranks(c, args.bits), imp, admm, 0, scale_mid=bool(v["mid"]))
-            if refine.epochs:
-                loss = B.refine(blk, q_in, targets, imp.channel_weight, refine, B.stage_seed(0, layer, 2),
+            tune = dataclasses.replace(refine, epochs=v["first"]) if layer == 0 and v["first"] else refine
+            if tune.epochs:
+                loss = B.refine(blk, q_in, targets, imp.channel_weight, tune, B.stage_seed(0, layer, 2),
                                 lambda *a: None)
             B.freeze(blk)
             q_in, fp_in = B.block_outputs(blk, q_in, 8), targets
