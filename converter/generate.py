@@ -14,6 +14,15 @@ import torch
 from .model import KVCache, TorchModel
 
 
+def draw(probs: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+    """One token per row of `probs` [B, V] by inverting its cumulative distribution at a uniform draw.
+    `torch.multinomial` draws an exponential for every vocabulary entry: 40% of a sampling step on a 49k vocabulary
+    (96 ms of 240 at batch 128), where this costs one cumulative sum."""
+    cdf = probs.cumsum(-1)
+    u = torch.rand(probs.shape[0], 1, generator=gen) * cdf[:, -1:]
+    return torch.searchsorted(cdf, u, right=True).clamp_(max=probs.shape[-1] - 1)[:, 0]
+
+
 @torch.no_grad()
 def sample_windows(model: TorchModel, prompts: torch.Tensor, length: int, batch: int, seed: int,
                    temperature: float = 1.0, report: Callable[[int], None] | None = None) -> torch.Tensor:
@@ -34,7 +43,7 @@ def sample_windows(model: TorchModel, prompts: torch.Tensor, length: int, batch:
         for pos in range(p, length):
             logits = model(step, cache=cache)[:, -1].float()
             probs = torch.softmax(logits / temperature, dim=-1)
-            rows[:, pos] = torch.multinomial(probs, 1, generator=gen)[:, 0]
+            rows[:, pos] = draw(probs, gen)
             step = rows[:, pos:pos + 1]
         if report is not None:
             report(i + rows.shape[0])

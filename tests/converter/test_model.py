@@ -7,7 +7,7 @@ import torch
 
 import hf_tiny
 from converter.factored import BinaryFactoredLinear
-from converter.generate import sample_windows
+from converter.generate import draw, sample_windows
 from converter.model import DecoderBlock, KVCache, TorchModel, attention_mask, rope
 from converter.sources import config_from_hf, open_source
 from nqfmt import keys as K
@@ -146,8 +146,22 @@ def test_sampled_windows_are_draws_from_the_whole_sequences_forward_pass(saved):
     with torch.no_grad():
         for _ in range(7):
             probs = torch.softmax(model(want)[:, -1] / 0.7, dim=-1)
-            want = torch.cat([want, torch.multinomial(probs, 1, generator=gen)], dim=1)
+            want = torch.cat([want, draw(probs, gen)[:, None]], dim=1)
     assert torch.equal(got, want)
     assert len(set(got[:, 3:].flatten().tolist())) > 3
     with pytest.raises(ValueError, match="cannot start a window"):
         sample_windows(model, prompts, 3, batch=4, seed=7)
+
+
+def test_draw_follows_each_rows_distribution():
+    """100k draws from each of two rows (one with zero-probability entries) land on every token in proportion to
+    its probability and never on a zero one."""
+    probs = torch.tensor([[0.5, 0.0, 0.2, 0.3, 0.0], [0.1, 0.2, 0.3, 0.15, 0.25]], dtype=torch.float64)
+    gen = torch.Generator().manual_seed(3)
+    n = 100_000
+    counts = torch.zeros(2, 5)
+    for _ in range(n // 1000):
+        picks = torch.stack([draw(probs.float(), gen) for _ in range(1000)], dim=1)
+        counts += torch.nn.functional.one_hot(picks, 5).sum(1)
+    assert counts[0, 1] == 0 and counts[0, 4] == 0
+    torch.testing.assert_close(counts / n, probs.float(), rtol=0, atol=0.006)
