@@ -35,7 +35,7 @@ from bench.quality import (
 )
 from converter.block import block_outputs, factored_linears, native_bf16
 from converter.calibration import calibration_tokens, calibration_windows, default_calibration_text
-from converter.generate import sample_windows
+from converter.generate import write_windows
 from converter.model import TorchModel, load_nq
 from converter.model_recon import reconstruct, teacher_cache
 from converter.sources import open_source
@@ -74,7 +74,7 @@ def with_generated(model: TorchModel, real: torch.Tensor, prompt: int, temperatu
     `prompt` tokens of one real window: whether the teacher's own text is worth what fresh text is, once the text
     is used up."""
     writer = copy.deepcopy(model).to(torch.bfloat16) if native_bf16() else model  # .to() is in place
-    fake = sample_windows(writer, real[:, :prompt], real.shape[1], 128, seed, temperature)
+    fake = write_windows(writer, real, real.shape[0], prompt, seed, temperature)
     return torch.cat([real, fake])
 
 

@@ -36,7 +36,7 @@ from . import block as B
 from .admm import AdmmSettings
 from .calibration import CalibrationError, calibration_windows, default_calibration_text, windows_sha256
 from .factored import BinaryFactoredLinear
-from .generate import sample_windows
+from .generate import write_windows
 from .importance import LayerImportance, collect_importance
 from .model import DecoderBlock, TorchModel
 from .model_recon import TOP_K, TeacherCache, reconstruct, teacher_cache
@@ -376,13 +376,11 @@ def _written(source, drawn: torch.Tensor, recipe: Recipe, seed: int, work: WorkD
     for this stage alone and freed before the preconditioners."""
     if work.has("written.pt"):
         return work.load("written.pt")
-    n = recipe.written
-    prompts = drawn[torch.arange(n) % drawn.shape[0], :recipe.write_prompt]
-    reporter.stage("sampling windows", n)
+    reporter.stage("sampling windows", recipe.written)
     model = TorchModel.from_source(source)
     if recipe.teacher_bf16:
-        model = model.to(torch.bfloat16)  # autocast would re-cast every weight at every token
-    written = timer.run("sampling windows", sample_windows, model, prompts, recipe.seqlen, 128,
+        model = model.to(torch.bfloat16)  # 128 windows: 72 s, against 82 s in float32 with or without autocast
+    written = timer.run("sampling windows", write_windows, model, drawn, recipe.written, recipe.write_prompt,
                         B.stage_seed(seed, 10_000, 4), recipe.write_temperature, reporter.advance)
     del model
     work.save("written.pt", written)
