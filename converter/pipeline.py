@@ -147,6 +147,7 @@ class Options:
     refine: bool = True
     model_recon: bool = True
     scale_mid: bool | None = None  # None: the preset's
+    written: int | None = None  # None: the preset's `recon_written` (scaled with --samples)
 
     def recipe(self) -> Recipe:
         if self.preset not in PRESETS:
@@ -163,9 +164,17 @@ class Options:
             over["stat_samples"] = min(r.stat_samples, self.samples)
             over["recon_samples"] = max(1, round(r.recon_samples * self.samples / r.samples))
             over["recon_written"] = round(r.recon_written * self.samples / r.samples)
+        if self.written is not None:
+            if self.written < 0:
+                raise ConversionError(f"--written must be at least 0, got {self.written}")
+            over["recon_written"] = self.written
         if self.seqlen is not None:
             over["seqlen"] = self.seqlen
-        return dataclasses.replace(r, **over)
+        recipe = dataclasses.replace(r, **over)
+        if recipe.written and recipe.write_prompt >= recipe.seqlen:
+            raise ConversionError(f"written windows start from a {recipe.write_prompt}-token prompt, which leaves "
+                                  f"nothing to write in a {recipe.seqlen}-token window; raise --seqlen")
+        return recipe
 
 
 @dataclass

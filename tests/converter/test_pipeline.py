@@ -232,6 +232,15 @@ def test_samples_override_keeps_the_presets_distillation_ratio():
         P.Options(model="m", out=Path("o.nq"), samples=0).recipe()
 
 
+def test_written_override_is_exact_and_checked():
+    """--written sets the count outright, even beside --samples (which scales the preset's own count)."""
+    recipe = P.Options(model="m", out=Path("o.nq"), preset="standard", samples=256, written=300).recipe()
+    assert recipe.recon_written == 300 and recipe.samples == 256
+    assert P.Options(model="m", out=Path("o.nq"), written=0).recipe().recon_written == 0
+    with pytest.raises(P.ConversionError, match="--written"):
+        P.Options(model="m", out=Path("o.nq"), written=-1).recipe()
+
+
 def test_teacher_bf16_only_where_the_cpu_multiplies_bfloat16(monkeypatch):
     for native in (True, False):
         monkeypatch.setattr(B, "native_bf16", lambda: native)
