@@ -124,6 +124,7 @@ def main() -> None:
                                  ("norecon", args.no_model_recon)) if off]
     ablation += {True: ["mid"], False: ["nomid"], None: []}[args.scale_mid]
     ablation += [f"w{args.written}"] if args.written is not None else []
+    ablation += [f"seed{args.seed}"] if args.seed else []
     name = "-".join([f"quality-{Path(args.model).name}-{args.preset}"]
                     + ([f"b{args.bits:g}"] if args.bits != 1.0 else []) + ablation)
     result_path = RESULTS / f"{name}.json"
