@@ -1,6 +1,6 @@
-"""Block-stage probe: quantize only the first N blocks of the default model with a variant of the quick recipe (the
-rest stay full precision) and measure perplexity on a few test windows — minutes per variant instead of a whole
-conversion, so the block stage's settings can be compared side by side.
+"""Block-stage probe: quantize only N consecutive blocks of the default model (the first N unless --start) with a
+variant of the quick recipe (the rest stay full precision) and measure perplexity on a few test windows — minutes
+per variant instead of a whole conversion, so the block stage's settings can be compared side by side.
 
     PYTHONPATH=. nice python bench/block_probe.py --blocks 4 base epochs=8 dout=0 samples=256,epochs=2
 
@@ -8,7 +8,9 @@ Each positional argument is a variant: comma-separated overrides of epochs, batc
 (iterations), mitigation (0/1), dout (0/1: output-side preconditioner), din (0/1), cw (0/1: channel-weighted loss),
 mid (0/1: per-rank scale_mid), seqlen (tuning window length; the preconditioner statistics stay on quick's windows),
 shrink (the preconditioners' shrinkage γ in percent, e.g. shrink=20 for γ = 0.2; statistics recomputed),
-first (refinement epochs of block 0 alone, which costs the most when quantized: bench/block_sensitivity.py);
+first (refinement epochs of block 0 alone, which costs the most when quantized: bench/block_sensitivity.py),
+kl (0/1: the last block of the model tunes against the next-token distribution, block.output_kl; with
+`--start 29 --blocks 1` that block alone is probed);
 "base" is the quick preset unchanged. One JSON line per variant is appended to bench/results/block-probe.jsonl.
 """
 from __future__ import annotations
@@ -36,7 +38,8 @@ from converter.pipeline import PRESETS, skeleton
 from converter.sources import open_source
 
 DEFAULTS = {"epochs": None, "batch": None, "lr": None, "scale_lr": None, "samples": None, "admm": None,
-            "mitigation": 1, "dout": 1, "din": 1, "cw": 1, "mid": 0, "seqlen": None, "shrink": None, "first": None}
+            "mitigation": 1, "dout": 1, "din": 1, "cw": 1, "mid": 0, "seqlen": None, "shrink": None, "first": None,
+            "kl": 0}
 
 
 def parse_variant(text: str) -> dict:
@@ -63,6 +66,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("variants", nargs="+")
     ap.add_argument("--blocks", type=int, default=4)
+    ap.add_argument("--start", type=int, default=0, help="first quantized block; those before it stay FP")
     ap.add_argument("--windows", type=int, default=4, help="2048-token test windows for perplexity")
     ap.add_argument("--bits", type=float, default=1.0)
     args = ap.parse_args()
@@ -99,28 +103,33 @@ def main() -> None:
         samples = v["samples"] or recipe.samples
         tune_win = draw_windows(ids, samples, v["seqlen"] or recipe.seqlen, 0)
         fp_in = B.block_outputs(base.embed, tune_win, 8)
+        for layer in range(args.start):
+            fp_in = B.block_outputs(fp_blocks[layer], fp_in, 8, teacher_bf16)
         q_in = fp_in.clone()
         qblocks, loss = [], float("nan")
         layer_stats = stats(recipe.shrinkage if v["shrink"] is None else v["shrink"] / 100)
-        for layer in range(args.blocks):
+        for layer in range(args.start, args.start + args.blocks):
             blk = DecoderBlock(c, layer, src.block_weights(layer))
             imp = ones_where(layer_stats[layer], v)
             targets = B.block_outputs(blk, fp_in, 8, teacher_bf16)
+            if v["kl"] and layer == c.n_layers - 1:
+                objective = B.output_kl(base.head, targets, teacher_bf16)
+            else:
+                objective = B.channel_mse(targets, imp.channel_weight)
             if v["mitigation"]:
-                B.mitigate_errors(blk, q_in, targets, imp.channel_weight, recipe.mitigation, B.stage_seed(0, layer, 1),
-                                  lambda *a: None)
+                B.mitigate_errors(blk, q_in, objective, recipe.mitigation, B.stage_seed(0, layer, 1), lambda *a: None)
             B.factorize(blk, B.block_ranks(c, args.bits), imp, admm, 0, scale_mid=bool(v["mid"]))
             tune = dataclasses.replace(refine, epochs=v["first"]) if layer == 0 and v["first"] else refine
             if tune.epochs:
-                loss = B.refine(blk, q_in, targets, imp.channel_weight, tune, B.stage_seed(0, layer, 2),
-                                lambda *a: None)
+                loss = B.refine(blk, q_in, objective, tune, B.stage_seed(0, layer, 2), lambda *a: None)
             B.freeze(blk)
             q_in, fp_in = B.block_outputs(blk, q_in, 8), targets
             qblocks.append(blk)
         record = {"commit": git_commit(), "machine": machine(), "load_average": os.getloadavg(), "variant": name,
-                  "settings": v, "blocks": args.blocks, "windows": args.windows, "bits": args.bits,
-                  "teacher_bf16": teacher_bf16,
-                  "ppl_fp32": fp_ppl, "ppl": ppl(qblocks + fp_blocks[args.blocks:]), "last_block_loss": loss,
+                  "settings": v, "start": args.start, "blocks": args.blocks, "windows": args.windows,
+                  "bits": args.bits, "teacher_bf16": teacher_bf16, "ppl_fp32": fp_ppl,
+                  "ppl": ppl(fp_blocks[:args.start] + qblocks + fp_blocks[args.start + args.blocks:]),
+                  "last_block_loss": loss,
                   "seconds": time.perf_counter() - t}
         with open(RESULTS / "block-probe.jsonl", "a") as f:
             f.write(json.dumps(record) + "\n")

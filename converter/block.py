@@ -3,7 +3,8 @@
 Every stage trains against the full-precision block's outputs on the full-precision trajectory (the targets) while
 feeding the block the *quantized* trajectory (the outputs of the already-quantized blocks before it), so each block
 also absorbs the error its predecessors left (nanoquant.md §1.3). The loss is a channel-weighted MSE, weights from
-the output-gradient second moments (importance.py). Randomness (batch order, ADMM init) comes from generators seeded
+the output-gradient second moments (importance.py); optionally the last block's is the KL of the next-token
+distributions instead (`output_kl`). Randomness (batch order, ADMM init) comes from generators seeded
 by (seed, layer, stage), so a resumed run replays exactly what an uninterrupted one does.
 """
 from __future__ import annotations
@@ -67,23 +68,46 @@ def block_outputs(block: nn.Module, inputs: torch.Tensor, batch: int, bf16: bool
         return torch.cat([block(inputs[i:i + batch]).float() for i in range(0, inputs.shape[0], batch)])
 
 
+Objective = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (block output, window indices) → loss
+
+
 def weighted_mse(pred: torch.Tensor, target: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """Mean over tokens and channels of w_c (ŷ − y)² (a mean, not the official sum, so one lr fits all sizes)."""
     return ((pred - target).pow(2) * weight).mean()
 
 
-def tune(block: nn.Module, groups: list[dict], inputs: torch.Tensor, targets: torch.Tensor, weight: torch.Tensor,
-         settings: TuneSettings, seed: int, report: Report) -> float:
-    """Minimise the weighted MSE of block(inputs) to targets over the parameter groups; returns the last epoch's mean
-    loss. Each group's lr follows its own cosine schedule from the group's `lr`."""
+def channel_mse(targets: torch.Tensor, weight: torch.Tensor) -> Objective:
+    """The block objective: the channel-weighted MSE to the full-precision block's outputs on the same windows."""
+    return lambda pred, idx: weighted_mse(pred, targets[idx], weight)
+
+
+def output_kl(head: Callable[[torch.Tensor], torch.Tensor], targets: torch.Tensor, bf16: bool = False) -> Objective:
+    """The last block's objective: KL(teacher ‖ student) of the next-token distributions over the whole vocabulary,
+    both read through the final norm and head, the teacher's from the full-precision block outputs (its matmul in
+    bfloat16 with `bf16`, as for the other targets). The last block's output feeds the head and nothing else, so
+    here the loss the model is judged by is cheap to compute exactly, where the channel weights only approximate
+    it: with every other block at full precision, quick's last block costs 1.42× perplexity under the MSE
+    (bench/results/block-sensitivity.jsonl), the most of any block after the first."""
+    def loss(pred: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad(), bf16_autocast(bf16):
+            logp_t = torch.log_softmax(head(targets[idx]).float(), dim=-1)
+        logp_s = torch.log_softmax(head(pred), dim=-1)
+        return (logp_t.exp() * (logp_t - logp_s)).sum(-1).mean()
+    return loss
+
+
+def tune(block: nn.Module, groups: list[dict], inputs: torch.Tensor, objective: Objective, settings: TuneSettings,
+         seed: int, report: Report) -> float:
+    """Minimise the objective of block(inputs) over the parameter groups; returns the last epoch's mean loss. Each
+    group's lr follows its own cosine schedule from the group's `lr`."""
     if settings.epochs <= 0 or not groups:
         return float("nan")
     return adam_cosine(groups, inputs.shape[0], settings.batch, settings.epochs, seed,
-                       lambda idx: weighted_mse(block(inputs[idx]), targets[idx], weight), report)
+                       lambda idx: objective(block(inputs[idx]), idx), report)
 
 
-def mitigate_errors(block: DecoderBlock, inputs: torch.Tensor, targets: torch.Tensor, weight: torch.Tensor,
-                    settings: TuneSettings, seed: int, report: Report) -> float:
+def mitigate_errors(block: DecoderBlock, inputs: torch.Tensor, objective: Objective, settings: TuneSettings,
+                    seed: int, report: Report) -> float:
     """Error-propagation mitigation: tune the block's still-full-precision linear weights (not biases or norms) so
     that, fed the quantized trajectory, the block reproduces the full-precision outputs; the ADMM then factorizes
     these corrected weights."""
@@ -91,7 +115,7 @@ def mitigate_errors(block: DecoderBlock, inputs: torch.Tensor, targets: torch.Te
     for p in params:
         p.requires_grad_(True)
     try:
-        return tune(block, [{"params": params, "lr": settings.lr}], inputs, targets, weight, settings, seed, report)
+        return tune(block, [{"params": params, "lr": settings.lr}], inputs, objective, settings, seed, report)
     finally:
         for p in params:
             p.requires_grad_(False)
@@ -123,14 +147,14 @@ def factored_linears(block: DecoderBlock) -> list[BinaryFactoredLinear]:
     return [lin for lin in block.linears.values() if isinstance(lin, BinaryFactoredLinear)]
 
 
-def refine(block: DecoderBlock, inputs: torch.Tensor, targets: torch.Tensor, weight: torch.Tensor,
-           settings: TuneSettings, seed: int, report: Report) -> float:
+def refine(block: DecoderBlock, inputs: torch.Tensor, objective: Objective, settings: TuneSettings, seed: int,
+           report: Report) -> float:
     """Tune latents (STE) and scales of all the block's factored linears jointly; norms and biases stay fixed."""
     linears = factored_linears(block)
     groups = [{"params": [p for lin in linears for p in lin.latents()], "lr": settings.lr}]
     groups += [{"params": [s], "lr": settings.scale_lr * float(s.detach().abs().mean())}
                for lin in linears for s in lin.scales()]
-    return tune(block, groups, inputs, targets, weight, settings, seed, report)
+    return tune(block, groups, inputs, objective, settings, seed, report)
 
 
 def freeze(block: DecoderBlock) -> None:

@@ -72,6 +72,7 @@ class Recipe:
     recon_written: int = 0  # distillation windows the full-precision model writes, beyond the drawn ones
     write_prompt: int = 16  # tokens of a drawn window that start each written one
     write_temperature: float = 0.8  # probe: 0.6–0.7 and 1.0 write less useful text (spec/CONVERTER.md)
+    last_block_kl: bool = False  # the last block tunes against the next-token distribution (block.output_kl)
     error_mitigation: bool = True
     refine: bool = True
     model_recon: bool = True
@@ -111,7 +112,8 @@ PRESETS: dict[str, Recipe] = {
     "quick": Recipe(samples=128, seqlen=256, stat_samples=32, shrinkage=0.4, admm=AdmmSettings(iterations=60),
                     mitigation=B.TuneSettings(epochs=1, batch=4, lr=1e-4, scale_lr=0.0),
                     refinement=B.TuneSettings(epochs=4, batch=2, lr=3e-2, scale_lr=2e-2),
-                    recon_samples=512, recon_epochs=1, recon_batch=1, recon_lr=5e-3, recon_ce=1.0, teacher_bf16=True),
+                    recon_samples=512, recon_epochs=1, recon_batch=1, recon_lr=5e-3, recon_ce=1.0, teacher_bf16=True,
+                    last_block_kl=True),
     # Four times quick's block-stage windows, 3 refinement epochs (the 768 steps per block of the previous standard,
     # 256 windows × 6), 100 ADMM iterations, distillation on 2000 distinct windows (of the 2009 the default text
     # holds). bench/block_probe.py (first 4 blocks, 4 test windows, FP 20.56): 256 × 6 31.13, 384 × 6 30.26,
@@ -125,7 +127,7 @@ PRESETS: dict[str, Recipe] = {
                        mitigation=B.TuneSettings(epochs=1, batch=4, lr=1e-4, scale_lr=0.0),
                        refinement=B.TuneSettings(epochs=3, batch=2, lr=3e-2, scale_lr=2e-2),
                        recon_samples=2000, recon_epochs=1, recon_batch=1, recon_lr=5e-3, recon_ce=1.0,
-                       teacher_bf16=True),
+                       teacher_bf16=True, last_block_kl=True),
 }
 
 
@@ -433,21 +435,24 @@ def _blocks(source, base: TorchModel, windows: torch.Tensor, importance: list[La
     for layer in range(start, n):
         blk = DecoderBlock(config, layer, source.block_weights(layer))
         imp = importance[layer]
-        w = imp.channel_weight
         reporter.block(layer, n)
         targets = timer.run("targets", B.block_outputs, blk, fp_in, fb, recipe.teacher_bf16)
         del fp_in
         tune_targets = targets[:recipe.samples]
+        if recipe.last_block_kl and layer == n - 1:
+            objective = B.output_kl(base.head, tune_targets, recipe.teacher_bf16)
+        else:
+            objective = B.channel_mse(tune_targets, imp.channel_weight)
         if recipe.error_mitigation:
             reporter.stage("error mitigation", 0)
-            timer.run("error mitigation", B.mitigate_errors, blk, q_in, tune_targets, w, recipe.mitigation,
+            timer.run("error mitigation", B.mitigate_errors, blk, q_in, objective, recipe.mitigation,
                       B.stage_seed(seed, layer, 1), reporter.update)
         reporter.stage("LB-ADMM", len(K.LINEARS))
         timer.run("admm", B.factorize, blk, ranks, imp, recipe.admm, seed, lambda i, k: reporter.advance(i),
                   recipe.scale_mid)
         if recipe.refine:
             reporter.stage("refinement", 0)
-            timer.run("refinement", B.refine, blk, q_in, tune_targets, w, recipe.refinement,
+            timer.run("refinement", B.refine, blk, q_in, objective, recipe.refinement,
                       B.stage_seed(seed, layer, 2), reporter.update)
         B.freeze(blk)
         q_out = timer.run("forward", B.block_outputs, blk, q_in, fb)
