@@ -112,8 +112,7 @@ PRESETS: dict[str, Recipe] = {
     "quick": Recipe(samples=128, seqlen=256, stat_samples=32, shrinkage=0.4, admm=AdmmSettings(iterations=60),
                     mitigation=B.TuneSettings(epochs=1, batch=4, lr=1e-4, scale_lr=0.0),
                     refinement=B.TuneSettings(epochs=4, batch=2, lr=3e-2, scale_lr=2e-2),
-                    recon_samples=512, recon_epochs=1, recon_batch=1, recon_lr=5e-3, recon_ce=1.0, teacher_bf16=True,
-                    last_block_kl=True),
+                    recon_samples=512, recon_epochs=1, recon_batch=1, recon_lr=5e-3, recon_ce=1.0, teacher_bf16=True),
     # Four times quick's block-stage windows, 3 refinement epochs (the 768 steps per block of the previous standard,
     # 256 windows × 6), 100 ADMM iterations, distillation on 2000 distinct windows (of the 2009 the default text
     # holds). bench/block_probe.py (first 4 blocks, 4 test windows, FP 20.56): 256 × 6 31.13, 384 × 6 30.26,
