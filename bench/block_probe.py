@@ -112,10 +112,8 @@ def main() -> None:
             blk = DecoderBlock(c, layer, src.block_weights(layer))
             imp = ones_where(layer_stats[layer], v)
             targets = B.block_outputs(blk, fp_in, 8, teacher_bf16)
-            if v["kl"] and layer == c.n_layers - 1:
-                objective = B.output_kl(base.head, targets, teacher_bf16)
-            else:
-                objective = B.channel_mse(targets, imp.channel_weight)
+            objective = B.block_objective(layer, c.n_layers, targets, imp.channel_weight, base.head, bool(v["kl"]),
+                                          teacher_bf16)
             if v["mitigation"]:
                 B.mitigate_errors(blk, q_in, objective, recipe.mitigation, B.stage_seed(0, layer, 1), lambda *a: None)
             B.factorize(blk, B.block_ranks(c, args.bits), imp, admm, 0, scale_mid=bool(v["mid"]))

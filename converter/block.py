@@ -85,7 +85,7 @@ def output_kl(head: Callable[[torch.Tensor], torch.Tensor], targets: torch.Tenso
     """The last block's objective: KL(teacher ‖ student) of the next-token distributions over the whole vocabulary,
     both read through the final norm and head, the teacher's from the full-precision block outputs (its matmul in
     bfloat16 with `bf16`, as for the other targets). The last block's output feeds the head and nothing else, so
-    here the loss the model is judged by is cheap to compute exactly, where the channel weights only approximate
+    there the loss the model is judged by can be computed exactly, where the channel weights only approximate
     it: with every other block at full precision, quick's last block costs 1.42× perplexity under the MSE
     (bench/results/block-sensitivity.jsonl), the most of any block after the first."""
     def loss(pred: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
@@ -94,6 +94,15 @@ def output_kl(head: Callable[[torch.Tensor], torch.Tensor], targets: torch.Tenso
         logp_s = torch.log_softmax(head(pred), dim=-1)
         return (logp_t.exp() * (logp_t - logp_s)).sum(-1).mean()
     return loss
+
+
+def block_objective(layer: int, n_layers: int, targets: torch.Tensor, weight: torch.Tensor,
+                    head: Callable[[torch.Tensor], torch.Tensor], last_block_kl: bool, bf16: bool) -> Objective:
+    """The objective block `layer` tunes against: `output_kl` for the last block when `last_block_kl`, else the
+    channel-weighted MSE (`weight` from importance.py)."""
+    if last_block_kl and layer == n_layers - 1:
+        return output_kl(head, targets, bf16)
+    return channel_mse(targets, weight)
 
 
 def tune(block: nn.Module, groups: list[dict], inputs: torch.Tensor, objective: Objective, settings: TuneSettings,

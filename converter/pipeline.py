@@ -439,10 +439,8 @@ def _blocks(source, base: TorchModel, windows: torch.Tensor, importance: list[La
         targets = timer.run("targets", B.block_outputs, blk, fp_in, fb, recipe.teacher_bf16)
         del fp_in
         tune_targets = targets[:recipe.samples]
-        if recipe.last_block_kl and layer == n - 1:
-            objective = B.output_kl(base.head, tune_targets, recipe.teacher_bf16)
-        else:
-            objective = B.channel_mse(tune_targets, imp.channel_weight)
+        objective = B.block_objective(layer, n, tune_targets, imp.channel_weight, base.head, recipe.last_block_kl,
+                                      recipe.teacher_bf16)
         if recipe.error_mitigation:
             reporter.stage("error mitigation", 0)
             timer.run("error mitigation", B.mitigate_errors, blk, q_in, objective, recipe.mitigation,

@@ -34,6 +34,19 @@ def calib_text(path):
     return path
 
 
+def spy_saves(monkeypatch) -> dict[str, dict]:
+    """Record every checkpoint the pipeline saves, by work directory name, then file name (the saves still happen)."""
+    saved: dict[str, dict] = {}
+    save = P.WorkDir.save
+
+    def spy(self, name, obj):
+        saved.setdefault(self.path.name, {})[name] = obj
+        save(self, name, obj)
+
+    monkeypatch.setattr(P.WorkDir, "save", spy)
+    return saved
+
+
 def run(tmp_path, model_dir, out_name="m.nq", **over):
     options = P.Options(model=str(model_dir), out=tmp_path / out_name, preset="tiny",
                         calib=[calib_text(tmp_path / "calib.txt")], threads=1, **over)
@@ -164,14 +177,7 @@ def test_distillation_windows_beyond_the_block_stage(tmp_path, tiny_preset, monk
     """recon_samples > samples: the blocks are tuned on the same first `samples` windows as before (identical block
     files), and the teacher cache and the distillation cover all recon_samples windows."""
     hf_tiny.save("llama", tmp_path / "src")
-    saved: dict[str, dict] = {}
-    save = P.WorkDir.save
-
-    def spy(self, name, obj):
-        saved.setdefault(self.path.name, {})[name] = obj
-        save(self, name, obj)
-
-    monkeypatch.setattr(P.WorkDir, "save", spy)
+    saved = spy_saves(monkeypatch)
     distilled = []
     reconstruct = P.reconstruct
     monkeypatch.setattr(P, "reconstruct", lambda model, tokens, *a, **kw: distilled.append(tokens) or reconstruct(
@@ -195,10 +201,7 @@ def test_written_windows_join_only_the_distillation(tmp_path, tiny_preset, monke
     tokens of a drawn window; the block stage is unchanged (identical block files) and the teacher cache and the
     distillation cover the first recon_samples drawn windows, then the written ones."""
     hf_tiny.save("llama", tmp_path / "src")
-    saved: dict[str, dict] = {}
-    save = P.WorkDir.save
-    monkeypatch.setattr(P.WorkDir, "save", lambda self, name, obj: saved.setdefault(self.path.name, {}).update(
-        {name: obj}) or save(self, name, obj))
+    saved = spy_saves(monkeypatch)
     distilled = []
     reconstruct = P.reconstruct
     monkeypatch.setattr(P, "reconstruct", lambda model, tokens, *a, **kw: distilled.append(tokens) or reconstruct(
@@ -336,10 +339,7 @@ def test_last_block_kl_changes_only_the_last_block_and_fits_the_output_better(tm
     hf_tiny.save("llama", tmp_path / "src")
     monkeypatch.setitem(P.PRESETS, "tiny", dataclasses.replace(
         TINY, refinement=B.TuneSettings(epochs=8, batch=3), model_recon=False))
-    saved: dict[str, dict] = {}
-    save = P.WorkDir.save
-    monkeypatch.setattr(P.WorkDir, "save", lambda self, name, obj: saved.setdefault(self.path.name, {}).update(
-        {name: obj}) or save(self, name, obj))
+    saved = spy_saves(monkeypatch)
     windows = []
     draw = P.calibration_windows
     monkeypatch.setattr(P, "calibration_windows", lambda *a: windows.append(draw(*a)) or windows[-1])
