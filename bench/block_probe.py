@@ -9,8 +9,9 @@ Each positional argument is a variant: comma-separated overrides of epochs, batc
 mid (0/1: per-rank scale_mid), seqlen (tuning window length; the preconditioner statistics stay on quick's windows),
 shrink (the preconditioners' shrinkage γ in percent, e.g. shrink=20 for γ = 0.2; statistics recomputed),
 first (refinement epochs of block 0 alone, which costs the most when quantized: bench/block_sensitivity.py),
-kl (0/1: the last block of the model tunes against the next-token distribution, block.output_kl; with
-`--start 29 --blocks 1` that block alone is probed);
+kl (the model's last kl blocks tune against the next-token distribution through the full-precision blocks after
+them and the head, block.output_kl; `--start 28 --blocks 1 kl=2` probes block 28 alone under it; records with
+rbf16=1 ran the student's readout in bfloat16, which is now always so where the teacher is);
 "base" is the quick preset unchanged. One JSON line per variant is appended to bench/results/block-probe.jsonl.
 """
 from __future__ import annotations
@@ -112,8 +113,8 @@ def main() -> None:
             blk = DecoderBlock(c, layer, src.block_weights(layer))
             imp = ones_where(layer_stats[layer], v)
             targets = B.block_outputs(blk, fp_in, 8, teacher_bf16)
-            objective = B.block_objective(layer, c.n_layers, targets, imp.channel_weight, base.head, bool(v["kl"]),
-                                          teacher_bf16)
+            objective = B.block_objective(layer, c.n_layers, targets, imp.channel_weight, base.head,
+                                          fp_blocks.__getitem__, v["kl"], teacher_bf16)
             if v["mitigation"]:
                 B.mitigate_errors(blk, q_in, objective, recipe.mitigation, B.stage_seed(0, layer, 1), lambda *a: None)
             B.factorize(blk, B.block_ranks(c, args.bits), imp, admm, 0, scale_mid=bool(v["mid"]))

@@ -3,9 +3,10 @@
 Every stage trains against the full-precision block's outputs on the full-precision trajectory (the targets) while
 feeding the block the *quantized* trajectory (the outputs of the already-quantized blocks before it), so each block
 also absorbs the error its predecessors left (nanoquant.md §1.3). The loss is a channel-weighted MSE, weights from
-the output-gradient second moments (importance.py); optionally the last block's is the KL of the next-token
-distributions instead (`output_kl`). Randomness (batch order, ADMM init) comes from generators seeded
-by (seed, layer, stage), so a resumed run replays exactly what an uninterrupted one does.
+the output-gradient second moments (importance.py); optionally the last blocks' is the KL of the next-token
+distributions instead, read through the full-precision blocks after them and the head (`output_kl`). Randomness
+(batch order, ADMM init) comes from generators seeded by (seed, layer, stage), so a resumed run replays exactly what
+an uninterrupted one does.
 """
 from __future__ import annotations
 
@@ -81,28 +82,42 @@ def channel_mse(targets: torch.Tensor, weight: torch.Tensor) -> Objective:
     return lambda pred, idx: weighted_mse(pred, targets[idx], weight)
 
 
-def output_kl(head: Callable[[torch.Tensor], torch.Tensor], targets: torch.Tensor, bf16: bool = False) -> Objective:
-    """The last block's objective: KL(teacher ‖ student) of the next-token distributions over the whole vocabulary,
-    both read through the final norm and head, the teacher's from the full-precision block outputs (its matmul in
-    bfloat16 with `bf16`, as for the other targets). The last block's output feeds the head and nothing else, so
-    there the loss the model is judged by can be computed exactly, where the channel weights only approximate
-    it: with every other block at full precision, quick's last block costs 1.42× perplexity under the MSE
-    (bench/results/block-sensitivity.jsonl), the most of any block after the first."""
+def output_kl(readout: Callable[[torch.Tensor], torch.Tensor], targets: torch.Tensor,
+              bf16: bool = False) -> Objective:
+    """KL(teacher ‖ student) of the next-token distributions over the whole vocabulary, both read out by `readout`
+    (the full-precision blocks after this one, if any, then the final norm and head): the teacher's from the
+    full-precision block outputs, the student's from the tuned block's. With `bf16` both readouts run their
+    matmuls in bfloat16 (the frozen readout is a teacher-side computation; the tuned block itself stays float32):
+    quick's last block alone under this KL scored 23.47 against 23.68 with a float32 student readout, and its
+    KL overhead fell 176 → 146 s (bench/block_probe.py, block-probe.jsonl). A late block's
+    output reaches the logits through nothing but that readout, so there the loss the model is judged by can be
+    computed exactly, where the channel weights only approximate it: with every other block at full precision,
+    quick's last block costs 1.42× perplexity under the MSE (bench/results/block-sensitivity.jsonl), the most of
+    any block after the first."""
     def loss(pred: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
-        with torch.no_grad(), bf16_autocast(bf16):
-            logp_t = torch.log_softmax(head(targets[idx]).float(), dim=-1)
-        logp_s = torch.log_softmax(head(pred), dim=-1)
+        with bf16_autocast(bf16):
+            with torch.no_grad():
+                logp_t = torch.log_softmax(readout(targets[idx]).float(), dim=-1)
+            logp_s = torch.log_softmax(readout(pred).float(), dim=-1)
         return (logp_t.exp() * (logp_t - logp_s)).sum(-1).mean()
     return loss
 
 
 def block_objective(layer: int, n_layers: int, targets: torch.Tensor, weight: torch.Tensor,
-                    head: Callable[[torch.Tensor], torch.Tensor], last_block_kl: bool, bf16: bool) -> Objective:
-    """The objective block `layer` tunes against: `output_kl` for the last block when `last_block_kl`, else the
-    channel-weighted MSE (`weight` from importance.py)."""
-    if last_block_kl and layer == n_layers - 1:
-        return output_kl(head, targets, bf16)
-    return channel_mse(targets, weight)
+                    head: Callable[[torch.Tensor], torch.Tensor], fp_block: Callable[[int], nn.Module],
+                    kl_blocks: int, bf16: bool) -> Objective:
+    """The objective block `layer` tunes against: for the last `kl_blocks` blocks `output_kl` through the
+    full-precision blocks after it (`fp_block(i)` builds block i) and the head, else the channel-weighted MSE
+    (`weight` from importance.py)."""
+    if layer < n_layers - kl_blocks:
+        return channel_mse(targets, weight)
+    later = [fp_block(i) for i in range(layer + 1, n_layers)]
+
+    def readout(h: torch.Tensor) -> torch.Tensor:
+        for blk in later:
+            h = blk(h)
+        return head(h)
+    return output_kl(readout, targets, bf16)
 
 
 def tune(block: nn.Module, groups: list[dict], inputs: torch.Tensor, objective: Objective, settings: TuneSettings,

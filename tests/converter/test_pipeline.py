@@ -332,8 +332,33 @@ def test_output_kl_is_the_kl_of_the_heads_next_token_distributions():
     assert float(objective(targets[idx], idx)) == pytest.approx(0.0, abs=1e-6)
 
 
+def test_block_objective_reads_late_blocks_out_through_the_full_precision_blocks_after_them():
+    """kl_blocks=2 of 4 blocks: blocks 0–1 keep the channel-weighted MSE; block 2's KL is read through full-precision
+    block 3 and the head, block 3's through the head alone (float64 reference); the gradient reaches the block's
+    output through the later block."""
+    gen = torch.Generator().manual_seed(5)
+    lin = lambda i, o: torch.nn.Linear(i, o).requires_grad_(False)  # noqa: E731
+    later = {3: lin(19, 19)}
+    head = lin(19, 53)
+    targets, pred = torch.randn(7, 13, 19, generator=gen), torch.randn(3, 13, 19, generator=gen)
+    idx, weight = torch.tensor([6, 1, 2]), torch.rand(19, generator=gen) + 0.1
+    objective = lambda layer: B.block_objective(layer, 4, targets, weight, head, later.__getitem__, 2, False)  # noqa: E731
+    assert float(objective(1)(pred, idx)) == pytest.approx(float(B.weighted_mse(pred, targets[idx], weight)))
+
+    def kl(readout) -> float:
+        p_t = torch.softmax(readout(targets[idx]).double(), -1)
+        p_s = torch.softmax(readout(pred).double(), -1)
+        return float((p_t * (p_t.log() - p_s.log())).sum(-1).mean())
+    assert float(objective(2)(pred, idx)) == pytest.approx(kl(lambda h: head(later[3](h))), rel=1e-4)
+    assert float(objective(3)(pred, idx)) == pytest.approx(kl(head), rel=1e-4)
+    assert kl(head) != pytest.approx(kl(lambda h: head(later[3](h))), rel=1e-2)
+    pred.requires_grad_(True)
+    (grad,) = torch.autograd.grad(objective(2)(pred, idx), pred)
+    assert grad.abs().sum() > 0
+
+
 def test_last_block_kl_changes_only_the_last_block_and_fits_the_output_better(tmp_path, tiny_preset, monkeypatch):
-    """last_block_kl: every block but the last is tuned exactly as before (identical block files); the last one is
+    """kl_blocks=1: every block but the last is tuned exactly as before (identical block files); the last one is
     tuned against the head's next-token distribution, so the student's KL to the full-precision model's output on the
     calibration windows ends lower than under the channel-weighted MSE."""
     hf_tiny.save("llama", tmp_path / "src")
@@ -344,7 +369,7 @@ def test_last_block_kl_changes_only_the_last_block_and_fits_the_output_better(tm
     draw = P.calibration_windows
     monkeypatch.setattr(P, "calibration_windows", lambda *a: windows.append(draw(*a)) or windows[-1])
     mse = run(tmp_path, tmp_path / "src", "mse.nq")
-    monkeypatch.setitem(P.PRESETS, "tiny", dataclasses.replace(P.PRESETS["tiny"], last_block_kl=True))
+    monkeypatch.setitem(P.PRESETS, "tiny", dataclasses.replace(P.PRESETS["tiny"], kl_blocks=1))
     kl = run(tmp_path, tmp_path / "src", "kl.nq")
     a, b = saved["mse.nq.work"], saved["kl.nq.work"]
     assert all(torch.equal(a["block-000.pt"][lin][k], b["block-000.pt"][lin][k])
