@@ -86,14 +86,13 @@ def output_kl(readout: Callable[[torch.Tensor], torch.Tensor], targets: torch.Te
               bf16: bool = False) -> Objective:
     """KL(teacher ‖ student) of the next-token distributions over the whole vocabulary, both read out by `readout`
     (the full-precision blocks after this one, if any, then the final norm and head): the teacher's from the
-    full-precision block outputs, the student's from the tuned block's. With `bf16` both readouts run their
-    matmuls in bfloat16 (the frozen readout is a teacher-side computation; the tuned block itself stays float32):
-    quick's last block alone under this KL scored 23.47 against 23.68 with a float32 student readout, and its
-    KL overhead fell 176 → 146 s (bench/block_probe.py, block-probe.jsonl). A late block's
-    output reaches the logits through nothing but that readout, so there the loss the model is judged by can be
-    computed exactly, where the channel weights only approximate it: with every other block at full precision,
-    quick's last block costs 1.42× perplexity under the MSE (bench/results/block-sensitivity.jsonl), the most of
-    any block after the first."""
+    full-precision block outputs, the student's from the tuned block's. A late block's output reaches the logits
+    through nothing but that readout, so there the loss the model is judged by can be computed exactly, where the
+    channel weights only approximate it: with every other block at full precision, quick's last block costs 1.42×
+    perplexity under the MSE (bench/results/block-sensitivity.jsonl), the most of any block after the first.
+    With `bf16` both readouts run their matmuls in bfloat16 (the readout is frozen, like the teacher; the tuned
+    block stays float32): quick's last block alone scored 23.47 against 23.68 with a float32 student readout, and
+    its KL overhead fell 176 → 146 s (bench/block_probe.py, block-probe.jsonl)."""
     def loss(pred: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
         with bf16_autocast(bf16):
             with torch.no_grad():
