@@ -313,6 +313,13 @@ def test_distillation_with_the_text_cross_entropy_fits_the_text_better(tmp_path,
     assert ce[2.0] < ce[0.0]
 
 
+def reference_kl(readout, teacher_in: torch.Tensor, student_in: torch.Tensor) -> float:
+    """The float64 reference for block.output_kl: Σ_v p_T log(p_T / p_S) per token, averaged over tokens."""
+    p_t = torch.softmax(readout(teacher_in).double(), -1)
+    p_s = torch.softmax(readout(student_in).double(), -1)
+    return float((p_t * (p_t.log() - p_s.log())).sum(-1).mean())
+
+
 def test_output_kl_is_the_kl_of_the_heads_next_token_distributions():
     """block.output_kl against a float64 reference: Σ_v p_T log(p_T / p_S) per token, averaged, through a head; zero
     when the student's outputs are the teacher's."""
@@ -325,10 +332,7 @@ def test_output_kl_is_the_kl_of_the_heads_next_token_distributions():
     targets, pred = torch.randn(7, 13, 19, generator=gen), torch.randn(3, 13, 19, generator=gen)
     idx = torch.tensor([5, 0, 2])
     objective = B.output_kl(head, targets)
-    p_t = torch.softmax(head(targets[idx]).double(), -1)
-    p_s = torch.softmax(head(pred).double(), -1)
-    want = (p_t * (p_t.log() - p_s.log())).sum(-1).mean()
-    assert float(objective(pred, idx)) == pytest.approx(float(want), rel=1e-4)
+    assert float(objective(pred, idx)) == pytest.approx(reference_kl(head, targets[idx], pred), rel=1e-4)
     assert float(objective(targets[idx], idx)) == pytest.approx(0.0, abs=1e-6)
 
 
@@ -344,11 +348,7 @@ def test_block_objective_reads_late_blocks_out_through_the_full_precision_blocks
     idx, weight = torch.tensor([6, 1, 2]), torch.rand(19, generator=gen) + 0.1
     objective = lambda layer: B.block_objective(layer, 4, targets, weight, head, later.__getitem__, 2, False)  # noqa: E731
     assert float(objective(1)(pred, idx)) == pytest.approx(float(B.weighted_mse(pred, targets[idx], weight)))
-
-    def kl(readout) -> float:
-        p_t = torch.softmax(readout(targets[idx]).double(), -1)
-        p_s = torch.softmax(readout(pred).double(), -1)
-        return float((p_t * (p_t.log() - p_s.log())).sum(-1).mean())
+    kl = lambda readout: reference_kl(readout, targets[idx], pred)  # noqa: E731
     assert float(objective(2)(pred, idx)) == pytest.approx(kl(lambda h: head(later[3](h))), rel=1e-4)
     assert float(objective(3)(pred, idx)) == pytest.approx(kl(head), rel=1e-4)
     assert kl(head) != pytest.approx(kl(lambda h: head(later[3](h))), rel=1e-2)
@@ -357,7 +357,7 @@ def test_block_objective_reads_late_blocks_out_through_the_full_precision_blocks
     assert grad.abs().sum() > 0
 
 
-def test_last_block_kl_changes_only_the_last_block_and_fits_the_output_better(tmp_path, tiny_preset, monkeypatch):
+def test_kl_on_the_last_block_changes_only_it_and_fits_the_output_better(tmp_path, tiny_preset, monkeypatch):
     """kl_blocks=1: every block but the last is tuned exactly as before (identical block files); the last one is
     tuned against the head's next-token distribution, so the student's KL to the full-precision model's output on the
     calibration windows ends lower than under the channel-weighted MSE."""
