@@ -2,7 +2,7 @@
 
 The texts are tokenized once (joined by blank lines, no BOS), cut into non-overlapping windows of `seqlen` tokens, and
 `samples` of those windows are chosen by a seeded permutation. Drawing without replacement fixes the official code's
-loader, which re-draws with replacement and keeps only ~61% unique windows (nanoquant.md §8.1).
+loader, which re-draws with replacement and keeps only ~61% unique windows (spec/CONVERTER.md, stage 1).
 """
 from __future__ import annotations
 
@@ -12,25 +12,17 @@ from pathlib import Path
 
 import torch
 
-SHARED_TRAIN_TEXT = Path("/work/shared/data/enwiki-train.txt")
+from nqfmt.errors import NQError
 
 
-class CalibrationError(Exception):
+class CalibrationError(NQError):
     """The calibration text cannot supply the requested windows (one clear line)."""
 
 
 def default_calibration_text() -> Path:
-    """The project's Wikipedia training text (`nqdata`), or the shared copy where nqdata cannot build it."""
-    try:
-        from nqdata import DataError, default_text
-    except ImportError:
-        return SHARED_TRAIN_TEXT
-    try:
-        return default_text("train")
-    except DataError:
-        if SHARED_TRAIN_TEXT.exists():
-            return SHARED_TRAIN_TEXT
-        raise
+    """The project's Wikipedia training text (`nqdata`), built on first use."""
+    from nqdata import default_text
+    return default_text("train")
 
 
 def read_texts(paths: Sequence[Path]) -> str:

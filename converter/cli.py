@@ -14,21 +14,13 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from nqfmt import NQFormatError
+from nqfmt.errors import command_errors
 
-from .calibration import CalibrationError
-from .pipeline import PRESETS, ConversionError, Options, Summary, convert
+from .pipeline import PRESETS, Options, Summary, convert
 from .progress import LineReporter, RichReporter
 
 app = typer.Typer(add_completion=False, pretty_exceptions_enable=False,
                   help="Convert a Hugging Face or GGUF model to a NanoQuant .nq file (binary factors, ≤1 bit/weight).")
-
-
-def _expected_errors() -> tuple[type[BaseException], ...]:
-    from nqdata import DataError
-
-    from .sources import SourceError
-    return ConversionError, SourceError, CalibrationError, NQFormatError, DataError, OSError
 
 
 def summary_table(s: Summary) -> Table:
@@ -73,19 +65,11 @@ def nqconvert(
                       resume=resume, error_mitigation=not no_error_mitigation, refine=not no_refine,
                       model_recon=not no_model_recon, scale_mid=scale_mid, written=written)
     reporter = RichReporter() if sys.stderr.isatty() else LineReporter(sys.stderr)
-    try:
-        summary = convert(options, reporter)
-    except KeyboardInterrupt:
-        reporter.close()
-        typer.echo(f"nqconvert: interrupted; run again with --resume to continue from {out}.work/", err=True)
-        raise typer.Exit(130)
-    except _expected_errors() as e:
-        reporter.close()
-        if debug:
-            raise
-        message = str(e).splitlines()[0] if str(e) else type(e).__name__
-        typer.echo(f"nqconvert: error: {message}", err=True)
-        raise typer.Exit(1)
+    with command_errors("nqconvert", debug, f"interrupted; run again with --resume to continue from {out}.work/"):
+        try:
+            summary = convert(options, reporter)
+        finally:
+            reporter.close()
     Console().print(summary_table(summary))
 
 

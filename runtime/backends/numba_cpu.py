@@ -24,9 +24,8 @@ def _configure_numba() -> None:
     os.environ.setdefault("OMP_WAIT_POLICY", "passive")
     os.environ.setdefault("NUMBA_THREADING_LAYER_PRIORITY", "omp workqueue tbb")
     if "NUMBA_CACHE_DIR" not in os.environ and not os.access(Path(__file__).parent, os.W_OK):
-        base = os.environ.get("NANOQUANT_CACHE") or Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache",
-                                                         "nanoquant")
-        os.environ["NUMBA_CACHE_DIR"] = str(Path(base) / "numba")
+        from nqdata import cache_dir
+        os.environ["NUMBA_CACHE_DIR"] = str(cache_dir() / "numba")
         if "numba" in sys.modules:  # imported earlier by the caller: tell its config too
             import numba
             numba.config.CACHE_DIR = os.environ["NUMBA_CACHE_DIR"]
@@ -49,6 +48,9 @@ DEFAULT_MAX_THREADS = 4
 # size; the head (28 M weights), prefill (parallel over tokens) and long attention still use the threads.
 PARALLEL_MIN_LOOKUPS = 800 * 1024  # sign bytes of one decode path
 PARALLEL_MIN_ATTENTION = 4096  # query × key pairs (× heads) of one attention call
+# A few tokens at once (a batched decoding step) share each sign byte across LANES tokens' tables
+# (binary_path_lanes): serial, since one task covers them all. Longer runs (prefill) go one token per task.
+LANES_MAX_TOKENS = 2 * nk.LANES
 
 
 @dataclass(frozen=True)
@@ -169,8 +171,9 @@ class NumbaBackend(Backend):
             y = y.reshape(1, w.m)
         else:
             y = np.empty((t, w.m), np.float32)
+            kernel = nk.SERIAL.binary_path_lanes if t <= LANES_MAX_TOKENS else self.rows.binary_path_batch
             for i, p in enumerate(w.paths):
-                self.rows.binary_path_batch(x, p.s_in, p.v_bytes, p.s_mid, p.u_bytes, p.s_out, y, i > 0)
+                kernel(x, p.s_in, p.v_bytes, p.s_mid, p.u_bytes, p.s_out, y, i > 0)
         if w.bias is not None:
             y += w.bias
         return y
@@ -208,7 +211,8 @@ class NumbaBackend(Backend):
         x = np.ascontiguousarray(x, dtype=np.float32)
         out = np.empty((x.shape[0], table.data.shape[0]), np.float32)
         if table.gtype == GT.F16:
-            self.rows.head_f16(table.data, x, out)
+            few = 1 < x.shape[0] <= LANES_MAX_TOKENS
+            (self.rows.head_f16_few if few else self.rows.head_f16)(table.data, x, out)
         elif table.gtype == GT.Q8_0:
             self.rows.head_q8(table.data, table.qs, x, out)
         else:
