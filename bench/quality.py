@@ -110,10 +110,6 @@ def main() -> None:
     ap.add_argument("--no-error-mitigation", action="store_true")
     ap.add_argument("--no-refine", action="store_true")
     ap.add_argument("--no-model-recon", action="store_true")
-    ap.add_argument("--scale-mid", action=argparse.BooleanOptionalAction, default=None,
-                    help="per-rank scales on or off (default: the preset's)")
-    ap.add_argument("--written", type=int, default=None,
-                    help="distillation windows the full-precision model writes (default: the preset's)")
     ap.add_argument("--out-dir", type=Path, default=Path("/tmp"))
     ap.add_argument("--force", action="store_true")
     args = ap.parse_args()
@@ -122,8 +118,6 @@ def main() -> None:
 
     ablation = [n for n, off in (("nomit", args.no_error_mitigation), ("norefine", args.no_refine),
                                  ("norecon", args.no_model_recon)) if off]
-    ablation += {True: ["mid"], False: ["nomid"], None: []}[args.scale_mid]
-    ablation += [f"w{args.written}"] if args.written is not None else []
     ablation += [f"seed{args.seed}"] if args.seed else []
     name = "-".join([f"quality-{Path(args.model).name}-{args.preset}"]
                     + ([f"b{args.bits:g}"] if args.bits != 1.0 else []) + ablation)
@@ -139,8 +133,7 @@ def main() -> None:
     t0 = time.perf_counter()
     summary = convert(Options(model=args.model, out=out, bits=args.bits, preset=args.preset, seed=args.seed,
                               threads=args.threads, error_mitigation=not args.no_error_mitigation,
-                              refine=not args.no_refine, model_recon=not args.no_model_recon,
-                              scale_mid=args.scale_mid, written=args.written),
+                              refine=not args.no_refine, model_recon=not args.no_model_recon),
                       LineReporter(sys.stdout))
     convert_seconds = time.perf_counter() - t0
     load_after_convert = os.getloadavg()

@@ -151,18 +151,15 @@ def block_ranks(config, bits: float) -> dict[str, int]:
 
 @torch.no_grad()
 def factorize(block: DecoderBlock, ranks: dict[str, int], importance: LayerImportance, settings: AdmmSettings,
-              seed: int, report: Callable[[int, int], None] = lambda i, n: None, scale_mid: bool = False) -> None:
-    """Replace every nn.Linear of the block by the LB-ADMM initialisation of its binary factors (bias kept). With
-    `scale_mid`, every path also gets a per-rank scale of ones (the same matrix) for refinement and distillation to
-    train: r more scales per linear, so each rank-one term's weight can move."""
+              seed: int, report: Callable[[int, int], None] = lambda i, n: None) -> None:
+    """Replace every nn.Linear of the block by the LB-ADMM initialisation of its binary factors (bias kept)."""
     for i, name in enumerate(K.LINEARS):
         lin = block.linears[name]
         f = lb_admm(lin.weight, ranks[name], importance.d_in[name], importance.d_out[name], settings,
                     seed=stage_seed(seed, block.layer, 10 + i))
         bias = None if lin.bias is None else lin.bias.detach()
-        mid = torch.ones(ranks[name]) if scale_mid else None
         block.linears[name] = BinaryFactoredLinear.from_factors(f.u_latent, f.v_latent, f.scale_in, f.scale_out,
-                                                                mid, bias=bias)
+                                                                bias=bias)
         report(i + 1, len(K.LINEARS))
 
 

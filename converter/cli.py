@@ -53,17 +53,13 @@ def nqconvert(
     no_error_mitigation: bool = typer.Option(False, "--no-error-mitigation", help="skip error mitigation"),
     no_refine: bool = typer.Option(False, "--no-refine", help="skip the latent/scale refinement"),
     no_model_recon: bool = typer.Option(False, "--no-model-recon", help="skip model reconstruction"),
-    scale_mid: Optional[bool] = typer.Option(None, "--scale-mid/--no-scale-mid",
-                                             help="a trainable per-rank scale on every path (default: the preset's)"),
-    written: Optional[int] = typer.Option(None, help="distillation windows the full-precision model writes itself, "
-                                                      "beyond the drawn ones (default: the preset's)"),
     debug: bool = typer.Option(False, "--debug", help="show tracebacks"),
 ) -> None:
     """Convert MODEL to OUT.nq."""
     options = Options(model=model, out=out, bits=bits, preset=preset, calib=tuple(calib or ()), samples=samples,
                       seqlen=seqlen, seed=seed, threads=threads if threads is not None else os.cpu_count(),
                       resume=resume, error_mitigation=not no_error_mitigation, refine=not no_refine,
-                      model_recon=not no_model_recon, scale_mid=scale_mid, written=written)
+                      model_recon=not no_model_recon)
     reporter = RichReporter() if sys.stderr.isatty() else LineReporter(sys.stderr)
     with command_errors("nqconvert", debug, f"interrupted; run again with --resume to continue from {out}.work/"):
         try:

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import math
 import os
-from collections.abc import Callable
 
 import numpy as np
 import torch
@@ -62,11 +61,10 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return x * cos + rotated * sin
 
 
-def attention_mask(config: ModelConfig, layer: int, length: int, start: int = 0) -> torch.Tensor:
-    """[T, start + T] boolean, True where query i (at position start + i) may attend key j: causal, and within the
-    window on sliding layers."""
-    i = torch.arange(start, start + length)[:, None]
-    j = torch.arange(start + length)[None, :]
+def attention_mask(config: ModelConfig, layer: int, length: int) -> torch.Tensor:
+    """[T, T] boolean, True where query i may attend key j: causal, and within the window on sliding layers."""
+    i = torch.arange(length)[:, None]
+    j = torch.arange(length)[None, :]
     allowed = j <= i
     if config.sliding_layers[layer]:
         allowed &= (i - j) < config.sliding_window
@@ -99,28 +97,6 @@ def _linear(weight: torch.Tensor, bias: torch.Tensor | None) -> nn.Linear:
     return lin
 
 
-class KVCache:
-    """Every layer's keys and values so far, for sampling one token at a time (`converter.generate`); preallocated
-    to `capacity` positions, because growing them by concatenation copies the whole cache at every step."""
-
-    def __init__(self, n_layers: int, capacity: int) -> None:
-        self.layers: list[tuple[torch.Tensor, torch.Tensor] | None] = [None] * n_layers
-        self.length = 0
-        self.capacity = capacity
-
-    def extend(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Append this step's keys and values [B, heads, T, d] to `layer`'s; returns all of them so far."""
-        end = self.length + k.shape[2]
-        if self.layers[layer] is None:
-            shape = (*k.shape[:2], self.capacity, k.shape[3])
-            self.layers[layer] = (k.new_empty(shape), v.new_empty(shape))
-        keys, values = self.layers[layer]
-        if end > keys.shape[2]:
-            raise ValueError(f"the KV cache holds {keys.shape[2]} positions, {end} were asked for")
-        keys[:, :, self.length:end], values[:, :, self.length:end] = k, v
-        return keys[:, :, :end], values[:, :, :end]
-
-
 class DecoderBlock(nn.Module):
     """One pre-norm transformer block: attention (GQA, RoPE, causal, optional window, q/k norms, post norm) and a
     gated MLP (SwiGLU or GeGLU, optional post norm), each added to the residual stream.
@@ -151,8 +127,7 @@ class DecoderBlock(nn.Module):
             self._cache = (length, cos.to(device), sin.to(device), mask.to(device))
         return self._cache[1:]
 
-    def attention(self, x: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
-        """With `cache`, x holds the positions after those the cache already has, and their keys join it."""
+    def attention(self, x: torch.Tensor) -> torch.Tensor:
         c = self.config
         b, t, _ = x.shape
         q = self.linears[K.ATTN_Q](x).view(b, t, c.n_heads, c.head_dim).transpose(1, 2)
@@ -160,15 +135,9 @@ class DecoderBlock(nn.Module):
         v = self.linears[K.ATTN_V](x).view(b, t, c.n_kv_heads, c.head_dim).transpose(1, 2)
         if c.qk_norm:
             q, k = self.norms[K.ATTN_Q_NORM](q), self.norms[K.ATTN_K_NORM](k)
-        if cache is None or cache.length == 0:
-            cos, sin, mask = self._positional(t, x.device)
-        else:
-            cos, sin = (r.to(x.device) for r in rope(c, self.layer, torch.arange(cache.length, cache.length + t)))
-            mask = attention_mask(c, self.layer, t, cache.length).to(x.device)
+        cos, sin, mask = self._positional(t, x.device)
         cos, sin = cos.to(q.dtype), sin.to(q.dtype)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        if cache is not None:
-            k, v = cache.extend(self.layer, k, v)
         if c.attn_softcap:
             groups = c.n_heads // c.n_kv_heads
             k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
@@ -186,8 +155,8 @@ class DecoderBlock(nn.Module):
         act = F.silu(gate) if self.config.activation == "silu" else F.gelu(gate, approximate="tanh")
         return self.linears[K.FFN_DOWN](act * self.linears[K.FFN_UP](x))
 
-    def forward(self, x: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
-        a = self.attention(self.norms[K.ATTN_NORM](x), cache)
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        a = self.attention(self.norms[K.ATTN_NORM](x))
         if self.config.post_norms:
             a = self.norms[K.ATTN_POST_NORM](a)
         x = x + a
@@ -229,18 +198,11 @@ class TorchModel(nn.Module):
             logits = torch.tanh(logits / self.config.final_softcap) * self.config.final_softcap
         return logits
 
-    def forward(self, tokens: torch.Tensor, after_block: Callable[[int, torch.Tensor], None] | None = None,
-                cache: KVCache | None = None) -> torch.Tensor:
-        """Logits; `after_block(layer, h)` sees each block's output on the way (a distillation loss that also
-        matches hidden states reads them here rather than spelling out the forward pass again). With `cache`,
-        `tokens` continue the sequences the cache holds, which then holds them too."""
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Next-token logits at every position of `tokens` [B, T]."""
         h = self.embed(tokens)
-        for layer, block in enumerate(self.blocks):
-            h = block(h, cache)
-            if after_block is not None:
-                after_block(layer, h)
-        if cache is not None:
-            cache.length += tokens.shape[1]
+        for block in self.blocks:
+            h = block(h)
         return self.head(h)
 
 

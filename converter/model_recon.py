@@ -91,71 +91,30 @@ def scale_parameters(model: TorchModel) -> list[torch.nn.Parameter]:
     return [s for block in model.blocks for lin in factored_linears(block) for s in lin.scales()]
 
 
-def head_parameters(model: TorchModel) -> list[torch.nn.Parameter]:
-    """The final norm and the head (the embedding when tied): full-precision tensors the file stores as they are,
-    so tuning them costs no bits."""
-    return [model.output_norm.weight, model.token_embd if model.output is None else model.output]
-
-
 def next_token_ce(logp_s: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
     """Mean cross-entropy of each position's log-probabilities against the window's next token (the last position
     has none)."""
     return torch.nn.functional.nll_loss(logp_s[:, :-1].flatten(0, 1), tokens[:, 1:].flatten().long())
 
 
-def _unit_rms(h: torch.Tensor) -> torch.Tensor:
-    """h scaled to unit RMS per token, in float32 whatever h's dtype."""
-    return h * torch.rsqrt(h.float().pow(2).mean(-1, keepdim=True) + 1e-6)
-
-
-def hidden_distance(h_s: torch.Tensor, h_t: torch.Tensor) -> torch.Tensor:
-    """Mean over tokens of the squared distance between the two hidden states scaled to unit RMS (2 − 2·cosine): what
-    the next block's RMSNorm sees, apart from its weight, so a few massive-activation channels cannot dominate it."""
-    return (_unit_rms(h_s) - _unit_rms(h_t)).pow(2).mean()
-
-
 def reconstruct(model: TorchModel, tokens: torch.Tensor, cache: TeacherCache, epochs: float, batch: int,
-                lr: float, seed: int, report: Report, latent_lr: float = 0.0, head_lr: float = 0.0,
-                ce_weight: float = 0.0, hidden: dict[int, torch.Tensor] | None = None,
-                hidden_weight: float = 0.0) -> float:
+                lr: float, seed: int, report: Report, ce_weight: float = 0.0) -> float:
     """Adam(0.9, 0.99) with cosine decay on the scales (each at lr × its mean |value|), batches of windows in a
-    seeded order; everything else is frozen, except the sign latents of paths whose signs are not frozen, which
-    train at `latent_lr` when it is positive, and the head's tensors, at `head_lr` × their mean |value| when it is
-    positive. The loss is the coarsened KL plus `ce_weight` × the next-token cross-entropy on `tokens` themselves:
-    the KL cannot say which of the teacher's tail tokens comes next, the text can. With `hidden_weight` > 0 it
-    also adds that weight × the mean `hidden_distance` to `hidden[layer]`, the full-precision trajectory's states
-    [N, T, d] after each watched block (a probe option: measured at most −0.1%, spec/CONVERTER.md). Returns the
-    last epoch's mean loss."""
+    seeded order; everything else is frozen. The loss is the coarsened KL plus `ce_weight` × the next-token
+    cross-entropy on `tokens` themselves: the KL cannot say which of the teacher's tail tokens comes next, the text
+    can. Returns the last epoch's mean loss."""
     scales = scale_parameters(model)
-    head = head_parameters(model) if head_lr > 0 else []
-    latents = ([t for block in model.blocks for lin in factored_linears(block) for t in lin.latents()]
-               if latent_lr > 0 else [])
-    tuned = scales + head + latents
-    for p in tuned:
-        p.requires_grad_(True)
-    frozen = [p for p in model.parameters() if p.requires_grad and all(p is not s for s in tuned)]
-    for p in frozen:
+    for p in model.parameters():
         p.requires_grad_(False)
-    groups = [{"params": [t], "lr": rate * float(t.detach().abs().mean())}
-              for tensors, rate in ((scales, lr), (head, head_lr)) for t in tensors]
-    if latents:
-        groups.append({"params": latents, "lr": latent_lr})
-
-    watched = hidden if hidden and hidden_weight > 0 else {}
+    for p in scales:
+        p.requires_grad_(True)
+    groups = [{"params": [s], "lr": lr * float(s.detach().abs().mean())} for s in scales]
 
     def loss(idx: torch.Tensor) -> torch.Tensor:
-        matches: list[torch.Tensor] = []
-
-        def match(layer: int, h: torch.Tensor) -> None:
-            if layer in watched:
-                matches.append(hidden_distance(h, watched[layer][idx]))
-
-        logp = torch.log_softmax(model(tokens[idx], match if watched else None), dim=-1)
+        logp = torch.log_softmax(model(tokens[idx]), dim=-1)
         total = coarse_kl(logp, cache.logp[idx], cache.ids[idx], cache.log_tail[idx])
         if ce_weight > 0:
             total = total + ce_weight * next_token_ce(logp, tokens[idx])
-        if watched:
-            total = total + hidden_weight * torch.stack(matches).mean()
         return total
 
     return adam_cosine(groups, tokens.shape[0], batch, epochs, seed, loss, report)

@@ -37,7 +37,6 @@ from . import block as B
 from .admm import AdmmSettings
 from .calibration import CalibrationError, calibration_windows, default_calibration_text, windows_sha256
 from .factored import BinaryFactoredLinear
-from .generate import write_windows
 from .importance import LayerImportance, collect_importance
 from .model import DecoderBlock, TorchModel
 from .model_recon import TOP_K, TeacherCache, reconstruct, teacher_cache
@@ -66,13 +65,9 @@ class Recipe:
     recon_epochs: float  # passes over the distillation windows; a fraction is a last partial pass
     recon_batch: int
     recon_lr: float
-    scale_mid: bool = False  # a trainable per-rank scale on every path (16 bits per rank)
     teacher_bf16: bool = False  # the full-precision targets and teacher cache in bfloat16 (where the CPU has it)
     top_k: int = TOP_K
     recon_ce: float = 0.0  # weight of the calibration text's next-token cross-entropy beside the distillation's KL
-    recon_written: int = 0  # distillation windows the full-precision model writes, beyond the drawn ones
-    write_prompt: int = 16  # tokens of a drawn window that start each written one
-    write_temperature: float = 0.8  # probe: 0.6–0.7 and 1.0 write less useful text (spec/CONVERTER.md)
     kl_blocks: int = 0  # the last kl_blocks blocks tune against the next-token distribution (block.output_kl)
     error_mitigation: bool = True
     refine: bool = True
@@ -89,16 +84,9 @@ class Recipe:
         through the blocks as the teacher's input."""
         return max(self.samples, self.recon_samples) if self.model_recon else self.samples
 
-    @property
-    def written(self) -> int:
-        """Windows the full-precision model writes (`converter.generate`), appended after the drawn ones."""
-        return self.recon_written if self.model_recon else 0
-
     def distilled(self, rows: torch.Tensor) -> torch.Tensor:
-        """The distillation's rows of anything indexed like the windows (drawn, then written): the first
-        `recon_samples` drawn ones and every written one."""
-        first = rows[:self.recon_samples]
-        return torch.cat([first, rows[self.windows:]]) if self.written else first
+        """The distillation's rows of anything indexed like the drawn windows: the first `recon_samples`."""
+        return rows[:self.recon_samples]
 
 
 PRESETS: dict[str, Recipe] = {
@@ -152,8 +140,6 @@ class Options:
     error_mitigation: bool = True
     refine: bool = True
     model_recon: bool = True
-    scale_mid: bool | None = None  # None: the preset's
-    written: int | None = None  # None: the preset's `recon_written` (scaled with --samples)
 
     def recipe(self) -> Recipe:
         if self.preset not in PRESETS:
@@ -161,26 +147,15 @@ class Options:
         r = PRESETS[self.preset]
         over = dict(error_mitigation=self.error_mitigation, refine=self.refine, model_recon=self.model_recon,
                     teacher_bf16=r.teacher_bf16 and B.native_bf16())
-        if self.scale_mid is not None:
-            over["scale_mid"] = self.scale_mid
         if self.samples is not None:
             if self.samples < 1:
                 raise ConversionError(f"--samples must be at least 1, got {self.samples}")
             over["samples"] = self.samples
             over["stat_samples"] = min(r.stat_samples, self.samples)
             over["recon_samples"] = max(1, round(r.recon_samples * self.samples / r.samples))
-            over["recon_written"] = round(r.recon_written * self.samples / r.samples)
-        if self.written is not None:
-            if self.written < 0:
-                raise ConversionError(f"--written must be at least 0, got {self.written}")
-            over["recon_written"] = self.written
         if self.seqlen is not None:
             over["seqlen"] = self.seqlen
-        recipe = dataclasses.replace(r, **over)
-        if recipe.written and recipe.write_prompt >= recipe.seqlen:
-            raise ConversionError(f"written windows start from a {recipe.write_prompt}-token prompt, which leaves "
-                                  f"nothing to write in a {recipe.seqlen}-token window; raise --seqlen")
-        return recipe
+        return dataclasses.replace(r, **over)
 
 
 @dataclass
@@ -225,9 +200,9 @@ def check_output(out: Path) -> None:
         raise ConversionError(f"cannot write {out}: directory {parent} is not writable")
 
 
-def linear_bpw(config, ranks: dict[str, int], has_mid: bool = False) -> float:
+def linear_bpw(config, ranks: dict[str, int]) -> float:
     """Bits per weight over the decoder linears, the paper's way (signs + 16-bit scales; bias not counted)."""
-    bits = sum(path_bits(*config.linear_shape(lin), r, has_mid) for lin, r in ranks.items())
+    bits = sum(path_bits(*config.linear_shape(lin), r) for lin, r in ranks.items())
     return bits / sum(m * n for m, n in map(config.linear_shape, K.LINEARS))
 
 
@@ -280,9 +255,7 @@ def block_state(block: DecoderBlock) -> dict[str, dict[str, torch.Tensor]]:
         p = lin.paths[0]
         u, v = p.signs()
         state[name] = {"u": u.to(torch.int8), "v": v.to(torch.int8), "scale_in": p.scale_in.detach().clone(),
-                       "scale_out": p.scale_out.detach().clone(),
-                       "scale_mid": None if p.scale_mid is None else p.scale_mid.detach().clone(),
-                       "bias": None if lin.bias is None else lin.bias.clone()}
+                       "scale_out": p.scale_out.detach().clone(), "bias": None if lin.bias is None else lin.bias.clone()}
     return state
 
 
@@ -291,7 +264,7 @@ def quantized_block(config, layer: int, norms: dict[str, torch.Tensor], state: d
     linears = {}
     for name, s in state.items():
         lin = BinaryFactoredLinear.from_factors(s["u"].float(), s["v"].float(), s["scale_in"], s["scale_out"],
-                                                s["scale_mid"], bias=s["bias"])
+                                                bias=s["bias"])
         lin.freeze_signs()
         linears[name] = lin
     return DecoderBlock(config, layer, norms, linears)
@@ -356,8 +329,6 @@ def convert(options: Options, reporter: Reporter | None = None) -> Summary:
     work = WorkDir(out, fingerprint, options.resume)
     if work.has("timings.pt"):
         timer.seconds.update({k: v for k, v in work.load("timings.pt").items() if k not in ("load", "calibration")})
-    if recipe.written:
-        windows = torch.cat([windows, _written(source, windows, recipe, options.seed, work, timer, reporter)])
     base = skeleton(source)
 
     importance = _importance(source, base, windows, recipe, work, timer, reporter)
@@ -369,7 +340,7 @@ def convert(options: Options, reporter: Reporter | None = None) -> Summary:
         for lin in B.factored_linears(blk):
             lin.round_scales_to_fp16()
     reporter.stage("writing", 1)
-    bpw = linear_bpw(config, ranks, recipe.scale_mid)
+    bpw = linear_bpw(config, ranks)
     provenance = Provenance(
         converter_version=CONVERTER_VERSION, preset=options.preset, recipe=recipe.to_json(),
         bits_target=float(options.bits), bits_achieved=bpw, source_name=source.name,
@@ -382,25 +353,6 @@ def convert(options: Options, reporter: Reporter | None = None) -> Summary:
     size = out.stat().st_size
     return Summary(out, options.bits, bpw, size * 8 / config.parameter_count(), size,
                    2 * config.parameter_count(), timer.seconds, peak_rss_mb(), model)
-
-
-def _written(source, drawn: torch.Tensor, recipe: Recipe, seed: int, work: WorkDir, timer: Timer,
-             reporter: Reporter) -> torch.Tensor:
-    """Windows the full-precision model writes, each continuing the first `write_prompt` tokens of a drawn window
-    (the i-th of them, cyclically), checkpointed as one file. The one stage that holds the whole model: it is built
-    for this stage alone and freed before the preconditioners."""
-    if work.has("written.pt"):
-        return work.load("written.pt")
-    reporter.stage("sampling windows", recipe.written)
-    model = TorchModel.from_source(source)
-    if recipe.teacher_bf16:
-        model = model.to(torch.bfloat16)  # 128 windows: 72 s, against 82 s in float32 with or without autocast
-    written = timer.run("sampling windows", write_windows, model, drawn, recipe.written, recipe.write_prompt,
-                        B.stage_seed(seed, 10_000, 4), recipe.write_temperature, reporter.advance)
-    del model
-    work.save("written.pt", written)
-    work.save("timings.pt", timer.seconds)
-    return written
 
 
 def _importance(source, base: TorchModel, windows: torch.Tensor, recipe: Recipe, work: WorkDir, timer: Timer,
@@ -451,8 +403,7 @@ def _blocks(source, base: TorchModel, windows: torch.Tensor, importance: list[La
             timer.run("error mitigation", B.mitigate_errors, blk, q_in, objective, recipe.mitigation,
                       B.stage_seed(seed, layer, 1), reporter.update)
         reporter.stage("LB-ADMM", len(K.LINEARS))
-        timer.run("admm", B.factorize, blk, ranks, imp, recipe.admm, seed, lambda i, k: reporter.advance(i),
-                  recipe.scale_mid)
+        timer.run("admm", B.factorize, blk, ranks, imp, recipe.admm, seed, lambda i, k: reporter.advance(i))
         if recipe.refine:
             reporter.stage("refinement", 0)
             timer.run("refinement", B.refine, blk, q_in, objective, recipe.refinement,

@@ -43,27 +43,6 @@ def test_converts_and_prints_summary(tiny, tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m.nq"]
 
 
-@pytest.mark.parametrize("flag, has_mid", [("--scale-mid", True), ("--no-scale-mid", False)])
-def test_scale_mid_switch_reaches_the_file(tiny, tmp_path, flag, has_mid):
-    result = convert(tiny, tmp_path / "m.nq", flag)
-    assert result.exit_code == 0, result.output
-    nq = open_nq(tmp_path / "m.nq")
-    assert {plan.has_mid for block in nq.linears for plan in block.values()} == {has_mid}
-    assert json.loads(nq.provenance.recipe)["scale_mid"] is has_mid
-
-
-def test_written_windows_reach_the_recipe(tiny, tmp_path):
-    result = convert(tiny, tmp_path / "m.nq", "--written", "3", "--seqlen", "20", "--samples", "3")
-    assert result.exit_code == 0, result.output
-    assert json.loads(open_nq(tmp_path / "m.nq").provenance.recipe)["recon_written"] == 3
-
-
-def test_written_windows_need_room_after_the_prompt(tiny, tmp_path):
-    result = runner.invoke(app, [str(tiny / "llama"), str(tmp_path / "m.nq"), "--written", "3", "--seqlen", "16"])
-    assert result.exit_code == 1
-    assert "16-token prompt" in error_line(result) and not (tmp_path / "m.nq").exists()
-
-
 def test_unsupported_architecture(tmp_path):
     (tmp_path / "gpt2").mkdir()
     (tmp_path / "gpt2" / "config.json").write_text(json.dumps({"model_type": "gpt2", "n_layer": 2}))

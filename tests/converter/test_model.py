@@ -7,8 +7,7 @@ import torch
 
 import hf_tiny
 from converter.factored import BinaryFactoredLinear
-from converter.generate import draw, sample_windows
-from converter.model import DecoderBlock, KVCache, TorchModel, attention_mask, rope
+from converter.model import DecoderBlock, TorchModel, attention_mask, rope
 from converter.sources import config_from_hf, open_source
 from nqfmt import keys as K
 
@@ -39,18 +38,11 @@ def test_block_by_block_equals_whole_model(saved):
     source = open_source(str(directory))
     model = TorchModel.from_source(source)
     tokens = torch.randint(0, hf_tiny.VOCAB, (1, 9), generator=torch.Generator().manual_seed(2))
-    seen: list[tuple[int, torch.Tensor]] = []
     with torch.no_grad():
         h = model.embed(tokens)
-        outputs = []
         for block in model.blocks:
             h = block(h)
-            outputs.append(h)
         torch.testing.assert_close(model.head(h), model(tokens), rtol=0, atol=0)
-        model(tokens, lambda layer, state: seen.append((layer, state)))
-    assert [layer for layer, _ in seen] == list(range(len(model.blocks)))
-    for (_, state), expected in zip(seen, outputs):
-        torch.testing.assert_close(state, expected, rtol=0, atol=0)
 
 
 def _config(arch):
@@ -113,55 +105,3 @@ def test_linears_are_replaceable(saved):
     x = torch.randn(2, 11, source.config.hidden, generator=torch.Generator().manual_seed(9))
     with torch.no_grad():
         torch.testing.assert_close(block(x), DecoderBlock(source.config, 0, dense)(x), rtol=1e-4, atol=1e-4)
-
-
-def test_kv_cached_steps_give_the_whole_sequences_logits(saved):
-    """Prefill, then one token at a time, then two at once through the cache: each position's logits equal the
-    whole sequence's forward pass (sequences longer than the tiny models' sliding windows)."""
-    _, directory, _ = saved
-    model = TorchModel.from_source(open_source(str(directory)))
-    tokens = torch.randint(0, hf_tiny.VOCAB, (3, 13), generator=torch.Generator().manual_seed(4))
-    with torch.no_grad():
-        want = model(tokens)
-        cache = KVCache(len(model.blocks), 13)
-        got = [model(tokens[:, :5], cache=cache)]
-        got += [model(tokens[:, i:i + 1], cache=cache) for i in range(5, 11)]
-        got.append(model(tokens[:, 11:], cache=cache))
-    assert cache.length == 13
-    torch.testing.assert_close(torch.cat(got, dim=1), want, rtol=0, atol=1e-4)
-    with pytest.raises(ValueError, match="holds 13 positions"):
-        model(tokens[:, :1], cache=cache)
-
-
-
-def test_sampled_windows_are_draws_from_the_whole_sequences_forward_pass(saved):
-    """The KV-cached sampler draws each token exactly as a plain loop that re-runs the whole prefix would, from the
-    same generator: the prompt is kept and every draw comes from softmax(logits / temperature)."""
-    _, directory, _ = saved
-    model = TorchModel.from_source(open_source(str(directory)))
-    prompts = torch.randint(0, hf_tiny.VOCAB, (4, 3), generator=torch.Generator().manual_seed(5))
-    got = sample_windows(model, prompts, 10, batch=4, seed=7, temperature=0.7)
-    gen = torch.Generator().manual_seed(7)
-    want = prompts
-    with torch.no_grad():
-        for _ in range(7):
-            probs = torch.softmax(model(want)[:, -1] / 0.7, dim=-1)
-            want = torch.cat([want, draw(probs, gen)[:, None]], dim=1)
-    assert torch.equal(got, want)
-    assert len(set(got[:, 3:].flatten().tolist())) > 3
-    with pytest.raises(ValueError, match="cannot start a window"):
-        sample_windows(model, prompts, 3, batch=4, seed=7)
-
-
-def test_draw_follows_each_rows_distribution():
-    """100k draws from each of two rows (one with zero-probability entries) land on every token in proportion to
-    its probability and never on a zero one."""
-    probs = torch.tensor([[0.5, 0.0, 0.2, 0.3, 0.0], [0.1, 0.2, 0.3, 0.15, 0.25]], dtype=torch.float64)
-    gen = torch.Generator().manual_seed(3)
-    n = 100_000
-    counts = torch.zeros(2, 5)
-    for _ in range(n // 1000):
-        picks = torch.stack([draw(probs.float(), gen) for _ in range(1000)], dim=1)
-        counts += torch.nn.functional.one_hot(picks, 5).sum(1)
-    assert counts[0, 1] == 0 and counts[0, 4] == 0
-    torch.testing.assert_close(counts / n, probs.float(), rtol=0, atol=0.006)
