@@ -1,0 +1,56 @@
+// How one row of an embedding / output-head table is read, per storage type. A reader gives BLOCK (the
+// elements one lane reads at once; the host picks a reader whose BLOCK divides the hidden size) and
+// load(row, b, v): elements BLOCK·b .. BLOCK·b + BLOCK - 1 of the row (bytes) as float32. Adding a storage
+// type is one reader here plus its entry in runtime/backends/cuda.py's TABLE_READERS.
+
+struct F16x8 {  // IEEE half, 16-byte loads (rows 16-byte aligned: hidden % 8 == 0)
+    static constexpr int BLOCK = 8;
+    __device__ static void load(const unsigned char* row, int b, float* v) {
+        const uint4 q = *reinterpret_cast<const uint4*>(row + 16 * b);
+        const u32 w[4] = {q.x, q.y, q.z, q.w};
+#pragma unroll
+        for (int i = 0; i < 4; ++i) {
+            v[2 * i] = half_bits_to_float((u16)(w[i] & 0xffffu));
+            v[2 * i + 1] = half_bits_to_float((u16)(w[i] >> 16));
+        }
+    }
+};
+
+struct F16x1 {  // IEEE half, any hidden size
+    static constexpr int BLOCK = 1;
+    __device__ static void load(const unsigned char* row, int b, float* v) {
+        v[0] = half_bits_to_float(reinterpret_cast<const u16*>(row)[b]);
+    }
+};
+
+struct F32x4 {  // float32, 16-byte loads (hidden % 4 == 0)
+    static constexpr int BLOCK = 4;
+    __device__ static void load(const unsigned char* row, int b, float* v) {
+        const float4 q = reinterpret_cast<const float4*>(row)[b];
+        v[0] = q.x;
+        v[1] = q.y;
+        v[2] = q.z;
+        v[3] = q.w;
+    }
+};
+
+struct F32x1 {  // float32, any hidden size
+    static constexpr int BLOCK = 1;
+    __device__ static void load(const unsigned char* row, int b, float* v) {
+        v[0] = reinterpret_cast<const float*>(row)[b];
+    }
+};
+
+struct Q8_0 {  // GGML Q8_0: blocks of 34 bytes, a little-endian half scale then 32 int8 (2-byte aligned)
+    static constexpr int BLOCK = 32;
+    __device__ static void load(const unsigned char* row, int b, float* v) {
+        const u16* p = reinterpret_cast<const u16*>(row + 34 * b);
+        const float scale = half_bits_to_float(p[0]);
+#pragma unroll
+        for (int i = 0; i < 16; ++i) {
+            const u16 pair = p[1 + i];
+            v[2 * i] = scale * (float)(signed char)(pair & 0xff);
+            v[2 * i + 1] = scale * (float)(signed char)(pair >> 8);
+        }
+    }
+};
