@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 from nqfmt.keys import GGMLType as GT
@@ -57,7 +57,8 @@ def rope_inv_freq(config: ModelConfig, local: bool) -> np.ndarray:
 
 
 class Model:
-    """A `.nq` file's decoder on one backend: `forward(ids, pos0, cache)` → logits."""
+    """A `.nq` file's decoder on one backend: `forward(ids, pos0, cache)` → logits of one sequence;
+    `step(ids, positions, caches)` → the next-token logits of several sequences in one batched pass."""
 
     def __init__(self, nq: NQFile, backend: Backend) -> None:
         self.config = cfg = nq.config
@@ -109,16 +110,58 @@ class Model:
         """Run tokens `ids` at positions pos0.. (their keys/values go into `cache`); return the logits of the last
         token, (1, vocab), or of every token when `all_logits`."""
         cfg, be = self.config, self.backend
-        ids = np.asarray(ids, dtype=np.int64).reshape(-1)
+        ids = self._checked_ids(ids)
         t = len(ids)
-        if t == 0:
-            raise NQRunError("no tokens to run")
-        if ids.min() < 0 or ids.max() >= cfg.vocab:
-            raise NQRunError(f"token id {int(ids.max() if ids.max() >= cfg.vocab else ids.min())} is outside the "
-                             f"model's vocabulary of {cfg.vocab}")
         if pos0 + t > cache.n_ctx:
             raise NQRunError(f"{pos0 + t} tokens do not fit the context of {cache.n_ctx}")
-        ropes = self._rope_tables(np.arange(pos0, pos0 + t))
+
+        def attend(layer: int, q: Any, k: Any, v: Any, window: int) -> Any:
+            return be.attention(cache, layer, q, k, v, pos0, window, cfg.attention_scale, cfg.attn_softcap)
+
+        x = self._decoder(ids, np.arange(pos0, pos0 + t), attend)
+        return self._logits(x if all_logits else x[-1:])
+
+    def step(self, ids: np.ndarray, positions: np.ndarray, caches: list[KVCache]) -> np.ndarray:
+        """One decoding step of B independent sequences: token ids[b] at position positions[b] of sequence b, whose
+        earlier keys/values are in caches[b] (this token's are stored there too). Embedding, norms, linears, RoPE,
+        GLU and the head run on all B rows at once, so each weight is read once per step for the whole batch;
+        attention runs per sequence over its own cache. Returns logits (B, vocab); row b is what
+        forward(ids[b:b+1], positions[b], caches[b]) returns."""
+        cfg, be = self.config, self.backend
+        ids = self._checked_ids(ids)
+        positions = np.asarray(positions, dtype=np.int64).reshape(-1)
+        if not len(positions) == len(caches) == len(ids):
+            raise NQRunError(f"{len(ids)} tokens, {len(positions)} positions and {len(caches)} caches: one of each "
+                             f"per sequence")
+        for pos, cache in zip(positions, caches):
+            if not 0 <= pos < cache.n_ctx:
+                raise NQRunError(f"position {pos} is outside the context of {cache.n_ctx}")
+
+        def attend(layer: int, q: Any, k: Any, v: Any, window: int) -> Any:
+            rows = [be.attention(cache, layer, q[b:b + 1], k[b:b + 1], v[b:b + 1], int(pos), window,
+                                 cfg.attention_scale, cfg.attn_softcap)
+                    for b, (pos, cache) in enumerate(zip(positions, caches))]
+            return rows[0] if len(rows) == 1 else np.concatenate(rows)
+
+        return self._logits(self._decoder(ids, positions, attend))
+
+    def _checked_ids(self, ids: np.ndarray) -> np.ndarray:
+        vocab = self.config.vocab
+        ids = np.asarray(ids, dtype=np.int64).reshape(-1)
+        if len(ids) == 0:
+            raise NQRunError("no tokens to run")
+        if ids.min() < 0 or ids.max() >= vocab:
+            raise NQRunError(f"token id {int(ids.max() if ids.max() >= vocab else ids.min())} is outside the "
+                             f"model's vocabulary of {vocab}")
+        return ids
+
+    def _decoder(self, ids: np.ndarray, positions: np.ndarray,
+                 attend: Callable[[int, Any, Any, Any, int], Any]) -> Any:
+        """The hidden states after every block, (T, hidden), for token ids[i] at positions[i]; `attend(layer, q, k,
+        v, window)` stores the keys/values and returns the attention output (T, heads·head_dim)."""
+        cfg, be = self.config, self.backend
+        t = len(ids)
+        ropes = self._rope_tables(positions)
         heads, kv_heads, d = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
         x = be.embed(self.embedding, ids)
         if cfg.embedding_scale != 1.0:
@@ -135,8 +178,7 @@ class Model:
             local = blk.sliding
             cos, sin = ropes[local]
             q, k = be.rope(q, cos, sin), be.rope(k, cos, sin)
-            a = be.attention(cache, layer, q, k, v, pos0, cfg.sliding_window if local else 0,
-                             cfg.attention_scale, cfg.attn_softcap)
+            a = attend(layer, q, k, v, cfg.sliding_window if local else 0)
             o = be.linear(lin[K.ATTN_OUT], a)
             if cfg.post_norms:
                 o = be.rms_norm(o, nrm[K.ATTN_POST_NORM], cfg.norm_eps)
@@ -147,8 +189,10 @@ class Model:
             if cfg.post_norms:
                 f = be.rms_norm(f, nrm[K.FFN_POST_NORM], cfg.norm_eps)
             x = x + f
-        if not all_logits:
-            x = x[-1:]
+        return x
+
+    def _logits(self, x: Any) -> np.ndarray:
+        cfg, be = self.config, self.backend
         logits = be.head(self.head_table, be.rms_norm(x, self.output_norm, cfg.norm_eps))
         if cfg.final_softcap > 0:
             logits = cfg.final_softcap * np.tanh(logits / cfg.final_softcap)

@@ -211,8 +211,8 @@ class NumbaBackend(Backend):
         x = np.ascontiguousarray(x, dtype=np.float32)
         out = np.empty((x.shape[0], table.data.shape[0]), np.float32)
         if table.gtype == GT.F16:
-            few = 1 < x.shape[0] <= LANES_MAX_TOKENS
-            (self.rows.head_f16_few if few else self.rows.head_f16)(table.data, x, out)
+            dots = nk.DOT_TOKENS // 2 <= x.shape[0] <= LANES_MAX_TOKENS
+            (self.rows.head_f16_dots if dots else self.rows.head_f16)(table.data, x, out)
         elif table.gtype == GT.Q8_0:
             self.rows.head_q8(table.data, table.qs, x, out)
         else:

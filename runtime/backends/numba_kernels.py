@@ -5,6 +5,11 @@ Binary linears use 8-bit lookup tables (LUT-8): for every 8 inputs, a 256-entry 
 multiply-adds. This is exact float32 arithmetic (only the summation order differs from a dot product). Bit j of
 sign byte b is column 8b+j (bit 1 = −1), which is exactly the file's uint32 words viewed as little-endian bytes.
 
+A batched decoding step runs a few tokens through each linear at once (binary_path_lanes): the tables then hold
+LANES tokens' sums side by side, so one sign byte selects a vector of LANES sums and is read once for all of them.
+Numba's loops do not keep such a vector (or the head's per-token dot products) in registers, so the inner loops
+are small LLVM intrinsics (lanes_*, dot_tokens), like the F16 widening below.
+
 Numba has no float16 on the CPU: F16 tables are read as uint16 and widened in-kernel by `f16_bits_to_f32`, an LLVM
 `fpext half` that LLVM vectorizes (vcvtph2ps with F16C).
 
@@ -20,6 +25,7 @@ from types import SimpleNamespace
 import numpy as np
 from llvmlite import ir
 from numba import njit, prange, types
+from numba.core import cgutils
 from numba.extending import intrinsic
 
 _OPTS = dict(fastmath=True, cache=True, nogil=True)
@@ -226,6 +232,194 @@ def _decode_kernel(parallel: bool):
 _decode_serial = _decode_kernel(False)
 
 
+# --- binary linear: one path, several tokens at once ------------------------------------------------------------
+LANES = 8  # tokens per pass of the multi-token kernel: one 256-bit vector of float32 per table entry
+LANE_TILE = 4  # sign-byte groups whose tables are built and read together (4 × 256 × LANES floats = 32 KB: L1)
+
+
+def _lanes_at(context, builder, arrty, arr, index):
+    """Pointer to arr[index : index + LANES] of a float32 C-contiguous 1-D array, as <LANES x float>*."""
+    data = context.make_array(arrty)(context, builder, arr).data
+    return builder.bitcast(builder.gep(data, [index]), ir.VectorType(ir.FloatType(), LANES).as_pointer())
+
+
+def _lanes_args(*args):
+    """The argument types the lane intrinsics accept: float32 C-contiguous 1-D arrays and integer offsets."""
+    want = types.Array(types.float32, 1, "C")
+    return all(a == want if i % 2 == 0 else isinstance(a, types.Integer) for i, a in enumerate(args))
+
+
+@intrinsic
+def lanes_add(typingctx, dst, di, src, si):
+    """dst[di:di+LANES] += src[si:si+LANES], one vector operation (LLVM does not vectorize this on its own when the
+    LANES sums are loop-carried)."""
+    if not _lanes_args(dst, di, src, si):
+        return None
+
+    def codegen(context, builder, signature, args):
+        ty = signature.args
+        d = _lanes_at(context, builder, ty[0], args[0], args[1])
+        total = builder.fadd(builder.load(d, align=4), builder.load(_lanes_at(context, builder, ty[2], args[2],
+                                                                              args[3]), align=4))
+        builder.store(total, d, align=4)
+        return context.get_dummy_value()
+
+    return types.void(dst, di, src, si), codegen
+
+
+@intrinsic
+def lanes_sub(typingctx, dst, di, a, ai, b, bi):
+    """dst[di:di+LANES] = a[ai:ai+LANES] − b[bi:bi+LANES], one vector operation."""
+    if not _lanes_args(dst, di, a, ai, b, bi):
+        return None
+
+    def codegen(context, builder, signature, args):
+        ty = signature.args
+        va = builder.load(_lanes_at(context, builder, ty[2], args[2], args[3]), align=4)
+        vb = builder.load(_lanes_at(context, builder, ty[4], args[4], args[5]), align=4)
+        builder.store(builder.fsub(va, vb), _lanes_at(context, builder, ty[0], args[0], args[1]), align=4)
+        return context.get_dummy_value()
+
+    return types.void(dst, di, a, ai, b, bi), codegen
+
+
+@intrinsic
+def lanes_lookup(typingctx, out, oi, tab, signs, g0, g1):
+    """out[oi:oi+LANES] += Σ_{g0 ≤ g < g1} tab[((g − g0)·256 + signs[g])·LANES :][:LANES]: one table vector per sign
+    byte, summed in a register in the order of g (numba's loop would round-trip the sum through memory)."""
+    if not (_lanes_args(out, oi, tab, g0) and isinstance(signs, types.Array) and signs.dtype == types.uint8
+            and signs.ndim == 1 and signs.layout == "C" and isinstance(g1, types.Integer)):
+        return None
+
+    def codegen(context, builder, signature, args):
+        ty = signature.args
+        intp = context.get_value_type(types.intp)
+        first, last = (context.cast(builder, args[k], ty[k], types.intp) for k in (4, 5))
+        dst = _lanes_at(context, builder, ty[0], args[0], context.cast(builder, args[1], ty[1], types.intp))
+        acc = cgutils.alloca_once(builder, dst.type.pointee)
+        builder.store(builder.load(dst, align=4), acc)
+        sign_data = context.make_array(ty[3])(context, builder, args[3]).data
+        with cgutils.for_range_slice(builder, first, last, ir.Constant(intp, 1)) as (g, _):
+            byte = builder.zext(builder.load(builder.gep(sign_data, [g])), intp)
+            slot = builder.add(builder.mul(builder.sub(g, first), ir.Constant(intp, 256)), byte)
+            entry = _lanes_at(context, builder, ty[2], args[2], builder.mul(slot, ir.Constant(intp, LANES)))
+            builder.store(builder.fadd(builder.load(acc), builder.load(entry, align=4)), acc)
+        builder.store(builder.load(acc), dst, align=4)
+        return context.get_dummy_value()
+
+    return types.void(out, oi, tab, signs, g0, g1), codegen
+
+
+@njit(inline="always", **_OPTS)
+def _fill_lane_table(xs, g, twice, tab, slot):
+    """tab[(slot·256 + b)·LANES + t] = Σ_j (bit j of b ? −1 : +1)·xs[(8g + j)·LANES + t] for every lane t:
+    _fill_table's doubling, each entry a vector of LANES sums. `twice` is scratch of 8·LANES floats."""
+    base = slot * 256 * LANES
+    first = 8 * g * LANES
+    for k in range(8 * LANES):
+        twice[k] = 2 * xs[first + k]
+        if k < LANES:
+            tab[base + k] = 0.0
+    for j in range(8):
+        lanes_add(tab, base, xs, first + j * LANES)
+    size = 1
+    for j in range(8):
+        for b in range(size):
+            lanes_sub(tab, base + (size + b) * LANES, tab, base + b * LANES, twice, j * LANES)
+        size *= 2
+
+
+@njit(inline="always", **_OPTS)
+def _lane_products(xs, signs, out, tab, twice):
+    """out[i·LANES + t] = Σ_k (sign ik)·xs[k·LANES + t] for rows i of `signs` (packed bytes), all LANES lanes at
+    once: each sign byte is read once and adds one table vector. Tables are built LANE_TILE groups at a time, so
+    they stay in L1 while every row reads them; each lane sums the groups in order, whatever the lane count."""
+    rows, nb = signs.shape
+    for k in range(rows * LANES):
+        out[k] = 0.0
+    for g0 in range(0, nb, LANE_TILE):
+        g1 = min(g0 + LANE_TILE, nb)
+        for g in range(g0, g1):
+            _fill_lane_table(xs, g, twice, tab, g - g0)
+        for i in range(rows):
+            lanes_lookup(out, i * LANES, tab, signs[i], g0, g1)
+
+
+@njit(inline="always", **_OPTS)
+def _binary_path_lanes(x, t0, s_in, v_bytes, s_mid, u_bytes, s_out, y, accumulate):
+    """y[t] (+)= s_out ⊙ U·(s_mid ⊙ V·(s_in ⊙ x[t])) for tokens t0 .. t0+LANES-1 (those that exist). Inputs are
+    laid out input-major, LANES tokens side by side; unused lanes and padding inputs stay 0."""
+    t_all, n = x.shape
+    r, nb1 = v_bytes.shape
+    m, nb2 = u_bytes.shape
+    lanes = min(LANES, t_all - t0)
+    xs = np.zeros(nb1 * 8 * LANES, dtype=np.float32)
+    h = np.zeros(max(nb2 * 8, r) * LANES, dtype=np.float32)
+    out = np.empty(m * LANES, dtype=np.float32)
+    tab = np.empty(LANE_TILE * 256 * LANES, dtype=np.float32)
+    twice = np.empty(8 * LANES, dtype=np.float32)
+    for j in range(n):
+        for t in range(lanes):
+            xs[j * LANES + t] = x[t0 + t, j] * s_in[j]
+    _lane_products(xs, v_bytes, h, tab, twice)
+    for i in range(r):
+        for t in range(LANES):
+            h[i * LANES + t] *= s_mid[i]
+    _lane_products(h, u_bytes, out, tab, twice)
+    for t in range(lanes):
+        for i in range(m):
+            if accumulate:
+                y[t0 + t, i] += out[i * LANES + t] * s_out[i]
+            else:
+                y[t0 + t, i] = out[i * LANES + t] * s_out[i]
+
+
+# --- the output head: one vocabulary row against several tokens -------------------------------------------------
+DOT_TOKENS = 8  # tokens whose dot products with one row run together (8 vector accumulators in registers)
+DOT_WIDTH = 16  # floats per vector: one 512-bit register (two 256-bit ones where the CPU has no AVX-512)
+_F32_VECTOR = types.Array(types.float32, 1, "C")
+
+
+@intrinsic
+def dot_tokens(typingctx, row, xs, dots):
+    """dots[t] = Σ_k row[k]·xs[t·w + k] for t < DOT_TOKENS, w = len(row) (a multiple of DOT_WIDTH). Each chunk of
+    the row is loaded once for all tokens, and each token's products add into its own vector register; numba's
+    loops would keep one scalar reduction per token, which runs at the latency of its additions instead."""
+    if not (row == xs == dots == _F32_VECTOR):
+        return None
+
+    def codegen(context, builder, signature, args):
+        row_a, xs_a, dots_a = (context.make_array(_F32_VECTOR)(context, builder, a) for a in args)
+        vector = ir.VectorType(ir.FloatType(), DOT_WIDTH)
+        width = cgutils.unpack_tuple(builder, row_a.shape, 1)[0]
+        intp = width.type
+        fma = cgutils.get_or_insert_function(builder.module, ir.FunctionType(vector, [vector] * 3),
+                                             f"llvm.fma.v{DOT_WIDTH}f32")
+        accs = [cgutils.alloca_once_value(builder, ir.Constant(vector, [0.0] * DOT_WIDTH))
+                for _ in range(DOT_TOKENS)]
+
+        def load(data, index):
+            return builder.load(builder.bitcast(builder.gep(data, [index]), vector.as_pointer()), align=4)
+
+        with cgutils.for_range(builder, builder.udiv(width, ir.Constant(intp, DOT_WIDTH))) as loop:
+            k = builder.mul(loop.index, ir.Constant(intp, DOT_WIDTH))
+            w = load(row_a.data, k)
+            for t, acc in enumerate(accs):
+                x = load(xs_a.data, builder.add(builder.mul(ir.Constant(intp, t), width), k))
+                builder.store(builder.call(fma, [w, x, builder.load(acc)]), acc)
+        for t, acc in enumerate(accs):  # halves added pairwise down to one lane
+            v, n = builder.load(acc), DOT_WIDTH
+            while n > 1:
+                n //= 2
+                lanes = [ir.Constant(ir.VectorType(ir.IntType(32), n), list(range(a, a + n))) for a in (0, n)]
+                v = builder.fadd(*(builder.shuffle_vector(v, v, half) for half in lanes))
+            builder.store(builder.extract_element(v, ir.Constant(ir.IntType(32), 0)),
+                          builder.gep(dots_a.data, [ir.Constant(intp, t)]))
+        return context.get_dummy_value()
+
+    return types.void(row, xs, dots), codegen
+
+
 # --- row-parallel kernels ------------------------------------------------------------------------------------------
 def _kernels(parallel: bool) -> SimpleNamespace:
     """The row-parallel kernels, with `loop` = prange (parallel) or range (serial)."""
@@ -242,6 +436,13 @@ def _kernels(parallel: bool) -> SimpleNamespace:
             tab = np.empty(256 * nb, dtype=np.float32)
             h = np.empty(8 * nb, dtype=np.float32)
             _decode_serial(x[t], s_in, v_bytes, s_mid, u_bytes, s_out, xs, tab, h, y[t], accumulate)
+
+    @njit(parallel=parallel, **_OPTS)
+    def binary_path_lanes(x, s_in, v_bytes, s_mid, u_bytes, s_out, y, accumulate):
+        """The same product for a few tokens (a batched decoding step): LANES tokens per task, each sign byte
+        read once for all of them (see _lane_products)."""
+        for c in loop((x.shape[0] + LANES - 1) // LANES):
+            _binary_path_lanes(x, c * LANES, s_in, v_bytes, s_mid, u_bytes, s_out, y, accumulate)
 
     @njit(parallel=parallel, **_OPTS)
     def attention(q, keys, values, pos0, window, scale, softcap, out):
@@ -300,6 +501,30 @@ def _kernels(parallel: bool) -> SimpleNamespace:
                     out[t, v] = acc
 
     @njit(parallel=parallel, **_OPTS)
+    def head_f16_dots(table, x, out):
+        """head_f16 for a batched decoding step: tasks are blocks of ROW_BLOCK vocabulary rows; each row is widened
+        once and multiplied by DOT_TOKENS tokens at a time (dot_tokens). Tokens and rows are zero-padded to whole
+        vectors."""
+        t_all, d = x.shape
+        vocab = table.shape[0]
+        width = (d + DOT_WIDTH - 1) // DOT_WIDTH * DOT_WIDTH
+        groups = (t_all + DOT_TOKENS - 1) // DOT_TOKENS
+        xs = np.zeros(groups * DOT_TOKENS * width, dtype=np.float32)
+        for t in range(t_all):
+            for k in range(d):
+                xs[t * width + k] = x[t, k]
+        for blk in loop((vocab + ROW_BLOCK - 1) // ROW_BLOCK):
+            row = np.zeros(width, dtype=np.float32)
+            dots = np.empty(DOT_TOKENS, dtype=np.float32)
+            for v in range(blk * ROW_BLOCK, min((blk + 1) * ROW_BLOCK, vocab)):
+                for k in range(d):
+                    row[k] = f16_bits_to_f32(table[v, k])
+                for gi in range(groups):
+                    dot_tokens(row, xs[gi * DOT_TOKENS * width:(gi + 1) * DOT_TOKENS * width], dots)
+                    for t in range(min(DOT_TOKENS, t_all - gi * DOT_TOKENS)):
+                        out[gi * DOT_TOKENS + t, v] = dots[t]
+
+    @njit(parallel=parallel, **_OPTS)
     def head_f32(table, x, out):
         t_all, d = x.shape
         for v in loop(table.shape[0]):
@@ -343,8 +568,9 @@ def _kernels(parallel: bool) -> SimpleNamespace:
 
     return SimpleNamespace(binary_path_decode=_decode_serial if not parallel else _decode_kernel(True),
                            binary_path_decode_int8=binary_path_decode_int8,
-                           binary_path_batch=binary_path_batch,
-                           attention=attention, head_f16=head_f16, head_f32=head_f32, head_q8=head_q8)
+                           binary_path_batch=binary_path_batch, binary_path_lanes=binary_path_lanes,
+                           attention=attention, head_f16=head_f16, head_f16_dots=head_f16_dots, head_f32=head_f32,
+                           head_q8=head_q8)
 
 
 SERIAL = _kernels(False)

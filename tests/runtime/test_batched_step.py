@@ -1,0 +1,124 @@
+"""The batched decoding step (Model.step) and the kernels behind it, against the float64 numpy reference and against
+one sequence at a time: odd shapes (not multiples of 8 or 32), sequences at different positions."""
+import numpy as np
+import pytest
+from nqfmt.keys import GGMLType as GT
+
+from nqfmt import open_nq
+from runtime import NQRunError
+from runtime.backends import get_backend
+from runtime.backends import numba_kernels as nk
+from runtime.model import Model
+from test_numba_backend import close, random_linear, readonly
+
+STEP_VARIANTS = ("llama", "llama-2path-mid", "llama3-rope-q8", "mistral-sliding", "qwen2", "qwen3", "gemma3",
+                 "gemma3-softcap-linear")
+
+
+@pytest.fixture(scope="module")
+def backends():
+    return get_backend("numba", threads=2), get_backend("numpy")
+
+
+@pytest.mark.parametrize("m,n,ranks,mid,bias", [(91, 100, (37,), False, False), (45, 203, (61, 7), True, True),
+                                                (150, 72, (40,), False, True)])
+@pytest.mark.parametrize("tokens", [2, 5, 8, 11, 16])
+def test_lanes_linear_matches_reference(backends, m, n, ranks, mid, bias, tokens):
+    """A few tokens at once (a batched step's rows) through the backend's dispatch: the multi-token LUT kernel."""
+    fast, ref = backends
+    rng = np.random.default_rng(m + n + tokens)
+    lin = random_linear(rng, m, n, ranks, mid, bias)
+    x = rng.standard_normal((tokens, n))
+    assert close(fast.linear(fast.prepare_linear(lin), x.astype(np.float32)), ref.linear(lin, x))
+
+
+@pytest.mark.parametrize("kernels", [nk.SERIAL, nk.PARALLEL])
+def test_lanes_kernel_rows_are_independent_of_the_batch(backends, kernels):
+    """Each token's output is the same whatever other tokens share its pass (lanes never mix), and matches the
+    reference; 19 tokens span three passes, the last one partly filled."""
+    fast, ref = backends
+    rng = np.random.default_rng(3)
+    lin = random_linear(rng, 77, 113, (45,), True, False)
+    p = fast.prepare_linear(lin).paths[0]
+    x = rng.standard_normal((19, 113)).astype(np.float32)
+
+    def run(rows):
+        y = np.empty((len(rows), 77), np.float32)
+        kernels.binary_path_lanes(np.ascontiguousarray(rows), p.s_in, p.v_bytes, p.s_mid, p.u_bytes, p.s_out, y,
+                                  False)
+        return y
+
+    whole = run(x)
+    np.testing.assert_array_equal(run(x[5:7]), whole[5:7])
+    np.testing.assert_array_equal(run(x[18:19]), whole[18:19])
+    assert close(whole, ref.linear(lin, x.astype(np.float64)))
+
+
+@pytest.mark.parametrize("hidden,tokens", [(96, 4), (77, 8), (77, 13), (250, 16)])
+def test_head_for_a_batched_step_matches_reference(backends, hidden, tokens):
+    fast, ref = backends
+    rng = np.random.default_rng(hidden + tokens)
+    table = readonly(rng.standard_normal((203, hidden)).astype(np.float16))
+    x = rng.standard_normal((tokens, hidden))
+    got = fast.head(fast.prepare_embedding(table, GT.F16, hidden), x.astype(np.float32))
+    assert close(got, ref.head(ref.prepare_embedding(table, GT.F16, hidden), x))
+
+
+def prefilled(model, rng, lengths):
+    """One cache per sequence, each holding random tokens of its own length, and the next token of each."""
+    caches = [model.new_cache(64) for _ in lengths]
+    for cache, n in zip(caches, lengths):
+        model.forward(rng.integers(0, model.config.vocab, n), 0, cache)
+    return caches, rng.integers(0, model.config.vocab, len(lengths))
+
+
+@pytest.mark.parametrize("backend", ["numpy", "numba"])
+@pytest.mark.parametrize("variant", STEP_VARIANTS)
+def test_step_equals_one_sequence_at_a_time(backends, variant_files, backend, variant):
+    """Row b of one step over sequences at positions 3, 17, 9, 30 (past the sliding windows) is the logits of
+    forward(token b, position b) on that sequence alone, and the step leaves each cache as forward does."""
+    be = backends[0] if backend == "numba" else backends[1]
+    model = Model(open_nq(variant_files[variant]), be)
+    lengths = [3, 17, 9, 30]
+    caches, ids = prefilled(model, np.random.default_rng(5), lengths)
+    alone, ids2 = prefilled(model, np.random.default_rng(5), lengths)
+    np.testing.assert_array_equal(ids, ids2)
+    got = model.step(ids, np.array(lengths), caches)
+    want = np.concatenate([model.forward(ids[b:b + 1], n, alone[b]) for b, n in enumerate(lengths)])
+    assert got.shape == (4, model.config.vocab)
+    if backend == "numpy":
+        np.testing.assert_allclose(got, want, rtol=1e-9, atol=1e-9 * np.abs(want).max())
+    else:
+        assert close(got, want, 1e-5)
+    for b, n in enumerate(lengths):
+        assert close(caches[b].k[:, :, :n + 1], alone[b].k[:, :, :n + 1], 1e-5)
+        assert close(caches[b].v[:, :, :n + 1], alone[b].v[:, :, :n + 1], 1e-5)
+
+
+def test_numba_step_matches_reference_over_many_steps(backends, variant_files):
+    """Six sequences decoded together for 12 steps, numba against the float64 reference run the same way."""
+    fast, ref = backends
+    nq = open_nq(variant_files["qwen3"])
+    outs = []
+    for be in (fast, ref):
+        model = Model(nq, be)
+        rng = np.random.default_rng(8)
+        lengths = np.array([1, 4, 7, 2, 11, 5])
+        caches, ids = prefilled(model, rng, lengths)
+        steps = []
+        for i in range(12):
+            steps.append(model.step(ids, lengths + i, caches))
+            ids = (ids * 7 + i) % nq.config.vocab  # the same token sequence on both backends
+        outs.append(np.stack(steps))
+    assert close(outs[0], outs[1])
+
+
+def test_step_rejects_bad_batches(backends, variant_files):
+    model = Model(open_nq(variant_files["llama"]), backends[0])
+    caches = [model.new_cache(8), model.new_cache(8)]
+    with pytest.raises(NQRunError, match="one of each"):
+        model.step(np.array([1, 2]), np.array([0]), caches)
+    with pytest.raises(NQRunError, match="outside the context of 8"):
+        model.step(np.array([1, 2]), np.array([0, 8]), caches)
+    with pytest.raises(NQRunError, match="vocabulary"):
+        model.step(np.array([1, model.config.vocab]), np.array([0, 1]), caches)
