@@ -5,8 +5,8 @@ is opaque to the model), its compute dtype and its KV cache. Arrays crossing the
 array type (numpy here; cupy for a CUDA backend) and support `reshape`, `+`, `*` and indexing.
 
 Backends: `numpy` (float64 reference, slow and obviously correct), `numba` (float32 CPU fast path),
-`cuda` (a later issue: the name is reserved and reports clearly why it is unavailable). `auto` picks cuda when it is
-usable, else numba.
+`cuda` (CuPy kernels on an NVIDIA GPU, cuda.py). `auto` picks cuda when CuPy is installed and the driver reports a
+GPU (checked without importing CuPy), else numba.
 """
 from __future__ import annotations
 
@@ -125,16 +125,45 @@ def _numba(threads: int | None, exact: bool) -> Backend:
 
 
 def _cuda() -> Backend:
-    """The CUDA backend is a later issue; until it lands this says precisely why `cuda` cannot be used."""
+    """The cuda backend, or BackendUnavailable saying in one line what is missing and how to get it."""
+    problem = cuda_problem()
+    if problem:
+        raise BackendUnavailable(f"backend 'cuda': {problem}; use --backend numba")
     try:
-        import cupy
-    except ImportError:
-        raise BackendUnavailable("backend 'cuda' needs CuPy, which is not installed "
-                                 "(pip install 'nanoquant[cuda]'); use --backend numba") from None
-    try:
-        usable = cupy.cuda.runtime.getDeviceCount() > 0
-    except Exception:  # cupy raises its own CUDARuntimeError types when no driver or device is present
-        usable = False
-    if not usable:
-        raise BackendUnavailable("backend 'cuda': CuPy is installed but no CUDA GPU is usable; use --backend numba")
-    raise BackendUnavailable("backend 'cuda' is not implemented yet; use --backend numba")
+        from .cuda import CudaBackend
+        return CudaBackend()
+    except Exception as e:  # ImportError, or CuPy's own CUDARuntimeError (say, a driver older than its CUDA)
+        first = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise BackendUnavailable(f"backend 'cuda': CuPy cannot start on this GPU ({first}); reinstall it with "
+                                 "pip install 'nanoquant[cuda]'") from None
+
+
+def cuda_problem() -> str | None:
+    """Why the cuda backend cannot run here, or None. Cheap: looks for CuPy without importing it and asks the
+    driver library (not CuPy) for the device count."""
+    import importlib.util
+    if importlib.util.find_spec("cupy") is None:
+        return "CuPy is not installed (pip install 'nanoquant[cuda]')"
+    devices = _driver_devices()
+    if devices is None:
+        return "no NVIDIA driver found (libcuda); install the GPU driver"
+    if devices == 0:
+        return "the NVIDIA driver reports no usable GPU"
+    return None
+
+
+def _driver_devices() -> int | None:
+    """GPUs the CUDA driver reports (0 when it fails to initialise), or None when there is no driver library."""
+    import ctypes
+    for name in ("libcuda.so.1", "libcuda.so", "nvcuda.dll"):
+        try:
+            lib = ctypes.CDLL(name)
+            break
+        except OSError:
+            continue
+    else:
+        return None
+    count = ctypes.c_int(0)
+    if lib.cuInit(0) != 0 or lib.cuDeviceGetCount(ctypes.byref(count)) != 0:
+        return 0
+    return count.value

@@ -37,9 +37,9 @@ __global__ void repack_signs(const u32* __restrict__ src, int rows, int cols, in
         const int s = 8 * (sidx >> 1) + 2 * t + (sidx & 1);
         const int row = tile * TILE_ROWS + g + 8 * rsel;
         const int col = chunk * CHUNK_COLS + 32 * w + 15 - s;
-        if (row < rows) {
+        if (row < rows && col < cols) {
             const u32 word = src[(long long)row * src_words + (col >> 5)];  // col and col + 16 share this word
-            if (col < cols) out |= ((word >> (col & 31)) & 1u) << (15 - i);
+            out |= ((word >> (col & 31)) & 1u) << (15 - i);
             if (col + 16 < cols) out |= ((word >> ((col & 31) + 16)) & 1u) << (31 - i);
         }
     }
