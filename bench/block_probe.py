@@ -30,11 +30,11 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from bench.quality import RESULTS, eval_windows, git_commit, machine, perplexity, test_text
-from converter import block as B
+from converter import block_reconstruction as B
 from converter.admm import AdmmSettings
 from converter.calibration import calibration_tokens, default_calibration_text, draw_windows
-from converter.importance import LayerImportance, collect_importance
-from converter.model import DecoderBlock, TorchModel
+from converter.preconditioners import LayerPreconditioners, collect_preconditioners
+from converter.torch_model import DecoderBlock, TorchModel
 from converter.pipeline import PRESETS, skeleton
 from converter.sources import open_source
 
@@ -56,11 +56,11 @@ def parse_variant(text: str) -> dict:
     return out
 
 
-def ones_where(imp: LayerImportance, v: dict) -> LayerImportance:
+def ones_where(imp: LayerPreconditioners, v: dict) -> LayerPreconditioners:
     """The layer's preconditioners with the switched-off ones replaced by 1."""
     keep = lambda d, on: {k: (x if on else torch.ones_like(x)) for k, x in d.items()}  # noqa: E731
     cw = imp.channel_weight if v["cw"] else torch.ones_like(imp.channel_weight)
-    return LayerImportance(keep(imp.d_in, v["din"]), keep(imp.d_out, v["dout"]), cw)
+    return LayerPreconditioners(keep(imp.d_in, v["din"]), keep(imp.d_out, v["dout"]), cw)
 
 
 def main() -> None:
@@ -80,12 +80,12 @@ def main() -> None:
     ids = calibration_tokens(src.hf_tokenizer(), [default_calibration_text()])
     win = draw_windows(ids, recipe.stat_samples, recipe.seqlen, 0)
     base = skeleton(src)
-    stats_by_shrink: dict[float, list[LayerImportance]] = {}
+    stats_by_shrink: dict[float, list[LayerPreconditioners]] = {}
 
-    def stats(shrinkage: float) -> list[LayerImportance]:
+    def stats(shrinkage: float) -> list[LayerPreconditioners]:
         """The preconditioners at this shrinkage, computed once per γ (they cost a forward and backward pass)."""
         if shrinkage not in stats_by_shrink:
-            stats_by_shrink[shrinkage] = collect_importance(
+            stats_by_shrink[shrinkage] = collect_preconditioners(
                 c, base, lambda i: DecoderBlock(c, i, src.block_weights(i)), win, shrinkage, recipe.forward_batch, None)
         return stats_by_shrink[shrinkage]
 

@@ -22,7 +22,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from bench.quality import RESULTS, eval_windows, git_commit, machine, perplexity, test_text  # noqa: E402
-from converter.model import TorchModel, load_nq  # noqa: E402
+from converter.torch_model import TorchModel, load_nq  # noqa: E402
 from converter.sources import open_source  # noqa: E402
 
 

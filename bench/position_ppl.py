@@ -26,7 +26,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from bench.quality import RESULTS, eval_windows, git_commit, machine, test_text, token_losses  # noqa: E402
-from converter.model import DecoderBlock, TorchModel, load_nq  # noqa: E402
+from converter.torch_model import DecoderBlock, TorchModel, load_nq  # noqa: E402
 from converter.sources import open_source  # noqa: E402
 from nqfmt import keys as K  # noqa: E402
 

@@ -27,7 +27,7 @@ from torch.nn import functional as F
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from converter.model import TorchModel, load_nq  # noqa: E402
+from converter.torch_model import TorchModel, load_nq  # noqa: E402
 from converter.pipeline import Options, convert  # noqa: E402
 from converter.progress import LineReporter  # noqa: E402
 from converter.sources import open_source  # noqa: E402

@@ -33,11 +33,11 @@ from bench.quality import (
     perplexity,
     test_text,
 )
-from converter.block import block_outputs, factored_linears, native_bf16
+from converter.block_reconstruction import block_outputs, factored_linears, native_bf16
 from converter.calibration import calibration_tokens, calibration_windows, default_calibration_text
 from converter.generate import write_windows
-from converter.model import TorchModel, load_nq
-from converter.model_recon import reconstruct, teacher_cache
+from converter.torch_model import TorchModel, load_nq
+from converter.model_reconstruction import reconstruct, teacher_cache
 from converter.sources import open_source
 
 

@@ -1,4 +1,4 @@
-"""The runtime's numpy reference against the converter's quantized torch model (converter.model.load_nq) on one
+"""The runtime's numpy reference against the converter's quantized torch model (converter.torch_model.load_nq) on one
 `.nq` file, and the numba backend against the numpy reference: max |difference| / max |reference| of the logits at
 every position of a prompt (issue bars: 1e-3 and 1e-4).
 
@@ -26,7 +26,7 @@ def main() -> None:
     ap.add_argument("--prompt", default=PROMPT)
     a = ap.parse_args()
     import torch
-    from converter.model import load_nq
+    from converter.torch_model import load_nq
     ref = runtime.load(a.file, backend="numpy")
     ids = ref.tokenize(a.prompt)
     ours = ref.logits(ids)

@@ -183,7 +183,7 @@ def main() -> None:
         print(json.dumps(fn(*json.loads(a.args))))
         return
     a.work.mkdir(parents=True, exist_ok=True)
-    from gguf import GGMLQuantizationType as GT
+    from nqfmt.keys import GGMLType
     from bench.synthetic_model import TINY, write_smollm2_shaped
     tiny = a.work / "tiny.nq"
     if not tiny.exists():
@@ -191,7 +191,7 @@ def main() -> None:
     ours = a.nq
     if not ours:
         ours = []
-        for gt, name in ((GT.F16, "synthetic-f16-head.nq"), (GT.Q8_0, "synthetic-q8_0-head.nq")):
+        for gt, name in ((GGMLType.F16, "synthetic-f16-head.nq"), (GGMLType.Q8_0, "synthetic-q8_0-head.nq")):
             p = a.work / name
             if not p.exists():
                 write_smollm2_shaped(p, gt)

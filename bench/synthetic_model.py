@@ -11,7 +11,7 @@ import json
 from pathlib import Path
 
 import numpy as np
-from gguf import GGMLQuantizationType as GT
+from nqfmt.keys import GGMLType
 from gguf.quants import quantize
 
 from nqfmt import LinearPlan, ModelConfig, NQWriter, Provenance, TokenizerInfo, pack_signs, rank_for_bits
@@ -58,7 +58,7 @@ TINY = dict(SMOLLM2_135M, n_layers=1, hidden=64, n_heads=2, n_kv_heads=1, head_d
             context_length=256)
 
 
-def write_smollm2_shaped(path: Path, embedding: GT = GT.F16, seed: int = 0, bits: float = 1.0,
+def write_smollm2_shaped(path: Path, embedding: GGMLType = GGMLType.F16, seed: int = 0, bits: float = 1.0,
                          shapes: dict = SMOLLM2_135M) -> Path:
     """The random model (`shapes`: SMOLLM2_135M, or TINY to warm kernels up cheaply)."""
     config = ModelConfig(**shapes)
@@ -82,8 +82,8 @@ def write_smollm2_shaped(path: Path, embedding: GT = GT.F16, seed: int = 0, bits
                 _, layer, linear, _, _ = spec.name.split(".")
                 n, r = config.linear_shape(linear)[1], linears[int(layer)][linear].ranks[0]
                 a = (rng.uniform(0.5, 1.5, spec.shape) / np.sqrt(n * r)).astype(np.float16)
-            elif spec.gtype == GT.Q8_0:
-                a = quantize((rng.standard_normal(spec.shape) * 0.05).astype(np.float32), GT.Q8_0)
+            elif spec.gtype == GGMLType.Q8_0:
+                a = quantize((rng.standard_normal(spec.shape) * 0.05).astype(np.float32), GGMLType.Q8_0)
             elif spec.name == K.TOKEN_EMBD:
                 a = (rng.standard_normal(spec.shape) * 0.05).astype(np.float16)
             else:
@@ -97,7 +97,7 @@ def main() -> None:
     ap.add_argument("out", type=Path)
     ap.add_argument("--embedding", choices=("f16", "q8_0"), default="f16")
     args = ap.parse_args()
-    write_smollm2_shaped(args.out, GT.F16 if args.embedding == "f16" else GT.Q8_0)
+    write_smollm2_shaped(args.out, GGMLType.F16 if args.embedding == "f16" else GGMLType.Q8_0)
     print(args.out, args.out.stat().st_size, "bytes")
 
 

@@ -38,7 +38,7 @@ def _vector(x, length: int, what: str) -> nn.Parameter:
     return nn.Parameter(t)
 
 
-class BinaryPath(nn.Module):
+class TrainablePath(nn.Module):
     """One binary path: output-side signs U (m×r), input-side signs V (r×n), and its scale vectors.
 
     `u`, `v` are latents (copied; their sign is what counts) unless `frozen`, in which case they must already be ±1
@@ -87,16 +87,6 @@ class BinaryPath(nn.Module):
         self.register_buffer("latent_v", v)
         self.signs_frozen = True
 
-    def thaw_signs(self) -> None:
-        """The inverse of `freeze_signs`: the ±1 buffers become trainable latents of the same values (mean |latent|
-        = 1, as refinement starts them), so a later stage can flip signs again."""
-        if not self.signs_frozen:
-            return
-        u, v = self.latent_u, self.latent_v
-        del self.latent_u, self.latent_v
-        self.latent_u, self.latent_v = nn.Parameter(u.clone()), nn.Parameter(v.clone())
-        self.signs_frozen = False
-
     def scales(self) -> list[nn.Parameter]:
         return [s for s in (self.scale_in, self.scale_out, self.scale_mid) if s is not None]
 
@@ -125,7 +115,7 @@ class BinaryFactoredLinear(nn.Module):
     Paths are kept in `paths` (path 0 first); the optional bias is a frozen float32 buffer, as nqfmt stores it.
     """
 
-    def __init__(self, paths: Sequence[BinaryPath], bias: torch.Tensor | None = None) -> None:
+    def __init__(self, paths: Sequence[TrainablePath], bias: torch.Tensor | None = None) -> None:
         super().__init__()
         if not paths:
             raise ValueError("a BinaryFactoredLinear needs at least one path")
@@ -145,11 +135,11 @@ class BinaryFactoredLinear(nn.Module):
     @classmethod
     def from_factors(cls, u, v, scale_in, scale_out, scale_mid=None, bias=None) -> "BinaryFactoredLinear":
         """One-path linear from U (m×r) and V (r×n): ±1 signs or real latents (their sign is what counts)."""
-        return cls([BinaryPath(u, v, scale_in, scale_out, scale_mid)], bias)
+        return cls([TrainablePath(u, v, scale_in, scale_out, scale_mid)], bias)
 
     def add_path(self, u, v, scale_in, scale_out, scale_mid=None) -> "BinaryFactoredLinear":
         """Append a residual path (it must match the others' shape and scale_mid presence)."""
-        path = BinaryPath(u, v, scale_in, scale_out, scale_mid)
+        path = TrainablePath(u, v, scale_in, scale_out, scale_mid)
         if (path.m, path.n) != (self.m, self.n) or (path.scale_mid is None) != (self.paths[0].scale_mid is None):
             raise ValueError(f"path {path.m}×{path.n} (scale_mid: {path.scale_mid is not None}) does not fit this "
                              f"{self.m}×{self.n} linear")
@@ -174,11 +164,6 @@ class BinaryFactoredLinear(nn.Module):
         """Latents become ±1 buffers; afterwards only the scales are trainable."""
         for p in self.paths:
             p.freeze_signs()
-
-    def thaw_signs(self) -> None:
-        """Every path's ±1 buffers become trainable latents again (`BinaryPath.thaw_signs`)."""
-        for p in self.paths:
-            p.thaw_signs()
 
     def latents(self) -> list[nn.Parameter]:
         """The trainable sign latents (empty once frozen)."""

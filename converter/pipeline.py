@@ -33,13 +33,13 @@ from nqfmt import keys as K
 from nqfmt.errors import NQError
 from nqfmt.bits import max_single_path_bits, path_bits
 
-from . import block as B
+from . import block_reconstruction as B
 from .admm import AdmmSettings
 from .calibration import CalibrationError, calibration_windows, default_calibration_text, windows_sha256
 from .factored import BinaryFactoredLinear
-from .importance import LayerImportance, collect_importance
-from .model import DecoderBlock, TorchModel
-from .model_recon import TOP_K, TeacherCache, reconstruct, teacher_cache
+from .preconditioners import LayerPreconditioners, collect_preconditioners
+from .torch_model import DecoderBlock, TorchModel
+from .model_reconstruction import TOP_K, TeacherCache, reconstruct, teacher_cache
 from .progress import Reporter, SilentReporter
 
 CONVERTER_VERSION = "0.1.0"
@@ -331,8 +331,8 @@ def convert(options: Options, reporter: Reporter | None = None) -> Summary:
         timer.seconds.update({k: v for k, v in work.load("timings.pt").items() if k not in ("load", "calibration")})
     base = skeleton(source)
 
-    importance = _importance(source, base, windows, recipe, work, timer, reporter)
-    _blocks(source, base, windows, importance, ranks, recipe, options.seed, work, timer, reporter)
+    preconditioners = _preconditioners(source, base, windows, recipe, work, timer, reporter)
+    _blocks(source, base, windows, preconditioners, ranks, recipe, options.seed, work, timer, reporter)
     model = _assemble(source, base, work)
     if recipe.model_recon:
         _reconstruct(model, windows, recipe, options.seed, work, timer, reporter)
@@ -355,20 +355,20 @@ def convert(options: Options, reporter: Reporter | None = None) -> Summary:
                    2 * config.parameter_count(), timer.seconds, peak_rss_mb(), model)
 
 
-def _importance(source, base: TorchModel, windows: torch.Tensor, recipe: Recipe, work: WorkDir, timer: Timer,
-                reporter: Reporter) -> list[LayerImportance]:
+def _preconditioners(source, base: TorchModel, windows: torch.Tensor, recipe: Recipe, work: WorkDir, timer: Timer,
+                reporter: Reporter) -> list[LayerPreconditioners]:
     config = source.config
-    if work.has("importance.pt"):
-        return work.load("importance.pt")
+    if work.has("preconditioners.pt"):
+        return work.load("preconditioners.pt")
     reporter.stage("preconditioners", 2 * config.n_layers)
-    result = timer.run("preconditioners", collect_importance, config, base,
+    result = timer.run("preconditioners", collect_preconditioners, config, base,
                        lambda i: DecoderBlock(config, i, source.block_weights(i)), windows[:recipe.stat_samples],
                        recipe.shrinkage, recipe.forward_batch, work.path, lambda i, n: reporter.advance(i))
-    work.save("importance.pt", result)
+    work.save("preconditioners.pt", result)
     return result
 
 
-def _blocks(source, base: TorchModel, windows: torch.Tensor, importance: list[LayerImportance],
+def _blocks(source, base: TorchModel, windows: torch.Tensor, preconditioners: list[LayerPreconditioners],
             ranks: dict[str, int], recipe: Recipe, seed: int, work: WorkDir, timer: Timer,
             reporter: Reporter) -> None:
     """Quantize every block not yet checkpointed; leaves block-i.pt files and, at the end, the teacher cache.
@@ -390,7 +390,7 @@ def _blocks(source, base: TorchModel, windows: torch.Tensor, importance: list[La
     fb = recipe.forward_batch
     for layer in range(start, n):
         blk = DecoderBlock(config, layer, source.block_weights(layer))
-        imp = importance[layer]
+        imp = preconditioners[layer]
         reporter.block(layer, n)
         targets = timer.run("targets", B.block_outputs, blk, fp_in, fb, recipe.teacher_bf16)
         del fp_in
@@ -437,7 +437,7 @@ def _assemble(source, base: TorchModel, work: WorkDir) -> TorchModel:
 def _reconstruct(model: TorchModel, windows: torch.Tensor, recipe: Recipe, seed: int, work: WorkDir, timer: Timer,
                  reporter: Reporter) -> None:
     """Scale-only KL distillation; its result (all scales) is checkpointed as one file."""
-    from .model_recon import scale_parameters
+    from .model_reconstruction import scale_parameters
 
     scales = scale_parameters(model)
     if work.has("recon.pt"):

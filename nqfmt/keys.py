@@ -48,7 +48,7 @@ class GGMLType(IntEnum):
 TYPE_SIZES: dict[GGMLType, tuple[int, int]] = {
     GGMLType.F32: (1, 4), GGMLType.F16: (1, 2), GGMLType.Q8_0: (32, 34), GGMLType.I32: (1, 4),
 }
-VT, GT = ValueType, GGMLType
+VT = ValueType
 
 ARCHITECTURES = ("llama", "mistral", "qwen2", "qwen3", "gemma3")
 ACTIVATIONS = ("silu", "gelu_tanh")
@@ -208,11 +208,11 @@ PATH_PARTS = (V_SIGNS, U_SIGNS, SCALE_IN, SCALE_OUT, SCALE_MID)
 MAX_PATHS = 8
 
 # GGML types this format uses (all existing ids; packed signs are I32 words read as uint32)
-SIGN_TYPE = GT.I32
-SCALE_TYPE = GT.F16
-NORM_TYPE = GT.F32
-BIAS_TYPE = GT.F32
-EMBEDDING_TYPES = (GT.F16, GT.F32, GT.Q8_0)
+SIGN_TYPE = GGMLType.I32
+SCALE_TYPE = GGMLType.F16
+NORM_TYPE = GGMLType.F32
+BIAS_TYPE = GGMLType.F32
+EMBEDDING_TYPES = (GGMLType.F16, GGMLType.F32, GGMLType.Q8_0)
 
 
 def norm_tensor(layer: int, norm: str) -> str:

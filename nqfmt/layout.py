@@ -13,7 +13,7 @@ from .config import ModelConfig
 from .errors import NQFormatError
 from .signs import words_per_row
 
-GT = K.GGMLType
+GGMLType = K.GGMLType
 
 
 @dataclass(frozen=True)
@@ -22,7 +22,7 @@ class TensorSpec:
 
     name: str
     shape: tuple[int, ...]
-    gtype: GT
+    gtype: GGMLType
 
     @property
     def nbytes(self) -> int:
@@ -32,13 +32,13 @@ class TensorSpec:
     @property
     def numpy_dtype(self) -> np.dtype:
         """dtype of the array a caller hands the writer and gets from the reader (packed signs: uint32)."""
-        return np.dtype({GT.F16: np.float16, GT.F32: np.float32, GT.I32: np.uint32, GT.Q8_0: np.uint8}[self.gtype])
+        return np.dtype({GGMLType.F16: np.float16, GGMLType.F32: np.float32, GGMLType.I32: np.uint32, GGMLType.Q8_0: np.uint8}[self.gtype])
 
     @property
     def numpy_shape(self) -> tuple[int, ...]:
         """Shape of that array (Q8_0: raw bytes, 34 per block of 32)."""
-        if self.gtype == GT.Q8_0:
-            block, size = K.TYPE_SIZES[GT.Q8_0]
+        if self.gtype == GGMLType.Q8_0:
+            block, size = K.TYPE_SIZES[GGMLType.Q8_0]
             return (*self.shape[:-1], self.shape[-1] // block * size)
         return self.shape
 
@@ -84,13 +84,13 @@ def block_specs(config: ModelConfig, layer: int, linears: dict[str, LinearPlan])
 
 
 def file_specs(config: ModelConfig, linears: list[dict[str, LinearPlan]],
-               embedding_type: GT = GT.F16) -> list[TensorSpec]:
+               embedding_type: GGMLType = GGMLType.F16) -> list[TensorSpec]:
     """Every tensor of a file in order, the trailing checksum table included."""
     if len(linears) != config.n_layers:
         raise NQFormatError(f"plan has {len(linears)} blocks, config has {config.n_layers}")
     if embedding_type not in K.EMBEDDING_TYPES:
         raise NQFormatError(f"{K.TOKEN_EMBD}: type {embedding_type.name} not allowed")
-    if embedding_type == GT.Q8_0 and config.hidden % 32:
+    if embedding_type == GGMLType.Q8_0 and config.hidden % 32:
         raise NQFormatError(f"{K.TOKEN_EMBD}: Q8_0 needs a hidden size divisible by 32, got {config.hidden}")
     specs = [TensorSpec(K.TOKEN_EMBD, (config.vocab, config.hidden), embedding_type)]
     for layer, plan in enumerate(linears):
@@ -98,7 +98,7 @@ def file_specs(config: ModelConfig, linears: list[dict[str, LinearPlan]],
     specs.append(TensorSpec(K.OUTPUT_NORM, (config.hidden,), K.NORM_TYPE))
     if not config.tie_embeddings:
         specs.append(TensorSpec(K.OUTPUT, (config.vocab, config.hidden), embedding_type))
-    specs.append(TensorSpec(K.CHECKSUMS, (len(specs) + 1,), GT.I32))
+    specs.append(TensorSpec(K.CHECKSUMS, (len(specs) + 1,), GGMLType.I32))
     return specs
 
 

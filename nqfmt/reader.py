@@ -21,7 +21,7 @@ from .layout import LinearPlan, TensorSpec, file_specs, is_scale, is_signs, sign
 from .metadata import Provenance, TokenizerInfo
 from .signs import padding_is_clear
 
-VT, GT = K.ValueType, K.GGMLType
+VT, GGMLType = K.ValueType, K.GGMLType
 
 _SCALAR = {VT.UINT8: "<B", VT.INT8: "<b", VT.UINT16: "<H", VT.INT16: "<h", VT.UINT32: "<I", VT.INT32: "<i",
            VT.FLOAT32: "<f", VT.BOOL: "<?", VT.UINT64: "<Q", VT.INT64: "<q", VT.FLOAT64: "<d"}
@@ -33,7 +33,7 @@ class TensorInfo:
     """Where one tensor lives in the file."""
 
     name: str
-    gtype: GT
+    gtype: GGMLType
     shape: tuple[int, ...]  # numpy order, elements
     offset: int  # absolute byte offset in the file
     nbytes: int
@@ -176,12 +176,12 @@ class NQFile:
         for name, dims, gtype, offset in raw:
             if name in tensors:
                 raise NQFormatError(f"tensor {name!r} appears twice")
-            if gtype not in (GT.F16, GT.F32, GT.I32, GT.Q8_0):
+            if gtype not in (GGMLType.F16, GGMLType.F32, GGMLType.I32, GGMLType.Q8_0):
                 raise NQFormatError(f"tensor {name!r}: GGML type {gtype} is not used by this format")
             if any(d == 0 or d > self.size for d in dims):
                 raise NQFormatError(f"tensor {name!r}: impossible shape {dims}")
-            spec = TensorSpec(name, tuple(reversed(dims)), GT(gtype))
-            if gtype == GT.Q8_0 and dims[0] % 32:
+            spec = TensorSpec(name, tuple(reversed(dims)), GGMLType(gtype))
+            if gtype == GGMLType.Q8_0 and dims[0] % 32:
                 raise NQFormatError(f"tensor {name!r}: Q8_0 rows must be a multiple of 32")
             if data_start + offset != end:
                 raise NQFormatError(f"tensor {name!r}: offset {offset} breaks the packed, aligned layout")
@@ -194,7 +194,7 @@ class NQFile:
 
     def _check_header_crc(self) -> None:
         table = self.tensors.get(K.CHECKSUMS)
-        if table is None or table.gtype != GT.I32 or table.shape != (len(self.tensors),):
+        if table is None or table.gtype != GGMLType.I32 or table.shape != (len(self.tensors),):
             raise NQFormatError(f"tensor {K.CHECKSUMS!r} is missing or has the wrong shape")
         if list(self.tensors)[-1] != K.CHECKSUMS:
             raise NQFormatError(f"tensor {K.CHECKSUMS!r} must be the last tensor")

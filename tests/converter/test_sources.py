@@ -7,11 +7,11 @@ import gguf
 import numpy as np
 import pytest
 import torch
-from gguf import GGMLQuantizationType as GT
+from nqfmt.keys import GGMLType
 from gguf.quants import dequantize, quantize
 
 import hf_tiny
-from converter.model import TorchModel
+from converter.torch_model import TorchModel
 from converter.sources import SourceError, config_from_gguf, open_source
 from nqfmt import keys as K
 
@@ -79,17 +79,17 @@ def llamacpp_permute(w: np.ndarray, heads: int) -> np.ndarray:
     return w.reshape(heads, 2, w.shape[0] // heads // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
-def gguf_type(name: str, w: np.ndarray) -> GT:
+def gguf_type(name: str, w: np.ndarray) -> GGMLType:
     if w.ndim == 1 or ".ffn_down." in name:
-        return GT.F32
-    return GT.Q8_0 if w.shape[1] % 32 == 0 else GT.F16
+        return GGMLType.F32
+    return GGMLType.Q8_0 if w.shape[1] % 32 == 0 else GGMLType.F16
 
 
-def roundtrip(w: np.ndarray, gtype: GT) -> np.ndarray:
+def roundtrip(w: np.ndarray, gtype: GGMLType) -> np.ndarray:
     """The float32 values a tensor of this type holds."""
-    if gtype == GT.F32:
+    if gtype == GGMLType.F32:
         return w
-    if gtype == GT.F16:
+    if gtype == GGMLType.F16:
         return w.astype(np.float16).astype(np.float32)
     return dequantize(quantize(w, gtype), gtype).reshape(w.shape)
 
@@ -145,7 +145,7 @@ def tiny_gguf(request, tmp_path_factory):
         if arch == "llama" and name.endswith((".attn_q.weight", ".attn_k.weight")):
             heads = cfg.num_attention_heads if ".attn_q." in name else cfg.num_key_value_heads
             a = llamacpp_permute(a, heads)
-        raw = {GT.Q8_0: lambda: quantize(a, gtype), GT.F16: lambda: a.astype(np.float16), GT.F32: lambda: a}[gtype]()
+        raw = {GGMLType.Q8_0: lambda: quantize(a, gtype), GGMLType.F16: lambda: a.astype(np.float16), GGMLType.F32: lambda: a}[gtype]()
         w.add_tensor(llamacpp_name(name, arch), raw, raw_dtype=gtype)
     w.write_header_to_file()
     w.write_kv_data_to_file()

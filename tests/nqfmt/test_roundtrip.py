@@ -1,6 +1,6 @@
 import numpy as np
 import pytest
-from gguf import GGMLQuantizationType as GT
+from nqfmt.keys import GGMLType
 from synthetic import TINY_TOKENIZER, provenance, tiny_config, write_random
 
 from nqfmt import LinearPlan, NQFormatError, NQWriter, TokenizerInfo, open_nq, unpack_signs
@@ -27,7 +27,7 @@ def test_every_tensor_round_trips_bit_exactly(tmp_path, arch):
     assert lin.paths[0].scale_mid is not None
 
 
-@pytest.mark.parametrize("etype", [GT.F32, GT.Q8_0])
+@pytest.mark.parametrize("etype", [GGMLType.F32, GGMLType.Q8_0])
 def test_other_embedding_types(tmp_path, etype):
     path = tmp_path / "m.nq"
     cfg = tiny_config("qwen2", hidden=96, n_heads=4, head_dim=24)  # Q8_0 needs hidden % 32 == 0; untied head

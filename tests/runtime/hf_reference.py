@@ -3,7 +3,7 @@ weight, so the numpy reference backend can be checked against transformers' own 
 from __future__ import annotations
 
 import numpy as np
-from gguf import GGMLQuantizationType as GT
+from nqfmt.keys import GGMLType
 from gguf.quants import dequantize
 
 from nqfmt import NQFile, unpack_signs
@@ -90,8 +90,8 @@ def hf_model(nq: NQFile):
 
 def _table(nq: NQFile, name: str) -> np.ndarray:
     """An embedding/head table as float64 (Q8_0 through gguf's reference dequantizer)."""
-    if nq.tensors[name].gtype == GT.Q8_0:
-        return dequantize(nq.array(name), GT.Q8_0).astype(np.float64)
+    if nq.tensors[name].gtype == GGMLType.Q8_0:
+        return dequantize(nq.array(name), GGMLType.Q8_0).astype(np.float64)
     return nq.array(name).astype(np.float64)
 
 

@@ -2,7 +2,7 @@
 then whole models of every architecture variant, prefill and decode."""
 import numpy as np
 import pytest
-from gguf import GGMLQuantizationType as GT
+from nqfmt.keys import GGMLType
 from gguf.quants import quantize
 
 from nqfmt import BinaryPath, FactoredLinear, open_nq, pack_signs
@@ -63,13 +63,13 @@ def test_int8_popcount_linear_is_close(backends):
         assert np.linalg.norm(got - want) <= 0.03 * np.linalg.norm(want)
 
 
-@pytest.mark.parametrize("gtype", [GT.F16, GT.F32, GT.Q8_0])
+@pytest.mark.parametrize("gtype", [GGMLType.F16, GGMLType.F32, GGMLType.Q8_0])
 def test_embedding_and_head(backends, gtype):
     fast, ref = backends
     rng = np.random.default_rng(5)
     vocab, hidden = 203, 96
     values = rng.standard_normal((vocab, hidden)).astype(np.float32)
-    table = quantize(values, GT.Q8_0) if gtype == GT.Q8_0 else values.astype(np.float16 if gtype == GT.F16 else
+    table = quantize(values, GGMLType.Q8_0) if gtype == GGMLType.Q8_0 else values.astype(np.float16 if gtype == GGMLType.F16 else
                                                                             np.float32)
     table = readonly(table)
     tf, tr = fast.prepare_embedding(table, gtype, hidden), ref.prepare_embedding(table, gtype, hidden)

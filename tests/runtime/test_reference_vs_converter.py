@@ -1,10 +1,10 @@
-"""The numpy reference backend against the converter's quantized torch model (converter.model.load_nq) on the same
+"""The numpy reference backend against the converter's quantized torch model (converter.torch_model.load_nq) on the same
 file: the two sides of the format agree on what a `.nq` file means (issue bar: 1e-3 relative)."""
 import numpy as np
 import pytest
 import torch
 
-from converter import model as converter_model
+from converter import torch_model as converter_model
 from nqfmt import open_nq
 from runtime.backends import get_backend
 from runtime.model import Model

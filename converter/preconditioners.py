@@ -22,13 +22,13 @@ from torch.nn import functional as F
 
 from nqfmt import keys as K
 
-from .model import DecoderBlock, TorchModel
+from .torch_model import DecoderBlock, TorchModel
 
 PERCENTILE = 0.999
 
 
 @dataclass
-class LayerImportance:
+class LayerPreconditioners:
     """Preconditioners of one block: d_in / d_out per linear (mean 1) and the block loss's channel weights."""
 
     d_in: dict[str, torch.Tensor]
@@ -36,7 +36,7 @@ class LayerImportance:
     channel_weight: torch.Tensor
 
     @classmethod
-    def uniform(cls, config, hidden: int) -> "LayerImportance":
+    def uniform(cls, config, hidden: int) -> "LayerPreconditioners":
         shapes = {lin: config.linear_shape(lin) for lin in K.LINEARS}
         return cls({lin: torch.ones(n) for lin, (m, n) in shapes.items()},
                    {lin: torch.ones(m) for lin, (m, n) in shapes.items()}, torch.ones(hidden))
@@ -126,9 +126,9 @@ class BoundaryStore:
         return h
 
 
-def collect_importance(config, embed_head: TorchModel, load_block: Callable[[int], DecoderBlock],
+def collect_preconditioners(config, embed_head: TorchModel, load_block: Callable[[int], DecoderBlock],
                        tokens: torch.Tensor, gamma: float, batch: int, spill: Path | None = None,
-                       progress: Callable[[int, int], None] = lambda i, n: None) -> list[LayerImportance]:
+                       progress: Callable[[int, int], None] = lambda i, n: None) -> list[LayerPreconditioners]:
     """Preconditioners for every block from next-token-loss gradients on `tokens` [S, T], block by block.
 
     `embed_head` supplies `embed` and `head` (its blocks are not used); `load_block(i)` builds full-precision block
@@ -150,7 +150,7 @@ def collect_importance(config, embed_head: TorchModel, load_block: Callable[[int
     grad = torch.cat([head_gradient(embed_head.head, h[i:i + 1], tokens[i:i + 1], total)
                       for i in range(tokens.shape[0])])
     del h
-    result: list[LayerImportance | None] = [None] * n
+    result: list[LayerPreconditioners | None] = [None] * n
     for layer in reversed(range(n)):
         block = load_block(layer)
         acts = {lin: ClippedSecondMoment() for lin in K.LINEARS}
@@ -165,7 +165,7 @@ def collect_importance(config, embed_head: TorchModel, load_block: Callable[[int
         for h in handles:
             h.remove()
         grad = new_grad
-        result[layer] = LayerImportance(
+        result[layer] = LayerPreconditioners(
             {lin: preconditioner(acts[lin].mean(), gamma) for lin in K.LINEARS},
             {lin: preconditioner(grads[lin].mean(), gamma) for lin in K.LINEARS},
             channel_weight(grads[K.FFN_DOWN].mean(), gamma))

@@ -3,7 +3,7 @@
 Every stage trains against the full-precision block's outputs on the full-precision trajectory (the targets) while
 feeding the block the *quantized* trajectory (the outputs of the already-quantized blocks before it), so each block
 also absorbs the error its predecessors left (nanoquant.md §1.3). The loss is a channel-weighted MSE, weights from
-the output-gradient second moments (importance.py); optionally the last blocks' is the KL of the next-token
+the output-gradient second moments (preconditioners.py); optionally the last blocks' is the KL of the next-token
 distributions instead, read through the full-precision blocks after them and the head (`output_kl`). Randomness
 (batch order, ADMM init) comes from generators seeded by (seed, layer, stage), so a resumed run replays exactly what
 an uninterrupted one does.
@@ -21,8 +21,8 @@ from nqfmt.bits import rank_for_bits
 
 from .admm import AdmmSettings, lb_admm
 from .factored import BinaryFactoredLinear
-from .importance import LayerImportance
-from .model import DecoderBlock
+from .preconditioners import LayerPreconditioners
+from .torch_model import DecoderBlock
 from .optim import Report, adam_cosine
 
 
@@ -107,7 +107,7 @@ def block_objective(layer: int, n_layers: int, targets: torch.Tensor, weight: to
                     kl_blocks: int, bf16: bool) -> Objective:
     """The objective block `layer` tunes against: for the last `kl_blocks` blocks `output_kl` through the
     full-precision blocks after it (`fp_block(i)` builds block i) and the head, else the channel-weighted MSE
-    (`weight` from importance.py)."""
+    (`weight` from preconditioners.py)."""
     if layer < n_layers - kl_blocks:
         return channel_mse(targets, weight)
     later = [fp_block(i) for i in range(layer + 1, n_layers)]
@@ -150,12 +150,12 @@ def block_ranks(config, bits: float) -> dict[str, int]:
 
 
 @torch.no_grad()
-def factorize(block: DecoderBlock, ranks: dict[str, int], importance: LayerImportance, settings: AdmmSettings,
+def factorize(block: DecoderBlock, ranks: dict[str, int], preconditioners: LayerPreconditioners, settings: AdmmSettings,
               seed: int, report: Callable[[int, int], None] = lambda i, n: None) -> None:
     """Replace every nn.Linear of the block by the LB-ADMM initialisation of its binary factors (bias kept)."""
     for i, name in enumerate(K.LINEARS):
         lin = block.linears[name]
-        f = lb_admm(lin.weight, ranks[name], importance.d_in[name], importance.d_out[name], settings,
+        f = lb_admm(lin.weight, ranks[name], preconditioners.d_in[name], preconditioners.d_out[name], settings,
                     seed=stage_seed(seed, block.layer, 10 + i))
         bias = None if lin.bias is None else lin.bias.detach()
         block.linears[name] = BinaryFactoredLinear.from_factors(f.u_latent, f.v_latent, f.scale_in, f.scale_out,

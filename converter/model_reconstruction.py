@@ -18,8 +18,8 @@ from dataclasses import dataclass
 
 import torch
 
-from .block import bf16_autocast, factored_linears
-from .model import TorchModel
+from .block_reconstruction import bf16_autocast, factored_linears
+from .torch_model import TorchModel
 from .optim import Report, adam_cosine
 
 TOP_K = 64

@@ -3,8 +3,8 @@ import torch
 from torch.nn import functional as F
 
 import hf_tiny
-from converter.importance import ClippedSecondMoment, collect_importance, preconditioner, shrink
-from converter.model import TorchModel
+from converter.preconditioners import ClippedSecondMoment, collect_preconditioners, preconditioner, shrink
+from converter.torch_model import TorchModel
 from converter.sources import open_source
 from nqfmt import keys as K
 
@@ -38,7 +38,7 @@ def test_block_by_block_matches_whole_model(tmp_path):
     source = open_source(str(tmp_path / "m"))
     model = TorchModel.from_source(source)
     tokens = torch.randint(0, hf_tiny.VOCAB, (5, 11), generator=torch.Generator().manual_seed(0))
-    got = collect_importance(source.config, model, lambda i: model.blocks[i], tokens, 0.3, 2, spill=tmp_path)
+    got = collect_preconditioners(source.config, model, lambda i: model.blocks[i], tokens, 0.3, 2, spill=tmp_path)
     want_in, want_out = whole_model_reference(TorchModel.from_source(source), tokens, 2, 0.3)
     for i, imp in enumerate(got):
         for name in K.LINEARS:

@@ -7,7 +7,7 @@ import torch
 
 import hf_tiny
 from converter.factored import BinaryFactoredLinear
-from converter.model import DecoderBlock, TorchModel, attention_mask, rope
+from converter.torch_model import DecoderBlock, TorchModel, attention_mask, rope
 from converter.sources import config_from_hf, open_source
 from nqfmt import keys as K
 

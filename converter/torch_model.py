@@ -13,7 +13,7 @@ import os
 
 import numpy as np
 import torch
-from gguf import GGMLQuantizationType as GT
+from nqfmt.keys import GGMLType
 from gguf.quants import dequantize
 from torch import nn
 from torch.nn import functional as F
@@ -21,7 +21,7 @@ from torch.nn import functional as F
 from nqfmt import ModelConfig, open_nq, unpack_signs
 from nqfmt import keys as K
 
-from .factored import BinaryFactoredLinear, BinaryPath
+from .factored import BinaryFactoredLinear, TrainablePath
 
 
 def inv_freq(config: ModelConfig, layer: int) -> torch.Tensor:
@@ -210,8 +210,8 @@ def _embedding(nq, name: str) -> torch.Tensor:
     """An embedding-shaped tensor of the file as float32 (F16 widened, Q8_0 dequantized)."""
     info = nq.tensors[name]
     raw = nq.array(name)
-    if info.gtype == GT.Q8_0:
-        return torch.from_numpy(dequantize(raw, GT.Q8_0).reshape(info.shape).astype(np.float32))
+    if info.gtype == GGMLType.Q8_0:
+        return torch.from_numpy(dequantize(raw, GGMLType.Q8_0).reshape(info.shape).astype(np.float32))
     return torch.from_numpy(raw.astype(np.float32))
 
 
@@ -222,7 +222,7 @@ def _factored(nq, layer: int, linear: str) -> BinaryFactoredLinear:
     for p in fl.paths:
         mid = None if p.scale_mid is None else p.scale_mid.astype(np.float32)
         u, v = unpack_signs(p.u_signs, p.rank), unpack_signs(p.v_signs, fl.n)
-        paths.append(BinaryPath(torch.from_numpy(u), torch.from_numpy(v), p.scale_in.astype(np.float32),
+        paths.append(TrainablePath(torch.from_numpy(u), torch.from_numpy(v), p.scale_in.astype(np.float32),
                                 p.scale_out.astype(np.float32), mid, frozen=True))
     return BinaryFactoredLinear(paths, None if fl.bias is None else torch.from_numpy(fl.bias.astype(np.float32)))
 

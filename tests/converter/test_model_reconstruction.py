@@ -1,7 +1,7 @@
 """The teacher's top-k cache and the coarsened KL against float64 references on random logits."""
 import torch
 
-from converter.model_recon import coarse_kl, next_token_ce, teacher_cache
+from converter.model_reconstruction import coarse_kl, next_token_ce, teacher_cache
 
 
 def _head(weight: torch.Tensor):
