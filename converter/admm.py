@@ -1,6 +1,6 @@
 """LB-ADMM: initial binary factors of one weight matrix, W ≈ diag(scale_out)·U·V·diag(scale_in), U, V ∈ {±1}.
 
-The method of nanoquant.md §1.5 (scheduled penalty ρ, ridge λ, SVID projection, scaled duals), with three deliberate
+The paper's LB-ADMM (scheduled penalty ρ, ridge λ, SVID projection, scaled duals), with three deliberate
 departures from the official code, each because the official choice loses accuracy on a CPU in float32:
 - the whole state is float32 (the official one is BF16) and the SVID power iteration starts from ones, not a random
   vector (|M| is non-negative, so its Perron vector is positive and ones converges to it; no RNG needed);
@@ -56,8 +56,8 @@ _ONE = torch.ones(())
 
 def sign(x: torch.Tensor) -> torch.Tensor:
     """±1 float32 with sign(0) = +1 for either zero, the file's convention. Adding +0.0 turns −0.0 into +0.0, so one
-    copysign gives the convention; it runs 5–10× faster than torch.where with scalars, which matters because the
-    refinement takes the sign of every latent at every step."""
+    copysign gives the convention, much faster than torch.where with scalars, which matters because the refinement
+    takes the sign of every latent at every step."""
     return torch.copysign(_ONE, x + 0.0).to(torch.float32)
 
 

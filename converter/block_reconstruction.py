@@ -1,12 +1,13 @@
-"""The per-block stages: error-propagation mitigation, LB-ADMM initialisation, refinement with the STE, sign freezing.
+"""The per-block stages (the paper's block reconstruction, spec/CONVERTER.md stage 3): error-propagation mitigation,
+LB-ADMM initialisation, refinement with the STE, sign freezing.
 
 Every stage trains against the full-precision block's outputs on the full-precision trajectory (the targets) while
 feeding the block the *quantized* trajectory (the outputs of the already-quantized blocks before it), so each block
-also absorbs the error its predecessors left (nanoquant.md §1.3). The loss is a channel-weighted MSE, weights from
-the output-gradient second moments (preconditioners.py); optionally the last blocks' is the KL of the next-token
-distributions instead, read through the full-precision blocks after them and the head (`output_kl`). Randomness
-(batch order, ADMM init) comes from generators seeded by (seed, layer, stage), so a resumed run replays exactly what
-an uninterrupted one does.
+also absorbs the error its predecessors left. The loss is a channel-weighted MSE, weights from the output-gradient
+second moments (preconditioners.py); the last `kl_blocks` blocks' is the KL of the next-token distributions instead,
+read through the full-precision blocks after them and the head (`output_kl`). Randomness (batch order, ADMM init)
+comes from generators seeded by (seed, layer, stage), so a resumed run replays exactly what an uninterrupted one
+does.
 """
 from __future__ import annotations
 
@@ -44,8 +45,8 @@ def stage_seed(seed: int, layer: int, stage: int) -> int:
 
 def native_bf16() -> bool:
     """Whether this CPU multiplies bfloat16 natively (AVX512-BF16 or AMX). There a bfloat16 matmul of a block's
-    shapes runs 4–5× faster than float32 (a 2.6 GHz EPYC: 2048×576×1536 in 4.2 against 20.6 ms); elsewhere
-    oneDNN emulates it, slower than float32, so the teacher stays float32 (also on a torch too old to say)."""
+    shapes runs several times faster than float32; elsewhere oneDNN emulates it, slower than float32, so the teacher
+    stays float32 (also on a torch too old to say). Spec: CONVERTER.md, stage 3, "The teacher's precision"."""
     capabilities = getattr(torch.cpu, "get_capabilities", None)
     if capabilities is None:
         return False
@@ -62,9 +63,9 @@ def bf16_autocast(enabled: bool) -> torch.autocast:
 def block_outputs(block: nn.Module, inputs: torch.Tensor, batch: int, bf16: bool = False) -> torch.Tensor:
     """block(inputs) in float32, computed `batch` windows at a time; with `bf16`, the matmuls run in bfloat16.
 
-    Only the full-precision teacher's forward passes use `bf16`: SmolLM2-135M's perplexity on the 40 test windows
-    moves 21.0204 → 21.0331 (+0.06%) under it, and a block's forward over 64 windows takes 0.36 s against 0.75 s.
-    The student always computes in float32 (bfloat16 tuning cost 1.7–8% in quality, spec/CONVERTER.md)."""
+    Only the full-precision teacher's forward passes use `bf16`: it barely moves the teacher's perplexity and halves
+    their time, while bfloat16 in the tuned student costs quality (spec/CONVERTER.md, stage 3, "The teacher's
+    precision", and "Tried and not adopted")."""
     with bf16_autocast(bf16):
         return torch.cat([block(inputs[i:i + batch]).float() for i in range(0, inputs.shape[0], batch)])
 
@@ -88,11 +89,9 @@ def output_kl(readout: Callable[[torch.Tensor], torch.Tensor], targets: torch.Te
     (the full-precision blocks after this one, if any, then the final norm and head): the teacher's from the
     full-precision block outputs, the student's from the tuned block's. A late block's output reaches the logits
     through nothing but that readout, so there the loss the model is judged by can be computed exactly, where the
-    channel weights only approximate it: with every other block at full precision, quick's last block costs 1.42×
-    perplexity under the MSE (bench/results/block-sensitivity.jsonl), the most of any block after the first.
-    With `bf16` both readouts run their matmuls in bfloat16 (the readout is frozen, like the teacher; the tuned
-    block stays float32): quick's last block alone scored 23.47 against 23.68 with a float32 student readout, and
-    its KL overhead fell 176 → 146 s (bench/block_probe.py, block-probe.jsonl)."""
+    channel weights only approximate it. With `bf16` both readouts run their matmuls in bfloat16 (the readout is
+    frozen, like the teacher; the tuned block stays float32), which is faster and measured no worse
+    (spec/CONVERTER.md, stage 3, "the last blocks' objective")."""
     def loss(pred: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
         with bf16_autocast(bf16):
             with torch.no_grad():
@@ -145,7 +144,7 @@ def mitigate_errors(block: DecoderBlock, inputs: torch.Tensor, objective: Object
 
 
 def block_ranks(config, bits: float) -> dict[str, int]:
-    """Rank of each decoder linear for a bits target (clarifications §3)."""
+    """Rank of each decoder linear for a bits target (spec/FORMAT.md §4)."""
     return {lin: rank_for_bits(*config.linear_shape(lin), bits) for lin in K.LINEARS}
 
 

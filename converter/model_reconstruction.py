@@ -1,6 +1,6 @@
 """Model reconstruction: tune only the scales so the quantized model's next-token distribution matches the teacher's.
 
-The teacher's logits are never kept for the whole vocabulary (the official cache needs 16–137 GB, nanoquant.md §1.7).
+The teacher's logits are never kept for the whole vocabulary (tens of GB for a 7B model's calibration set).
 For every calibration token we keep the teacher's top-k log-probabilities and their ids, and the tail mass
 1 − Σ top-k as one extra bucket. The loss is the exact KL divergence between the two distributions coarsened to
 those k + 1 outcomes, KL(p̄_T ‖ p̄_S) = Σ_top p_T (log p_T − log p_S) + p_T,tail (log p_T,tail − log p_S,tail), where
@@ -77,9 +77,9 @@ def coarse_kl(logp_s: torch.Tensor, logp_t: torch.Tensor, ids: torch.Tensor, log
     the student's full-vocabulary log-probabilities (taken once per step and shared with `next_token_ce`).
 
     The student's tail is 1 − its top-k mass, taken from the k gathered log-probs: a log-sum-exp over the masked
-    vocabulary gives the same value with two more full-vocabulary passes forward and three backward (512-window
-    distillation probe: 591 → 561 s, same perplexity to 4 digits). Its float32 error is ~1e-7 absolute in the tail
-    mass, which only matters where the teacher's own tail, the term's weight, is as small."""
+    vocabulary gives the same value with two more full-vocabulary passes forward and three backward. Its float32
+    error is ~1e-7 absolute in the tail mass, which only matters where the teacher's own tail, the term's weight, is
+    as small."""
     top_s = logp_s.gather(-1, ids.long())
     tail_s = _log_tail(top_s)
     p_t = logp_t.exp()

@@ -21,7 +21,8 @@ import os
 import resource
 import shutil
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -30,17 +31,29 @@ import torch
 
 from nqfmt import NQWriter, Provenance
 from nqfmt import keys as K
-from nqfmt.errors import NQError
 from nqfmt.bits import max_single_path_bits, path_bits
+from nqfmt.errors import NQError
 
 from . import block_reconstruction as B
 from .admm import AdmmSettings
-from .calibration import CalibrationError, calibration_windows, default_calibration_text, windows_sha256
+from .calibration import (
+    CalibrationError,
+    calibration_windows,
+    default_calibration_text,
+    windows_sha256,
+)
 from .factored import BinaryFactoredLinear
+from .model_reconstruction import (
+    TOP_K,
+    TeacherCache,
+    reconstruct,
+    scale_parameters,
+    teacher_cache,
+)
 from .preconditioners import LayerPreconditioners, collect_preconditioners
-from .torch_model import DecoderBlock, TorchModel
-from .model_reconstruction import TOP_K, TeacherCache, reconstruct, teacher_cache
 from .progress import Reporter, SilentReporter
+from .sources import Source, open_source
+from .torch_model import DecoderBlock, TorchModel
 
 CONVERTER_VERSION = "0.1.0"
 MIN_BITS = 0.5
@@ -80,8 +93,8 @@ class Recipe:
     @property
     def windows(self) -> int:
         """Calibration windows to draw: the block stage tunes on the first `samples`; distillation may use more
-        distinct windows (measured: 256 windows × 1 epoch beat 128 × 2), whose full-precision trajectory is carried
-        through the blocks as the teacher's input."""
+        distinct windows (distinct windows beat passes over the same ones: spec/CONVERTER.md, stage 4), whose
+        full-precision trajectory is carried through the blocks as the teacher's input."""
         return max(self.samples, self.recon_samples) if self.model_recon else self.samples
 
     def distilled(self, rows: torch.Tensor) -> torch.Tensor:
@@ -89,32 +102,13 @@ class Recipe:
         return rows[:self.recon_samples]
 
 
+# The two recipes, each the best measured within its time budget on a 2-core CPU for SmolLM2-135M (quick: 30 min,
+# standard: 2 h). Why each setting has its value, and what was tried instead: spec/CONVERTER.md, "Presets".
 PRESETS: dict[str, Recipe] = {
-    # 24.2 min for SmolLM2-135M on an idle 2-core machine, 4.33× FP ppl. Measured piecewise first: the blocks with
-    # 4 refinement epochs and no distillation take 954 s (8.08×); distillation from them on 512 distinct windows
-    # × 1 epoch takes 473 s and reaches 4.35× (256 × 1: 4.65×, 128 × 2: 5.09× — distinct windows beat passes
-    # over the same ones). Block stage: with the first 4 blocks quantized (rest FP, ppl on 4 test windows, FP 20.56),
-    # refinement epochs at batch 4 gave 1: 64.7, 2: 47.6, 4: 37.4, 8: 33.1. Distillation lr (128 × 2): 2e-3 →
-    # 5.19×, 5e-3 → 5.09×, 2e-2 → 5.79×. ADMM iterations beyond ~60 buy little (100 → 200: −3%,
-    # clarifications §10). On a slower 2.6 GHz EPYC host: 28.6 min, 4.38×; 26.6 min with the bfloat16 teacher;
-    # with the text's cross-entropy added to the distillation loss: 26.9 min, 4.22×.
     "quick": Recipe(samples=128, seqlen=256, stat_samples=32, shrinkage=0.4, admm=AdmmSettings(iterations=60),
                     mitigation=B.TuneSettings(epochs=1, batch=4, lr=1e-4, scale_lr=0.0),
                     refinement=B.TuneSettings(epochs=4, batch=2, lr=3e-2, scale_lr=2e-2),
                     recon_samples=512, recon_epochs=1, recon_batch=1, recon_lr=5e-3, recon_ce=1.0, teacher_bf16=True),
-    # Four times quick's block-stage windows, 3 refinement epochs (the 768 steps per block of the previous standard,
-    # 256 windows × 6), 100 ADMM iterations, distillation on 2000 distinct windows (of the 2009 the default text
-    # holds). bench/block_probe.py (first 4 blocks, 4 test windows, FP 20.56): 256 × 6 31.13, 384 × 6 30.26,
-    # 512 × 4 30.12 — distinct windows again beat repeats, but 512 × 4 with this distillation would overrun the
-    # 2-hour budget. On the 2.6 GHz EPYC host, bfloat16 teacher: 86.7 min idle, 3.57× FP ppl with the CE term
-    # (3.70× with the KL alone; bar 3.5×), peak RSS 6.0 GB. With --scale-mid: 3.69× against 3.70× (KL alone), no
-    # real gain for its 0.0087 bpw, so scale_mid stays off (spec/CONVERTER.md, "Tried and not adopted"). The text
-    # holds no more distinct windows; spending the 33 min left of the budget on 1.75 passes over them gave 3.54× in
-    # 115.7 min (−0.8% for +29 min, 4 min short of the bar), too little for too thin a margin: one pass stays.
-    # Tuning the last block on the output KL (kl_blocks=1): 73.70 = 3.506× in 98.0 min. Then (probes, each block
-    # alone quantized, 4 test windows): block 28 on the KL through full-precision block 29 22.56 → 22.16, and a
-    # top-512 teacher cache 4.35× → 4.32× on quick's distillation probe; with both (kl_blocks=2, top_k=512) and the
-    # KL's readout in bfloat16: 73.00 = 3.473× in 106.1 min, peak RSS 5.31 GB.
     "standard": Recipe(samples=512, seqlen=256, stat_samples=64, shrinkage=0.4, admm=AdmmSettings(iterations=100),
                        mitigation=B.TuneSettings(epochs=1, batch=4, lr=1e-4, scale_lr=0.0),
                        refinement=B.TuneSettings(epochs=3, batch=2, lr=3e-2, scale_lr=2e-2),
@@ -255,7 +249,8 @@ def block_state(block: DecoderBlock) -> dict[str, dict[str, torch.Tensor]]:
         p = lin.paths[0]
         u, v = p.signs()
         state[name] = {"u": u.to(torch.int8), "v": v.to(torch.int8), "scale_in": p.scale_in.detach().clone(),
-                       "scale_out": p.scale_out.detach().clone(), "bias": None if lin.bias is None else lin.bias.clone()}
+                       "scale_out": p.scale_out.detach().clone(),
+                       "bias": None if lin.bias is None else lin.bias.clone()}
     return state
 
 
@@ -282,15 +277,41 @@ class Timer:
     def __init__(self, seconds: dict[str, float] | None = None) -> None:
         self.seconds = dict(seconds or {})
 
-    def run(self, stage: str, fn, *args, **kwargs):
+    @contextmanager
+    def stage(self, name: str) -> Iterator[None]:
         t = time.perf_counter()
         try:
-            return fn(*args, **kwargs)
+            yield
         finally:
-            self.seconds[stage] = self.seconds.get(stage, 0.0) + time.perf_counter() - t
+            self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - t
 
 
-def skeleton(source) -> TorchModel:
+@dataclass
+class Run:
+    """What every stage of one conversion reads: the source and its full-precision embedding/head (`base`), the drawn
+    calibration windows, the ranks, recipe and seed, and where checkpoints, times and progress go."""
+
+    source: Source
+    base: TorchModel
+    windows: torch.Tensor
+    ranks: dict[str, int]
+    recipe: Recipe
+    seed: int
+    work: WorkDir
+    timer: Timer
+    reporter: Reporter
+
+    def fp_block(self, layer: int) -> DecoderBlock:
+        """Block `layer` at full precision, built from the source's tensors."""
+        return DecoderBlock(self.source.config, layer, self.source.block_weights(layer))
+
+    def checkpoint(self, name: str, obj: object) -> None:
+        """Save a stage's result, then the times so far (a resumed run reports the whole run's times)."""
+        self.work.save(name, obj)
+        self.work.save("timings.pt", self.timer.seconds)
+
+
+def skeleton(source: Source) -> TorchModel:
     """Embedding, final norm and head of the source, no blocks: enough for embed() and head()."""
     c = source.config
     output = None if c.tie_embeddings else source.tensor(K.OUTPUT)
@@ -298,9 +319,7 @@ def skeleton(source) -> TorchModel:
 
 
 def convert(options: Options, reporter: Reporter | None = None) -> Summary:
-    """Run the whole conversion and commit OUT; raises ConversionError (or the source's error) on bad input."""
-    from .sources import open_source
-
+    """Run the whole conversion and commit OUT; raises an NQError on bad input."""
     reporter = reporter or SilentReporter()
     recipe = options.recipe()
     out = Path(options.out)
@@ -314,28 +333,28 @@ def convert(options: Options, reporter: Reporter | None = None) -> Summary:
         torch.set_num_threads(options.threads)
     t_start = time.perf_counter()
     timer = Timer()
-    source = timer.run("load", open_source, options.model)
+    with timer.stage("load"):
+        source = open_source(options.model)
     config = source.config
     check_bits(options.bits, config)
     ranks = B.block_ranks(config, options.bits)
 
     calib = list(options.calib) or [default_calibration_text()]
     reporter.stage("calibration", 1)
-    windows = timer.run("calibration", calibration_windows, source.hf_tokenizer(), calib, recipe.windows,
-                        recipe.seqlen, options.seed)
+    with timer.stage("calibration"):
+        windows = calibration_windows(source.hf_tokenizer(), calib, recipe.windows, recipe.seqlen, options.seed)
     calib_sha = windows_sha256(windows)
     fingerprint = hashlib.sha256(json.dumps([source.sha256, options.bits, recipe.to_json(), options.seed, calib_sha,
                                              CONVERTER_VERSION]).encode()).hexdigest()
     work = WorkDir(out, fingerprint, options.resume)
     if work.has("timings.pt"):
         timer.seconds.update({k: v for k, v in work.load("timings.pt").items() if k not in ("load", "calibration")})
-    base = skeleton(source)
+    run = Run(source, skeleton(source), windows, ranks, recipe, options.seed, work, timer, reporter)
 
-    preconditioners = _preconditioners(source, base, windows, recipe, work, timer, reporter)
-    _blocks(source, base, windows, preconditioners, ranks, recipe, options.seed, work, timer, reporter)
-    model = _assemble(source, base, work)
+    _blocks(run, _preconditioners(run))
+    model = _assemble(run)
     if recipe.model_recon:
-        _reconstruct(model, windows, recipe, options.seed, work, timer, reporter)
+        _reconstruct(run, model)
     for blk in model.blocks:
         for lin in B.factored_linears(blk):
             lin.round_scales_to_fp16()
@@ -346,7 +365,8 @@ def convert(options: Options, reporter: Reporter | None = None) -> Summary:
         bits_target=float(options.bits), bits_achieved=bpw, source_name=source.name,
         source_sha256=source.sha256, source_params=config.parameter_count(), calibration_sha256=calib_sha,
         date=now_utc())
-    timer.run("write", write_nq, out, source, model, provenance)
+    with timer.stage("write"):
+        write_nq(out, source, model, provenance)
     reporter.done()
     work.remove()
     timer.seconds["total"] = time.perf_counter() - t_start
@@ -355,28 +375,27 @@ def convert(options: Options, reporter: Reporter | None = None) -> Summary:
                    2 * config.parameter_count(), timer.seconds, peak_rss_mb(), model)
 
 
-def _preconditioners(source, base: TorchModel, windows: torch.Tensor, recipe: Recipe, work: WorkDir, timer: Timer,
-                reporter: Reporter) -> list[LayerPreconditioners]:
-    config = source.config
-    if work.has("preconditioners.pt"):
-        return work.load("preconditioners.pt")
-    reporter.stage("preconditioners", 2 * config.n_layers)
-    result = timer.run("preconditioners", collect_preconditioners, config, base,
-                       lambda i: DecoderBlock(config, i, source.block_weights(i)), windows[:recipe.stat_samples],
-                       recipe.shrinkage, recipe.forward_batch, work.path, lambda i, n: reporter.advance(i))
-    work.save("preconditioners.pt", result)
+def _preconditioners(run: Run) -> list[LayerPreconditioners]:
+    """Stage 2: every linear's preconditioners and every block's loss weights, from the first stat windows."""
+    if run.work.has("preconditioners.pt"):
+        return run.work.load("preconditioners.pt")
+    recipe, n = run.recipe, run.source.config.n_layers
+    run.reporter.stage("preconditioners", 2 * n)
+    with run.timer.stage("preconditioners"):
+        result = collect_preconditioners(run.source.config, run.base, run.fp_block, run.windows[:recipe.stat_samples],
+                                         recipe.shrinkage, recipe.forward_batch, run.work.path,
+                                         lambda i, total: run.reporter.advance(i))
+    run.checkpoint("preconditioners.pt", result)
     return result
 
 
-def _blocks(source, base: TorchModel, windows: torch.Tensor, preconditioners: list[LayerPreconditioners],
-            ranks: dict[str, int], recipe: Recipe, seed: int, work: WorkDir, timer: Timer,
-            reporter: Reporter) -> None:
-    """Quantize every block not yet checkpointed; leaves block-i.pt files and, at the end, the teacher cache.
+def _blocks(run: Run, preconditioners: list[LayerPreconditioners]) -> None:
+    """Stage 3: quantize every block not yet checkpointed; leaves block-i.pt files and, at the end, the teacher cache.
 
-    The full-precision trajectory `fp_in` runs over all `windows` (the teacher's inputs for distillation); the
+    The full-precision trajectory `fp_in` runs over all drawn windows (the teacher's inputs for distillation); the
     quantized trajectory `q_in` and the tuning only over the first `recipe.samples`."""
-    config = source.config
-    n = config.n_layers
+    recipe, work, timer, reporter = run.recipe, run.work, run.timer, run.reporter
+    n = run.source.config.n_layers
     boundary = work.load("boundary.pt") if work.has("boundary.pt") else None
     start = boundary["next"] if boundary else 0
     if start == n and (work.has("teacher.pt") or not recipe.model_recon):
@@ -384,74 +403,71 @@ def _blocks(source, base: TorchModel, windows: torch.Tensor, preconditioners: li
     if boundary:
         fp_in, q_in = boundary["fp"], boundary["q"]
     else:
-        fp_in = B.block_outputs(base.embed, windows, recipe.forward_batch)
+        fp_in = B.block_outputs(run.base.embed, run.windows, recipe.forward_batch)
         q_in = fp_in[:recipe.samples].clone()
     del boundary
     fb = recipe.forward_batch
     for layer in range(start, n):
-        blk = DecoderBlock(config, layer, source.block_weights(layer))
-        imp = preconditioners[layer]
+        blk = run.fp_block(layer)
+        pre = preconditioners[layer]
         reporter.block(layer, n)
-        targets = timer.run("targets", B.block_outputs, blk, fp_in, fb, recipe.teacher_bf16)
+        with timer.stage("targets"):
+            targets = B.block_outputs(blk, fp_in, fb, recipe.teacher_bf16)
         del fp_in
-        tune_targets = targets[:recipe.samples]
-        objective = B.block_objective(layer, n, tune_targets, imp.channel_weight, base.head,
-                                      lambda i: DecoderBlock(config, i, source.block_weights(i)), recipe.kl_blocks,
-                                      recipe.teacher_bf16)
+        objective = B.block_objective(layer, n, targets[:recipe.samples], pre.channel_weight, run.base.head,
+                                      run.fp_block, recipe.kl_blocks, recipe.teacher_bf16)
         if recipe.error_mitigation:
             reporter.stage("error mitigation", 0)
-            timer.run("error mitigation", B.mitigate_errors, blk, q_in, objective, recipe.mitigation,
-                      B.stage_seed(seed, layer, 1), reporter.update)
+            with timer.stage("error mitigation"):
+                B.mitigate_errors(blk, q_in, objective, recipe.mitigation, B.stage_seed(run.seed, layer, 1),
+                                  reporter.update)
         reporter.stage("LB-ADMM", len(K.LINEARS))
-        timer.run("admm", B.factorize, blk, ranks, imp, recipe.admm, seed, lambda i, k: reporter.advance(i))
+        with timer.stage("admm"):
+            B.factorize(blk, run.ranks, pre, recipe.admm, run.seed, lambda i, k: reporter.advance(i))
         if recipe.refine:
             reporter.stage("refinement", 0)
-            timer.run("refinement", B.refine, blk, q_in, objective, recipe.refinement,
-                      B.stage_seed(seed, layer, 2), reporter.update)
+            with timer.stage("refinement"):
+                B.refine(blk, q_in, objective, recipe.refinement, B.stage_seed(run.seed, layer, 2), reporter.update)
         B.freeze(blk)
-        q_out = timer.run("forward", B.block_outputs, blk, q_in, fb)
+        with timer.stage("forward"):
+            q_out = B.block_outputs(blk, q_in, fb)
         fp_in, q_in = targets, q_out
         work.save(f"block-{layer:03d}.pt", block_state(blk))
-        work.save("boundary.pt", {"next": layer + 1, "fp": fp_in, "q": q_in})  # after the block file: commits it
-        work.save("timings.pt", timer.seconds)
+        run.checkpoint("boundary.pt", {"next": layer + 1, "fp": fp_in, "q": q_in})  # after the block: commits it
         del blk
     reporter.block(n, n)
     if recipe.model_recon:
         reporter.stage("teacher cache", 1)
-        cache = timer.run("teacher cache", teacher_cache, base.head, recipe.distilled(fp_in), recipe.top_k, 1,
-                          recipe.teacher_bf16)
-        work.save("teacher.pt", cache)
-        work.save("timings.pt", timer.seconds)
+        with timer.stage("teacher cache"):
+            cache = teacher_cache(run.base.head, recipe.distilled(fp_in), recipe.top_k, 1, recipe.teacher_bf16)
+        run.checkpoint("teacher.pt", cache)
 
 
-def _assemble(source, base: TorchModel, work: WorkDir) -> TorchModel:
+def _assemble(run: Run) -> TorchModel:
     """The quantized model from the block checkpoints, with the embedding/head rounded to what the file stores."""
-    config = source.config
-    blocks = [quantized_block(config, i, block_norms(source, i), work.load(f"block-{i:03d}.pt"))
+    config, base = run.source.config, run.base
+    blocks = [quantized_block(config, i, block_norms(run.source, i), run.work.load(f"block-{i:03d}.pt"))
               for i in range(config.n_layers)]
     embd = base.token_embd.detach().to(torch.float16).to(torch.float32)
     output = None if base.output is None else base.output.detach().to(torch.float16).to(torch.float32)
     return TorchModel(config, embd, blocks, base.output_norm.weight.detach(), output)
 
 
-def _reconstruct(model: TorchModel, windows: torch.Tensor, recipe: Recipe, seed: int, work: WorkDir, timer: Timer,
-                 reporter: Reporter) -> None:
-    """Scale-only KL distillation; its result (all scales) is checkpointed as one file."""
-    from .model_reconstruction import scale_parameters
-
+def _reconstruct(run: Run, model: TorchModel) -> None:
+    """Stage 4: scale-only distillation of the assembled model; its result (all scales) is checkpointed as one file."""
+    recipe = run.recipe
     scales = scale_parameters(model)
-    if work.has("recon.pt"):
-        saved = work.load("recon.pt")
+    if run.work.has("recon.pt"):
+        saved = run.work.load("recon.pt")
     else:
-        cache: TeacherCache = work.load("teacher.pt")
-        reporter.stage("model reconstruction", 0)
-        timer.run("model reconstruction", reconstruct, model, recipe.distilled(windows),
-                  cache, recipe.recon_epochs,
-                  recipe.recon_batch, recipe.recon_lr, B.stage_seed(seed, 10_000, 3),
-                  reporter.update, ce_weight=recipe.recon_ce)
+        cache: TeacherCache = run.work.load("teacher.pt")
+        run.reporter.stage("model reconstruction", 0)
+        with run.timer.stage("model reconstruction"):
+            reconstruct(model, recipe.distilled(run.windows), cache, recipe.recon_epochs, recipe.recon_batch,
+                        recipe.recon_lr, B.stage_seed(run.seed, 10_000, 3), run.reporter.update,
+                        ce_weight=recipe.recon_ce)
         saved = [s.detach().clone() for s in scales]
-        work.save("recon.pt", saved)
-        work.save("timings.pt", timer.seconds)
+        run.checkpoint("recon.pt", saved)
     with torch.no_grad():
         for s, v in zip(scales, saved):
             s.copy_(v)

@@ -1,9 +1,9 @@
 """Diagonal Fisher preconditioners: input-side activation and output-side gradient second moments of every linear.
 
 For each decoder linear, d_in[j] = sqrt(E[x̃_j²]) over its inputs and d_out[i] = sqrt(E[g̃_i²]) over the gradients of
-the next-token loss with respect to its outputs (nanoquant.md §1.2), with each token vector clipped to the 99.9th
-percentile of token norms (per batch of stat windows, so that a batch of 2048 tokens clips its 2 largest, as the
-official code does per 2048-token sample), then shrunk toward the mean: v ← (1−γ)v + γ·mean(v).
+the next-token loss with respect to its outputs (the paper's preconditioners), with each token vector clipped to the
+99.9th percentile of token norms (per batch of stat windows, so that a batch of 2048 tokens clips its 2 largest, as
+the official code does per 2048-token sample), then shrunk toward the mean: v ← (1−γ)v + γ·mean(v).
 
 The whole model's autograd graph is never built: one forward pass stores the hidden states at every block boundary
 for the (few) statistics windows, the loss gradient is taken at the head, and the gradient is carried back one block

@@ -23,8 +23,8 @@ import numpy as np
 import torch
 from tokenizers import Tokenizer
 
-from nqfmt import ModelConfig, NQError, NQFormatError, TokenizerInfo
 from nqdata import cache_dir
+from nqfmt import ModelConfig, NQError, NQFormatError, TokenizerInfo
 from nqfmt import keys as K
 
 DEFAULT_MODEL = "smollm2-135m"
@@ -539,7 +539,7 @@ class GGUFSource(Source):
         return [self.path]
 
     def _tokenizer_info(self) -> TokenizerInfo:
-        """The tokenizer.json transformers builds from this file's metadata (clarifications §8)."""
+        """The tokenizer.json transformers builds from this file's metadata (spec/EVALUATION.md §5)."""
         from transformers import AutoTokenizer
         from transformers.utils import logging as hf_logging
 

@@ -1,4 +1,4 @@
-"""Ranks from a bits-per-weight target, and the two bits-per-weight counts of the spec (clarifications §3)."""
+"""Ranks from a bits-per-weight target, and the two bits-per-weight counts of the spec (spec/FORMAT.md §4)."""
 from __future__ import annotations
 
 SCALE_BITS = 16

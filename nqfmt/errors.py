@@ -17,7 +17,8 @@ class NQError(Exception):
 
 
 class NQFormatError(NQError):
-    """A `.nq` file (or a plan to write one) breaks the format: the message names the key or tensor and what is wrong."""
+    """A `.nq` file (or a plan to write one) breaks the format: the message names the key or tensor and what is
+    wrong."""
 
 
 def one_line(error: BaseException) -> str:

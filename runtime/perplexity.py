@@ -1,4 +1,4 @@
-"""Perplexity on a text, the project's protocol (clarifications §7): the whole text tokenized once with no BOS,
+"""Perplexity on a text, the project's protocol (spec/EVALUATION.md §2): the whole text tokenized once with no BOS,
 cut into non-overlapping windows of `ctx` tokens, the first `windows` of them, mean cross-entropy over the
 ctx − 1 shifted tokens of each window."""
 from __future__ import annotations

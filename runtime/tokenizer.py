@@ -1,5 +1,5 @@
 """Text ↔ token ids with the file's embedded Hugging Face `tokenizer.json`, through the `tokenizers` library: the
-exact tokenizer the model was trained with, no reimplementation (clarifications §8)."""
+exact tokenizer the model was trained with, no reimplementation (spec/EVALUATION.md §5)."""
 from __future__ import annotations
 
 from nqfmt import TokenizerInfo

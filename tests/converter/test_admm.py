@@ -78,7 +78,7 @@ def test_rank_rule_exact():
                     (4096, 4096, 1.0), (11008, 4096, 0.55)):
         r = int(np.floor((b * m * n / (m + n) - 16) / 32) * 32)
         assert rank_for_bits(m, n, b) == min(max(r, 32), min(m, n))
-    # SmolLM2-135M at 1.0: q/o 256, k/v 128, gate/up/down 384 (clarifications §3), 0.9557 over the decoder linears
+    # SmolLM2-135M at 1.0: q/o 256, k/v 128, gate/up/down 384 (spec/FORMAT.md §4), 0.9557 over the decoder linears
     shapes = [(576, 576)] * 2 + [(192, 576)] * 2 + [(1536, 576)] * 2 + [(576, 1536)]
     ranks = [rank_for_bits(m, n, 1.0) for m, n in shapes]
     assert ranks == [256, 256, 128, 128, 384, 384, 384]
