@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 import numpy as np
-from nqfmt.keys import GGMLType as GT
+from nqfmt.keys import GGMLType
 
 from nqfmt import FactoredLinear, ModelConfig, NQFormatError
 
@@ -135,7 +135,7 @@ class DeviceTable:
     """An embedding / head table as stored (rows of bytes) and the tables.cuh reader for its type."""
 
     data: Any  # (vocab, row_bytes) uint8
-    gtype: GT
+    gtype: GGMLType
     vocab: int
     hidden: int
     reader: str
@@ -212,7 +212,7 @@ class CudaBackend(Backend):
             self._xb = self.xp.zeros(self._xb_words, np.uint32)
             self._hb = self.xp.zeros(self._hb_words, np.uint32)
 
-    def prepare_embedding(self, table: np.ndarray, gtype: GT, hidden: int) -> DeviceTable:
+    def prepare_embedding(self, table: np.ndarray, gtype: GGMLType, hidden: int) -> DeviceTable:
         try:
             reader, block = kernels.table_reader(gtype, hidden)
         except KeyError as e:

@@ -12,17 +12,17 @@ import re
 from functools import cache
 from pathlib import Path
 
-from nqfmt.keys import GGMLType as GT
+from nqfmt.keys import GGMLType
 
 FILES = ("common.cuh", "tables.cuh", "binary.cu", "layers.cu", "attention.cu", "head.cu")
 OPTIONS = ("-std=c++17",)
 
 # Row readers of tables.cuh per storage type, each with the elements it reads at once; the first whose count
 # divides the hidden size is used.
-TABLE_READERS: dict[GT, tuple[tuple[str, int], ...]] = {
-    GT.F16: (("F16x8", 8), ("F16x1", 1)),
-    GT.F32: (("F32x4", 4), ("F32x1", 1)),
-    GT.Q8_0: (("Q8_0", 32),),
+TABLE_READERS: dict[GGMLType, tuple[tuple[str, int], ...]] = {
+    GGMLType.F16: (("F16x8", 8), ("F16x1", 1)),
+    GGMLType.F32: (("F32x4", 4), ("F32x1", 1)),
+    GGMLType.Q8_0: (("Q8_0", 32),),
 }
 
 _PLAIN_KERNELS = ("repack_signs", "binary_gemv", "binary_gemm", "rms_norm", "rope_table", "rope", "kv_store",
@@ -42,7 +42,7 @@ def name_expressions() -> tuple[str, ...]:
     return _PLAIN_KERNELS + tuple(f"embed<{r}>" for r in readers) + tuple(f"head<{r}>" for r in readers)
 
 
-def table_reader(gtype: GT, hidden: int) -> tuple[str, int]:
+def table_reader(gtype: GGMLType, hidden: int) -> tuple[str, int]:
     """The reader (name, elements per read) for a table of `gtype` rows of `hidden` values."""
     for name, block in TABLE_READERS.get(gtype, ()):
         if hidden % block == 0:

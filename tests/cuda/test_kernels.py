@@ -7,7 +7,7 @@ import dataclasses
 
 import numpy as np
 import pytest
-from gguf import GGMLQuantizationType as GT
+from nqfmt.keys import GGMLType
 from gguf.quants import quantize
 
 from nqfmt import BinaryPath, FactoredLinear, pack_signs, unpack_signs
@@ -157,13 +157,13 @@ def test_glu(backend, activation):
     assert close(host(backend, out), REF.glu(gate, up, activation))
 
 
-@pytest.mark.parametrize("gtype,hidden", [(GT.F16, 96), (GT.F16, 75), (GT.F32, 96), (GT.F32, 75), (GT.Q8_0, 96)])
+@pytest.mark.parametrize("gtype,hidden", [(GGMLType.F16, 96), (GGMLType.F16, 75), (GGMLType.F32, 96), (GGMLType.F32, 75), (GGMLType.Q8_0, 96)])
 def test_embedding_and_head(backend, gtype, hidden):
     rng = np.random.default_rng(5)
     vocab = 203
     values = rng.standard_normal((vocab, hidden)).astype(np.float32)
-    table = (quantize(values, GT.Q8_0) if gtype == GT.Q8_0 else
-             values.astype(np.float16 if gtype == GT.F16 else np.float32))
+    table = (quantize(values, GGMLType.Q8_0) if gtype == GGMLType.Q8_0 else
+             values.astype(np.float16 if gtype == GGMLType.F16 else np.float32))
     tb, tr = backend.prepare_embedding(table, gtype, hidden), REF.prepare_embedding(table, gtype, hidden)
     ids = rng.integers(0, vocab, 11)
     out = poisoned(backend, (11, hidden))
