@@ -378,6 +378,7 @@ class GraphDecoder:
         self.counter = xp.zeros(1, np.int32)
         self.top_val, self.top_idx = xp.zeros(TOPK, f), xp.zeros(TOPK, np.int32)
         self.penalty = 1.0
+        self._scratch = (be._xb, be._hb)  # captured graphs hold these pointers: keep them alive
         self._graphs: dict[str, Callable[[], None]] = {}
         self._ran: set[str] = set()
 

@@ -15,7 +15,7 @@ from pathlib import Path
 from nqfmt.keys import GGMLType
 
 FILES = ("common.cuh", "tables.cuh", "binary.cu", "layers.cu", "attention.cu", "head.cu")
-OPTIONS = ("-std=c++17",)
+OPTIONS: tuple[str, ...] = ()  # NVRTC 12 compiles C++17 by default; CuPy adds the architecture
 
 # Row readers of tables.cuh per storage type, each with the elements it reads at once; the first whose count
 # divides the hidden size is used.

@@ -94,9 +94,9 @@ __device__ __forceinline__ void wait_phase(int* counters, int phase, int blocks)
 // Marks this block's phase finished; the block that finishes the last phase last resets every counter (all
 // blocks have drawn their tickets and passed their waits by then), so the next launch starts from zero.
 __device__ __forceinline__ void finish_phase(int* counters, int phase, int phases, int phase_blocks) {
+    __threadfence();  // every thread's writes of this phase are visible device-wide before the count
     __syncthreads();
     if (threadIdx.x == 0) {
-        __threadfence();
         int done = atomicAdd(&counters[1 + phase], 1);
         if (phase == phases - 1 && done == phase_blocks - 1) {
             for (int i = 0; i <= phases; ++i) counters[i] = 0;
@@ -106,9 +106,9 @@ __device__ __forceinline__ void finish_phase(int* counters, int phase, int phase
 
 // True in the block that finishes last (one counter, reset by that block): the threadfence reduction pattern.
 __device__ __forceinline__ bool last_block(int* counter, int* shared_flag) {
+    __threadfence();
     __syncthreads();
     if (threadIdx.x == 0) {
-        __threadfence();
         int done = atomicAdd(counter, 1);
         *shared_flag = done == (int)gridDim.x - 1;
         if (*shared_flag) *counter = 0;
