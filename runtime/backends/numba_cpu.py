@@ -45,12 +45,12 @@ DEFAULT_MAX_THREADS = 4
 # Below these sizes a thread launch costs more than it saves. Passive waiting makes each parallel region wake a
 # sleeping thread: on SmolLM2-135M (gate/up/down 99 K sign bytes, q/o 36 K, k/v 12 K) parallel decode linears made
 # 2-thread decode 40% slower than 1 thread on an idle 2-core machine, so one-token linears stay serial up to 8× that
-# size; the head (28 M weights), prefill (parallel over tokens) and long attention still use the threads.
+# size; the head (28 M weights), prefill (parallel over groups of tokens) and long attention still use the threads.
 PARALLEL_MIN_LOOKUPS = 800 * 1024  # sign bytes of one decode path
 PARALLEL_MIN_ATTENTION = 4096  # query × key pairs (× heads) of one attention call
-# A few tokens at once (a batched decoding step) share each sign byte across LANES tokens' tables
-# (binary_path_lanes): serial, since one task covers them all. Longer runs (prefill) go one token per task.
-LANES_MAX_TOKENS = 2 * nk.LANES
+# Several tokens (a batched decoding step, a prefill) go through binary_path_lanes, LANES tokens per task; up to
+# LANES tokens that is one task, run serially. The head's several-token kernel is for a batched step's few rows.
+HEAD_DOTS_MAX_TOKENS = 2 * nk.DOT_TOKENS
 
 
 @dataclass(frozen=True)
@@ -171,7 +171,7 @@ class NumbaBackend(Backend):
             y = y.reshape(1, w.m)
         else:
             y = np.empty((t, w.m), np.float32)
-            kernel = nk.SERIAL.binary_path_lanes if t <= LANES_MAX_TOKENS else self.rows.binary_path_batch
+            kernel = (nk.SERIAL if t <= nk.LANES else self.rows).binary_path_lanes
             for i, p in enumerate(w.paths):
                 kernel(x, p.s_in, p.v_bytes, p.s_mid, p.u_bytes, p.s_out, y, i > 0)
         if w.bias is not None:
@@ -211,7 +211,7 @@ class NumbaBackend(Backend):
         x = np.ascontiguousarray(x, dtype=np.float32)
         out = np.empty((x.shape[0], table.data.shape[0]), np.float32)
         if table.gtype == GT.F16:
-            dots = nk.DOT_TOKENS // 2 <= x.shape[0] <= LANES_MAX_TOKENS
+            dots = nk.DOT_TOKENS // 2 <= x.shape[0] <= HEAD_DOTS_MAX_TOKENS
             (self.rows.head_f16_dots if dots else self.rows.head_f16)(table.data, x, out)
         elif table.gtype == GT.Q8_0:
             self.rows.head_q8(table.data, table.qs, x, out)

@@ -5,10 +5,10 @@ Binary linears use 8-bit lookup tables (LUT-8): for every 8 inputs, a 256-entry 
 multiply-adds. This is exact float32 arithmetic (only the summation order differs from a dot product). Bit j of
 sign byte b is column 8b+j (bit 1 = −1), which is exactly the file's uint32 words viewed as little-endian bytes.
 
-A batched decoding step runs a few tokens through each linear at once (binary_path_lanes): the tables then hold
-LANES tokens' sums side by side, so one sign byte selects a vector of LANES sums and is read once for all of them.
-Numba's loops do not keep such a vector (or the head's per-token dot products) in registers, so the inner loops
-are small LLVM intrinsics (lanes_*, dot_tokens), like the F16 widening below.
+Several tokens (a batched decoding step, a prefill) go through a linear together (binary_path_lanes): the tables
+then hold LANES tokens' sums side by side, so one sign byte selects a vector of LANES sums and is read once for all
+of them. Numba's loops do not keep such a vector (or the head's per-token dot products) in registers, so the inner
+loops are small LLVM intrinsics (lanes_*, dot_tokens), like the F16 widening below.
 
 Numba has no float16 on the CPU: F16 tables are read as uint16 and widened in-kernel by `f16_bits_to_f32`, an LLVM
 `fpext half` that LLVM vectorizes (vcvtph2ps with F16C).
@@ -426,21 +426,9 @@ def _kernels(parallel: bool) -> SimpleNamespace:
     loop = prange if parallel else range
 
     @njit(parallel=parallel, **_OPTS)
-    def binary_path_batch(x, s_in, v_bytes, s_mid, u_bytes, s_out, y, accumulate):
-        """The same product for T tokens (prefill): one token per task, each through the serial one-token kernel
-        with its own scratch (lookup tables are per input vector, so tokens share nothing but the sign rows)."""
-        t_all = x.shape[0]
-        nb = max(v_bytes.shape[1], u_bytes.shape[1])
-        for t in loop(t_all):
-            xs = np.empty(8 * nb, dtype=np.float32)
-            tab = np.empty(256 * nb, dtype=np.float32)
-            h = np.empty(8 * nb, dtype=np.float32)
-            _decode_serial(x[t], s_in, v_bytes, s_mid, u_bytes, s_out, xs, tab, h, y[t], accumulate)
-
-    @njit(parallel=parallel, **_OPTS)
     def binary_path_lanes(x, s_in, v_bytes, s_mid, u_bytes, s_out, y, accumulate):
-        """The same product for a few tokens (a batched decoding step): LANES tokens per task, each sign byte
-        read once for all of them (see _lane_products)."""
+        """The same product for several tokens (a batched decoding step, a prefill): LANES tokens per task, each
+        sign byte read once for all of them (see _lane_products)."""
         for c in loop((x.shape[0] + LANES - 1) // LANES):
             _binary_path_lanes(x, c * LANES, s_in, v_bytes, s_mid, u_bytes, s_out, y, accumulate)
 
@@ -568,7 +556,7 @@ def _kernels(parallel: bool) -> SimpleNamespace:
 
     return SimpleNamespace(binary_path_decode=_decode_serial if not parallel else _decode_kernel(True),
                            binary_path_decode_int8=binary_path_decode_int8,
-                           binary_path_batch=binary_path_batch, binary_path_lanes=binary_path_lanes,
+                           binary_path_lanes=binary_path_lanes,
                            attention=attention, head_f16=head_f16, head_f16_dots=head_f16_dots, head_f32=head_f32,
                            head_q8=head_q8)
 

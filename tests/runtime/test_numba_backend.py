@@ -142,5 +142,5 @@ def test_kernel_cache_falls_back_to_the_user_cache_dir(monkeypatch, tmp_path):
 
 def test_kernels_are_cached_on_disk():
     from runtime.backends import numba_kernels as nk
-    for kernel in (nk.rms_norm, nk.SERIAL.binary_path_decode, nk.PARALLEL.head_f16, nk.SERIAL.binary_path_batch):
+    for kernel in (nk.rms_norm, nk.SERIAL.binary_path_decode, nk.PARALLEL.head_f16, nk.SERIAL.binary_path_lanes):
         assert kernel._cache.__class__.__name__ == "FunctionCache"
