@@ -23,6 +23,7 @@ with a StaticCache of prompt + max(new tokens), greedy; decode time = t(N tokens
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import platform
@@ -39,6 +40,7 @@ import numpy as np
 from nqfmt import BinaryPath, FactoredLinear, ModelConfig, rank_for_bits
 from nqfmt import keys as K
 from nqfmt.keys import GGMLType
+from runtime.kernels import constants
 from runtime.model import Block, Model, rope_inv_freq
 
 RESULTS = Path(__file__).parent / "results"
@@ -55,6 +57,7 @@ MODELS = {
 TINY = dict(arch="qwen2", n_layers=2, hidden=72, n_heads=3, n_kv_heads=1, head_dim=24, ffn=100, vocab=91,
             context_length=64, norm_eps=1e-6, rope_theta=10000.0, tie_embeddings=False, attention_bias=True)
 FLUSH_BYTES = 512 << 20
+MAX_KSPLIT = constants()["MAX_KSPLIT"]
 
 
 # --- synthetic weights (host, then the backend's own prepare path) --------------------------------------------------
@@ -183,11 +186,17 @@ def bench_gemv(case: dict, be: Any, gpu: Gpu, torch: Any, reps: int) -> dict:
     w = be.prepare_linear(lin)
     x = rng.standard_normal((1, n)).astype(np.float32)
     xd = be.device.to_device(x)
-    y = be.xp.full((1, m), np.nan, np.float32)
+    y = be.xp.empty((1, m), np.float32)
     rel = gemv_error(be, w, lin, x)
-    ours = gpu.event_median_us(lambda: be.gemv_into(w, xd, y), reps, lambda: gpu.flush_buf.fill(1))
+    flush = lambda: gpu.flush_buf.fill(1)  # noqa: E731
+    by_split = {}
+    for k in range(1, MAX_KSPLIT + 1):  # warps per row tile: the backend's choice is a heuristic to tune from these
+        wk = dataclasses.replace(w, ksplit=k)
+        by_split[k] = gpu.event_median_us(lambda: be.gemv_into(wk, xd, y), reps, flush)
+    ours = by_split[w.ksplit]
     moved = sum(a.nbytes for a in (w.a1, w.a2, w.s_in, w.s_mid, w.s_out)) + 4 * (n + m)
-    out = dict(case, rel_error_vs_float64=rel, ours_us=ours, ours_bytes=moved, ours_gbps=moved / ours / 1e3)
+    out = dict(case, rel_error_vs_float64=rel, ours_us=ours, ours_bytes=moved, ours_gbps=moved / ours / 1e3,
+               ksplit=w.ksplit, ours_us_by_ksplit=by_split, best_ksplit=min(by_split, key=by_split.get))
     if torch is not None:
         wt = torch.randn(m, n, device="cuda", dtype=torch.float16)
         xt = torch.randn(n, device="cuda", dtype=torch.float16)

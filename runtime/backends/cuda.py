@@ -32,7 +32,7 @@ DIGIT_WORDS, MAX_KSPLIT = _K["DIGIT_WORDS"], _K["MAX_KSPLIT"]
 ATT_THREADS, ATT_MAX_DIM = _K["ATT_THREADS"], _K["ATT_MAX_DIM"]
 SELECT_THREADS, SORT_SIZE, TOPK = _K["SELECT_THREADS"], _K["SORT_SIZE"], _K["TOPK"]
 GEMM_TOKENS = 32  # tokens per binary_gemm block (blockIdx.y)
-CHUNKS_PER_WARP = 8  # binary_gemv splits a block's columns over up to MAX_KSPLIT warps, about this many chunks each
+CHUNKS_PER_WARP = 4  # binary_gemv splits a block's columns over up to MAX_KSPLIT warps, about this many chunks each
 ARGMAX_BLOCKS = 64
 THREADS = 256  # elementwise kernels
 

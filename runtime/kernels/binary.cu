@@ -21,7 +21,7 @@
 #define CHUNK_COLS 64
 #define BLOCK_TILES 4
 #define DIGIT_WORDS 96
-#define MAX_KSPLIT 4
+#define MAX_KSPLIT 8
 
 // Signs of one path (rows × cols, the file's layout: ceil(cols/32) little-endian words per row, bit 1 = -1)
 // into fragment order: tiles × chunks lane words written at dst[(tile·dst_chunks + chunk_offset + chunk)·32].

@@ -11,7 +11,7 @@ from nqfmt.keys import GGMLType
 from gguf.quants import quantize
 
 from nqfmt import BinaryPath, FactoredLinear, pack_signs, unpack_signs
-from runtime.backends.cuda import TOPK, _ceil
+from runtime.backends.cuda import MAX_KSPLIT, TOPK, _ceil
 from runtime.backends.numpy_ref import NumpyBackend
 from runtime.model import rope_inv_freq
 from runtime.sampling import Sampler, SamplingParams
@@ -89,7 +89,7 @@ def test_binary_gemv_every_split(backend, m, n, ranks, mid, bias):
     w = backend.prepare_linear(lin)
     x = rng.standard_normal((1, n))
     want = REF.linear(lin, x)
-    for ksplit in range(1, 5):
+    for ksplit in range(1, MAX_KSPLIT + 1):
         y = poisoned(backend, (1, m))
         backend.gemv_into(dataclasses.replace(w, ksplit=ksplit), dev(backend, x), y)
         assert close(host(backend, y), want), ksplit
