@@ -91,7 +91,7 @@ __device__ __forceinline__ void tile_row_sums(const float (&acc)[4], float& r0, 
 // Blocks are 4·ksplit warps: warp w multiplies tile w % 4 of the block over the w / 4-th part of the chunks;
 // the parts are summed in shared memory. seg[p] is the first stage-1 block (= stage-2 chunk) of path p,
 // seg[paths] = blocks1 = k2_chunks. counters: 4 ints, zero before the first launch, left zero after each.
-__global__ void __launch_bounds__(128 * MAX_KSPLIT)
+__global__ void __launch_bounds__(128 * MAX_KSPLIT, 1)
     binary_gemv(const float* __restrict__ x, int n, const float* __restrict__ s_in, int k1_chunks,
                 const u32* __restrict__ a1, const float* __restrict__ s_mid, const u32* __restrict__ a2,
                 int k2_chunks, const int* __restrict__ seg, const float* __restrict__ s_out,

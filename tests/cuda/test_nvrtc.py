@@ -39,3 +39,20 @@ def test_a_broken_kernel_fails_with_its_log():
 def test_every_instantiation_has_a_transliteration():
     from emulator import KERNELS
     assert set(KERNELS) == set(kernels.name_expressions())
+
+
+@pytest.mark.parametrize("arch", ["sm_80", "sm_90"])
+def test_no_kernel_spills_registers(arch):
+    """ptxas's resource report (-v): no kernel spills registers to local memory. (A stack frame alone is allowed:
+    libdevice's float64 cos/sin keeps one for its large-argument reduction in rope_table.)"""
+    prog = nvrtc.createProgram(kernels.source(), "nanoquant.cu", [], [])
+    try:
+        for name in kernels.name_expressions():
+            nvrtc.addNameExpression(prog, name)
+        nvrtc.compileProgram(prog, [f"-arch={arch}", *kernels.OPTIONS, "--ptxas-options=-v"])
+        log = nvrtc.getProgramLog(prog)
+    finally:
+        nvrtc.destroyProgram(prog)
+    import re
+    frames = re.findall(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads", log)
+    assert frames and all(stores == loads == "0" for _, stores, loads in frames), log
