@@ -22,6 +22,7 @@
 #define BLOCK_TILES 4
 #define DIGIT_WORDS 96
 #define MAX_KSPLIT 8
+#define GEMM_TOKENS 32
 
 // Signs of one path (rows × cols, the file's layout: ceil(cols/32) little-endian words per row, bit 1 = -1)
 // into fragment order: tiles × chunks lane words written at dst[(tile·dst_chunks + chunk_offset + chunk)·32].
@@ -201,9 +202,10 @@ __global__ void __launch_bounds__(128)
                 int has_s_in, const u32* __restrict__ a, int chunks, int a_chunks, int chunk_offset,
                 const float* __restrict__ s_out, const float* __restrict__ bias, int has_bias, float* __restrict__ Y,
                 int ldy, int rows, int accumulate) {
+    static_assert(GEMM_TOKENS == 4 * 8, "the loops below run four token groups of 8");
     __shared__ uint2 sb[4 * 4 * 3 * 32];  // [step][token group][digit][lane] -> (b0, b1)
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, g = lane >> 2, t = lane & 3;
-    const int tile = blockIdx.x * BLOCK_TILES + warp, tok0 = blockIdx.y * 32;
+    const int tile = blockIdx.x * BLOCK_TILES + warp, tok0 = blockIdx.y * GEMM_TOKENS;
     float acc[4][4];
 #pragma unroll
     for (int i = 0; i < 4; ++i) acc[i][0] = acc[i][1] = acc[i][2] = acc[i][3] = 0.f;

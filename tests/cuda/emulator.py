@@ -270,7 +270,7 @@ def binary_gemm(grid, block, shared, X, ldx, tokens, k_cols, s_in, has_s_in, a, 
     assert block[0] == 128
     for bx in range(grid[0]):
         for by in range(grid[1]):
-            tok0 = by * 32
+            tok0 = by * C["GEMM_TOKENS"]
             acc = np.zeros((4, 4, 32, 4), F32)  # [warp][group][lane][e]
             for c in range(chunks):
                 idx = np.arange(4 * 4 * 3 * 32 * 2)
