@@ -8,7 +8,7 @@ sign byte b is column 8b+j (bit 1 = −1), which is exactly the file's uint32 wo
 Several tokens (a batched decoding step, a prefill) go through a linear together (binary_path_lanes): the tables
 then hold LANES tokens' sums side by side, so one sign byte selects a vector of LANES sums and is read once for all
 of them. Numba's loops do not keep such a vector (or the head's per-token dot products) in registers, so the inner
-loops are small LLVM intrinsics (lanes_*, dot_tokens), like the F16 widening below.
+loops are small LLVM intrinsics (lanes_table, lanes_lookup, f16_dots_*), like the F16 widening below.
 
 Numba has no float16 on the CPU: F16 tables are read as uint16 and widened in-kernel by `f16_bits_to_f32`, an LLVM
 `fpext half` that LLVM vectorizes (vcvtph2ps with F16C).
@@ -250,37 +250,39 @@ def _lanes_args(*args):
 
 
 @intrinsic
-def lanes_add(typingctx, dst, di, src, si):
-    """dst[di:di+LANES] += src[si:si+LANES], one vector operation (LLVM does not vectorize this on its own when the
-    LANES sums are loop-carried)."""
-    if not _lanes_args(dst, di, src, si):
+def lanes_table(typingctx, tab, ti, xs, xi):
+    """tab[ti + b·LANES : … + LANES] for b < 256 = Σ_j (bit j of b ? −1 : +1)·xs[xi + j·LANES : … + LANES]: the
+    256-entry table of one sign byte for LANES tokens at once. Each half-byte's 16 signed sums are built by doubling
+    in registers; entry 16h + l is low[l] + high[h], one addition and one store (doubling through memory would load
+    every entry back)."""
+    if not _lanes_args(tab, ti, xs, xi):
         return None
 
     def codegen(context, builder, signature, args):
         ty = signature.args
-        d = _lanes_at(context, builder, ty[0], args[0], args[1])
-        total = builder.fadd(builder.load(d, align=4), builder.load(_lanes_at(context, builder, ty[2], args[2],
-                                                                              args[3]), align=4))
-        builder.store(total, d, align=4)
+        intp = context.get_value_type(types.intp)
+        start, first = (context.cast(builder, args[k], ty[k], types.intp) for k in (1, 3))
+
+        def at(arg, index):
+            return _lanes_at(context, builder, ty[arg], args[arg], index)
+
+        x = [builder.load(at(2, builder.add(first, ir.Constant(intp, j * LANES))), align=4) for j in range(8)]
+
+        def sums(part):  # the 16 signed sums of x[part], x[part+1], x[part+2], x[part+3]
+            table = [builder.fadd(builder.fadd(x[part], x[part + 1]), builder.fadd(x[part + 2], x[part + 3]))]
+            for j in range(4):
+                twice = builder.fadd(x[part + j], x[part + j])
+                table += [builder.fsub(v, twice) for v in table]
+            return table
+
+        low, high = sums(0), sums(4)
+        for h in range(16):
+            for lo in range(16):
+                entry = builder.add(start, ir.Constant(intp, (16 * h + lo) * LANES))
+                builder.store(builder.fadd(low[lo], high[h]), at(0, entry), align=4)
         return context.get_dummy_value()
 
-    return types.void(dst, di, src, si), codegen
-
-
-@intrinsic
-def lanes_sub(typingctx, dst, di, a, ai, b, bi):
-    """dst[di:di+LANES] = a[ai:ai+LANES] − b[bi:bi+LANES], one vector operation."""
-    if not _lanes_args(dst, di, a, ai, b, bi):
-        return None
-
-    def codegen(context, builder, signature, args):
-        ty = signature.args
-        va = builder.load(_lanes_at(context, builder, ty[2], args[2], args[3]), align=4)
-        vb = builder.load(_lanes_at(context, builder, ty[4], args[4], args[5]), align=4)
-        builder.store(builder.fsub(va, vb), _lanes_at(context, builder, ty[0], args[0], args[1]), align=4)
-        return context.get_dummy_value()
-
-    return types.void(dst, di, a, ai, b, bi), codegen
+    return types.void(tab, ti, xs, xi), codegen
 
 
 @intrinsic
@@ -311,26 +313,7 @@ def lanes_lookup(typingctx, out, oi, tab, signs, g0, g1):
 
 
 @njit(inline="always", **_OPTS)
-def _fill_lane_table(xs, g, twice, tab, slot):
-    """tab[(slot·256 + b)·LANES + t] = Σ_j (bit j of b ? −1 : +1)·xs[(8g + j)·LANES + t] for every lane t:
-    _fill_table's doubling, each entry a vector of LANES sums. `twice` is scratch of 8·LANES floats."""
-    base = slot * 256 * LANES
-    first = 8 * g * LANES
-    for k in range(8 * LANES):
-        twice[k] = 2 * xs[first + k]
-        if k < LANES:
-            tab[base + k] = 0.0
-    for j in range(8):
-        lanes_add(tab, base, xs, first + j * LANES)
-    size = 1
-    for j in range(8):
-        for b in range(size):
-            lanes_sub(tab, base + (size + b) * LANES, tab, base + b * LANES, twice, j * LANES)
-        size *= 2
-
-
-@njit(inline="always", **_OPTS)
-def _lane_products(xs, signs, out, tab, twice):
+def _lane_products(xs, signs, out, tab):
     """out[i·LANES + t] = Σ_k (sign ik)·xs[k·LANES + t] for rows i of `signs` (packed bytes), all LANES lanes at
     once: each sign byte is read once and adds one table vector. Tables are built LANE_TILE groups at a time, so
     they stay in L1 while every row reads them; each lane sums the groups in order, whatever the lane count."""
@@ -340,7 +323,7 @@ def _lane_products(xs, signs, out, tab, twice):
     for g0 in range(0, nb, LANE_TILE):
         g1 = min(g0 + LANE_TILE, nb)
         for g in range(g0, g1):
-            _fill_lane_table(xs, g, twice, tab, g - g0)
+            lanes_table(tab, (g - g0) * 256 * LANES, xs, 8 * g * LANES)
         for i in range(rows):
             lanes_lookup(out, i * LANES, tab, signs[i], g0, g1)
 
@@ -357,15 +340,14 @@ def _binary_path_lanes(x, t0, s_in, v_bytes, s_mid, u_bytes, s_out, y, accumulat
     h = np.zeros(max(nb2 * 8, r) * LANES, dtype=np.float32)
     out = np.empty(m * LANES, dtype=np.float32)
     tab = np.empty(LANE_TILE * 256 * LANES, dtype=np.float32)
-    twice = np.empty(8 * LANES, dtype=np.float32)
     for j in range(n):
         for t in range(lanes):
             xs[j * LANES + t] = x[t0 + t, j] * s_in[j]
-    _lane_products(xs, v_bytes, h, tab, twice)
+    _lane_products(xs, v_bytes, h, tab)
     for i in range(r):
         for t in range(LANES):
             h[i * LANES + t] *= s_mid[i]
-    _lane_products(h, u_bytes, out, tab, twice)
+    _lane_products(h, u_bytes, out, tab)
     for t in range(lanes):
         for i in range(m):
             if accumulate:
@@ -375,49 +357,70 @@ def _binary_path_lanes(x, t0, s_in, v_bytes, s_mid, u_bytes, s_out, y, accumulat
 
 
 # --- the output head: one vocabulary row against several tokens -------------------------------------------------
-DOT_TOKENS = 8  # tokens whose dot products with one row run together (8 vector accumulators in registers)
+DOT_TOKENS = 8  # tokens whose dot products with two rows run together (16 vector accumulators in registers)
 DOT_WIDTH = 16  # floats per vector: one 512-bit register (two 256-bit ones where the CPU has no AVX-512)
 _F32_VECTOR = types.Array(types.float32, 1, "C")
 
 
-@intrinsic
-def dot_tokens(typingctx, row, xs, dots):
-    """dots[t] = Σ_k row[k]·xs[t·w + k] for t < DOT_TOKENS, w = len(row) (a multiple of DOT_WIDTH). Each chunk of
-    the row is loaded once for all tokens, and each token's products add into its own vector register; numba's
-    loops would keep one scalar reduction per token, which runs at the latency of its additions instead."""
-    if not (row == xs == dots == _F32_VECTOR):
-        return None
+def _f16_dots(rows: int):
+    """An intrinsic f(table, v, xs, dots): dots[r·DOT_TOKENS + t] = Σ_k table[v + r, k]·xs[t·w + k] over the whole
+    DOT_WIDTH chunks of a row (k < d − d mod DOT_WIDTH), for `rows` rows of an F16 table (uint16 bits, widened in
+    registers) and DOT_TOKENS tokens (xs token-major, row length w = len(xs) / DOT_TOKENS). Each chunk of x is loaded
+    once for all rows, each chunk of a row once for all tokens, and every (row, token) sum stays in its own vector
+    register; numba's loops would keep one scalar reduction per token, which runs at the latency of its additions."""
 
-    def codegen(context, builder, signature, args):
-        row_a, xs_a, dots_a = (context.make_array(_F32_VECTOR)(context, builder, a) for a in args)
-        vector = ir.VectorType(ir.FloatType(), DOT_WIDTH)
-        width = cgutils.unpack_tuple(builder, row_a.shape, 1)[0]
-        intp = width.type
-        fma = cgutils.get_or_insert_function(builder.module, ir.FunctionType(vector, [vector] * 3),
-                                             f"llvm.fma.v{DOT_WIDTH}f32")
-        accs = [cgutils.alloca_once_value(builder, ir.Constant(vector, [0.0] * DOT_WIDTH))
-                for _ in range(DOT_TOKENS)]
+    @intrinsic
+    def f16_dots(typingctx, table, v, xs, dots):
+        if not (isinstance(table, types.Array) and table.dtype == types.uint16 and table.ndim == 2
+                and table.layout == "C" and isinstance(v, types.Integer) and xs == dots == _F32_VECTOR):
+            return None
 
-        def load(data, index):
-            return builder.load(builder.bitcast(builder.gep(data, [index]), vector.as_pointer()), align=4)
+        def codegen(context, builder, signature, args):
+            ty = signature.args
+            tab = context.make_array(ty[0])(context, builder, args[0])
+            xs_a, dots_a = (context.make_array(_F32_VECTOR)(context, builder, a) for a in args[2:])
+            intp = context.get_value_type(types.intp)
+            vector = ir.VectorType(ir.FloatType(), DOT_WIDTH)
+            halves = ir.VectorType(ir.IntType(16), DOT_WIDTH)
+            d = cgutils.unpack_tuple(builder, tab.shape, 2)[1]
+            row_bytes = cgutils.unpack_tuple(builder, tab.strides, 2)[0]
+            width = builder.udiv(cgutils.unpack_tuple(builder, xs_a.shape, 1)[0], ir.Constant(intp, DOT_TOKENS))
+            first = context.cast(builder, args[1], ty[1], types.intp)
+            fma = cgutils.get_or_insert_function(builder.module, ir.FunctionType(vector, [vector] * 3),
+                                                 f"llvm.fma.v{DOT_WIDTH}f32")
+            accs = [[cgutils.alloca_once_value(builder, ir.Constant(vector, [0.0] * DOT_WIDTH))
+                     for _ in range(DOT_TOKENS)] for _ in range(rows)]
+            starts = [builder.bitcast(builder.gep(builder.bitcast(tab.data, ir.IntType(8).as_pointer()),
+                                                  [builder.mul(builder.add(first, ir.Constant(intp, r)), row_bytes)]),
+                                      ir.IntType(16).as_pointer()) for r in range(rows)]
+            with cgutils.for_range(builder, builder.udiv(d, ir.Constant(intp, DOT_WIDTH))) as loop:
+                k = builder.mul(loop.index, ir.Constant(intp, DOT_WIDTH))
+                w = [builder.fpext(builder.bitcast(builder.load(builder.bitcast(builder.gep(start, [k]),
+                                                                                halves.as_pointer()), align=2),
+                                                   ir.VectorType(ir.HalfType(), DOT_WIDTH)), vector)
+                     for start in starts]
+                for t in range(DOT_TOKENS):
+                    at = builder.gep(xs_a.data, [builder.add(builder.mul(ir.Constant(intp, t), width), k)])
+                    x = builder.load(builder.bitcast(at, vector.as_pointer()), align=4)
+                    for r in range(rows):
+                        builder.store(builder.call(fma, [w[r], x, builder.load(accs[r][t])]), accs[r][t])
+            for r in range(rows):
+                for t in range(DOT_TOKENS):  # halves added pairwise down to one lane
+                    total, n = builder.load(accs[r][t]), DOT_WIDTH
+                    while n > 1:
+                        n //= 2
+                        parts = [ir.Constant(ir.VectorType(ir.IntType(32), n), list(range(a, a + n))) for a in (0, n)]
+                        total = builder.fadd(*(builder.shuffle_vector(total, total, p) for p in parts))
+                    builder.store(builder.extract_element(total, ir.Constant(ir.IntType(32), 0)),
+                                  builder.gep(dots_a.data, [ir.Constant(intp, r * DOT_TOKENS + t)]))
+            return context.get_dummy_value()
 
-        with cgutils.for_range(builder, builder.udiv(width, ir.Constant(intp, DOT_WIDTH))) as loop:
-            k = builder.mul(loop.index, ir.Constant(intp, DOT_WIDTH))
-            w = load(row_a.data, k)
-            for t, acc in enumerate(accs):
-                x = load(xs_a.data, builder.add(builder.mul(ir.Constant(intp, t), width), k))
-                builder.store(builder.call(fma, [w, x, builder.load(acc)]), acc)
-        for t, acc in enumerate(accs):  # halves added pairwise down to one lane
-            v, n = builder.load(acc), DOT_WIDTH
-            while n > 1:
-                n //= 2
-                lanes = [ir.Constant(ir.VectorType(ir.IntType(32), n), list(range(a, a + n))) for a in (0, n)]
-                v = builder.fadd(*(builder.shuffle_vector(v, v, half) for half in lanes))
-            builder.store(builder.extract_element(v, ir.Constant(ir.IntType(32), 0)),
-                          builder.gep(dots_a.data, [ir.Constant(intp, t)]))
-        return context.get_dummy_value()
+        return types.void(table, v, xs, dots), codegen
 
-    return types.void(row, xs, dots), codegen
+    return f16_dots
+
+
+f16_dots_1, f16_dots_2 = _f16_dots(1), _f16_dots(2)
 
 
 # --- row-parallel kernels ------------------------------------------------------------------------------------------
@@ -490,11 +493,12 @@ def _kernels(parallel: bool) -> SimpleNamespace:
 
     @njit(parallel=parallel, **_OPTS)
     def head_f16_dots(table, x, out):
-        """head_f16 for a batched decoding step: tasks are blocks of ROW_BLOCK vocabulary rows; each row is widened
-        once and multiplied by DOT_TOKENS tokens at a time (dot_tokens). Tokens and rows are zero-padded to whole
-        vectors."""
+        """head_f16 for a batched decoding step: tasks are blocks of ROW_BLOCK vocabulary rows, taken two at a time
+        against DOT_TOKENS tokens at a time (f16_dots_2); tokens are zero-padded to whole vectors, and a row's last
+        d mod DOT_WIDTH columns are added after its vector part."""
         t_all, d = x.shape
         vocab = table.shape[0]
+        full = d // DOT_WIDTH * DOT_WIDTH
         width = (d + DOT_WIDTH - 1) // DOT_WIDTH * DOT_WIDTH
         groups = (t_all + DOT_TOKENS - 1) // DOT_TOKENS
         xs = np.zeros(groups * DOT_TOKENS * width, dtype=np.float32)
@@ -502,15 +506,22 @@ def _kernels(parallel: bool) -> SimpleNamespace:
             for k in range(d):
                 xs[t * width + k] = x[t, k]
         for blk in loop((vocab + ROW_BLOCK - 1) // ROW_BLOCK):
-            row = np.zeros(width, dtype=np.float32)
-            dots = np.empty(DOT_TOKENS, dtype=np.float32)
-            for v in range(blk * ROW_BLOCK, min((blk + 1) * ROW_BLOCK, vocab)):
-                for k in range(d):
-                    row[k] = f16_bits_to_f32(table[v, k])
+            dots = np.empty(2 * DOT_TOKENS, dtype=np.float32)
+            end = min((blk + 1) * ROW_BLOCK, vocab)
+            for v in range(blk * ROW_BLOCK, end, 2):
+                rows = min(2, end - v)
                 for gi in range(groups):
-                    dot_tokens(row, xs[gi * DOT_TOKENS * width:(gi + 1) * DOT_TOKENS * width], dots)
-                    for t in range(min(DOT_TOKENS, t_all - gi * DOT_TOKENS)):
-                        out[gi * DOT_TOKENS + t, v] = dots[t]
+                    xg = xs[gi * DOT_TOKENS * width:(gi + 1) * DOT_TOKENS * width]
+                    if rows == 2:
+                        f16_dots_2(table, v, xg, dots)
+                    else:
+                        f16_dots_1(table, v, xg, dots)
+                    for r in range(rows):
+                        for t in range(min(DOT_TOKENS, t_all - gi * DOT_TOKENS)):
+                            acc = dots[r * DOT_TOKENS + t]
+                            for k in range(full, d):
+                                acc += f16_bits_to_f32(table[v + r, k]) * x[gi * DOT_TOKENS + t, k]
+                            out[gi * DOT_TOKENS + t, v + r] = acc
 
     @njit(parallel=parallel, **_OPTS)
     def head_f32(table, x, out):
