@@ -38,11 +38,9 @@ WINDOW = 2048
 
 
 def test_text() -> Path:
-    try:
-        from nqdata import default_text
-        return default_text("test")
-    except Exception:  # nqdata unavailable or cannot build: the shared copy is the same text
-        return Path("/work/shared/data/enwiki-test.txt")
+    """The project's evaluation text (nqdata's test split)."""
+    from nqdata import default_text
+    return default_text("test")
 
 
 def eval_windows(source, text: Path, windows: int) -> torch.Tensor:

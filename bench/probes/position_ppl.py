@@ -1,9 +1,9 @@
 """Where in the context a quantized model loses: perplexity by token position, full precision beside `.nq` files.
 
-    PYTHONPATH=. nice python bench/position_ppl.py FILE.nq [FILE.nq ...] [--windows 8] [--fp-linears attn_q,attn_k]
+    nice python bench/probes/position_ppl.py FILE.nq [FILE.nq ...] [--windows 8] [--fp-linears attn_q,attn_k]
         [--q-sharpen 1.05]
 
-The windows are those of clarifications §7 (2048 tokens, no BOS; the first `--windows` of the test text). For each
+The windows are those of spec/EVALUATION.md §2 (2048 tokens, no BOS; the first `--windows` of the test text). For each
 position bucket the mean next-token cross-entropy is averaged over windows, and the ratio exp(CE_q − CE_fp) says how
 much worse the file is there than the full-precision model. The calibration windows are 256 tokens while the test
 windows are 2048, so a ratio that grows with position would point at context length. `--fp-linears` puts the named
@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
 from bench.quality import RESULTS, eval_windows, git_commit, machine, test_text, token_losses  # noqa: E402

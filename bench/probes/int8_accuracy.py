@@ -4,7 +4,7 @@ Teacher-forced decoding (one token per forward pass, the path --int8 changes) ov
 text, exact float32 LUT kernels vs int8: top-1 agreement of the next-token argmax, perplexity of each over those
 tokens, the mean relative L2 difference of the logits, and decode tok/s of each.
 
-Usage: python -m bench.int8_accuracy FILE [--text T] [--tokens 256] [--threads 1]
+Usage: python -m bench.probes.int8_accuracy FILE [--text T] [--tokens 256] [--threads 1]
 Writes bench/results/int8-accuracy-<file stem>.json.
 """
 from __future__ import annotations
@@ -18,8 +18,9 @@ from pathlib import Path
 import numpy as np
 
 import runtime
+from nqdata import default_text
 
-from .speed import ROOT, commit, machine
+from bench.speed import ROOT, commit, machine
 
 
 def teacher_forced(m: runtime.LanguageModel, ids: list[int]) -> tuple[np.ndarray, float]:
@@ -42,18 +43,19 @@ def nll(logits: np.ndarray, targets: np.ndarray) -> float:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("file", type=Path)
-    ap.add_argument("--text", type=Path, default=Path("/work/shared/data/enwiki-test.txt"))
+    ap.add_argument("--text", type=Path, default=None, help="default: the project's test text (nqdata)")
     ap.add_argument("--tokens", type=int, default=256)
     ap.add_argument("--threads", type=int, default=1)
     a = ap.parse_args()
     exact = runtime.load(a.file, backend="numba", threads=a.threads)
     approx = runtime.load(a.file, backend="numba", threads=a.threads, exact=False)
-    ids = exact.tokenizer.encode(a.text.read_text(encoding="utf-8")[:20000], add_bos=False)[:a.tokens + 1]
+    text = a.text or default_text("test")
+    ids = exact.tokenizer.encode(text.read_text(encoding="utf-8")[:20000], add_bos=False)[:a.tokens + 1]
     load_before = os.getloadavg()
     le, te = teacher_forced(exact, ids)
     la, ta = teacher_forced(approx, ids)
     targets = np.asarray(ids[1:])
-    res = dict(commit=commit(), machine=machine(), file=str(a.file), text=str(a.text), tokens=len(targets),
+    res = dict(commit=commit(), machine=machine(), file=str(a.file), text=str(text), tokens=len(targets),
                threads=a.threads, load_average_before=load_before, load_average_after=os.getloadavg(),
                top1_agreement=float(np.mean(le.argmax(1) == la.argmax(1))),
                ppl_exact=float(np.exp(nll(le, targets))), ppl_int8=float(np.exp(nll(la, targets))),

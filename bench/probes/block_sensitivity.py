@@ -1,10 +1,10 @@
 """Which blocks the loss comes from: for a `.nq` file, the perplexity with one block quantized and the rest at full
 precision, and with every block quantized but one put back to full precision.
 
-    PYTHONPATH=. nice python bench/block_sensitivity.py FILE.nq [--windows 4]
+    nice python bench/probes/block_sensitivity.py FILE.nq [--windows 4]
 
 A few blocks that carry most of the loss would argue for spending refinement steps where they matter (the presets
-give every block the same); a flat map would not. The windows are clarifications §7's (2048 tokens, no BOS), the
+give every block the same); a flat map would not. The windows are spec/EVALUATION.md §2's (2048 tokens, no BOS), the
 first `--windows` of the test text. One JSON line per file is appended to bench/results/block-sensitivity.jsonl.
 """
 from __future__ import annotations
@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
 from bench.quality import RESULTS, eval_windows, git_commit, machine, perplexity, test_text  # noqa: E402
