@@ -1,10 +1,11 @@
 """Continuous batching: one thread runs every request in flight, one decoding step at a time.
 
-Each step computes the next token of every active sequence in one batched pass over the weights (`Model.step`:
-each sequence has its own KV cache and position). New requests join between steps (their prompt is prefilled into
-a free cache, and their first token sampled from the prefill's logits); finished and cancelled ones leave. At most
-`parallel` sequences are active; later requests wait in a FIFO queue. Results go back through each job's `emit`
-callback, called on the engine thread.
+Each step computes the next token of every decoding sequence in one batched pass over the weights (`Model.step`:
+each sequence has its own KV cache and position). New requests join between steps: their prompt is prefilled into a
+free cache, PREFILL_SLICE tokens per engine iteration (so a long prompt delays the others' next token by one slice at
+a time, not by its whole prefill), and their first token is sampled from the prefill's last logits. Finished and
+cancelled sequences leave. At most `parallel` sequences are active; later requests wait in a FIFO queue. Results go
+back through each job's `emit` callback, called on the engine thread.
 """
 from __future__ import annotations
 
@@ -19,13 +20,13 @@ import numpy as np
 
 from nqfmt.errors import NQError, one_line
 from runtime.backends import KVCache
-from runtime.generate import PREFILL_CHUNK
 from runtime.model import Model
 from runtime.sampling import Sampler, SamplingParams
 from runtime.tokenizer import Tokenizer
 
 from .text_output import TextOutput
 
+PREFILL_SLICE = 64  # prompt tokens a joining sequence runs per engine iteration
 
 @dataclass(frozen=True)
 class Piece:
@@ -73,8 +74,17 @@ class _Sequence:
     sampler: Sampler
     text: TextOutput
     context: list[int] = field(default_factory=list)  # prompt and generated ids: the cache holds all but the last
+    prefilled: int = 0  # prompt tokens already in the cache
     generated: int = 0
     done: bool = False
+
+    @property
+    def prefilling(self) -> bool:
+        return self.prefilled < len(self.job.prompt)
+
+    @property
+    def decoding(self) -> bool:
+        return not (self.prefilling or self.done)
 
 
 class Engine:
@@ -134,37 +144,40 @@ class Engine:
                 if job.cancelled:
                     self.dropped += 1
                 else:
-                    self._join(job)
+                    self._active.append(_Sequence(job, self._caches.pop() if self._caches else
+                                                  self.model.new_cache(self.n_ctx), Sampler(job.sampling),
+                                                  TextOutput(self.tokenizer, job.stop), list(job.prompt)))
+            for seq in self._active:
+                if seq.prefilling and not seq.job.cancelled:
+                    self._prefill(seq)
             self._leave()
-            if self._active:
-                self._step()
+            decoding = [s for s in self._active if s.decoding]
+            if decoding:
+                self._step(decoding)
                 self._leave()
 
-    def _join(self, job: Job) -> None:
-        """Prefill the job's prompt into a free cache and choose its first token."""
-        seq = _Sequence(job, self._caches.pop() if self._caches else self.model.new_cache(self.n_ctx),
-                        Sampler(job.sampling), TextOutput(self.tokenizer, job.stop), list(job.prompt))
-        self._active.append(seq)
+    def _prefill(self, seq: _Sequence) -> None:
+        """The next slice of the prompt into the sequence's cache; after the last, its first token."""
+        start, prompt = seq.prefilled, seq.job.prompt
         try:
-            logits = None
-            for start in range(0, len(job.prompt), PREFILL_CHUNK):
-                logits = self.model.forward(np.asarray(job.prompt[start:start + PREFILL_CHUNK]), start, seq.cache)
-            self._advance(seq, logits[-1])
+            logits = self.model.forward(np.asarray(prompt[start:start + PREFILL_SLICE]), start, seq.cache)
+            seq.prefilled = min(start + PREFILL_SLICE, len(prompt))
+            if not seq.prefilling:
+                self._advance(seq, logits[-1])
         except Exception as e:  # noqa: BLE001 - one request's failure must not stop the others
             self._fail(seq, _reason(e))
 
-    def _step(self) -> None:
-        """The next token of every active sequence, from one batched pass."""
-        active = self._active
-        ids = np.array([s.context[-1] for s in active], dtype=np.int64)
-        positions = np.array([len(s.context) - 1 for s in active], dtype=np.int64)
+    def _step(self, decoding: list[_Sequence]) -> None:
+        """The next token of every decoding sequence, from one batched pass."""
+        ids = np.array([s.context[-1] for s in decoding], dtype=np.int64)
+        positions = np.array([len(s.context) - 1 for s in decoding], dtype=np.int64)
         try:
-            logits = self.model.step(ids, positions, [s.cache for s in active])
+            logits = self.model.step(ids, positions, [s.cache for s in decoding])
         except Exception as e:  # noqa: BLE001 - the server keeps serving the requests that come next
-            for seq in active:
+            for seq in decoding:
                 self._fail(seq, _reason(e))
             return
-        for seq, row in zip(active, logits):
+        for seq, row in zip(decoding, logits):
             if not seq.job.cancelled:
                 self._advance(seq, row)
 

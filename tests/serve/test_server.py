@@ -21,6 +21,7 @@ from runtime.generate import GenerationStats, text_pieces
 
 PROMPTS = ["Hello", "The cat", "abc def", "Once upon", "x", "12345", "zz top", "Quick brown", "Lorem ipsum",
            "foo bar baz", "A", "To be or", "Numbers: 1 2", "end.", "What is", "Tiny model"]
+LONG = "The cat sat on the mat. " * 14  # 336 tokens: prefilled in several slices
 CHAT = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Name a colour."},
         {"role": "assistant", "content": "Blue."}, {"role": "user", "content": "Another?"}]
 
@@ -55,7 +56,8 @@ def test_models_and_health(server, client):
 
 
 def test_greedy_completion_equals_runtime_generate(server, client, lm):
-    for prompt in PROMPTS[:4]:
+    """Short prompts, and one long enough to be prefilled in several slices between other requests' steps."""
+    for prompt in PROMPTS[:4] + [LONG]:
         want = lm.generate(prompt, max_tokens=40, temperature=0)
         got = client.completions.create(model=server.model_id, prompt=prompt, max_tokens=40, temperature=0)
         choice = got.choices[0]
@@ -223,16 +225,17 @@ def test_client_leaving_mid_stream_is_dropped_while_others_continue(server, clie
 
 
 def test_sixteen_concurrent_streams_each_get_their_own_text(server, client):
-    """16 streams against 8 parallel slots (the rest queue): each text equals its single-request run; greedy and
-    seeded sampling alike."""
+    """16 streams against 8 parallel slots (the rest queue), one with a long prompt prefilled in slices between the
+    others' steps: each text equals its single-request run; greedy and seeded sampling alike."""
+    prompts = PROMPTS[:7] + [LONG] + PROMPTS[8:]
     settings = [dict(temperature=0) if i % 2 else dict(temperature=0.8, seed=i) for i in range(16)]
     alone = [client.completions.create(model=server.model_id, prompt=p, max_tokens=48, **s).choices[0].text
-             for p, s in zip(PROMPTS, settings)]
+             for p, s in zip(prompts, settings)]
 
     async def run():
         async with openai.AsyncOpenAI(base_url=f"{server.url}/v1", api_key=server.api_key, max_retries=0) as aclient:
             return await asyncio.gather(*(stream_text(aclient, p, model=server.model_id, max_tokens=48, **s)
-                                          for p, s in zip(PROMPTS, settings)))
+                                          for p, s in zip(prompts, settings)))
 
     assert asyncio.run(run()) == alone
     assert server.health()["active"] == 0
