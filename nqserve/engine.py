@@ -123,8 +123,10 @@ class Engine:
                 "dropped": self.dropped}
 
     def warm_up(self) -> None:
-        """One batched step at each kernel size a batch meets, so a JIT backend loads (or compiles) those kernels
-        before the first request rather than inside it."""
+        """A prefill slice and a batched step at each kernel size a batch meets, so a JIT backend loads (or compiles)
+        those kernels before the first request rather than inside it."""
+        slice_ = min(PREFILL_SLICE, self.n_ctx)
+        self.model.forward(np.zeros(slice_, dtype=np.int64), 0, self.model.new_cache(slice_))
         for rows in (2, 4):
             caches = [self.model.new_cache(1) for _ in range(rows)]
             self.model.step(np.zeros(rows, dtype=np.int64), np.zeros(rows, dtype=np.int64), caches)
