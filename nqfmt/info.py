@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from . import keys as K
 from .bits import path_bits
+from .layout import table_kind_name
 from .reader import NQFile
 
 
@@ -25,7 +26,7 @@ def summarize(f: NQFile) -> dict:
         "architecture": cfg.arch,
         "layers": cfg.n_layers, "hidden": cfg.hidden, "heads": cfg.n_heads, "kv_heads": cfg.n_kv_heads,
         "head_dim": cfg.head_dim, "ffn": cfg.ffn, "vocab": cfg.vocab, "context_length": cfg.context_length,
-        "tied_embeddings": cfg.tie_embeddings, "embedding_type": f.tensors[K.TOKEN_EMBD].gtype.name,
+        "tied_embeddings": cfg.tie_embeddings, "embedding_type": table_kind_name(f.tables[K.EMBD_TABLE]),
         "source": f.provenance.source_name, "source_parameters": params, "preset": f.provenance.preset,
         "date": f.provenance.date, "converter_version": f.provenance.converter_version,
         "bits_target": f.provenance.bits_target,

@@ -40,13 +40,15 @@ class GGMLType(IntEnum):
 
     F32 = 0
     F16 = 1
+    Q4_0 = 2
     Q8_0 = 8
     I32 = 26
 
 
 # (elements per block, bytes per block) of each GGMLType
 TYPE_SIZES: dict[GGMLType, tuple[int, int]] = {
-    GGMLType.F32: (1, 4), GGMLType.F16: (1, 2), GGMLType.Q8_0: (32, 34), GGMLType.I32: (1, 4),
+    GGMLType.F32: (1, 4), GGMLType.F16: (1, 2), GGMLType.Q4_0: (32, 18), GGMLType.Q8_0: (32, 34),
+    GGMLType.I32: (1, 4),
 }
 VT = ValueType
 
@@ -190,6 +192,8 @@ METADATA_FIELDS_KEY: dict[str, str] = {
 # tensor names (llama.cpp's, plus the binary-path parts)
 TOKEN_EMBD = "token_embd.weight"
 OUTPUT = "output.weight"
+# the two tables' name prefixes: `token_embd.weight` (dense) or the paths `token_embd.pP.*` (binary-factored)
+EMBD_TABLE, OUTPUT_TABLE = "token_embd", "output"
 OUTPUT_NORM = "output_norm.weight"
 CHECKSUMS = "nanoquant.checksums"
 
@@ -212,7 +216,8 @@ SIGN_TYPE = GGMLType.I32
 SCALE_TYPE = GGMLType.F16
 NORM_TYPE = GGMLType.F32
 BIAS_TYPE = GGMLType.F32
-EMBEDDING_TYPES = (GGMLType.F16, GGMLType.F32, GGMLType.Q8_0)
+EMBEDDING_TYPES = (GGMLType.F16, GGMLType.F32, GGMLType.Q8_0, GGMLType.Q4_0)
+BLOCK_TYPES = (GGMLType.Q8_0, GGMLType.Q4_0)  # rows must be whole blocks of 32
 
 
 def norm_tensor(layer: int, norm: str) -> str:
@@ -226,3 +231,14 @@ def bias_tensor(layer: int, linear: str) -> str:
 def path_tensor(layer: int, linear: str, path: int, part: str) -> str:
     """Name of one part of binary path `path` of a factored linear, e.g. `blk.3.ffn_up.p0.v_signs`."""
     return f"blk.{layer}.{linear}.p{path}.{part}"
+
+
+def table_path_tensor(table: str, path: int, part: str) -> str:
+    """Name of one part of a binary-factored embedding or head (`table` is EMBD_TABLE or OUTPUT_TABLE), e.g.
+    `token_embd.p0.u_signs`."""
+    return f"{table}.p{path}.{part}"
+
+
+def dense_table_tensor(table: str) -> str:
+    """`token_embd.weight` / `output.weight`: the name of a dense table."""
+    return f"{table}.weight"

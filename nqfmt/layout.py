@@ -32,13 +32,14 @@ class TensorSpec:
     @property
     def numpy_dtype(self) -> np.dtype:
         """dtype of the array a caller hands the writer and gets from the reader (packed signs: uint32)."""
-        return np.dtype({GGMLType.F16: np.float16, GGMLType.F32: np.float32, GGMLType.I32: np.uint32, GGMLType.Q8_0: np.uint8}[self.gtype])
+        return np.dtype({GGMLType.F16: np.float16, GGMLType.F32: np.float32, GGMLType.I32: np.uint32,
+                         GGMLType.Q8_0: np.uint8, GGMLType.Q4_0: np.uint8}[self.gtype])
 
     @property
     def numpy_shape(self) -> tuple[int, ...]:
-        """Shape of that array (Q8_0: raw bytes, 34 per block of 32)."""
-        if self.gtype == GGMLType.Q8_0:
-            block, size = K.TYPE_SIZES[GGMLType.Q8_0]
+        """Shape of that array (block types: raw bytes, e.g. 34 per block of 32 for Q8_0, 18 for Q4_0)."""
+        if self.gtype in K.BLOCK_TYPES:
+            block, size = K.TYPE_SIZES[self.gtype]
             return (*self.shape[:-1], self.shape[-1] // block * size)
         return self.shape
 
@@ -51,9 +52,12 @@ class LinearPlan:
     has_mid: bool = False
 
 
-def path_specs(layer: int, linear: str, path: int, m: int, n: int, r: int, has_mid: bool) -> list[TensorSpec]:
-    """The parts of one binary path: V signs (r×n), U signs (m×r), scales."""
-    name = lambda part: K.path_tensor(layer, linear, path, part)  # noqa: E731
+# How an embedding table / output head is stored: dense in a GGML type, or binary-factored by a plan of paths
+TableKind = GGMLType | LinearPlan
+
+
+def path_specs(name, m: int, n: int, r: int, has_mid: bool) -> list[TensorSpec]:
+    """The parts of one binary path, `name(part)` naming each: V signs (r×n), U signs (m×r), scales."""
     specs = [TensorSpec(name(K.V_SIGNS), (r, words_per_row(n)), K.SIGN_TYPE),
              TensorSpec(name(K.U_SIGNS), (m, words_per_row(r)), K.SIGN_TYPE),
              TensorSpec(name(K.SCALE_IN), (n,), K.SCALE_TYPE),
@@ -72,32 +76,55 @@ def block_specs(config: ModelConfig, layer: int, linears: dict[str, LinearPlan])
             raise NQFormatError(f"no plan for blk.{layer}.{linear}")
         plan = linears[linear]
         m, n = config.linear_shape(linear)
-        if not 1 <= len(plan.ranks) <= K.MAX_PATHS:
-            raise NQFormatError(f"blk.{layer}.{linear}: {len(plan.ranks)} binary paths (1 to {K.MAX_PATHS} allowed)")
-        for p, r in enumerate(plan.ranks):
-            if not 1 <= r <= min(m, n):
-                raise NQFormatError(f"blk.{layer}.{linear}.p{p}: rank {r} outside 1..min(m, n) = {min(m, n)}")
-            specs += path_specs(layer, linear, p, m, n, r, plan.has_mid)
+        specs += factored_specs(f"blk.{layer}.{linear}", lambda p, part: K.path_tensor(layer, linear, p, part),
+                                m, n, plan)
         if config.attention_bias and linear in K.BIASED_LINEARS:
             specs.append(TensorSpec(K.bias_tensor(layer, linear), (m,), K.BIAS_TYPE))
     return specs
 
 
-def file_specs(config: ModelConfig, linears: list[dict[str, LinearPlan]],
-               embedding_type: GGMLType = GGMLType.F16) -> list[TensorSpec]:
-    """Every tensor of a file in order, the trailing checksum table included."""
+def factored_specs(label: str, name, m: int, n: int, plan: LinearPlan) -> list[TensorSpec]:
+    """The tensors of a binary-factored m×n matrix (a decoder linear or a table), `name(path, part)` naming each."""
+    if not 1 <= len(plan.ranks) <= K.MAX_PATHS:
+        raise NQFormatError(f"{label}: {len(plan.ranks)} binary paths (1 to {K.MAX_PATHS} allowed)")
+    specs = []
+    for p, r in enumerate(plan.ranks):
+        if not 1 <= r <= min(m, n):
+            raise NQFormatError(f"{label}.p{p}: rank {r} outside 1..min(m, n) = {min(m, n)}")
+        specs += path_specs(lambda part: name(p, part), m, n, r, plan.has_mid)
+    return specs
+
+
+def table_specs(config: ModelConfig, table: str, kind: TableKind) -> list[TensorSpec]:
+    """The tensors of the embedding (`table` = K.EMBD_TABLE) or untied head (K.OUTPUT_TABLE), V×d (spec §3.4)."""
+    v, d = config.vocab, config.hidden
+    if isinstance(kind, LinearPlan):
+        return factored_specs(table, lambda p, part: K.table_path_tensor(table, p, part), v, d, kind)
+    name = K.dense_table_tensor(table)
+    if kind not in K.EMBEDDING_TYPES:
+        raise NQFormatError(f"{name}: type {GGMLType(kind).name} not allowed")
+    if kind in K.BLOCK_TYPES and d % 32:
+        raise NQFormatError(f"{name}: {kind.name} needs a hidden size divisible by 32, got {d}")
+    return [TensorSpec(name, (v, d), kind)]
+
+
+def file_specs(config: ModelConfig, linears: list[dict[str, LinearPlan]], embedding_type: TableKind = GGMLType.F16,
+               output_type: TableKind | None = None) -> list[TensorSpec]:
+    """Every tensor of a file in order, the trailing checksum table included. `output_type` (untied models only)
+    defaults to `embedding_type`; it must be of the same kind, and of the same type when dense."""
     if len(linears) != config.n_layers:
         raise NQFormatError(f"plan has {len(linears)} blocks, config has {config.n_layers}")
-    if embedding_type not in K.EMBEDDING_TYPES:
-        raise NQFormatError(f"{K.TOKEN_EMBD}: type {embedding_type.name} not allowed")
-    if embedding_type == GGMLType.Q8_0 and config.hidden % 32:
-        raise NQFormatError(f"{K.TOKEN_EMBD}: Q8_0 needs a hidden size divisible by 32, got {config.hidden}")
-    specs = [TensorSpec(K.TOKEN_EMBD, (config.vocab, config.hidden), embedding_type)]
+    specs = table_specs(config, K.EMBD_TABLE, embedding_type)
     for layer, plan in enumerate(linears):
         specs += block_specs(config, layer, plan)
     specs.append(TensorSpec(K.OUTPUT_NORM, (config.hidden,), K.NORM_TYPE))
     if not config.tie_embeddings:
-        specs.append(TensorSpec(K.OUTPUT, (config.vocab, config.hidden), embedding_type))
+        output_type = embedding_type if output_type is None else output_type
+        if isinstance(output_type, LinearPlan) != isinstance(embedding_type, LinearPlan) or (
+                not isinstance(output_type, LinearPlan) and output_type != embedding_type):
+            raise NQFormatError(f"the output head ({table_kind_name(output_type)}) must be stored as the embedding is "
+                                f"({table_kind_name(embedding_type)})")
+        specs += table_specs(config, K.OUTPUT_TABLE, output_type)
     specs.append(TensorSpec(K.CHECKSUMS, (len(specs) + 1,), GGMLType.I32))
     return specs
 
@@ -111,8 +138,20 @@ def is_signs(name: str) -> bool:
     return name.rsplit(".", 1)[-1] in (K.V_SIGNS, K.U_SIGNS)
 
 
-def sign_columns(spec_name: str, config: ModelConfig, linears: list[dict[str, LinearPlan]]) -> int:
-    """Number of meaningful columns in a packed sign tensor (the rest of its last word must be zero)."""
-    _, layer, linear, path, part = spec_name.split(".")
-    _, n = config.linear_shape(linear)
-    return n if part == K.V_SIGNS else linears[int(layer)][linear].ranks[int(path[1:])]
+def table_kind_name(kind: TableKind) -> str:
+    """`Q4_0`, `F16`, ... or `binary-factored, ranks [r0, r1]`: how nqinfo and errors name a table's kind."""
+    return f"binary-factored, ranks {list(kind.ranks)}" if isinstance(kind, LinearPlan) else GGMLType(kind).name
+
+
+def sign_columns(spec_name: str, config: ModelConfig, linears: list[dict[str, LinearPlan]],
+                 tables: dict[str, TableKind]) -> int:
+    """Number of meaningful columns in a packed sign tensor (the rest of its last word must be zero). `tables` maps
+    K.EMBD_TABLE / K.OUTPUT_TABLE to their kinds."""
+    parts = spec_name.split(".")
+    if len(parts) == 3:  # token_embd.pP.part / output.pP.part: a V×d table
+        table, path, part = parts
+        plan, n = tables[table], config.hidden
+    else:
+        _, layer, linear, path, part = parts
+        plan, n = linears[int(layer)][linear], config.linear_shape(linear)[1]
+    return n if part == K.V_SIGNS else plan.ranks[int(path[1:])]

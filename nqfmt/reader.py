@@ -17,7 +17,7 @@ import numpy as np
 from . import keys as K
 from .config import ModelConfig
 from .errors import NQFormatError
-from .layout import LinearPlan, TensorSpec, file_specs, is_scale, is_signs, sign_columns
+from .layout import LinearPlan, TableKind, TensorSpec, file_specs, is_scale, is_signs, sign_columns
 from .metadata import Provenance, TokenizerInfo
 from .signs import padding_is_clear
 
@@ -54,7 +54,8 @@ class BinaryPath:
 
 @dataclass(frozen=True)
 class FactoredLinear:
-    """A decoder linear (m out × n in) as the sum of its binary paths, plus an optional float32 bias."""
+    """A decoder linear (m out × n in) as the sum of its binary paths, plus an optional float32 bias; also a
+    binary-factored embedding / head (m = vocabulary, n = hidden, no bias)."""
 
     m: int
     n: int
@@ -132,6 +133,7 @@ class NQFile:
         self.tokenizer = TokenizerInfo.from_metadata(self.metadata)
         self.provenance = Provenance.from_metadata(self.metadata)
         self.linears = self._derive_plan()
+        self.tables = self._derive_tables()
         self._check_tensors()
 
     # --- structure ----------------------------------------------------------------------------------------------
@@ -176,13 +178,13 @@ class NQFile:
         for name, dims, gtype, offset in raw:
             if name in tensors:
                 raise NQFormatError(f"tensor {name!r} appears twice")
-            if gtype not in (GGMLType.F16, GGMLType.F32, GGMLType.I32, GGMLType.Q8_0):
+            if gtype not in K.TYPE_SIZES:
                 raise NQFormatError(f"tensor {name!r}: GGML type {gtype} is not used by this format")
             if any(d == 0 or d > self.size for d in dims):
                 raise NQFormatError(f"tensor {name!r}: impossible shape {dims}")
             spec = TensorSpec(name, tuple(reversed(dims)), GGMLType(gtype))
-            if gtype == GGMLType.Q8_0 and dims[0] % 32:
-                raise NQFormatError(f"tensor {name!r}: Q8_0 rows must be a multiple of 32")
+            if gtype in K.BLOCK_TYPES and dims[0] % K.TYPE_SIZES[gtype][0]:
+                raise NQFormatError(f"tensor {name!r}: {spec.gtype.name} rows must be a multiple of 32")
             if data_start + offset != end:
                 raise NQFormatError(f"tensor {name!r}: offset {offset} breaks the packed, aligned layout")
             tensors[name] = TensorInfo(name, spec.gtype, spec.shape, data_start + offset, spec.nbytes)
@@ -225,23 +227,38 @@ class NQFile:
         for layer in range(self.config.n_layers):
             block = {}
             for linear in K.LINEARS:
-                ranks = []
-                while (t := self.tensors.get(K.path_tensor(layer, linear, len(ranks), K.V_SIGNS))) is not None:
-                    ranks.append(t.shape[0])
-                    if len(ranks) > K.MAX_PATHS:
-                        break
-                if not ranks:
+                block[linear] = self._path_plan(lambda p, part: K.path_tensor(layer, linear, p, part))
+                if not block[linear].ranks:
                     raise NQFormatError(f"tensor {K.path_tensor(layer, linear, 0, K.V_SIGNS)!r} is missing")
-                has_mid = K.path_tensor(layer, linear, 0, K.SCALE_MID) in self.tensors
-                block[linear] = LinearPlan(tuple(ranks), has_mid)
             plan.append(block)
         return plan
 
+    def _path_plan(self, name) -> LinearPlan:
+        """Ranks of the paths `name(p, part)` present (from their V-sign shapes; more than MAX_PATHS are kept for the
+        plan check to refuse) and whether path 0 has scale_mid."""
+        ranks = []
+        while (t := self.tensors.get(name(len(ranks), K.V_SIGNS))) is not None and len(ranks) <= K.MAX_PATHS:
+            ranks.append(t.shape[0])
+        return LinearPlan(tuple(ranks), name(0, K.SCALE_MID) in self.tensors)
+
+    def _derive_tables(self) -> dict[str, TableKind]:
+        """The embedding's kind and, for untied models, the head's (spec §3.4): dense when `T.weight` is present,
+        binary-factored when `T.p0.v_signs` is; the plan check then compares every tensor."""
+        tables = {}
+        for table in (K.EMBD_TABLE,) if self.config.tie_embeddings else (K.EMBD_TABLE, K.OUTPUT_TABLE):
+            dense = self.tensors.get(K.dense_table_tensor(table))
+            factored = self._path_plan(lambda p, part: K.table_path_tensor(table, p, part))
+            if dense is not None and factored.ranks:
+                raise NQFormatError(f"both {dense.name!r} and {K.table_path_tensor(table, 0, K.V_SIGNS)!r} are "
+                                    f"present: the table is dense or binary-factored, not both")
+            if dense is None and not factored.ranks:
+                raise NQFormatError(f"tensor {K.dense_table_tensor(table)!r} is missing (and no binary-factored "
+                                    f"{table!r} either)")
+            tables[table] = dense.gtype if dense is not None else factored
+        return tables
+
     def _check_tensors(self) -> None:
-        emb = self.tensors.get(K.TOKEN_EMBD)
-        if emb is None:
-            raise NQFormatError(f"tensor {K.TOKEN_EMBD!r} is missing")
-        expected = file_specs(self.config, self.linears, emb.gtype)
+        expected = file_specs(self.config, self.linears, self.tables[K.EMBD_TABLE], self.tables.get(K.OUTPUT_TABLE))
         names = [s.name for s in expected]
         for name in self.tensors:
             if name not in set(names):
@@ -255,8 +272,8 @@ class NQFile:
                                     f"needs {spec.gtype.name}{list(spec.shape)}")
             if is_scale(spec.name) and not np.all(np.isfinite(self._view(info))):
                 raise NQFormatError(f"tensor {spec.name!r}: non-finite scale")
-            if is_signs(spec.name) and not padding_is_clear(self._view(info),
-                                                            sign_columns(spec.name, self.config, self.linears)):
+            if is_signs(spec.name) and not padding_is_clear(
+                    self._view(info), sign_columns(spec.name, self.config, self.linears, self.tables)):
                 raise NQFormatError(f"tensor {spec.name!r}: padding bits past the last column are not 0")
 
     # --- access -------------------------------------------------------------------------------------------------
@@ -266,22 +283,33 @@ class NQFile:
         return np.frombuffer(self._mm, dtype=spec.numpy_dtype, count=count, offset=info.offset).reshape(spec.numpy_shape)
 
     def array(self, name: str) -> np.ndarray:
-        """Zero-copy read-only view of a tensor (packed signs as uint32, Q8_0 as raw bytes)."""
+        """Zero-copy read-only view of a tensor (packed signs as uint32, Q8_0 and Q4_0 as raw bytes)."""
         if name not in self.tensors:
             raise KeyError(f"no tensor {name!r} in {self.path}")
         return self._view(self.tensors[name])
 
     def linear(self, layer: int, linear: str) -> FactoredLinear:
         """A decoder linear with all its binary paths (views into the file)."""
-        plan = self.linears[layer][linear]
         m, n = self.config.linear_shape(linear)
-        paths = []
-        for p, r in enumerate(plan.ranks):
-            part = lambda name: self.array(K.path_tensor(layer, linear, p, name))  # noqa: E731
-            paths.append(BinaryPath(part(K.V_SIGNS), part(K.U_SIGNS), part(K.SCALE_IN), part(K.SCALE_OUT),
-                                    part(K.SCALE_MID) if plan.has_mid else None, r))
         bias_name = K.bias_tensor(layer, linear)
         bias = self.array(bias_name) if bias_name in self.tensors else None
+        return self._factored(m, n, self.linears[layer][linear],
+                              lambda p, part: K.path_tensor(layer, linear, p, part), bias)
+
+    def factored_table(self, table: str) -> FactoredLinear:
+        """A binary-factored embedding (`table` = K.EMBD_TABLE) or untied head (K.OUTPUT_TABLE): V×d, no bias."""
+        plan = self.tables[table]
+        if not isinstance(plan, LinearPlan):
+            raise KeyError(f"{table!r} is stored dense ({GGMLType(plan).name}) in {self.path}")
+        return self._factored(self.config.vocab, self.config.hidden, plan,
+                              lambda p, part: K.table_path_tensor(table, p, part), None)
+
+    def _factored(self, m: int, n: int, plan: LinearPlan, name, bias: np.ndarray | None) -> FactoredLinear:
+        paths = []
+        for p, r in enumerate(plan.ranks):
+            part = lambda x: self.array(name(p, x))  # noqa: E731
+            paths.append(BinaryPath(part(K.V_SIGNS), part(K.U_SIGNS), part(K.SCALE_IN), part(K.SCALE_OUT),
+                                    part(K.SCALE_MID) if plan.has_mid else None, r))
         return FactoredLinear(m, n, tuple(paths), bias)
 
     def verify(self) -> None:

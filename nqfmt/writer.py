@@ -16,7 +16,7 @@ from gguf import GGMLQuantizationType, GGUFValueType, GGUFWriter
 from . import keys as K
 from .config import ModelConfig
 from .errors import NQFormatError
-from .layout import LinearPlan, TensorSpec, file_specs, is_scale, is_signs, sign_columns
+from .layout import LinearPlan, TableKind, TensorSpec, file_specs, is_scale, is_signs, sign_columns
 from .metadata import Provenance, TokenizerInfo
 from .signs import padding_is_clear
 
@@ -28,14 +28,19 @@ class NQWriter:
     """
 
     def __init__(self, path: str | os.PathLike, config: ModelConfig, tokenizer: TokenizerInfo,
-                 provenance: Provenance, linears: list[dict[str, LinearPlan]], *, embedding_type=None,
+                 provenance: Provenance, linears: list[dict[str, LinearPlan]], *,
+                 embedding_type: TableKind = K.GGMLType.F16, output_type: TableKind | None = None,
                  name: str | None = None) -> None:
+        """`embedding_type` / `output_type`: how the embedding / untied head are stored (spec §3.4), a GGML type
+        (dense) or the LinearPlan of a binary-factored table; the head defaults to the embedding's kind."""
         self.path = Path(path)
         self.partial = self.path.with_name(self.path.name + ".partial")
         self.config = config
         self.linears = linears
-        kwargs = {} if embedding_type is None else {"embedding_type": embedding_type}
-        specs = file_specs(config, linears, **kwargs)
+        specs = file_specs(config, linears, embedding_type, output_type)
+        self.tables = {K.EMBD_TABLE: embedding_type}
+        if not config.tie_embeddings:
+            self.tables[K.OUTPUT_TABLE] = embedding_type if output_type is None else output_type
         self.plan: list[TensorSpec] = specs[:-1]
         self._checksum_spec = specs[-1]
         self._next = 0
@@ -95,7 +100,7 @@ class NQWriter:
                                 f"plan says {spec.numpy_dtype}{list(spec.numpy_shape)}")
         if is_scale(name) and not np.all(np.isfinite(a)):
             raise NQFormatError(f"tensor {name!r}: scales must be finite")
-        if is_signs(name) and not padding_is_clear(a, sign_columns(name, self.config, self.linears)):
+        if is_signs(name) and not padding_is_clear(a, sign_columns(name, self.config, self.linears, self.tables)):
             raise NQFormatError(f"tensor {name!r}: padding bits past the last column must be 0")
         if a.dtype == np.uint32:
             a = a.view(np.int32)

@@ -9,6 +9,8 @@ from nqfmt.keys import GGMLType
 
 from nqfmt import LinearPlan, ModelConfig, NQWriter, Provenance, TokenizerInfo, pack_signs
 from nqfmt import keys as K
+from nqfmt.layout import sign_columns
+from nqfmt.q4_0 import quantize_q4_0
 
 TINY_TOKENIZER = json.dumps({
     "version": "1.0", "truncation": None, "padding": None, "added_tokens": [], "normalizer": None,
@@ -51,14 +53,13 @@ def random_tensors(writer: NQWriter, seed: int = 0) -> dict[str, np.ndarray]:
     out = {}
     for spec in writer.plan:
         if spec.gtype == K.SIGN_TYPE:
-            cols = spec.name.split(".")[-1]
-            layer, linear, path = spec.name.split(".")[1:4]
-            plan = writer.linears[int(layer)][linear]
-            n = writer.config.linear_shape(linear)[1] if cols == K.V_SIGNS else plan.ranks[int(path[1:])]
+            n = sign_columns(spec.name, writer.config, writer.linears, writer.tables)
             out[spec.name] = pack_signs(rng.standard_normal((spec.shape[0], n)))
         elif spec.gtype == GGMLType.Q8_0:
             from gguf.quants import quantize
             out[spec.name] = quantize(rng.standard_normal(spec.shape).astype(np.float32), GGMLType.Q8_0)
+        elif spec.gtype == GGMLType.Q4_0:
+            out[spec.name] = quantize_q4_0(rng.standard_normal(spec.shape))
         else:
             out[spec.name] = (rng.uniform(0.5, 1.5, spec.shape) * rng.choice([-1, 1], spec.shape)).astype(
                 spec.numpy_dtype)
@@ -66,14 +67,16 @@ def random_tensors(writer: NQWriter, seed: int = 0) -> dict[str, np.ndarray]:
 
 
 def write_random(path: Path, config: ModelConfig | None = None, ranks=(32,), has_mid: bool = False, seed: int = 0,
-                 embedding_type=GGMLType.F16, chat_template: str | None = "{{ messages }}") -> dict[str, np.ndarray]:
-    """Write a random file; returns what was written, tensor by tensor."""
+                 embedding_type=GGMLType.F16, chat_template: str | None = "{{ messages }}",
+                 output_type=None) -> dict[str, np.ndarray]:
+    """Write a random file; returns what was written, tensor by tensor. `embedding_type` / `output_type`: a GGML type
+    or the LinearPlan of a binary-factored table (spec/FORMAT.md §3.4)."""
     config = config or tiny_config()
     linears = [{lin: LinearPlan(tuple(min(r, *config.linear_shape(lin)) for r in ranks), has_mid)
                 for lin in K.LINEARS} for _ in range(config.n_layers)]
     tok = TokenizerInfo(TINY_TOKENIZER, chat_template, bos_id=0, eos_id=1, add_bos=False)
     prov = provenance(source_params=config.parameter_count())
-    with NQWriter(path, config, tok, prov, linears, embedding_type=embedding_type) as w:
+    with NQWriter(path, config, tok, prov, linears, embedding_type=embedding_type, output_type=output_type) as w:
         tensors = random_tensors(w, seed)
         for spec in w.plan:
             w.write(spec.name, tensors[spec.name])

@@ -4,9 +4,10 @@ import numpy as np
 import pytest
 from synthetic import tiny_config, write_random
 
-from nqfmt import NQFormatError, open_nq
+from nqfmt import LinearPlan, NQFormatError, open_nq
+from nqfmt.keys import GGMLType
 
-ROUNDS = 2400
+ROUNDS = 1200  # per embedding kind
 
 
 def _must_reject(path) -> str:
@@ -18,10 +19,20 @@ def _must_reject(path) -> str:
     pytest.fail(f"a damaged file was accepted: {path}")
 
 
-@pytest.fixture(scope="module")
-def original(tmp_path_factory):
+# the embedding kinds of spec/FORMAT.md §3.4: dense F16, dense Q4_0 (rows of 32), binary-factored (tied and untied)
+KINDS = {
+    "f16": (dict(arch="gemma3", sliding_layers=(True,)), {}),
+    "q4_0": (dict(arch="qwen2", hidden=64, n_heads=4, head_dim=16), dict(embedding_type=GGMLType.Q4_0)),
+    "binary": (dict(arch="gemma3", sliding_layers=(True,)), dict(embedding_type=LinearPlan((20, 7), has_mid=True))),
+    "binary-untied": (dict(arch="qwen2"), dict(embedding_type=LinearPlan((20,)), output_type=LinearPlan((9,)))),
+}
+
+
+@pytest.fixture(scope="module", params=list(KINDS))
+def original(tmp_path_factory, request):
+    config, kinds = KINDS[request.param]
     path = tmp_path_factory.mktemp("fuzz") / "orig.nq"
-    write_random(path, tiny_config("gemma3", n_layers=1, sliding_layers=(True,)), ranks=(20,), has_mid=True)
+    write_random(path, tiny_config(n_layers=1, **config), ranks=(20,), has_mid=True, **kinds)
     return path.read_bytes()
 
 

@@ -29,6 +29,14 @@ def test_spec_names_every_tensor_part_and_linear():
     assert f"version {K.FORMAT_VERSION}" in text and f"general.alignment = {K.ALIGNMENT}" in text
 
 
+def test_spec_names_every_ggml_type_with_its_id_and_the_table_kinds():
+    text = SPEC.read_text()
+    for t in K.GGMLType:
+        assert f"`{t.name}` ({int(t)})" in text, t
+    for table in (K.EMBD_TABLE, K.OUTPUT_TABLE):
+        assert f"`{K.dense_table_tensor(table)}`" in text and f"`{table}.pP.v_signs`" in text
+
+
 def test_spec_states_the_rank_rule_the_code_uses():
     text = SPEC.read_text()
     assert "r = floor((b·m·n/(m+n) − 16) / 32) · 32" in text and "[32, min(m, n)]" in text
