@@ -1,10 +1,11 @@
 """`nqserve FILE.nq`: argument handling; the HTTP side is app.py, the batching engine engine.py.
 
-A file or option it cannot use (malformed file, unknown backend, bad --ctx/--threads/--parallel) prints one line on
-stderr and exits 1, before anything listens.
+A file, option or address it cannot use (malformed file, unknown backend, bad --ctx/--threads/--parallel, a port in
+use) prints one line on stderr and exits 1, before anything is served.
 """
 from __future__ import annotations
 
+import socket
 import sys
 from pathlib import Path
 from typing import Optional
@@ -43,11 +44,26 @@ def serve(
         engine = Engine(lm.model, lm.tokenizer, parallel, lm.generator.n_ctx)
         engine.warm_up()
         server = Server(lm, engine, api_key)
+        listening = _listen(host, port)
         print(f"nqserve: {server.model_id} ({lm.info.backend}"
               + (f", {lm.info.threads} threads" if lm.info.threads else "")
               + f", context {engine.n_ctx}, {parallel} in parallel) on http://{host}:{port}/v1", file=sys.stderr,
               flush=True)
-    uvicorn.run(server.app(), host=host, port=port, log_level="warning", access_log=False)
+    config = uvicorn.Config(server.app(), log_level="warning", access_log=False)
+    uvicorn.Server(config).run(sockets=[listening])
+
+
+def _listen(host: str, port: int) -> socket.socket:
+    """The listening socket, bound here so that a busy port or a bad address is one error line before serving."""
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+        sock = socket.socket(family, kind, proto)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(address)
+        sock.listen(2048)
+    except OSError as e:
+        raise OSError(f"cannot listen on {host}:{port}: {e.strerror or e}") from None
+    return sock
 
 
 def main() -> None:

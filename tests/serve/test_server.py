@@ -258,10 +258,12 @@ def test_runtime_needs_neither_the_server_nor_its_libraries(server):
     subprocess.run([sys.executable, "-c", code], check=True)
 
 
-def test_unusable_file_is_one_line_and_exit_1(tmp_path):
+def test_unusable_file_option_or_port_is_one_line_and_exit_1(server, tmp_path):
     bad = tmp_path / "bad.nq"
     bad.write_bytes(b"not a model")
-    for args in ([str(bad)], [str(tmp_path / "missing.nq")], [str(bad), "--parallel", "0"]):
+    busy = server.url.rsplit(":", 1)[1]
+    for args in ([str(bad)], [str(tmp_path / "missing.nq")], [str(bad), "--parallel", "0"],
+                 [str(server.path), "--port", busy, "--threads", "1"]):
         run = subprocess.run([sys.executable, "-m", "nqserve", *args], capture_output=True, text=True, timeout=60)
         assert run.returncode == 1 and run.stderr.startswith("nqserve: error:"), run.stderr
         assert len(run.stderr.strip().splitlines()) == 1
