@@ -82,7 +82,7 @@ class Server:
             message = "Incorrect API key provided" if given else "You didn't provide an API key (Authorization: Bearer)"
             raise P.ApiError(401, message, "invalid_api_key")
 
-    def _job(self, req: P.Request, ids: list[int]) -> tuple[Job, asyncio.Queue[Event]]:
+    def _job(self, req: P.Request, ids: list[int], chat: bool) -> tuple[Job, asyncio.Queue[Event]]:
         """A job whose events arrive on an asyncio queue of this event loop."""
         n_ctx, vocab = self.engine.n_ctx, self.lm.info.vocab
         if not ids:
@@ -92,7 +92,7 @@ class Server:
         if len(ids) >= n_ctx:
             raise P.ApiError(400, f"This model's maximum context length is {n_ctx} tokens, however you requested "
                                   f"{len(ids)} tokens in the prompt, leaving no room to generate",
-                             "context_length_exceeded", "messages" if isinstance(req.prompt, list) else "prompt")
+                             "context_length_exceeded", "messages" if chat else "prompt")
         loop, queue = asyncio.get_running_loop(), asyncio.Queue()
 
         def emit(event: Event) -> None:
@@ -105,7 +105,7 @@ class Server:
         return Job(ids, max_tokens, req.sampling, req.stop, emit), queue
 
     async def _serve(self, request: HttpRequest, req: P.Request, ids: list[int], response: P.Response) -> HttpResponse:
-        job, queue = self._job(req, ids)
+        job, queue = self._job(req, ids, response.chat)
         self.engine.submit(job)
         if req.stream:
             return EventSourceResponse(self._events(job, queue, req, response), ping=15)

@@ -161,9 +161,10 @@ def test_bad_requests_get_openai_errors_and_the_server_keeps_serving(server):
     error_of(post({**ok, "temperature": 3.5}), 400, "invalid_value")
     for bad in (0, -3):
         assert error_of(post({**ok, "max_tokens": bad}), 400, "invalid_value")["param"] == "max_tokens"
-    error_of(post({**ok, "prompt": "ab" * server.context}), 400, "context_length_exceeded")
-    error_of(post({"model": server.model_id, "messages": [{"role": "user", "content": "ab" * server.context}]},
-                  chat_url), 400, "context_length_exceeded")
+    assert error_of(post({**ok, "prompt": "ab" * server.context}), 400, "context_length_exceeded")["param"] == "prompt"
+    assert error_of(post({**ok, "prompt": [5] * server.context}), 400, "context_length_exceeded")["param"] == "prompt"
+    assert error_of(post({"model": server.model_id, "messages": [{"role": "user", "content": "ab" * server.context}]},
+                         chat_url), 400, "context_length_exceeded")["param"] == "messages"
     error_of(post({**ok, "prompt": [1, 2, 100000]}), 400, "invalid_value")
     error_of(post({**ok, "model": "gpt-4o"}), 404, "model_not_found")
     error_of(post({k: v for k, v in ok.items() if k != "model"}), 400, "missing_required_parameter")
