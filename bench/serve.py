@@ -12,7 +12,9 @@ Every streamed text is compared with its prompt's single-request text. The bars 
 texts in every run; 8 clients' aggregate tok/s ≥ 2.5× one client's; TTFT p99 with 8 clients ≤ 2 s.
 
 Usage: python -m bench.serve --nq FILE.nq [--clients 1 4 8] [--tokens 128] [--prompt-tokens 32] [--requests 2]
-       [--threads T]
+       [--rounds 1] [--threads T]
+With --rounds N the sequence repeats N times on the same server; the bars use each client count's best round by
+aggregate tok/s (others' jobs share this machine), while errors, texts and the TTFT bar must hold in every round.
 Writes bench/results/serve-<file stem>.json. Run it under `flock /work/runs/cpu.lock` on a shared machine.
 """
 from __future__ import annotations
@@ -161,6 +163,7 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, default=128)
     ap.add_argument("--prompt-tokens", type=int, default=32)
     ap.add_argument("--requests", type=int, default=2, help="requests each client sends back to back (C > 1)")
+    ap.add_argument("--rounds", type=int, default=1, help="repeat the whole 1/4/8 sequence")
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--ctx", type=int, default=512)
     a = ap.parse_args()
@@ -171,38 +174,47 @@ def main() -> None:
     proc = start_server(a.nq, port, a.threads, a.ctx, log)
     model = a.nq.stem
     load_before = os.getloadavg()
-    runs, reference = {}, None
+    rounds: dict[int, list[dict]] = {c: [] for c in a.clients}
+    reference = None
     try:
         asyncio.run(run_clients(url, model, [[0]], ids, 8))  # warm-up: first request's one-time costs
-        for c in a.clients:
-            plan = [list(range(len(ids)))] if c == 1 else [[(i + j) % len(ids) for j in range(a.requests)]
-                                                          for i in range(c)]
-            wall, records = asyncio.run(run_clients(url, model, plan, ids, a.tokens))
-            if c == 1 and reference is None:
-                reference = {r["prompt"]: r["text"] for r in records if "error" not in r}
-            runs[c] = summarize(wall, records, reference)
-            s = runs[c]
-            print(f"{c} client(s): {s['requests']} requests, {s['errors']} errors, aggregate {s['aggregate_tps']:.1f} "
-                  f"tok/s (decode {s['aggregate_decode_tps']:.1f}), per request {s['per_request_decode_tps']}, "
-                  f"TTFT {s['ttft_s']}, texts equal: {s['texts_equal_single_request']}, load {os.getloadavg()}",
-                  flush=True)
+        for rnd in range(a.rounds):
+            for c in a.clients:
+                plan = [list(range(len(ids)))] if c == 1 else [[(i + j) % len(ids) for j in range(a.requests)]
+                                                              for i in range(c)]
+                wall, records = asyncio.run(run_clients(url, model, plan, ids, a.tokens))
+                if c == 1 and reference is None:
+                    reference = {r["prompt"]: r["text"] for r in records if "error" not in r}
+                s = dict(summarize(wall, records, reference), load_average=os.getloadavg())
+                rounds[c].append(s)
+                print(f"round {rnd + 1}, {c} client(s): {s['requests']} requests, {s['errors']} errors, aggregate "
+                      f"{s['aggregate_tps']:.1f} tok/s (decode {s['aggregate_decode_tps']:.1f}), per request "
+                      f"{s['per_request_decode_tps']}, TTFT {s['ttft_s']}, texts equal: "
+                      f"{s['texts_equal_single_request']}, load {s['load_average']}", flush=True)
     finally:
         proc.terminate()
         proc.wait(timeout=30)
+    best = {c: max(rs, key=lambda r: r["aggregate_tps"]) for c, rs in rounds.items()}
     bars = {}
-    if 1 in runs and 8 in runs:
-        bars = dict(ratio_8_over_1=runs[8]["aggregate_tps"] / runs[1]["aggregate_tps"],
-                    decode_ratio_8_over_1=runs[8]["aggregate_decode_tps"] / runs[1]["per_request_decode_tps"]["mean"],
-                    ttft_p99_8_clients_s=runs[8]["ttft_s"]["p99"])
-        bars["met"] = (bars["ratio_8_over_1"] >= 2.5 and bars["ttft_p99_8_clients_s"] <= 2.0
-                       and all(r["errors"] == 0 and r["texts_equal_single_request"] for r in runs.values()))
+    if 1 in best and 8 in best:
+        bars = dict(ratio_8_over_1=best[8]["aggregate_tps"] / best[1]["aggregate_tps"],
+                    decode_ratio_8_over_1=best[8]["aggregate_decode_tps"] / best[1]["per_request_decode_tps"]["mean"],
+                    ttft_p99_8_clients_s=best[8]["ttft_s"]["p99"],
+                    ttft_p99_8_clients_worst_round_s=max(r["ttft_s"]["p99"] for r in rounds[8]),
+                    errors=sum(r["errors"] for rs in rounds.values() for r in rs),
+                    texts_equal=all(r["texts_equal_single_request"] for rs in rounds.values() for r in rs))
+        bars["met"] = (bars["ratio_8_over_1"] >= 2.5 and bars["ttft_p99_8_clients_worst_round_s"] <= 2.0
+                       and bars["errors"] == 0 and bars["texts_equal"])
     result = dict(commit=commit(), date=datetime.now(timezone.utc).isoformat(timespec="seconds"), machine=machine(),
                   load_average_before=load_before, load_average_after=os.getloadavg(),
                   settings=dict(model=str(a.nq), clients=a.clients, tokens=a.tokens, prompt_tokens=a.prompt_tokens,
-                                requests_per_client=a.requests, parallel=PARALLEL, threads=a.threads, n_ctx=a.ctx,
+                                requests_per_client=a.requests, rounds=a.rounds, statistic="best round by aggregate "
+                                "tok/s for each client count; errors, texts and the TTFT bar over every round",
+                                parallel=PARALLEL, threads=a.threads, n_ctx=a.ctx,
                                 sampling="greedy", client="openai.AsyncOpenAI, one process, loopback",
                                 command=" ".join(sys.argv)),
-                  bars=bars, runs={str(c): r for c, r in runs.items()})
+                  bars=bars, best={str(c): r for c, r in best.items()},
+                  rounds={str(c): rs for c, rs in rounds.items()})
     out = ROOT / "bench" / "results" / f"serve-{a.nq.stem}.json"
     out.write_text(json.dumps(result, indent=1))
     print(json.dumps(bars), f"-> {out}")
