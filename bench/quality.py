@@ -1,9 +1,10 @@
 """Convert a model with a preset and measure perplexity by clarifications §7, full precision beside the `.nq` file.
 
-    PYTHONPATH=. nice python bench/quality.py --preset quick [--bits 1.0] [--no-refine ...] [--text FILE]
+    PYTHONPATH=. nice python bench/quality.py --preset quick [--bits 1.0] [--embedding q4_0] [--no-refine ...]
+        [--text FILE]
 
-Writes bench/results/quality-<model>-<preset>[-b<bits>][-<ablation>].json: commit, machine, load average, settings,
-bits per weight both ways, file size, seconds per stage, perplexities and their ratio, peak RSS. The full-precision
+Writes bench/results/quality-<model>-<preset>[-b<bits>][-<ablation>][-emb-<choice>].json: commit, machine, load
+average, settings, bits per weight both ways, file size, seconds per stage, perplexities and their ratio, peak RSS. The full-precision
 perplexity for a (model, text, windows) triple is cached in bench/results/fp-ppl-*.json (the script computed it).
 Runs whose JSON exists are skipped unless --force, so a queue of runs resumes where it stopped.
 """
@@ -105,6 +106,8 @@ def main() -> None:
     ap.add_argument("--windows", type=int, default=40)
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--embedding", default=None, help="f16, q8_0, q4_0, binary or binary:RANK (default: the preset's); "
+                                                      "names the JSON -emb-<choice>")
     ap.add_argument("--no-error-mitigation", action="store_true")
     ap.add_argument("--no-refine", action="store_true")
     ap.add_argument("--no-model-recon", action="store_true")
@@ -117,6 +120,7 @@ def main() -> None:
     ablation = [n for n, off in (("nomit", args.no_error_mitigation), ("norefine", args.no_refine),
                                  ("norecon", args.no_model_recon)) if off]
     ablation += [f"seed{args.seed}"] if args.seed else []
+    ablation += [f"emb-{args.embedding.replace(':', '-')}"] if args.embedding else []
     name = "-".join([f"quality-{Path(args.model).name}-{args.preset}"]
                     + ([f"b{args.bits:g}"] if args.bits != 1.0 else []) + ablation)
     result_path = RESULTS / f"{name}.json"
@@ -131,7 +135,8 @@ def main() -> None:
     t0 = time.perf_counter()
     summary = convert(Options(model=args.model, out=out, bits=args.bits, preset=args.preset, seed=args.seed,
                               threads=args.threads, error_mitigation=not args.no_error_mitigation,
-                              refine=not args.no_refine, model_recon=not args.no_model_recon),
+                              refine=not args.no_refine, model_recon=not args.no_model_recon,
+                              embedding=args.embedding),
                       LineReporter(sys.stdout))
     convert_seconds = time.perf_counter() - t0
     load_after_convert = os.getloadavg()
@@ -145,7 +150,8 @@ def main() -> None:
         "commit": commit, "machine": machine(), "load_average_start": load_before,
         "load_average_after_convert": load_after_convert, "load_average_end": os.getloadavg(),
         "settings": {"model": args.model, "preset": args.preset, "bits": args.bits, "seed": args.seed,
-                     "threads": torch.get_num_threads(), "error_mitigation": not args.no_error_mitigation,
+                     "threads": torch.get_num_threads(), "embedding": args.embedding,
+                     "error_mitigation": not args.no_error_mitigation,
                      "refine": not args.no_refine, "model_recon": not args.no_model_recon,
                      "text": str(text), "windows": len(windows),
                      "recipe": json.loads(open_nq(out).provenance.recipe)},

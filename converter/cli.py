@@ -47,6 +47,8 @@ def nqconvert(
     samples: Optional[int] = typer.Option(None, help="calibration windows of the block stage (default: the "
                                                       "preset's); distillation's windows scale with it"),
     seqlen: Optional[int] = typer.Option(None, help="tokens per calibration window (default: the preset's)"),
+    embedding: Optional[str] = typer.Option(None, help="how the embedding and head are stored: f16, q8_0, q4_0, "
+                                                         "binary or binary:RANK (default: the preset's)"),
     seed: int = typer.Option(0, help="seed of every random choice"),
     threads: Optional[int] = typer.Option(None, help="torch threads (default: all cores)"),
     resume: bool = typer.Option(False, "--resume", help="continue from the checkpoints in OUT.work/"),
@@ -59,7 +61,7 @@ def nqconvert(
     options = Options(model=model, out=out, bits=bits, preset=preset, calib=tuple(calib or ()), samples=samples,
                       seqlen=seqlen, seed=seed, threads=threads if threads is not None else os.cpu_count(),
                       resume=resume, error_mitigation=not no_error_mitigation, refine=not no_refine,
-                      model_recon=not no_model_recon)
+                      model_recon=not no_model_recon, embedding=embedding)
     reporter = RichReporter() if sys.stderr.isatty() else LineReporter(sys.stderr)
     with command_errors("nqconvert", debug, f"interrupted; run again with --resume to continue from {out}.work/"):
         try:

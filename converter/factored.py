@@ -6,7 +6,7 @@ gives exactly the arrays nqfmt writes, so a model rebuilt from the file (`model.
 """
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 import torch
@@ -97,9 +97,16 @@ class TrainablePath(nn.Module):
                else torch.ones(self.rank, dtype=torch.float64))
         return self.scale_out.detach().double()[:, None] * ((u * mid) @ v) * self.scale_in.detach().double()
 
-    def export(self, layer: int, linear: str, path: int) -> dict[str, np.ndarray]:
-        """Packed signs (uint32) and float16 scales under their file names, in file order."""
-        name = lambda part: K.path_tensor(layer, linear, path, part)  # noqa: E731
+    def rows(self, ids: torch.Tensor) -> torch.Tensor:
+        """Rows `ids` of this path's matrix, [..., n], without building the whole matrix (a factored embedding)."""
+        u, v = self.signs()
+        t = u[ids]
+        if self.scale_mid is not None:
+            t = t * self.scale_mid
+        return (t @ v) * self.scale_out[ids][..., None] * self.scale_in
+
+    def export(self, name: Callable[[str], str]) -> dict[str, np.ndarray]:
+        """Packed signs (uint32) and float16 scales under the file names `name(part)` gives, in file order."""
         u, v = (s.detach().numpy() for s in self.signs())
         out = {name(K.V_SIGNS): pack_signs(v), name(K.U_SIGNS): pack_signs(u),
                name(K.SCALE_IN): self.scale_in.detach().numpy().astype(np.float16),
@@ -160,6 +167,13 @@ class BinaryFactoredLinear(nn.Module):
             y = y + p(x)
         return y if self.bias is None else y + self.bias
 
+    def rows(self, ids: torch.Tensor) -> torch.Tensor:
+        """Rows `ids` of the matrix applied (bias excluded), [..., n]: the lookup of a binary-factored embedding."""
+        y = self.paths[0].rows(ids)
+        for p in self.paths[1:]:
+            y = y + p.rows(ids)
+        return y
+
     def freeze_signs(self) -> None:
         """Latents become ±1 buffers; afterwards only the scales are trainable."""
         for p in self.paths:
@@ -194,7 +208,15 @@ class BinaryFactoredLinear(nn.Module):
         """Every tensor of this linear in nqfmt's names, dtypes, shapes and order (paths, then the bias)."""
         out: dict[str, np.ndarray] = {}
         for i, p in enumerate(self.paths):
-            out.update(p.export(layer, linear, i))
+            out.update(p.export(lambda part: K.path_tensor(layer, linear, i, part)))
         if self.bias is not None:
             out[K.bias_tensor(layer, linear)] = self.bias.numpy().astype(np.float32)
+        return out
+
+    @torch.no_grad()
+    def export_table(self, table: str) -> dict[str, np.ndarray]:
+        """This matrix as a binary-factored embedding / head (`table` = K.EMBD_TABLE or K.OUTPUT_TABLE; no bias)."""
+        out: dict[str, np.ndarray] = {}
+        for i, p in enumerate(self.paths):
+            out.update(p.export(lambda part: K.table_path_tensor(table, i, part)))
         return out

@@ -88,7 +88,10 @@ def coarse_kl(logp_s: torch.Tensor, logp_t: torch.Tensor, ids: torch.Tensor, log
 
 
 def scale_parameters(model: TorchModel) -> list[torch.nn.Parameter]:
-    return [s for block in model.blocks for lin in factored_linears(block) for s in lin.scales()]
+    """Every scale of the decoder linears and of a binary-factored embedding / head (the head as the file stores it:
+    distillation tunes its scales like the others)."""
+    tables = [s for table in model.factored_tables() for s in table.scales()]
+    return [s for block in model.blocks for lin in factored_linears(block) for s in lin.scales()] + tables
 
 
 def next_token_ce(logp_s: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:

@@ -35,6 +35,7 @@ from nqfmt.bits import max_single_path_bits, path_bits
 from nqfmt.errors import NQError
 
 from . import block_reconstruction as B
+from . import embedding as E
 from .admm import AdmmSettings
 from .calibration import (
     CalibrationError,
@@ -86,6 +87,7 @@ class Recipe:
     refine: bool = True
     model_recon: bool = True
     forward_batch: int = 8
+    embedding: str = "f16"  # how the embedding and head are stored: converter/embedding.py
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), sort_keys=True, separators=(",", ":"))
@@ -134,6 +136,7 @@ class Options:
     error_mitigation: bool = True
     refine: bool = True
     model_recon: bool = True
+    embedding: str | None = None  # None: the preset's
 
     def recipe(self) -> Recipe:
         if self.preset not in PRESETS:
@@ -149,6 +152,8 @@ class Options:
             over["recon_samples"] = max(1, round(r.recon_samples * self.samples / r.samples))
         if self.seqlen is not None:
             over["seqlen"] = self.seqlen
+        if self.embedding is not None:
+            over["embedding"] = E.parse_embedding(self.embedding)
         return dataclasses.replace(r, **over)
 
 
@@ -337,6 +342,8 @@ def convert(options: Options, reporter: Reporter | None = None) -> Summary:
         source = open_source(options.model)
     config = source.config
     check_bits(options.bits, config)
+    recipe = dataclasses.replace(recipe, embedding=E.resolve_embedding(recipe.embedding, config,
+                                                                       options.embedding is not None))
     ranks = B.block_ranks(config, options.bits)
 
     calib = list(options.calib) or [default_calibration_text()]
@@ -352,12 +359,15 @@ def convert(options: Options, reporter: Reporter | None = None) -> Summary:
     run = Run(source, skeleton(source), windows, ranks, recipe, options.seed, work, timer, reporter)
 
     _blocks(run, _preconditioners(run))
-    model = _assemble(run)
+    tables = _tables(run)
+    model = _assemble(run, tables)
     if recipe.model_recon:
         _reconstruct(run, model)
     for blk in model.blocks:
         for lin in B.factored_linears(blk):
             lin.round_scales_to_fp16()
+    for table in model.factored_tables():
+        table.round_scales_to_fp16()
     reporter.stage("writing", 1)
     bpw = linear_bpw(config, ranks)
     provenance = Provenance(
@@ -366,7 +376,7 @@ def convert(options: Options, reporter: Reporter | None = None) -> Summary:
         source_sha256=source.sha256, source_params=config.parameter_count(), calibration_sha256=calib_sha,
         date=now_utc())
     with timer.stage("write"):
-        write_nq(out, source, model, provenance)
+        write_nq(out, source, model, provenance, tables)
     reporter.done()
     work.remove()
     timer.seconds["total"] = time.perf_counter() - t_start
@@ -443,14 +453,39 @@ def _blocks(run: Run, preconditioners: list[LayerPreconditioners]) -> None:
         run.checkpoint("teacher.pt", cache)
 
 
-def _assemble(run: Run) -> TorchModel:
-    """The quantized model from the block checkpoints, with the embedding/head rounded to what the file stores."""
+def _tables(run: Run) -> dict[str, E.StoredTable]:
+    """The embedding and (untied) head as the file stores them (spec/CONVERTER.md, "Embedding and head"), from the
+    source's tables, the final norm output's moments on the statistics windows and the calibration tokens'
+    frequencies (converter/embedding.py); checkpointed, since a binary factorization takes minutes."""
+    if run.work.has("tables.pt"):
+        return {k: E.StoredTable.from_state(v) for k, v in run.work.load("tables.pt").items()}
+    recipe, config, base = run.recipe, run.source.config, run.base
+    run.reporter.stage("embedding", 1)
+    with run.timer.stage("embedding"):
+        cols = rows = None
+        if E.needs_statistics(recipe.embedding):
+            final = E.final_hidden(base.embed, run.fp_block, config.n_layers, run.windows[:recipe.stat_samples],
+                                   recipe.forward_batch, recipe.teacher_bf16)
+            cols = E.column_weights(base.output_norm, final, recipe.shrinkage)
+            rows = E.row_weights(run.windows, config.vocab, recipe.shrinkage)
+        seed = B.stage_seed(run.seed, 20_000, 4)
+        untied = base.output is not None  # an untied embedding is only read, not multiplied by the final norm output
+        tables = {K.EMBD_TABLE: E.store_table(recipe.embedding, base.token_embd.detach(), config,
+                                              None if untied else cols, rows, recipe.admm, seed)}
+        if untied:
+            tables[K.OUTPUT_TABLE] = E.store_table(recipe.embedding, base.output.detach(), config, cols, rows,
+                                                   recipe.admm, seed + 1)
+    run.checkpoint("tables.pt", {k: t.state() for k, t in tables.items()})
+    return tables
+
+
+def _assemble(run: Run, tables: dict[str, E.StoredTable]) -> TorchModel:
+    """The quantized model from the block checkpoints, with the embedding/head as the file stores them."""
     config, base = run.source.config, run.base
     blocks = [quantized_block(config, i, block_norms(run.source, i), run.work.load(f"block-{i:03d}.pt"))
               for i in range(config.n_layers)]
-    embd = base.token_embd.detach().to(torch.float16).to(torch.float32)
-    output = None if base.output is None else base.output.detach().to(torch.float16).to(torch.float32)
-    return TorchModel(config, embd, blocks, base.output_norm.weight.detach(), output)
+    output = tables[K.OUTPUT_TABLE].torch_value() if K.OUTPUT_TABLE in tables else None
+    return TorchModel(config, tables[K.EMBD_TABLE].torch_value(), blocks, base.output_norm.weight.detach(), output)
 
 
 def _reconstruct(run: Run, model: TorchModel) -> None:
@@ -473,15 +508,17 @@ def _reconstruct(run: Run, model: TorchModel) -> None:
             s.copy_(v)
 
 
-def write_nq(out: Path, source, model: TorchModel, provenance: Provenance) -> None:
+def write_nq(out: Path, source, model: TorchModel, provenance: Provenance,
+             tables: dict[str, E.StoredTable]) -> None:
     """Stream every tensor into NQWriter in plan order (atomic: OUT appears only when complete)."""
     config = source.config
     plans = [{name: lin.plan() for name, lin in blk.linears.items()} for blk in model.blocks]
     exports: dict[int, dict[str, np.ndarray]] = {}
+    table_arrays = {name: a for key, table in tables.items() for name, a in table.export(key).items()}
 
     def array(name: str) -> np.ndarray:
-        if name in (K.TOKEN_EMBD, K.OUTPUT):
-            return source.tensor(name).numpy().astype(np.float16)
+        if name in table_arrays:
+            return table_arrays[name]
         if name == K.OUTPUT_NORM:
             return source.tensor(name).numpy().astype(np.float32)
         layer = int(name.split(".")[1])
@@ -494,7 +531,10 @@ def write_nq(out: Path, source, model: TorchModel, provenance: Provenance) -> No
                 exports[layer].update(lin.export(layer, lin_name))
         return exports[layer][name]
 
-    with NQWriter(out, config, source.tokenizer, provenance, plans, name=source.name) as w:
+    kinds = {"embedding_type": tables[K.EMBD_TABLE].kind}
+    if K.OUTPUT_TABLE in tables:
+        kinds["output_type"] = tables[K.OUTPUT_TABLE].kind
+    with NQWriter(out, config, source.tokenizer, provenance, plans, name=source.name, **kinds) as w:
         for spec in w.plan:
             w.write(spec.name, array(spec.name))
 

@@ -14,7 +14,8 @@ import os
 import numpy as np
 import torch
 from nqfmt.keys import GGMLType
-from gguf.quants import dequantize
+from nqfmt.q4_0 import dequantize_q4_0
+from nqfmt.q8_0 import dequantize_q8_0
 from torch import nn
 from torch.nn import functional as F
 
@@ -166,19 +167,28 @@ class DecoderBlock(nn.Module):
         return x + f
 
 
-class TorchModel(nn.Module):
-    """Embedding, decoder blocks, final norm and head (tied to the embedding unless `output` is given)."""
+Table = torch.Tensor | BinaryFactoredLinear  # a dense V×d table, or a binary-factored one (spec/FORMAT.md §3.4)
 
-    def __init__(self, config: ModelConfig, token_embd: torch.Tensor, blocks: list[DecoderBlock],
-                 output_norm: torch.Tensor, output: torch.Tensor | None = None) -> None:
+
+def _table(t: Table) -> nn.Parameter | BinaryFactoredLinear:
+    return t if isinstance(t, BinaryFactoredLinear) else nn.Parameter(_f32(t), requires_grad=False)
+
+
+class TorchModel(nn.Module):
+    """Embedding, decoder blocks, final norm and head (tied to the embedding unless `output` is given). Each table is
+    a dense tensor or a BinaryFactoredLinear (V out, d in), whose rows are the embedding and whose product is the
+    head's logits."""
+
+    def __init__(self, config: ModelConfig, token_embd: Table, blocks: list[DecoderBlock],
+                 output_norm: torch.Tensor, output: Table | None = None) -> None:
         super().__init__()
         if (output is None) != config.tie_embeddings:
             raise ValueError("an output head is needed exactly when the embeddings are untied")
         self.config = config
-        self.token_embd = nn.Parameter(_f32(token_embd), requires_grad=False)
+        self.token_embd = _table(token_embd)
         self.blocks = nn.ModuleList(blocks)
         self.output_norm = RMSNorm(output_norm, config.norm_eps, config.norm_offset)
-        self.output = None if output is None else nn.Parameter(_f32(output), requires_grad=False)
+        self.output = None if output is None else _table(output)
 
     @classmethod
     def from_source(cls, source) -> "TorchModel":
@@ -189,11 +199,18 @@ class TorchModel(nn.Module):
         return cls(c, source.tensor(K.TOKEN_EMBD), blocks, source.tensor(K.OUTPUT_NORM), output)
 
     def embed(self, tokens: torch.Tensor) -> torch.Tensor:
-        h = F.embedding(tokens, self.token_embd)
+        t = self.token_embd
+        h = t.rows(tokens) if isinstance(t, BinaryFactoredLinear) else F.embedding(tokens, t)
         return h * self.config.embedding_scale if self.config.embedding_scale != 1.0 else h
 
+    def factored_tables(self) -> list[BinaryFactoredLinear]:
+        """The binary-factored embedding / head, each once (a tied table serves both)."""
+        return [t for t in (self.token_embd, self.output) if isinstance(t, BinaryFactoredLinear)]
+
     def head(self, h: torch.Tensor) -> torch.Tensor:
-        logits = F.linear(self.output_norm(h), self.token_embd if self.output is None else self.output)
+        table = self.token_embd if self.output is None else self.output
+        x = self.output_norm(h)
+        logits = table(x) if isinstance(table, BinaryFactoredLinear) else F.linear(x, table)
         if self.config.final_softcap:
             logits = torch.tanh(logits / self.config.final_softcap) * self.config.final_softcap
         return logits
@@ -206,18 +223,23 @@ class TorchModel(nn.Module):
         return self.head(h)
 
 
-def _embedding(nq, name: str) -> torch.Tensor:
-    """An embedding-shaped tensor of the file as float32 (F16 widened, Q8_0 dequantized)."""
-    info = nq.tensors[name]
-    raw = nq.array(name)
-    if info.gtype == GGMLType.Q8_0:
-        return torch.from_numpy(dequantize(raw, GGMLType.Q8_0).reshape(info.shape).astype(np.float32))
+def _table_of(nq, table: str) -> Table:
+    """The embedding (K.EMBD_TABLE) or untied head (K.OUTPUT_TABLE) of the file as the converter's model holds it:
+    dense values as float32 (F16 widened, Q8_0 and Q4_0 dequantized by nqfmt's references) or a frozen
+    BinaryFactoredLinear."""
+    kind = nq.tables[table]
+    if not isinstance(kind, GGMLType):
+        return _factored(nq.factored_table(table))
+    raw = nq.array(K.dense_table_tensor(table))
+    if kind == GGMLType.Q8_0:
+        return torch.from_numpy(dequantize_q8_0(raw))
+    if kind == GGMLType.Q4_0:
+        return torch.from_numpy(dequantize_q4_0(raw))
     return torch.from_numpy(raw.astype(np.float32))
 
 
-def _factored(nq, layer: int, linear: str) -> BinaryFactoredLinear:
-    """One linear of the file with frozen signs and float32 copies of its fp16 scales."""
-    fl = nq.linear(layer, linear)
+def _factored(fl) -> BinaryFactoredLinear:
+    """A factored linear or table of the file with frozen signs and float32 copies of its fp16 scales."""
     paths = []
     for p in fl.paths:
         mid = None if p.scale_mid is None else p.scale_mid.astype(np.float32)
@@ -235,7 +257,7 @@ def load_nq(path: str | os.PathLike) -> TorchModel:
     for layer in range(c.n_layers):
         norms = {f"{name}.weight": torch.from_numpy(nq.array(K.norm_tensor(layer, name)).copy())
                  for name in c.block_norms()}
-        blocks.append(DecoderBlock(c, layer, norms, {lin: _factored(nq, layer, lin) for lin in K.LINEARS}))
-    output = None if c.tie_embeddings else _embedding(nq, K.OUTPUT)
-    return TorchModel(c, _embedding(nq, K.TOKEN_EMBD), blocks, torch.from_numpy(nq.array(K.OUTPUT_NORM).copy()),
+        blocks.append(DecoderBlock(c, layer, norms, {lin: _factored(nq.linear(layer, lin)) for lin in K.LINEARS}))
+    output = None if c.tie_embeddings else _table_of(nq, K.OUTPUT_TABLE)
+    return TorchModel(c, _table_of(nq, K.EMBD_TABLE), blocks, torch.from_numpy(nq.array(K.OUTPUT_NORM).copy()),
                       output)

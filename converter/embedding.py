@@ -1,0 +1,232 @@
+"""How the converter stores the embedding and the output head (spec/FORMAT.md §3.4, spec/CONVERTER.md, "Embedding and
+head"): F16, Q8_0, Q4_0, or binary-factored by the same LB-ADMM as the decoder linears.
+
+The choice is text, `f16`, `q8_0`, `q4_0`, `binary` (rank min(V, d)) or `binary:RANK`, kept in the recipe. A
+`StoredTable` holds what the file will hold: raw bytes for a dense type (the torch model sees them dequantized), or a
+frozen `BinaryFactoredLinear` whose scales model reconstruction tunes (the file is exported from that module after).
+
+Weights for the choices that lose information (Q4_0's scale search, the ADMM's preconditioners):
+- columns: the final norm's output second moments on the statistics windows, shrunk and square-rooted like the
+  decoder linears' d_in. The head multiplies exactly that vector, so an error in column j costs in proportion to
+  its size; for the embedding's own use (a row added to the residual stream) no better column weighting is known.
+- rows (ADMM only): how often each token occurs in the calibration windows, shrunk the same way. An embedding row
+  is read once per occurrence, and the gradient of the next-token loss at logit t has second moment ≈ the target
+  frequency of t; the shrinkage keeps rare tokens from being ignored (a spurious logit on any row costs everywhere).
+"""
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from gguf import GGMLQuantizationType
+from gguf.quants import quantize
+
+from nqfmt import LinearPlan, ModelConfig
+from nqfmt import keys as K
+from nqfmt.errors import NQError
+from nqfmt.q4_0 import BLOCK, dequantize_q4_0, pack_q4_0
+from nqfmt.q8_0 import dequantize_q8_0
+
+from .admm import AdmmSettings, lb_admm
+from .factored import BinaryFactoredLinear
+from .preconditioners import ClippedSecondMoment, preconditioner
+
+DENSE = {"f16": K.GGMLType.F16, "q8_0": K.GGMLType.Q8_0, "q4_0": K.GGMLType.Q4_0}
+BINARY = "binary"
+CHOICES = (*DENSE, BINARY)
+
+
+class EmbeddingChoiceError(NQError):
+    """An --embedding value that is malformed or does not fit the model; the message says which and why."""
+
+
+def parse_embedding(text: str) -> str:
+    """The canonical form of an --embedding value (`q4_0`, `binary`, `binary:256`, ...), or EmbeddingChoiceError."""
+    kind, sep, rank = text.strip().lower().partition(":")
+    if kind not in CHOICES or (sep and kind != BINARY):
+        raise EmbeddingChoiceError(f"--embedding {text!r}: choose one of f16, q8_0, q4_0, binary, binary:RANK")
+    if not sep:
+        return kind
+    if not rank.isdigit() or int(rank) < 1:
+        raise EmbeddingChoiceError(f"--embedding {text!r}: the rank after 'binary:' must be a positive integer")
+    return f"{BINARY}:{int(rank)}"
+
+
+def binary_rank(choice: str, config: ModelConfig) -> int:
+    """The rank of a binary choice: the one given, or min(V, d)."""
+    _, _, rank = choice.partition(":")
+    return int(rank) if rank else min(config.vocab, config.hidden)
+
+
+def resolve_embedding(choice: str, config: ModelConfig, explicit: bool) -> str:
+    """`choice` checked against the model. A block type (Q8_0, Q4_0) needs d to be a multiple of 32: asked for
+    explicitly, another d is an error; as a preset's default, it falls back to f16 (recorded in the recipe)."""
+    if choice in ("q8_0", "q4_0") and config.hidden % BLOCK:
+        if explicit:
+            raise EmbeddingChoiceError(f"--embedding {choice}: rows of {config.hidden} values are not whole blocks "
+                                       f"of {BLOCK}; use f16 or binary")
+        return "f16"
+    if choice.startswith(BINARY):
+        rank, top = binary_rank(choice, config), min(config.vocab, config.hidden)
+        if rank > top:
+            raise EmbeddingChoiceError(f"--embedding {choice}: rank {rank} is above min(vocabulary, hidden) = {top}")
+    return choice
+
+
+def table_bits(choice: str, config: ModelConfig) -> float:
+    """Storage bits per table entry of a choice (spec/FORMAT.md §4)."""
+    if choice in DENSE:
+        block, size = K.TYPE_SIZES[DENSE[choice]]
+        return 8 * size / block
+    v, d, r = config.vocab, config.hidden, binary_rank(choice, config)
+    return (r * (v + d) + 16 * (v + d)) / (v * d)
+
+
+# --- what the file holds ------------------------------------------------------------------------------------------
+@dataclass
+class StoredTable:
+    """One table as the file stores it: `raw` (the bytes of a dense type) or `factored` (a binary-factored module)."""
+
+    gtype: K.GGMLType | None
+    raw: np.ndarray | None = None
+    factored: BinaryFactoredLinear | None = None
+
+    @property
+    def kind(self) -> K.GGMLType | LinearPlan:
+        """The writer's table kind (spec §3.4)."""
+        return self.factored.plan() if self.factored is not None else self.gtype
+
+    def torch_value(self) -> torch.Tensor | BinaryFactoredLinear:
+        """What the torch model computes with: the dense values dequantized to float32, or the factored module."""
+        if self.factored is not None:
+            return self.factored
+        if self.gtype == K.GGMLType.Q4_0:
+            return torch.from_numpy(dequantize_q4_0(self.raw))
+        if self.gtype == K.GGMLType.Q8_0:
+            return torch.from_numpy(dequantize_q8_0(self.raw))
+        return torch.from_numpy(self.raw.astype(np.float32))
+
+    def export(self, table: str) -> dict[str, np.ndarray]:
+        """The table's tensors under their file names (a factored table's scales as they are now: round first)."""
+        if self.factored is not None:
+            return self.factored.export_table(table)
+        return {K.dense_table_tensor(table): self.raw}
+
+    def state(self) -> dict:
+        """What a checkpoint needs to rebuild this table exactly (`from_state`)."""
+        if self.factored is None:
+            return {"gtype": int(self.gtype), "raw": self.raw}
+        p = self.factored.paths[0]
+        u, v = p.signs()
+        return {"u": u.to(torch.int8), "v": v.to(torch.int8), "scale_in": p.scale_in.detach().clone(),
+                "scale_out": p.scale_out.detach().clone()}
+
+    @classmethod
+    def from_state(cls, state: dict) -> "StoredTable":
+        if "raw" in state:
+            return cls(K.GGMLType(state["gtype"]), raw=state["raw"])
+        return cls(None, factored=_frozen(state["u"].float(), state["v"].float(), state["scale_in"],
+                                          state["scale_out"]))
+
+
+def _frozen(u, v, scale_in, scale_out) -> BinaryFactoredLinear:
+    lin = BinaryFactoredLinear.from_factors(u, v, scale_in, scale_out)
+    lin.freeze_signs()
+    return lin
+
+
+# --- weights ------------------------------------------------------------------------------------------------------
+@torch.no_grad()
+def column_weights(final_norm: Callable[[torch.Tensor], torch.Tensor], final_hidden: torch.Tensor,
+                   gamma: float) -> torch.Tensor:
+    """d (mean 1): the square root of the final norm output's clipped, shrunk second moments (module docstring)."""
+    moments = ClippedSecondMoment()
+    for window in final_hidden:
+        moments.add(final_norm(window))
+    return preconditioner(moments.mean(), gamma)
+
+
+def row_weights(windows: torch.Tensor, vocab: int, gamma: float) -> torch.Tensor:
+    """V (mean 1): the square root of each token's shrunk frequency in the calibration windows (module docstring)."""
+    counts = torch.bincount(windows.reshape(-1), minlength=vocab)[:vocab].to(torch.float32)
+    return preconditioner(counts / counts.sum(), gamma)
+
+
+# --- the choices ----------------------------------------------------------------------------------------------------
+Q4_STEPS = torch.arange(-9, 10, dtype=torch.float32) / 10  # offsets of the code given to the largest value
+
+
+@torch.no_grad()
+def quantize_q4_0(w: torch.Tensor, col_weight: torch.Tensor | None, chunk: int = 4096) -> np.ndarray:
+    """Q4_0 bytes of w (V×d, d a multiple of 32) minimising the column-weighted squared error block by block.
+
+    Per block, candidate scales map the largest-magnitude value x_max to code −8 + δ or to +7 + δ (δ in −0.9..0.9);
+    for each the codes are rounded, the least-squares scale for those codes is taken, and the candidate with the
+    smallest weighted error wins (GGML's reference rule is the δ = 0 member of the first family, without the refit).
+    The winning scale is rounded to F16 and the codes are rounded again for that scale."""
+    v, d = w.shape
+    weight = (torch.ones(d) if col_weight is None else col_weight).pow(2).reshape(1, d // BLOCK, BLOCK).float()
+    out = []
+    for start in range(0, v, chunk):
+        x = w[start:start + chunk].to(torch.float32).reshape(-1, d // BLOCK, BLOCK)
+        idx = x.abs().argmax(dim=-1, keepdim=True)
+        peak = x.gather(-1, idx)  # the signed value of largest magnitude
+        best_err = torch.full(peak.shape[:2], float("inf"))
+        best_scale = torch.zeros(peak.shape[:2])
+        for target in torch.cat([-8 + Q4_STEPS, 7 + Q4_STEPS]):
+            inv = torch.where(peak != 0, target / peak, torch.zeros_like(peak))
+            codes = (x * inv).round().clamp(-8, 7)
+            num = (weight * x * codes).sum(-1)
+            den = (weight * codes * codes).sum(-1)
+            scale = torch.where(den > 0, num / den.clamp_min(1e-30), torch.zeros_like(num))
+            err = (weight * (x - scale[..., None] * codes).pow(2)).sum(-1)
+            better = err < best_err
+            best_err = torch.where(better, err, best_err)
+            best_scale = torch.where(better, scale, best_scale)
+        d16 = best_scale.to(torch.float16)
+        s = d16.to(torch.float32)[..., None]
+        codes = torch.where(s != 0, (x / torch.where(s != 0, s, torch.ones_like(s))).round().clamp(-8, 7),
+                            torch.zeros_like(x))
+        out.append(pack_q4_0(d16.numpy(), (codes + 8).to(torch.uint8).reshape(x.shape[0], d).numpy()))
+    return np.concatenate(out)
+
+
+def factorize(w: torch.Tensor, rank: int, col_weight: torch.Tensor, row_weight: torch.Tensor,
+              settings: AdmmSettings, seed: int) -> BinaryFactoredLinear:
+    """A frozen one-path binary factorization of w (V×d) by LB-ADMM with the given preconditioners (d_in: columns,
+    d_out: rows); its scales stay float32 until the pipeline rounds them for the file."""
+    f = lb_admm(w, rank, col_weight, row_weight, settings, seed)
+    return _frozen(f.u_latent, f.v_latent, f.scale_in, f.scale_out)
+
+
+def store_table(choice: str, w: torch.Tensor, config: ModelConfig, col_weight: torch.Tensor | None,
+                row_weight: torch.Tensor | None, settings: AdmmSettings, seed: int) -> StoredTable:
+    """Table `w` (V×d, the source's values) stored as `choice` (already resolved against the model)."""
+    if choice == "f16":
+        return StoredTable(K.GGMLType.F16, raw=w.detach().numpy().astype(np.float16))
+    if choice == "q8_0":
+        raw = quantize(w.detach().to(torch.float32).numpy(), GGMLQuantizationType.Q8_0)
+        return StoredTable(K.GGMLType.Q8_0, raw=raw)
+    if choice == "q4_0":
+        return StoredTable(K.GGMLType.Q4_0, raw=quantize_q4_0(w, col_weight))
+    return StoredTable(None, factored=factorize(w, binary_rank(choice, config), col_weight, row_weight, settings,
+                                                seed))
+
+
+def needs_statistics(choice: str) -> bool:
+    """Whether storing `choice` uses the column (and row) weights: the lossy choices other than Q8_0."""
+    return choice == "q4_0" or choice.startswith(BINARY)
+
+
+@torch.no_grad()
+def final_hidden(embed: Callable[[torch.Tensor], torch.Tensor], load_block: Callable[[int], torch.nn.Module],
+                 n_layers: int, windows: torch.Tensor, batch: int, bf16: bool) -> torch.Tensor:
+    """The full-precision model's last hidden states (before the final norm) on `windows`, one block at a time."""
+    h = torch.cat([embed(windows[i:i + batch]) for i in range(0, windows.shape[0], batch)])
+    for layer in range(n_layers):
+        block = load_block(layer)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            h = torch.cat([block(h[i:i + batch]).float() for i in range(0, h.shape[0], batch)])
+    return h
