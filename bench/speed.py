@@ -10,7 +10,7 @@ Every engine gets the same prompt token ids (the SmolLM2 tokenizer's, through ll
 --tokens tokens after its first (no stop token), one single-token forward pass + argmax each, timed from the first
 generated token to the last. Time to first token runs from process start (imports, load, prefill).
 Memory (ours): peak RSS minus the RSS after imports and kernel loading (a tiny model run first), against the bar
-file size + KV cache + 50 MB (clarifications §6); llama.cpp's absolute peak RSS is reported beside ours.
+file size + KV cache + 50 MB (spec/EVALUATION.md §4); llama.cpp's absolute peak RSS is reported beside ours.
 
 Usage: python -m bench.speed [--nq FILE ...] [--rounds 3] [--threads 1 2] [--tokens 128]
 Without --nq it measures random SmolLM2-135M-shaped files (bench/synthetic_model.py) with an F16 and a Q8_0 head.
