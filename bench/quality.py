@@ -1,4 +1,4 @@
-"""Convert a model with a preset and measure perplexity by clarifications §7, full precision beside the `.nq` file.
+"""Convert a model with a preset and measure perplexity by spec/EVALUATION.md §2, full precision beside the `.nq` file.
 
     PYTHONPATH=. nice python bench/quality.py --preset quick [--bits 1.0] [--embedding q4_0] [--no-refine ...]
         [--text FILE]
@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import importlib.metadata
 import json
 import math
 import os
@@ -29,6 +30,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from converter.torch_model import TorchModel, load_nq  # noqa: E402
+from converter.calibration import default_calibration_text  # noqa: E402
 from converter.pipeline import Options, convert  # noqa: E402
 from converter.progress import LineReporter  # noqa: E402
 from converter.sources import open_source  # noqa: E402
@@ -76,6 +78,11 @@ def cpu_model() -> str:
     info = {k.strip(): v.strip() for k, sep, v in (line.partition(":") for line in text.splitlines()) if sep}
     model = info.get("model name", platform.processor())
     return f"{model} @ {float(info['cpu MHz']):.0f} MHz" if "cpu MHz" in info else model
+
+
+def file_sha256(path: Path) -> str:
+    """What a text's figures depend on: its exact bytes (the default text varies with the parser that built it)."""
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
 
 def machine() -> dict:
@@ -153,7 +160,9 @@ def main() -> None:
                      "threads": torch.get_num_threads(), "embedding": args.embedding,
                      "error_mitigation": not args.no_error_mitigation,
                      "refine": not args.no_refine, "model_recon": not args.no_model_recon,
-                     "text": str(text), "windows": len(windows),
+                     "text": str(text), "text_sha256": file_sha256(text),
+                     "calibration_text_sha256": file_sha256(default_calibration_text()),
+                     "mwparserfromhell": importlib.metadata.version("mwparserfromhell"), "windows": len(windows),
                      "recipe": json.loads(open_nq(out).provenance.recipe)},
         "bits_target": args.bits, "bpw_decoder_linears": summary.bpw_linears, "bpw_whole_file": summary.bpw_file,
         "file_bytes": summary.file_bytes, "ratio_to_fp16": summary.ratio_to_fp16,
