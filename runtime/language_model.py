@@ -68,7 +68,7 @@ class LanguageModel:
             n_layers=cfg.n_layers, hidden=cfg.hidden, n_heads=cfg.n_heads, n_kv_heads=cfg.n_kv_heads,
             vocab=cfg.vocab, context_length=cfg.context_length, source_parameters=prov.source_params,
             file_bytes=self.file.size, bits_target=prov.bits_target, bits_achieved=prov.bits_achieved,
-            embedding_type=self.model.embedding_type.name, backend=self.backend.name,
+            embedding_type=self.model.embedding_type, backend=self.backend.name,
             threads=getattr(self.backend, "threads", None), load_seconds=time.perf_counter() - start)
 
     # --- text ---------------------------------------------------------------------------------------------------

@@ -14,7 +14,8 @@ from typing import Any, Callable
 import numpy as np
 from nqfmt.keys import GGMLType as GT
 
-from nqfmt import ModelConfig, NQFile, NQFormatError
+from nqfmt import LinearPlan, ModelConfig, NQFile, NQFormatError
+from nqfmt.layout import table_kind_name
 from nqfmt import keys as K
 
 from .backends import Backend, KVCache
@@ -64,11 +65,9 @@ class Model:
         self.config = cfg = nq.config
         self.backend = backend
         self.nq = nq
-        emb_info = nq.tensors[K.TOKEN_EMBD]
-        self.embedding_type = emb_info.gtype
-        self.embedding = backend.prepare_embedding(_checked_table(nq, K.TOKEN_EMBD), emb_info.gtype, cfg.hidden)
-        self.head_table = self.embedding if cfg.tie_embeddings else backend.prepare_embedding(
-            _checked_table(nq, K.OUTPUT), nq.tensors[K.OUTPUT].gtype, cfg.hidden)
+        self.embedding_type = table_kind_name(nq.tables[K.EMBD_TABLE])
+        self.embedding = _prepared_table(nq, K.EMBD_TABLE, backend)
+        self.head_table = self.embedding if cfg.tie_embeddings else _prepared_table(nq, K.OUTPUT_TABLE, backend)
         self.output_norm = self._norm(nq, K.OUTPUT_NORM)
         self.blocks = []
         for layer in range(cfg.n_layers):
@@ -199,15 +198,27 @@ class Model:
         return logits
 
 
+def _prepared_table(nq: NQFile, table: str, backend: Backend) -> Any:
+    """The embedding (K.EMBD_TABLE) or untied head (K.OUTPUT_TABLE) as the backend runs it: a dense table checked
+    finite, or a binary-factored one (its scales are checked finite by the reader)."""
+    kind = nq.tables[table]
+    if isinstance(kind, LinearPlan):
+        return backend.prepare_factored_table(nq.factored_table(table))
+    name = K.dense_table_tensor(table)
+    return backend.prepare_embedding(_checked_table(nq, name), kind, nq.config.hidden)
+
+
 def _checked_table(nq: NQFile, name: str) -> np.ndarray:
     """An embedding/head view, after checking every value is finite (a NaN row would poison every logit).
-    F16 is checked on its bits (exponent all ones), so the table is never upcast; Q8_0 on its block scales."""
+    F16 is checked on its bits (exponent all ones), so the table is never upcast; Q8_0 and Q4_0 on their block
+    scales."""
     table = nq.array(name)
     gtype = nq.tensors[name].gtype
     if gtype == GT.F16:
         bad = _any_f16_nonfinite(table.view(np.uint16))
-    elif gtype == GT.Q8_0:
-        scales = np.ascontiguousarray(table.reshape(table.shape[0], -1, 34)[:, :, :2]).view(np.uint16)
+    elif gtype in K.BLOCK_TYPES:
+        size = K.TYPE_SIZES[gtype][1]
+        scales = np.ascontiguousarray(table.reshape(table.shape[0], -1, size)[:, :, :2]).view(np.uint16)
         bad = _any_f16_nonfinite(scales)
     else:
         bad = not np.all(np.isfinite(table))

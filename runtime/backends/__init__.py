@@ -60,7 +60,12 @@ class Backend(ABC):
 
     @abstractmethod
     def prepare_embedding(self, table: np.ndarray, gtype: GT, hidden: int) -> Any:
-        """An embedding table / output head as stored (F16, F32 or Q8_0 bytes); never upcast as a whole."""
+        """A dense embedding table / output head as stored (F16, F32, Q8_0 or Q4_0 bytes); never upcast as a whole."""
+
+    @abstractmethod
+    def prepare_factored_table(self, table: FactoredLinear) -> Any:
+        """A binary-factored embedding table / output head (V×d, spec/FORMAT.md §3.4): `embed` reads its rows,
+        `head` applies it as the factored linear it is."""
 
     def vector(self, values: np.ndarray) -> Any:
         """A small float vector (norm weights) in the compute dtype."""

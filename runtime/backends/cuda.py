@@ -4,7 +4,8 @@ for every later token.
 
 Weights move to the device once, at prepare time: sign matrices are repacked by a kernel into the fragment order
 the tensor-core kernels read (runtime/kernels/binary.cu), scales become float32, embedding tables stay as stored
-(F16, F32 or Q8_0 bytes). Activations and the KV cache are float32. A one-token linear is one launch
+(F16, F32, Q8_0 or Q4_0 bytes; a binary-factored table is a factored linear for the head and a float32 copy
+for the embedding). Activations and the KV cache are float32. A one-token linear is one launch
 (`binary_gemv`); several tokens (prefill) run `binary_gemm` twice per path.
 
 Everything that touches the GPU goes through a `Device` (CuPy here); the tests run this same module on an
@@ -142,6 +143,24 @@ class DeviceTable:
     block: int
 
 
+@dataclass(frozen=True)
+class DeviceFactoredTable:
+    """A binary-factored embedding / head (spec/FORMAT.md §3.4): the head is `linear` (binary_gemv / binary_gemm
+    with m = vocabulary); the embedding reads `rows`, the table expanded once at load to float32 on the device
+    (V·d·4 bytes), through the F32 row reader."""
+
+    linear: DeviceLinear
+    rows: DeviceTable
+
+    @property
+    def vocab(self) -> int:
+        return self.linear.m
+
+    @property
+    def hidden(self) -> int:
+        return self.linear.n
+
+
 class DeviceKVCache:
     """Keys and values of every layer on the device, float32 (layer, kv_head, position, head_dim)."""
 
@@ -220,6 +239,17 @@ class CudaBackend(Backend):
         raw = np.ascontiguousarray(table).view(np.uint8).reshape(table.shape[0], -1)
         return DeviceTable(self.device.to_device(raw), gtype, table.shape[0], hidden, reader, block)
 
+    def prepare_factored_table(self, table: FactoredLinear, chunk: int = 8192) -> DeviceFactoredTable:
+        from nqfmt import unpack_signs
+        rows = np.zeros((table.m, table.n), np.float32)
+        for p in table.paths:
+            v = unpack_signs(p.v_signs, table.n, np.float32) * p.scale_in.astype(np.float32)
+            mid = np.ones(p.rank, np.float32) if p.scale_mid is None else p.scale_mid.astype(np.float32)
+            for start in range(0, table.m, chunk):  # U unpacked a chunk of rows at a time: never V×r floats at once
+                u = unpack_signs(p.u_signs[start:start + chunk], p.rank, np.float32) * mid
+                rows[start:start + chunk] += p.scale_out[start:start + chunk, None].astype(np.float32) * (u @ v)
+        return DeviceFactoredTable(self.prepare_linear(table), self.prepare_embedding(rows, GGMLType.F32, table.n))
+
     def vector(self, values: np.ndarray) -> Any:
         return self.device.to_device(np.asarray(values, dtype=np.float32))
 
@@ -230,8 +260,10 @@ class CudaBackend(Backend):
         return DeviceKVCache(self.xp, config, n_ctx)
 
     # --- ops into given outputs (shared by the Backend interface and GraphDecoder) ------------------------------
-    def embed_into(self, table: DeviceTable, ids: Any, out: Any, scale: float = 1.0) -> None:
+    def embed_into(self, table: DeviceTable | DeviceFactoredTable, ids: Any, out: Any, scale: float = 1.0) -> None:
         """out (T, hidden) = scale · rows ids (device int32) of the table."""
+        if isinstance(table, DeviceFactoredTable):
+            table = table.rows
         tokens = ids.shape[0]
         count = tokens * (table.hidden // table.block)
         self._launch(f"embed<{table.reader}>", _ceil(count, THREADS), THREADS, table.data,
@@ -291,13 +323,16 @@ class CudaBackend(Backend):
         gelu = "true" if activation == "gelu_tanh" else "false"
         self._launch(f"glu<{gelu}>", _ceil(gate.size, THREADS), THREADS, gate, up, out, i64(gate.size))
 
-    def head_into(self, table: DeviceTable, x: Any, out: Any) -> None:
+    def head_into(self, table: DeviceTable | DeviceFactoredTable, x: Any, out: Any) -> None:
+        if isinstance(table, DeviceFactoredTable):
+            (self.gemv_into if x.shape[0] == 1 else self.gemm_into)(table.linear, x, out)
+            return
         tokens = x.shape[0]
         self._launch(f"head<{table.reader}>", _ceil(table.vocab * 32, THREADS), THREADS, table.data,
                      i64(table.data.shape[1]), i32(table.vocab), i32(table.hidden), x, i32(tokens), out)
 
     # --- the Backend interface ----------------------------------------------------------------------------------
-    def embed(self, table: DeviceTable, ids: np.ndarray) -> Any:
+    def embed(self, table: DeviceTable | DeviceFactoredTable, ids: np.ndarray) -> Any:
         ids_dev = self.device.to_device(np.asarray(ids, dtype=np.int32))
         out = self.xp.empty((len(ids), table.hidden), np.float32)
         self.embed_into(table, ids_dev, out)
@@ -340,7 +375,7 @@ class CudaBackend(Backend):
         self.glu_into(self.xp.ascontiguousarray(gate), self.xp.ascontiguousarray(up), activation, out)
         return out
 
-    def head(self, table: DeviceTable, x: Any) -> np.ndarray:
+    def head(self, table: DeviceTable | DeviceFactoredTable, x: Any) -> np.ndarray:
         x = self.xp.ascontiguousarray(x, dtype=np.float32)
         out = self.xp.empty((x.shape[0], table.vocab), np.float32)
         self.head_into(table, x, out)

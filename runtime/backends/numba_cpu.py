@@ -40,6 +40,7 @@ from nqfmt import FactoredLinear, NQFormatError  # noqa: E402
 from ..errors import NQRunError  # noqa: E402
 from . import Backend, KVCache  # noqa: E402
 from . import numba_kernels as nk  # noqa: E402
+from . import numba_tables as nt  # noqa: E402
 
 DEFAULT_MAX_THREADS = 4
 # Below these sizes a thread launch costs more than it saves. Passive waiting makes each parallel region wake a
@@ -127,12 +128,17 @@ class NumbaBackend(Backend):
         return Linear(linear.m, linear.n, tuple(paths), bias,
                       nk.PARALLEL if self.threads > 1 and lookups >= PARALLEL_MIN_LOOKUPS else nk.SERIAL)
 
-    def prepare_embedding(self, table: np.ndarray, gtype: GT, hidden: int) -> Table:
+    def prepare_embedding(self, table: np.ndarray, gtype: GT, hidden: int) -> Table | nt.Q4Table:
+        if gtype == GT.Q4_0:
+            return nt.q4_table(table, hidden)
         if gtype == GT.F16:
             return Table(gtype, table.view(np.uint16), None, hidden)
         if gtype == GT.Q8_0:
             return Table(gtype, table, table.view(np.int8), hidden)
         return Table(gtype, table, None, hidden)
+
+    def prepare_factored_table(self, table: FactoredLinear) -> nt.FactoredTable:
+        return nt.factored_table(self.prepare_linear(table), table)
 
     def _buffers(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Scratch of the one-token linear, allocated once for the widest linear: allocating ~200 KB per call
@@ -144,10 +150,15 @@ class NumbaBackend(Backend):
         return self._scratch
 
     # --- ops ----------------------------------------------------------------------------------------------------
-    def embed(self, table: Table, ids: np.ndarray) -> np.ndarray:
+    def embed(self, table: Table | nt.Q4Table | nt.FactoredTable, ids: np.ndarray) -> np.ndarray:
         out = np.empty((len(ids), table.hidden), np.float32)
         ids = np.ascontiguousarray(ids, dtype=np.int64)
-        if table.gtype == GT.F16:
+        if isinstance(table, nt.FactoredTable):
+            for i, (u_bytes, v_rows, s_mid, s_out) in enumerate(table.paths):
+                nt.embed_factored(u_bytes, v_rows, s_mid, s_out, ids, out, i > 0)
+        elif isinstance(table, nt.Q4Table):
+            nt.embed_q4_0(table.raw, table.scales, ids, out)
+        elif table.gtype == GT.F16:
             nk.embed_f16(table.data, ids, out)
         elif table.gtype == GT.Q8_0:
             nk.embed_q8(table.data, table.qs, ids, out)
@@ -207,8 +218,14 @@ class NumbaBackend(Backend):
         nk.glu(gate, up, activation == "gelu_tanh", out)
         return out
 
-    def head(self, table: Table, x: np.ndarray) -> np.ndarray:
+    def head(self, table: Table | nt.Q4Table | nt.FactoredTable, x: np.ndarray) -> np.ndarray:
+        if isinstance(table, nt.FactoredTable):
+            return self.linear(table.linear, x)
         x = np.ascontiguousarray(x, dtype=np.float32)
+        if isinstance(table, nt.Q4Table):
+            out = np.empty((x.shape[0], table.raw.shape[0]), np.float32)
+            (nt.PARALLEL if self.threads > 1 else nt.SERIAL).head_q4_0(table.raw, table.scales, x, out)
+            return out
         out = np.empty((x.shape[0], table.data.shape[0]), np.float32)
         if table.gtype == GT.F16:
             dots = nk.DOT_TOKENS // 2 <= x.shape[0] <= HEAD_DOTS_MAX_TOKENS

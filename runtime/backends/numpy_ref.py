@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 import numpy as np
 from nqfmt.keys import GGMLType as GT
+from nqfmt.q4_0 import dequantize_q4_0
 from nqfmt.q8_0 import dequantize_q8_0
 
 from nqfmt import FactoredLinear, unpack_signs
@@ -22,11 +23,35 @@ class Embedding:
     hidden: int
 
     def rows(self, ids: np.ndarray) -> np.ndarray:
-        """Rows `ids` as float64 (Q8_0 through nqfmt's reference dequantizer)."""
+        """Rows `ids` as float64 (Q8_0 and Q4_0 through nqfmt's reference dequantizers)."""
         raw = self.table[ids]
         if self.gtype == GT.Q8_0:
             return dequantize_q8_0(raw).astype(np.float64).reshape(len(ids), self.hidden)
+        if self.gtype == GT.Q4_0:
+            return dequantize_q4_0(raw).astype(np.float64).reshape(len(ids), self.hidden)
         return raw.astype(np.float64)
+
+
+@dataclass(frozen=True)
+class FactoredTable:
+    """A binary-factored embedding / head (spec/FORMAT.md §3.4): the head is `linear`, row t is
+    Σ_p s_out[t]·((U[t] ⊙ s_mid)·V) ⊙ s_in."""
+
+    linear: FactoredLinear
+
+    @property
+    def hidden(self) -> int:
+        return self.linear.n
+
+    def rows(self, ids: np.ndarray) -> np.ndarray:
+        out = np.zeros((len(ids), self.linear.n))
+        for p in self.linear.paths:
+            u = unpack_signs(p.u_signs[ids], p.rank, np.float64)
+            if p.scale_mid is not None:
+                u = u * p.scale_mid.astype(np.float64)
+            v = unpack_signs(p.v_signs, self.linear.n, np.float64)
+            out += p.scale_out.astype(np.float64)[ids, None] * (u @ v) * p.scale_in.astype(np.float64)
+        return out
 
 
 class NumpyBackend(Backend):
@@ -39,7 +64,10 @@ class NumpyBackend(Backend):
     def prepare_embedding(self, table: np.ndarray, gtype: GT, hidden: int) -> Embedding:
         return Embedding(table, gtype, hidden)
 
-    def embed(self, table: Embedding, ids: np.ndarray) -> np.ndarray:
+    def prepare_factored_table(self, table: FactoredLinear) -> FactoredTable:
+        return FactoredTable(table)
+
+    def embed(self, table: Embedding | FactoredTable, ids: np.ndarray) -> np.ndarray:
         return table.rows(np.asarray(ids))
 
     def linear(self, w: FactoredLinear, x: np.ndarray) -> np.ndarray:
@@ -94,7 +122,9 @@ class NumpyBackend(Backend):
             act = 0.5 * gate * (1.0 + np.tanh(np.sqrt(2.0 / np.pi) * (gate + 0.044715 * gate ** 3)))
         return act * up
 
-    def head(self, table: Embedding, x: np.ndarray) -> np.ndarray:
+    def head(self, table: Embedding | FactoredTable, x: np.ndarray) -> np.ndarray:
+        if isinstance(table, FactoredTable):
+            return self.linear(table.linear, x)
         vocab = table.table.shape[0]
         logits = np.empty((x.shape[0], vocab))
         for start in range(0, vocab, _HEAD_ROWS):

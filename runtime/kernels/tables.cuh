@@ -54,3 +54,20 @@ struct Q8_0 {  // GGML Q8_0: blocks of 34 bytes, a little-endian half scale then
         }
     }
 };
+
+struct Q4_0 {  // GGML Q4_0: blocks of 18 bytes, a little-endian half scale then 16 bytes of nibbles: byte i holds
+               // element i (low nibble) and element i + 16 (high nibble), value = (q - 8) * scale (2-byte aligned)
+    static constexpr int BLOCK = 32;
+    __device__ static void load(const unsigned char* row, int b, float* v) {
+        const u16* p = reinterpret_cast<const u16*>(row + 18 * b);
+        const float scale = half_bits_to_float(p[0]);
+#pragma unroll
+        for (int i = 0; i < 8; ++i) {
+            const u16 pair = p[1 + i];
+            v[2 * i] = scale * (float)((int)(pair & 0xf) - 8);
+            v[2 * i + 16] = scale * (float)((int)((pair >> 4) & 0xf) - 8);
+            v[2 * i + 1] = scale * (float)((int)((pair >> 8) & 0xf) - 8);
+            v[2 * i + 17] = scale * (float)((int)(pair >> 12) - 8);
+        }
+    }
+};

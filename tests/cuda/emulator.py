@@ -339,7 +339,15 @@ def _reader(name: str) -> tuple[int, Callable[[np.ndarray, np.ndarray], np.ndarr
         scale = f16_to_f32(raw[..., :2].copy().view(np.uint16))
         return scale * raw[..., 2:].view(np.int8).astype(F32)
 
-    return {"F16x8": f16(8), "F16x1": f16(1), "F32x4": f32(4), "F32x1": f32(1), "Q8_0": (32, q8)}[name]
+    def q4(row, b):
+        idx = (18 * b)[..., None] + np.arange(18)
+        raw = np.take_along_axis(row, idx, -1)
+        scale = f16_to_f32(raw[..., :2].copy().view(np.uint16))
+        nib = raw[..., 2:].astype(np.int32)
+        return scale * (np.concatenate([nib & 0xF, nib >> 4], axis=-1) - 8).astype(F32)
+
+    return {"F16x8": f16(8), "F16x1": f16(1), "F32x4": f32(4), "F32x1": f32(1), "Q8_0": (32, q8),
+            "Q4_0": (32, q4)}[name]
 
 
 def embed(reader):

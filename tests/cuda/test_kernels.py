@@ -157,12 +157,13 @@ def test_glu(backend, activation):
     assert close(host(backend, out), REF.glu(gate, up, activation))
 
 
-@pytest.mark.parametrize("gtype,hidden", [(GGMLType.F16, 96), (GGMLType.F16, 75), (GGMLType.F32, 96), (GGMLType.F32, 75), (GGMLType.Q8_0, 96)])
+@pytest.mark.parametrize("gtype,hidden", [(GGMLType.F16, 96), (GGMLType.F16, 75), (GGMLType.F32, 96), (GGMLType.F32, 75),
+                                          (GGMLType.Q8_0, 96), (GGMLType.Q4_0, 96), (GGMLType.Q4_0, 32)])
 def test_embedding_and_head(backend, gtype, hidden):
     rng = np.random.default_rng(5)
     vocab = 203
     values = rng.standard_normal((vocab, hidden)).astype(np.float32)
-    table = (quantize(values, GGMLType.Q8_0) if gtype == GGMLType.Q8_0 else
+    table = (quantize(values, gtype) if gtype in (GGMLType.Q8_0, GGMLType.Q4_0) else
              values.astype(np.float16 if gtype == GGMLType.F16 else np.float32))
     tb, tr = backend.prepare_embedding(table, gtype, hidden), REF.prepare_embedding(table, gtype, hidden)
     ids = rng.integers(0, vocab, 11)
@@ -171,6 +172,25 @@ def test_embedding_and_head(backend, gtype, hidden):
     assert np.array_equal(host(backend, out), (tr.rows(ids) * 1.5).astype(np.float32))
     x = rng.standard_normal((6, hidden))
     logits = poisoned(backend, (6, vocab))
+    backend.head_into(tb, dev(backend, x), logits)
+    assert close(host(backend, logits), REF.head(tr, x))
+
+
+@pytest.mark.parametrize("vocab,hidden,ranks,mid", [(203, 72, (40, 9), True), (91, 100, (61,), False)])
+@pytest.mark.parametrize("tokens", [1, 6])
+def test_factored_embedding_and_head(backend, vocab, hidden, ranks, mid, tokens):
+    """A binary-factored table (spec/FORMAT.md §3.4): rows from its float32 expansion, the head through the binary
+    linear kernels (binary_gemv for one token, binary_gemm for several)."""
+    rng = np.random.default_rng(vocab + tokens)
+    table = random_linear(rng, vocab, hidden, ranks, mid, False)
+    tb, tr = backend.prepare_factored_table(table), REF.prepare_factored_table(table)
+    assert (tb.vocab, tb.hidden) == (vocab, hidden)
+    ids = rng.integers(0, vocab, 11)
+    out = poisoned(backend, (11, hidden))
+    backend.embed_into(tb, backend.device.to_device(ids.astype(np.int32)), out, 1.5)
+    assert close(host(backend, out), tr.rows(ids) * 1.5)
+    x = rng.standard_normal((tokens, hidden))
+    logits = poisoned(backend, (tokens, vocab))
     backend.head_into(tb, dev(backend, x), logits)
     assert close(host(backend, logits), REF.head(tr, x))
 

@@ -16,7 +16,10 @@ _HF_LINEAR = {K.ATTN_Q: "self_attn.q_proj", K.ATTN_K: "self_attn.k_proj", K.ATTN
 
 def dense_weight(nq: NQFile, layer: int, linear: str) -> np.ndarray:
     """Σ_paths diag(s_out)·U·diag(s_mid)·V·diag(s_in), float64."""
-    fl = nq.linear(layer, linear)
+    return _expanded(nq.linear(layer, linear))
+
+
+def _expanded(fl) -> np.ndarray:
     w = np.zeros((fl.m, fl.n))
     for p in fl.paths:
         v = unpack_signs(p.v_signs, fl.n, np.float64) * p.scale_in.astype(np.float64)
@@ -72,9 +75,9 @@ def hf_model(nq: NQFile):
                   K.ATTN_K_NORM: "self_attn.k_norm",
                   K.FFN_NORM: "pre_feedforward_layernorm" if gemma else "post_attention_layernorm",
                   K.ATTN_POST_NORM: "post_attention_layernorm", K.FFN_POST_NORM: "post_feedforward_layernorm"}
-    state = {"model.embed_tokens.weight": _table(nq, K.TOKEN_EMBD), "model.norm.weight": nq.array(K.OUTPUT_NORM)}
+    state = {"model.embed_tokens.weight": _table(nq, K.EMBD_TABLE), "model.norm.weight": nq.array(K.OUTPUT_NORM)}
     if not c.tie_embeddings:
-        state["lm_head.weight"] = _table(nq, K.OUTPUT)
+        state["lm_head.weight"] = _table(nq, K.OUTPUT_TABLE)
     for i in range(c.n_layers):
         for nm in c.block_norms():
             state[f"model.layers.{i}.{norm_names[nm]}.weight"] = nq.array(K.norm_tensor(i, nm))
@@ -88,10 +91,15 @@ def hf_model(nq: NQFile):
     return model
 
 
-def _table(nq: NQFile, name: str) -> np.ndarray:
-    """An embedding/head table as float64 (Q8_0 through gguf's reference dequantizer)."""
-    if nq.tensors[name].gtype == GGMLType.Q8_0:
-        return dequantize(nq.array(name), GGMLType.Q8_0).astype(np.float64)
+def _table(nq: NQFile, table: str) -> np.ndarray:
+    """An embedding/head table as float64: Q8_0 and Q4_0 through gguf's reference dequantizer, a binary-factored
+    one expanded."""
+    kind = nq.tables[table]
+    if not isinstance(kind, GGMLType):
+        return _expanded(nq.factored_table(table))
+    name = K.dense_table_tensor(table)
+    if kind in (GGMLType.Q8_0, GGMLType.Q4_0):
+        return dequantize(nq.array(name), kind).astype(np.float64)
     return nq.array(name).astype(np.float64)
 
 

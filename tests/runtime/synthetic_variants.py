@@ -10,7 +10,7 @@ from nqfmt import keys as K
 from bench.synthetic_model import byte_tokenizer_json
 from synthetic import TINY_TOKENIZER, provenance, random_tensors, tiny_config
 
-# name -> (config overrides, ranks per path, scale_mid, embedding type)
+# name -> (config overrides, ranks per path, scale_mid, embedding kind: a GGML type or a binary-factored plan)
 VARIANTS = {
     "llama": (dict(arch="llama"), (40,), False, GGMLType.F16),
     "llama-2path-mid": (dict(arch="llama"), (40, 24), True, GGMLType.F16),
@@ -24,6 +24,10 @@ VARIANTS = {
     "gemma3-softcap-linear": (dict(arch="gemma3", final_softcap=9.0, rope_scaling_type="linear",
                                    rope_scaling_factor=4.0), (40,), True, GGMLType.F32),
     "gemma3-attn-softcap": (dict(arch="gemma3", attn_softcap=5.0), (40,), False, GGMLType.F16),
+    "llama-q4": (dict(arch="llama", hidden=96), (40,), False, GGMLType.Q4_0),
+    "qwen2-q4": (dict(arch="qwen2", hidden=96), (40,), False, GGMLType.Q4_0),
+    "llama-binary-table": (dict(arch="llama"), (40,), False, LinearPlan((40, 9), True)),
+    "qwen2-binary-table": (dict(arch="qwen2"), (40,), False, LinearPlan((33,))),
 }
 # transformers' Gemma 3 stores attn_logit_softcapping but never applies it (Gemma 2 did): that variant is checked
 # between our backends only.
@@ -58,8 +62,12 @@ def write_variant(path, variant: str, seed: int = 0, vocab: int | None = None, t
         for spec in w.plan:
             a = tensors[spec.name]
             if spec.name.endswith(K.SCALE_OUT):
-                _, layer, linear, p, _ = spec.name.split(".")
-                rank = linears[int(layer)][linear].ranks[int(p[1:])]
-                a = (a.astype(np.float32) / np.sqrt(rank * config.linear_shape(linear)[1])).astype(np.float16)
+                *owner, p, _ = spec.name.split(".")
+                if len(owner) == 1:  # a binary-factored table: V out × d in
+                    rank, n = w.tables[owner[0]].ranks[int(p[1:])], config.hidden
+                else:
+                    plan, n = linears[int(owner[1])][owner[2]], config.linear_shape(owner[2])[1]
+                    rank = plan.ranks[int(p[1:])]
+                a = (a.astype(np.float32) / np.sqrt(rank * n)).astype(np.float16)
             w.write(spec.name, a)
     return path

@@ -12,7 +12,7 @@ from runtime.model import Model
 from test_numba_backend import close, random_linear, readonly
 
 STEP_VARIANTS = ("llama", "llama-2path-mid", "llama3-rope-q8", "mistral-sliding", "qwen2", "qwen3", "gemma3",
-                 "gemma3-softcap-linear")
+                 "gemma3-softcap-linear", "qwen2-q4", "llama-binary-table")
 
 
 @pytest.fixture(scope="module")

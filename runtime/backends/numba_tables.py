@@ -1,0 +1,146 @@
+"""Numba CPU kernels of the compact embedding / head kinds (spec/FORMAT.md §3.4), the fast twins of numpy_ref.py's:
+Q4_0 rows (an F16 scale d and 16 bytes of nibbles per 32 values, value = (q − 8)·d) and the rows of a
+binary-factored table.
+
+The Q4_0 head for one token keeps 32 float32 lanes per row, one per position in a block, adds d·(q − 8)·x into them
+block by block and sums the lanes once per row (as the Q8_0 head does); several tokens widen each row once into a
+buffer and dot it with every token. The block scales are widened to float32 once at load. A binary-factored head is a factored linear with m = vocabulary: the backend runs it
+through the decode and lanes kernels of numba_kernels.py.
+
+Built twice like numba_kernels' row kernels: SERIAL (plain loops) and PARALLEL (prange over row blocks).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from types import SimpleNamespace
+
+import numpy as np
+from numba import njit, prange
+
+
+_OPTS = dict(fastmath=True, cache=True, nogil=True)
+Q4_BLOCK_BYTES = 18
+ROW_BLOCK = 64  # vocabulary rows per task
+
+
+@dataclass(frozen=True)
+class Q4Table:
+    """A Q4_0 table as the kernels read it: the file's bytes (V, d/32·18) and its block scales widened to float32
+    once at load (V, d/32; 2/9 of the table's size), which keeps the F16 decoding out of the inner loops."""
+
+    raw: np.ndarray
+    scales: np.ndarray
+    hidden: int
+
+
+def q4_table(raw: np.ndarray, hidden: int) -> Q4Table:
+    rows = raw.shape[0]
+    scales = np.ascontiguousarray(raw.reshape(rows, -1, Q4_BLOCK_BYTES)[:, :, :2]).view(np.float16)[:, :, 0]
+    return Q4Table(raw, scales.astype(np.float32), hidden)
+
+
+@njit(inline="always", **_OPTS)
+def _q4_row(raw, scales, row, out):
+    """Row `row` of a Q4_0 table widened to float32 into out (d,)."""
+    for b in range(scales.shape[1]):
+        o = b * Q4_BLOCK_BYTES + 2
+        s = scales[row, b]
+        for k in range(16):
+            q = np.int32(raw[row, o + k])
+            out[b * 32 + k] = s * np.float32((q & np.int32(15)) - np.int32(8))
+            out[b * 32 + 16 + k] = s * np.float32((q >> np.int32(4)) - np.int32(8))
+
+
+@njit(inline="always", **_OPTS)
+def _q4_dot(raw, scales, v, x, lane):
+    """Q4_0 row v · x, summed into 32 lanes (one per position in a block) across the row's blocks and reduced once
+    at the end; the nibbles are widened through int32 (int64 arithmetic does not vectorize here)."""
+    for k in range(32):
+        lane[k] = 0.0
+    for b in range(scales.shape[1]):
+        o = b * Q4_BLOCK_BYTES + 2
+        s = scales[v, b]
+        for k in range(16):
+            q = np.int32(raw[v, o + k])
+            lane[k] += s * np.float32((q & np.int32(15)) - np.int32(8)) * x[b * 32 + k]
+            lane[16 + k] += s * np.float32((q >> np.int32(4)) - np.int32(8)) * x[b * 32 + 16 + k]
+    total = np.float32(0.0)
+    for k in range(32):
+        total += lane[k]
+    return total
+
+
+@njit(**_OPTS)
+def embed_q4_0(raw, scales, ids, out):
+    """out (T, d) = rows ids of a Q4_0 table."""
+    for t in range(ids.shape[0]):
+        _q4_row(raw, scales, ids[t], out[t])
+
+
+@njit(**_OPTS)
+def embed_factored(u_bytes, v_rows, s_mid, s_out, ids, out, accumulate):
+    """out (T, d) (+)= rows ids of one binary-factored path: s_out[t]·Σ_k ±s_mid[k]·v_rows[k], where v_rows (r, d) is
+    V·diag(s_in) widened to float32 once at load and the sign of k is bit k of U's row (bit 1 = −1)."""
+    r, d = v_rows.shape
+    for t in range(ids.shape[0]):
+        row = ids[t]
+        acc = np.zeros(d, dtype=np.float32)
+        for k in range(r):
+            c = -s_mid[k] if (u_bytes[row, k >> 3] >> (k & 7)) & 1 else s_mid[k]
+            for j in range(d):
+                acc[j] += c * v_rows[k, j]
+        scale = s_out[row]
+        for j in range(d):
+            out[t, j] = out[t, j] + scale * acc[j] if accumulate else scale * acc[j]
+
+
+def _kernels(parallel: bool) -> SimpleNamespace:
+    loop = prange if parallel else range
+
+    @njit(parallel=parallel, **_OPTS)
+    def head_q4_0(raw, scales, x, out):
+        """out (T, V) = x (T, d) · tableᵀ over Q4_0 rows; tasks are blocks of ROW_BLOCK rows. One token: _q4_dot;
+        several: each row widened once into a buffer, then one vectorized reduction per token."""
+        t_all, d = x.shape
+        vocab = raw.shape[0]
+        for blk in loop((vocab + ROW_BLOCK - 1) // ROW_BLOCK):
+            lane = np.empty(32, dtype=np.float32)
+            row = np.empty(d, dtype=np.float32)
+            for v in range(blk * ROW_BLOCK, min((blk + 1) * ROW_BLOCK, vocab)):
+                if t_all == 1:
+                    out[0, v] = _q4_dot(raw, scales, v, x[0], lane)
+                    continue
+                _q4_row(raw, scales, v, row)
+                for t in range(t_all):
+                    acc = np.float32(0.0)
+                    for k in range(d):
+                        acc += row[k] * x[t, k]
+                    out[t, v] = acc
+
+    return SimpleNamespace(head_q4_0=head_q4_0)
+
+
+SERIAL = _kernels(False)
+PARALLEL = _kernels(True)
+
+
+@dataclass(frozen=True)
+class FactoredTable:
+    """A binary-factored embedding / head as the numba backend runs it: `linear` (the backend's prepared factored
+    linear, V out × d in) is the head; each path's U sign bytes, V·diag(s_in) widened to float32 (r×d, 4·r·d bytes,
+    once at load), s_mid and s_out give the embedding's rows."""
+
+    linear: object
+    paths: tuple[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray], ...]  # (u_bytes, v_rows, s_mid, s_out)
+    hidden: int
+
+
+def factored_table(linear: object, table) -> FactoredTable:
+    """`table` (nqfmt's FactoredLinear of the file) prepared for embed_factored; `linear` is its prepared head."""
+    from nqfmt import unpack_signs
+    paths = []
+    for p in table.paths:
+        v_rows = unpack_signs(p.v_signs, table.n, np.float32) * p.scale_in.astype(np.float32)
+        mid = np.ones(p.rank, np.float32) if p.scale_mid is None else p.scale_mid.astype(np.float32)
+        paths.append((p.u_signs.view(np.uint8), np.ascontiguousarray(v_rows), mid, p.scale_out.astype(np.float32)))
+    return FactoredTable(linear, tuple(paths), table.n)

@@ -1,0 +1,130 @@
+"""The compact embedding / head kinds (spec/FORMAT.md §3.4) in the runtime: the numba kernels against the float64
+numpy reference on odd shapes (vocabularies and ranks not multiples of 32; hidden sizes a multiple of 32 only where
+Q4_0 needs it), serial and parallel, one token and several; the reference against the spec's formulas."""
+import numpy as np
+import pytest
+from gguf import GGMLQuantizationType
+from gguf.quants import dequantize
+
+from nqfmt import BinaryPath, FactoredLinear, open_nq, pack_signs, unpack_signs
+from nqfmt import keys as K
+from nqfmt.keys import GGMLType
+from nqfmt.q4_0 import quantize_q4_0
+from runtime.backends import get_backend
+from runtime.backends import numba_tables as nt
+from runtime.model import Model
+
+REL = 1e-4
+
+
+def readonly(a):
+    a.setflags(write=False)
+    return a
+
+
+def close(fast, ref, rel=REL):
+    return np.abs(fast - ref).max() <= rel * np.abs(ref).max()
+
+
+@pytest.fixture(scope="module", params=[1, 2], ids=["serial", "parallel"])
+def backends(request):
+    return get_backend("numba", threads=request.param), get_backend("numpy")
+
+
+def q4_table(rng, vocab, hidden):
+    values = rng.standard_normal((vocab, hidden)) * rng.uniform(0.1, 2.0, (vocab, 1))
+    return readonly(quantize_q4_0(values))
+
+
+@pytest.mark.parametrize("vocab,hidden", [(203, 96), (37, 32), (1000, 576)])
+@pytest.mark.parametrize("tokens", [1, 3, 21])
+def test_q4_0_embed_and_head(backends, vocab, hidden, tokens):
+    fast, ref = backends
+    rng = np.random.default_rng(vocab + tokens)
+    raw = q4_table(rng, vocab, hidden)
+    tf, tr = fast.prepare_embedding(raw, GGMLType.Q4_0, hidden), ref.prepare_embedding(raw, GGMLType.Q4_0, hidden)
+    ids = rng.integers(0, vocab, tokens)
+    want_rows = dequantize(raw, GGMLQuantizationType.Q4_0)[ids]  # gguf's reference decoder: the spec's layout
+    np.testing.assert_array_equal(tr.rows(ids), want_rows.astype(np.float64))
+    np.testing.assert_array_equal(fast.embed(tf, ids), want_rows.astype(np.float32))
+    x = rng.standard_normal((tokens, hidden))
+    want = ref.head(tr, x)
+    np.testing.assert_allclose(want, x @ dequantize(raw, GGMLQuantizationType.Q4_0).astype(np.float64).T, rtol=1e-12)
+    assert close(fast.head(tf, x.astype(np.float32)), want)
+
+
+def factored_table(rng, vocab, hidden, ranks, mid):
+    paths = []
+    for r in ranks:
+        paths.append(BinaryPath(readonly(pack_signs(rng.standard_normal((r, hidden)))),
+                                readonly(pack_signs(rng.standard_normal((vocab, r)))),
+                                rng.uniform(0.5, 1.5, hidden).astype(np.float16),
+                                (rng.uniform(-1.5, 1.5, vocab) / np.sqrt(r)).astype(np.float16),
+                                rng.uniform(0.5, 1.5, r).astype(np.float16) if mid else None, r))
+    return FactoredLinear(vocab, hidden, tuple(paths), None)
+
+
+def spec_rows(table: FactoredLinear) -> np.ndarray:
+    """The whole table by spec §3.4's formula, float64."""
+    w = np.zeros((table.m, table.n))
+    for p in table.paths:
+        u = unpack_signs(p.u_signs, p.rank, np.float64)
+        if p.scale_mid is not None:
+            u = u * p.scale_mid.astype(np.float64)
+        w += p.scale_out.astype(np.float64)[:, None] * (u @ unpack_signs(p.v_signs, table.n, np.float64)) \
+            * p.scale_in.astype(np.float64)
+    return w
+
+
+@pytest.mark.parametrize("vocab,hidden,ranks,mid", [(203, 72, (40, 9), True), (91, 100, (61,), False),
+                                                     (1000, 576, (576,), False)])
+@pytest.mark.parametrize("tokens", [1, 3, 21])
+def test_factored_embed_and_head(backends, vocab, hidden, ranks, mid, tokens):
+    fast, ref = backends
+    rng = np.random.default_rng(vocab * 7 + tokens)
+    table = factored_table(rng, vocab, hidden, ranks, mid)
+    tf, tr = fast.prepare_factored_table(table), ref.prepare_factored_table(table)
+    ids = rng.integers(0, vocab, tokens)
+    dense = spec_rows(table)
+    np.testing.assert_allclose(tr.rows(ids), dense[ids], rtol=1e-12, atol=1e-12)
+    assert close(fast.embed(tf, ids), dense[ids])
+    x = rng.standard_normal((tokens, hidden))
+    want = ref.head(tr, x)
+    np.testing.assert_allclose(want, x @ dense.T, rtol=1e-10, atol=1e-10)
+    assert close(fast.head(tf, x.astype(np.float32)), want)
+
+
+def test_factored_table_widens_v_once_per_path(backends):
+    fast, _ = backends
+    table = factored_table(np.random.default_rng(3), 50, 40, (17, 5), True)
+    prepared = fast.prepare_factored_table(table)
+    assert isinstance(prepared, nt.FactoredTable) and prepared.hidden == 40
+    assert [p[1].shape for p in prepared.paths] == [(17, 40), (5, 40)]
+    assert prepared.linear.m == 50 and prepared.linear.n == 40
+
+
+@pytest.mark.parametrize("variant", ["llama-q4", "qwen2-q4", "llama-binary-table", "qwen2-binary-table"])
+def test_model_with_a_compact_table_reports_its_kind(variant_files, variant):
+    nq = open_nq(variant_files[variant])
+    model = Model(nq, get_backend("numba", threads=1))
+    kind = nq.tables[K.EMBD_TABLE]
+    assert model.embedding_type == (kind.name if isinstance(kind, GGMLType) else
+                                    f"binary-factored, ranks {list(kind.ranks)}")
+    ids = np.arange(5) % nq.config.vocab
+    logits = model.forward(ids, 0, model.new_cache(8), all_logits=True)
+    assert logits.shape == (5, nq.config.vocab) and np.isfinite(logits).all()
+
+
+def test_model_refuses_a_q4_0_table_with_a_nonfinite_scale(tmp_path):
+    from synthetic import tiny_config, write_random
+    from nqfmt import NQFormatError
+    path = tmp_path / "m.nq"
+    write_random(path, tiny_config(hidden=64), embedding_type=GGMLType.Q4_0)
+    nq = open_nq(path)
+    at = nq.tensors[K.TOKEN_EMBD].offset + 18 * 5  # the scale of block 5 (row 2, block 1)
+    del nq
+    data = bytearray(path.read_bytes())
+    data[at:at + 2] = np.array([np.inf], np.float16).tobytes()
+    path.write_bytes(bytes(data))
+    with pytest.raises(NQFormatError, match="'token_embd.weight': non-finite values"):
+        Model(open_nq(path), get_backend("numpy"))
