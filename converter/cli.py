@@ -5,7 +5,6 @@ leaves nothing behind; an interrupted run keeps its work directory so that `--re
 """
 from __future__ import annotations
 
-import os
 import sys
 from pathlib import Path
 from typing import Optional
@@ -16,7 +15,7 @@ from rich.table import Table
 
 from nqfmt.errors import command_errors
 
-from .pipeline import PRESETS, Options, Summary, convert
+from .pipeline import PRESETS, Options, Summary, available_cores, convert
 from .progress import LineReporter, RichReporter
 
 app = typer.Typer(add_completion=False, pretty_exceptions_enable=False,
@@ -49,8 +48,8 @@ def nqconvert(
     seqlen: Optional[int] = typer.Option(None, help="tokens per calibration window (default: the preset's)"),
     embedding: Optional[str] = typer.Option(None, help="how the embedding and head are stored: f16, q8_0, q4_0, "
                                                          "binary or binary:RANK (default: the preset's)"),
-    seed: int = typer.Option(0, help="seed of every random choice"),
-    threads: Optional[int] = typer.Option(None, help="torch threads (default: all cores)"),
+    seed: int = typer.Option(0, help="seed of every random choice, 0..2^63-1"),
+    threads: Optional[int] = typer.Option(None, help="torch threads, at most the cores available (default: all)"),
     resume: bool = typer.Option(False, "--resume", help="continue from the checkpoints in OUT.work/"),
     no_error_mitigation: bool = typer.Option(False, "--no-error-mitigation", help="skip error mitigation"),
     no_refine: bool = typer.Option(False, "--no-refine", help="skip the latent/scale refinement"),
@@ -59,7 +58,7 @@ def nqconvert(
 ) -> None:
     """Convert MODEL to OUT.nq."""
     options = Options(model=model, out=out, bits=bits, preset=preset, calib=tuple(calib or ()), samples=samples,
-                      seqlen=seqlen, seed=seed, threads=threads if threads is not None else os.cpu_count(),
+                      seqlen=seqlen, seed=seed, threads=threads if threads is not None else available_cores(),
                       resume=resume, error_mitigation=not no_error_mitigation, refine=not no_refine,
                       model_recon=not no_model_recon, embedding=embedding)
     reporter = RichReporter() if sys.stderr.isatty() else LineReporter(sys.stderr)

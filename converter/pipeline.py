@@ -5,8 +5,9 @@ Memory: one full-precision block at a time (built from the source's lazily loade
 states at the current block boundary (full-precision and quantized trajectories), the quantized blocks (±1 signs)
 and the teacher's top-k cache — never a second copy of the whole model.
 
-Checkpoints live in `OUT.work/` beside OUT: the preconditioners, every finished block's factors, the two boundary
-activation sets after the last finished block, the teacher cache and the reconstructed scales. Every random choice
+Checkpoints live in `OUT.work/` beside OUT (converter/workdir.py: safetensors + JSON, marked with the run's
+fingerprint): the preconditioners, every finished block's factors, the two boundary activation sets after the last
+finished block, the teacher cache, the stored tables and the reconstructed scales. Every random choice
 is drawn from a generator seeded by (seed, block, stage), and the final model is always assembled from the saved
 block files, so `--resume` after a kill writes the same bytes as an uninterrupted run (apart from the date). The work
 directory is removed once OUT is committed.
@@ -19,12 +20,14 @@ import hashlib
 import json
 import os
 import resource
-import shutil
+import stat
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
+from functools import partial
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TypeVar
 
 import numpy as np
 import torch
@@ -32,7 +35,7 @@ import torch
 from nqfmt import NQWriter, Provenance
 from nqfmt import keys as K
 from nqfmt.bits import max_single_path_bits, path_bits
-from nqfmt.errors import NQError
+from nqfmt.errors import NQError, one_line
 
 from . import block_reconstruction as B
 from . import embedding as E
@@ -43,7 +46,7 @@ from .calibration import (
     default_calibration_text,
     windows_sha256,
 )
-from .factored import BinaryFactoredLinear
+from .factored import BinaryFactoredLinear, TrainablePath
 from .model_reconstruction import (
     TOP_K,
     TeacherCache,
@@ -55,9 +58,13 @@ from .preconditioners import LayerPreconditioners, collect_preconditioners
 from .progress import Reporter, SilentReporter
 from .sources import Source, open_source
 from .torch_model import DecoderBlock, TorchModel
+from .workdir import WorkDir, WorkDirError, check_ours
+
+T = TypeVar("T")
 
 CONVERTER_VERSION = "0.1.0"
 MIN_BITS = 0.5
+MAX_SEED = 2**63 - 1  # seeds feed torch generators (and stage_seed's arithmetic modulo 2^63)
 
 
 class ConversionError(NQError):
@@ -189,14 +196,57 @@ def check_bits(bits: float, config) -> None:
 
 
 def check_output(out: Path) -> None:
-    """Refuse an OUT whose directory is missing or read-only before any work is done."""
+    """Refuse, before any work is done, an OUT whose directory is missing or read-only, or that (or its OUT.partial)
+    exists as anything but a regular file: a directory, a device, a FIFO (the atomic rename would replace it), or
+    whose OUT.work exists without the converter's mark (it would be neither resumed nor deleted)."""
     parent = out.parent if str(out.parent) else Path(".")
     if out.is_dir():
         raise ConversionError(f"cannot write {out}: it is a directory")
+    for path in (out, out.with_name(out.name + ".partial")):
+        if path.exists() and not stat.S_ISREG(path.stat().st_mode):
+            raise ConversionError(f"cannot write {out}: {path} exists and is not a regular file")
     if not parent.is_dir():
         raise ConversionError(f"cannot write {out}: directory {parent} does not exist")
     if not os.access(parent, os.W_OK):
         raise ConversionError(f"cannot write {out}: directory {parent} is not writable")
+    check_ours(out)
+
+
+def check_inputs(out: Path, source: Path, calib: Sequence[Path]) -> None:
+    """Refuse an OUT that would overwrite what the conversion reads: OUT, OUT.partial or OUT.work being (or lying
+    inside) the source file or directory, or being a calibration file (also through links)."""
+    written = [out.with_name(out.name + suffix) for suffix in ("", ".partial", ".work")]
+    inputs = [source, *(source.iterdir() if source.is_dir() else ()), *map(Path, calib)]
+    for path in written:
+        if source.is_dir() and path.resolve().is_relative_to(source.resolve()):
+            raise ConversionError(f"cannot write {out}: it lies inside the source directory {source}")
+        for given in inputs:
+            if path.exists() and given.exists() and os.path.samefile(path, given):
+                what = "a calibration file" if given in map(Path, calib) else "a source file"
+                raise ConversionError(f"cannot write {out}: {path} is {what} ({given})")
+
+
+def check_settings(options: Options) -> None:
+    """Settings the command line accepts but no run can use: the seed's range, the thread count (at most the cores
+    this process may run on), missing calibration files. Sets torch's thread count."""
+    if not 0 <= options.seed <= MAX_SEED:
+        raise ConversionError(f"--seed {options.seed} is outside 0..{MAX_SEED} (2^63 - 1)")
+    for path in options.calib:
+        if not Path(path).is_file():
+            raise CalibrationError(f"calibration text {path} does not exist or is not a file")
+    if options.threads is not None:
+        cores = available_cores()
+        if not 1 <= options.threads <= cores:
+            raise ConversionError(f"--threads {options.threads}: this machine allows 1 to {cores}")
+        torch.set_num_threads(options.threads)
+
+
+def available_cores() -> int:
+    """The cores this process may run on (its CPU affinity, which a container or taskset narrows)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
 
 
 def linear_bpw(config, ranks: dict[str, int]) -> float:
@@ -216,58 +266,99 @@ def peak_rss_mb() -> float:
 
 # --- checkpoints ----------------------------------------------------------------------------------------------------
 
-class WorkDir:
-    """`OUT.work/`: atomic torch.save files and a fingerprint of the settings that made them."""
-
-    def __init__(self, out: Path, fingerprint: str, resume: bool) -> None:
-        self.path = out.with_name(out.name + ".work")
-        stamp = self.path / "settings.json"
-        if resume and stamp.is_file() and json.loads(stamp.read_text())["fingerprint"] != fingerprint:
-            raise ConversionError(f"{self.path} was made with other settings; run again without --resume")
-        if not resume and self.path.exists():
-            shutil.rmtree(self.path)
-        self.path.mkdir(exist_ok=True)
-        stamp.write_text(json.dumps({"fingerprint": fingerprint}))
-
-    def file(self, name: str) -> Path:
-        return self.path / name
-
-    def has(self, name: str) -> bool:
-        return self.file(name).is_file()
-
-    def save(self, name: str, obj: object) -> None:
-        tmp = self.file(name + ".tmp")
-        torch.save(obj, tmp)
-        os.replace(tmp, self.file(name))
-
-    def load(self, name: str) -> object:
-        return torch.load(self.file(name), weights_only=False)
-
-    def remove(self) -> None:
-        shutil.rmtree(self.path, ignore_errors=True)
-
-
-def block_state(block: DecoderBlock) -> dict[str, dict[str, torch.Tensor]]:
-    """Frozen factors of a finished block: signs as int8, scales float32, bias."""
+def block_state(block: DecoderBlock) -> dict[str, dict]:
+    """Frozen factors of a finished block, every path of every linear: signs as int8, scales float32 (scale_mid
+    where the path has one), and the bias."""
     state = {}
     for name, lin in block.linears.items():
-        p = lin.paths[0]
-        u, v = p.signs()
-        state[name] = {"u": u.to(torch.int8), "v": v.to(torch.int8), "scale_in": p.scale_in.detach().clone(),
-                       "scale_out": p.scale_out.detach().clone(),
-                       "bias": None if lin.bias is None else lin.bias.clone()}
+        paths = []
+        for p in lin.paths:
+            u, v = p.signs()
+            paths.append({"u": u.to(torch.int8), "v": v.to(torch.int8), "scale_in": p.scale_in.detach().clone(),
+                          "scale_out": p.scale_out.detach().clone(),
+                          "scale_mid": None if p.scale_mid is None else p.scale_mid.detach().clone()})
+        state[name] = {"paths": paths, "bias": None if lin.bias is None else lin.bias.clone()}
     return state
 
 
 def quantized_block(config, layer: int, norms: dict[str, torch.Tensor], state: dict) -> DecoderBlock:
-    """A block of frozen BinaryFactoredLinears rebuilt from `block_state` (what the resumed run rebuilds too)."""
+    """A block of frozen BinaryFactoredLinears rebuilt from `block_state` (what the resumed run rebuilds too);
+    ValueError when the state does not describe this config's linears."""
+    if not isinstance(state, dict) or sorted(state) != sorted(K.LINEARS):
+        raise ValueError(f"block {layer} holds linears {sorted(state) if isinstance(state, dict) else state!r}")
     linears = {}
     for name, s in state.items():
-        lin = BinaryFactoredLinear.from_factors(s["u"].float(), s["v"].float(), s["scale_in"], s["scale_out"],
-                                                bias=s["bias"])
-        lin.freeze_signs()
+        paths = [TrainablePath(_signs(p["u"]), _signs(p["v"]), p["scale_in"], p["scale_out"], p["scale_mid"],
+                               frozen=True) for p in s["paths"]]
+        lin = BinaryFactoredLinear(paths, s["bias"])
+        if (lin.m, lin.n) != config.linear_shape(name):
+            raise ValueError(f"{name} of block {layer} is {lin.m}x{lin.n}, the config says "
+                             f"{'x'.join(map(str, config.linear_shape(name)))}")
         linears[name] = lin
     return DecoderBlock(config, layer, norms, linears)
+
+
+def _signs(t: torch.Tensor) -> torch.Tensor:
+    """Saved int8 signs as the ±1 float32 buffer a frozen path holds."""
+    if not isinstance(t, torch.Tensor) or t.dtype != torch.int8 or not bool(((t == 1) | (t == -1)).all()):
+        raise ValueError("signs must be an int8 tensor of ±1")
+    return t.float()
+
+
+def restored(work: WorkDir, name: str, build: Callable[[object], T]) -> T:
+    """`build(checkpoint)`: a checkpoint whose structure or shapes do not fit this run is refused in one line."""
+    try:
+        return build(work.load(name))
+    except (KeyError, TypeError, ValueError, IndexError, AttributeError, RuntimeError) as e:
+        raise WorkDirError(f"{work.file(name)}: checkpoint does not fit this run ({one_line(e)}); run again "
+                           f"without --resume") from e
+
+
+def saved_preconditioners(config, state: list) -> list[LayerPreconditioners]:
+    """The preconditioners checkpoint, each vector checked against the linear it belongs to."""
+    if len(state) != config.n_layers:
+        raise ValueError(f"{len(state)} blocks of preconditioners for {config.n_layers} blocks")
+    out, shapes = [], {lin: config.linear_shape(lin) for lin in K.LINEARS}
+    for s in state:
+        out.append(LayerPreconditioners({lin: shaped(s["d_in"][lin], n) for lin, (m, n) in shapes.items()},
+                                        {lin: shaped(s["d_out"][lin], m) for lin, (m, n) in shapes.items()},
+                                        shaped(s["channel_weight"], config.hidden)))
+    return out
+
+
+def saved_boundary(run: Run, state: dict) -> dict:
+    """The boundary checkpoint: the next block to quantize and both trajectories' hidden states."""
+    recipe, hidden = run.recipe, run.source.config.hidden
+    if not isinstance(state["next"], int) or not 0 <= state["next"] <= run.source.config.n_layers:
+        raise ValueError(f"next block {state['next']!r}")
+    shaped(state["fp"], len(run.windows), recipe.seqlen, hidden)
+    shaped(state["q"], recipe.samples, recipe.seqlen, hidden)
+    return state
+
+
+def saved_teacher(run: Run, state: dict) -> TeacherCache:
+    """The teacher cache checkpoint: top-k log-probabilities, their ids and the tail, one row per distilled window."""
+    cache = TeacherCache(**state)
+    n, t = len(run.recipe.distilled(run.windows)), run.recipe.seqlen
+    shaped(cache.logp, n, t, cache.logp.shape[-1])
+    shaped(cache.ids, *cache.logp.shape)
+    shaped(cache.log_tail, n, t)
+    return cache
+
+
+def _timings(state: dict) -> dict[str, float]:
+    """Seconds per stage of the interrupted runs (load and calibration are this run's own)."""
+    if not all(isinstance(v, (int, float)) for v in state.values()):
+        raise ValueError("timings are not numbers")
+    return {k: float(v) for k, v in state.items() if k not in ("load", "calibration")}
+
+
+def shaped(t: object, *shape: int) -> torch.Tensor:
+    """`t` when it is a tensor of `shape` (checks a checkpoint's contents before they are used)."""
+    if not isinstance(t, torch.Tensor) or tuple(t.shape) != shape:
+        raise ValueError(f"expected a tensor of shape {list(shape)}, found "
+                         f"{list(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__}")
+    return t
 
 
 def block_norms(source, layer: int) -> dict[str, torch.Tensor]:
@@ -313,7 +404,7 @@ class Run:
     def checkpoint(self, name: str, obj: object) -> None:
         """Save a stage's result, then the times so far (a resumed run reports the whole run's times)."""
         self.work.save(name, obj)
-        self.work.save("timings.pt", self.timer.seconds)
+        self.work.save("timings", self.timer.seconds)
 
 
 def skeleton(source: Source) -> TorchModel:
@@ -329,17 +420,13 @@ def convert(options: Options, reporter: Reporter | None = None) -> Summary:
     recipe = options.recipe()
     out = Path(options.out)
     check_output(out)
-    for path in options.calib:
-        if not Path(path).is_file():
-            raise CalibrationError(f"calibration text {path} does not exist or is not a file")
-    if options.threads is not None:
-        if options.threads < 1:
-            raise ConversionError(f"--threads must be at least 1, got {options.threads}")
-        torch.set_num_threads(options.threads)
+    check_settings(options)
     t_start = time.perf_counter()
     timer = Timer()
     with timer.stage("load"):
         source = open_source(options.model)
+        check_inputs(out, source.origin, options.calib)
+        source.check_finite()
     config = source.config
     check_bits(options.bits, config)
     recipe = dataclasses.replace(recipe, embedding=E.resolve_embedding(recipe.embedding, config,
@@ -354,8 +441,8 @@ def convert(options: Options, reporter: Reporter | None = None) -> Summary:
     fingerprint = hashlib.sha256(json.dumps([source.sha256, options.bits, recipe.to_json(), options.seed, calib_sha,
                                              CONVERTER_VERSION]).encode()).hexdigest()
     work = WorkDir(out, fingerprint, options.resume)
-    if work.has("timings.pt"):
-        timer.seconds.update({k: v for k, v in work.load("timings.pt").items() if k not in ("load", "calibration")})
+    if work.has("timings"):
+        timer.seconds.update(restored(work, "timings", _timings))
     run = Run(source, skeleton(source), windows, ranks, recipe, options.seed, work, timer, reporter)
 
     _blocks(run, _preconditioners(run))
@@ -387,28 +474,29 @@ def convert(options: Options, reporter: Reporter | None = None) -> Summary:
 
 def _preconditioners(run: Run) -> list[LayerPreconditioners]:
     """Stage 2: every linear's preconditioners and every block's loss weights, from the first stat windows."""
-    if run.work.has("preconditioners.pt"):
-        return run.work.load("preconditioners.pt")
+    if run.work.has("preconditioners"):
+        return restored(run.work, "preconditioners", lambda state: saved_preconditioners(run.source.config, state))
     recipe, n = run.recipe, run.source.config.n_layers
     run.reporter.stage("preconditioners", 2 * n)
     with run.timer.stage("preconditioners"):
         result = collect_preconditioners(run.source.config, run.base, run.fp_block, run.windows[:recipe.stat_samples],
                                          recipe.shrinkage, recipe.forward_batch, run.work.path,
                                          lambda i, total: run.reporter.advance(i))
-    run.checkpoint("preconditioners.pt", result)
+    run.checkpoint("preconditioners", [vars(p) for p in result])
     return result
 
 
 def _blocks(run: Run, preconditioners: list[LayerPreconditioners]) -> None:
-    """Stage 3: quantize every block not yet checkpointed; leaves block-i.pt files and, at the end, the teacher cache.
+    """Stage 3: quantize every block not yet checkpointed; leaves block-i checkpoints and, at the end, the teacher
+    cache.
 
     The full-precision trajectory `fp_in` runs over all drawn windows (the teacher's inputs for distillation); the
     quantized trajectory `q_in` and the tuning only over the first `recipe.samples`."""
     recipe, work, timer, reporter = run.recipe, run.work, run.timer, run.reporter
     n = run.source.config.n_layers
-    boundary = work.load("boundary.pt") if work.has("boundary.pt") else None
+    boundary = restored(work, "boundary", lambda b: saved_boundary(run, b)) if work.has("boundary") else None
     start = boundary["next"] if boundary else 0
-    if start == n and (work.has("teacher.pt") or not recipe.model_recon):
+    if start == n and (work.has("teacher") or not recipe.model_recon):
         return
     if boundary:
         fp_in, q_in = boundary["fp"], boundary["q"]
@@ -442,23 +530,23 @@ def _blocks(run: Run, preconditioners: list[LayerPreconditioners]) -> None:
         with timer.stage("forward"):
             q_out = B.block_outputs(blk, q_in, fb)
         fp_in, q_in = targets, q_out
-        work.save(f"block-{layer:03d}.pt", block_state(blk))
-        run.checkpoint("boundary.pt", {"next": layer + 1, "fp": fp_in, "q": q_in})  # after the block: commits it
+        work.save(f"block-{layer:03d}", block_state(blk))
+        run.checkpoint("boundary", {"next": layer + 1, "fp": fp_in, "q": q_in})  # after the block: commits it
         del blk
     reporter.block(n, n)
     if recipe.model_recon:
         reporter.stage("teacher cache", 1)
         with timer.stage("teacher cache"):
             cache = teacher_cache(run.base.head, recipe.distilled(fp_in), recipe.top_k, 1, recipe.teacher_bf16)
-        run.checkpoint("teacher.pt", cache)
+        run.checkpoint("teacher", vars(cache))
 
 
 def _tables(run: Run) -> dict[str, E.StoredTable]:
     """The embedding and (untied) head as the file stores them (spec/CONVERTER.md, "Embedding and head"), from the
     source's tables, the final norm output's moments on the statistics windows and the calibration tokens'
     frequencies (converter/embedding.py); checkpointed, since a binary factorization takes minutes."""
-    if run.work.has("tables.pt"):
-        return {k: E.StoredTable.from_state(v) for k, v in run.work.load("tables.pt").items()}
+    if run.work.has("tables"):
+        return restored(run.work, "tables", lambda state: {k: E.StoredTable.from_state(v) for k, v in state.items()})
     recipe, config, base = run.recipe, run.source.config, run.base
     run.reporter.stage("embedding", 1)
     with run.timer.stage("embedding"):
@@ -475,14 +563,14 @@ def _tables(run: Run) -> dict[str, E.StoredTable]:
         if untied:
             tables[K.OUTPUT_TABLE] = E.store_table(recipe.embedding, base.output.detach(), config, cols, rows,
                                                    recipe.admm, seed + 1)
-    run.checkpoint("tables.pt", {k: t.state() for k, t in tables.items()})
+    run.checkpoint("tables", {k: t.state() for k, t in tables.items()})
     return tables
 
 
 def _assemble(run: Run, tables: dict[str, E.StoredTable]) -> TorchModel:
     """The quantized model from the block checkpoints, with the embedding/head as the file stores them."""
     config, base = run.source.config, run.base
-    blocks = [quantized_block(config, i, block_norms(run.source, i), run.work.load(f"block-{i:03d}.pt"))
+    blocks = [restored(run.work, f"block-{i:03d}", partial(quantized_block, config, i, block_norms(run.source, i)))
               for i in range(config.n_layers)]
     output = tables[K.OUTPUT_TABLE].torch_value() if K.OUTPUT_TABLE in tables else None
     return TorchModel(config, tables[K.EMBD_TABLE].torch_value(), blocks, base.output_norm.weight.detach(), output)
@@ -492,17 +580,18 @@ def _reconstruct(run: Run, model: TorchModel) -> None:
     """Stage 4: scale-only distillation of the assembled model; its result (all scales) is checkpointed as one file."""
     recipe = run.recipe
     scales = scale_parameters(model)
-    if run.work.has("recon.pt"):
-        saved = run.work.load("recon.pt")
+    if run.work.has("recon"):
+        saved = restored(run.work, "recon", lambda state: [shaped(v, *s.shape) for s, v in zip(scales, state,
+                                                                                                strict=True)])
     else:
-        cache: TeacherCache = run.work.load("teacher.pt")
+        cache = restored(run.work, "teacher", lambda state: saved_teacher(run, state))
         run.reporter.stage("model reconstruction", 0)
         with run.timer.stage("model reconstruction"):
             reconstruct(model, recipe.distilled(run.windows), cache, recipe.recon_epochs, recipe.recon_batch,
                         recipe.recon_lr, B.stage_seed(run.seed, 10_000, 3), run.reporter.update,
                         ce_weight=recipe.recon_ce)
         saved = [s.detach().clone() for s in scales]
-        run.checkpoint("recon.pt", saved)
+        run.checkpoint("recon", saved)
     with torch.no_grad():
         for s, v in zip(scales, saved):
             s.copy_(v)

@@ -115,13 +115,18 @@ class BoundaryStore:
         if self.directory is None:
             self.memory[index] = h
         else:
-            torch.save(h, self.directory / f"stat-boundary-{index:03d}.pt")
+            path = self.directory / f"stat-boundary-{index:03d}.pt"
+            try:
+                torch.save(h, path)
+            except RuntimeError as e:  # torch reports a failed write (a full disk) as a RuntimeError
+                path.unlink(missing_ok=True)
+                raise OSError(f"cannot write {path}: {str(e).splitlines()[0]}") from e
 
     def pop(self, index: int) -> torch.Tensor:
         if self.directory is None:
             return self.memory.pop(index)
         path = self.directory / f"stat-boundary-{index:03d}.pt"
-        h = torch.load(path)
+        h = torch.load(path, weights_only=True)
         path.unlink()
         return h
 

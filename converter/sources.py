@@ -25,6 +25,7 @@ from tokenizers import Tokenizer
 
 from nqdata import cache_dir
 from nqfmt import ModelConfig, NQError, NQFormatError, TokenizerInfo
+from nqfmt.errors import one_line
 from nqfmt import keys as K
 
 DEFAULT_MODEL = "smollm2-135m"
@@ -39,6 +40,16 @@ GGUF_ARCHITECTURES = {"llama": "llama", "qwen2": "qwen2", "qwen3": "qwen3", "gem
 _ACTIVATIONS = {"silu": "silu", "gelu_pytorch_tanh": "gelu_tanh"}
 
 
+# stored types that are integers, not weights: safetensors' names and GGUF's
+_INTEGER_TYPES = frozenset({"BOOL", "U8", "I8", "U16", "I16", "U32", "I32", "U64", "I64"})
+_JSON_LIMIT = 64 << 20  # config.json, tokenizer_config.json, the shard index
+_TOKENIZER_LIMIT = 256 << 20
+# config.json fields that size the model: each a positive integer below 2^31 (checked before transformers reads the
+# file, which builds per-layer lists from num_hidden_layers)
+_SIZE_FIELDS = ("num_hidden_layers", "hidden_size", "intermediate_size", "num_attention_heads",
+                "num_key_value_heads", "head_dim", "vocab_size", "max_position_embeddings")
+
+
 def _library_error(e: BaseException) -> bool:
     """True for errors a library raises on bad input: any Exception, and the pyo3 PanicException (a BaseException)
     with which the Rust tokenizers library reports a malformed vocabulary."""
@@ -50,10 +61,11 @@ class SourceError(NQError):
 
 
 class Source(ABC):
-    """What every source offers. Subclasses set `config` and `name`, then call `_check_tensors()`."""
+    """What every source offers. Subclasses set `config`, `name` and `origin`, then call `_check_tensors()`."""
 
     config: ModelConfig
     name: str
+    origin: Path  # the file or directory the source reads (a conversion must not write into it)
 
     @abstractmethod
     def _load(self, name: str) -> torch.Tensor:
@@ -68,6 +80,10 @@ class Source(ABC):
         """How the source itself names a tensor, for error messages."""
 
     @abstractmethod
+    def _dtype(self, name: str) -> str:
+        """The stored type of a tensor, as the source names it."""
+
+    @abstractmethod
     def _weight_files(self) -> list[Path]:
         """The files holding the weights (what `sha256` covers)."""
 
@@ -76,8 +92,9 @@ class Source(ABC):
         """The tokenizer, built from the source's own tokenizer files or metadata."""
 
     def _check_tensors(self, origin: Path) -> None:
-        """Every tensor the config calls for must exist with the shape the config implies (so a config that does not
-        match its weights fails here, with a name, not deep inside a forward pass)."""
+        """Every tensor the config calls for must exist with the shape the config implies and a floating-point (or
+        quantized) type (so a config that does not match its weights fails here, with a name, not deep inside a
+        forward pass)."""
         for name in self.tensor_names():
             shape, want = self._shape(name), self.expected_shape(name)
             if shape is None:
@@ -85,6 +102,16 @@ class Source(ABC):
             if tuple(shape) != want:
                 raise SourceError(f"{origin}: tensor {self._where(name)} has shape {list(shape)}, "
                                   f"the config implies {list(want)}")
+            if self._dtype(name) in _INTEGER_TYPES:
+                raise SourceError(f"{origin}: tensor {self._where(name)} holds {self._dtype(name)} integers, "
+                                  f"not weights (expected a floating-point or quantized type)")
+
+    def check_finite(self) -> None:
+        """Refuse NaN or infinite weights before any work, naming the first such tensor (one tensor in memory at a
+        time)."""
+        for name in self.tensor_names():
+            if not bool(torch.isfinite(self._load(name)).all()):
+                raise SourceError(f"{self.origin}: tensor {self._where(name)} holds NaN or infinite values")
 
     def expected_shape(self, name: str) -> tuple[int, ...]:
         c = self.config
@@ -195,11 +222,17 @@ def _sliding_from_hf(cfg: dict, arch: str, n_layers: int) -> dict[str, object]:
     return {"sliding_window": int(window), "sliding_layers": tuple(t == "sliding_attention" for t in types)}
 
 
-def config_from_hf(cfg: dict) -> ModelConfig:
-    """Map a Hugging Face `config.json` (already parsed) to a ModelConfig; SourceError for what we cannot run."""
+def check_model_type(cfg: dict) -> str:
+    """A Hugging Face config's model_type, when it is one we convert; SourceError otherwise."""
     model_type = cfg.get("model_type")
     if model_type not in HF_ARCHITECTURES:
         raise SourceError(f"model_type {model_type!r} is not supported (supported: {', '.join(HF_ARCHITECTURES)})")
+    return model_type
+
+
+def config_from_hf(cfg: dict) -> ModelConfig:
+    """Map a Hugging Face `config.json` (already parsed) to a ModelConfig; SourceError for what we cannot run."""
+    model_type = check_model_type(cfg)
     if model_type == "gemma3":
         cfg = {**cfg["text_config"], "model_type": "gemma3_text"} if "text_config" in cfg else cfg
     arch = HF_ARCHITECTURES[model_type]
@@ -249,10 +282,13 @@ class HFSource(Source):
     _PREFIXES = ("model.", "model.language_model.", "language_model.model.")
 
     def __init__(self, directory: Path) -> None:
-        self.directory = directory
+        self.directory = self.origin = directory
         self.name = directory.resolve().name
-        self.config = config_from_hf(self._complete_config(self._json("config.json", required=True)))
+        raw = self._json("config.json", required=True)
+        check_model_type(raw)
         self._shard_of = self._index_weights()
+        _check_sizes(raw, len(self._shard_of), directory / "config.json")
+        self.config = config_from_hf(self._complete_config(raw))
         self._handles: dict[Path, object] = {}
         self._prefix = next((p for p in self._PREFIXES if f"{p}embed_tokens.weight" in self._shard_of), None)
         if self._prefix is None:
@@ -266,9 +302,12 @@ class HFSource(Source):
                 raise SourceError(f"{self.directory}: no {name}; not a Hugging Face model directory")
             return {}
         try:
-            return json.loads(path.read_text(encoding="utf-8"))
-        except (ValueError, UnicodeDecodeError) as e:
-            raise SourceError(f"{path}: not valid JSON ({e})") from e
+            data = json.loads(_read_text(path, _JSON_LIMIT))
+        except (ValueError, RecursionError) as e:
+            raise SourceError(f"{path}: not valid JSON ({one_line(e)})") from e
+        if not isinstance(data, dict):
+            raise SourceError(f"{path}: not a JSON object (found a {type(data).__name__})")
+        return data
 
     def _complete_config(self, raw: dict) -> dict:
         """config.json with the fields it leaves to transformers' defaults filled in (Gemma 3's text_config omits
@@ -349,6 +388,9 @@ class HFSource(Source):
             raise SourceError(f"{self._shard_of[self._hf_name(name)]}: cannot read {self._hf_name(name)} "
                               f"({str(e).splitlines()[0]})") from e
 
+    def _dtype(self, name: str) -> str:
+        return self._handle(name).get_slice(self._hf_name(name)).get_dtype()
+
     def _weight_files(self) -> list[Path]:
         return sorted(set(self._shard_of.values()))
 
@@ -356,7 +398,7 @@ class HFSource(Source):
         path = self.directory / "tokenizer.json"
         if not path.is_file():
             raise SourceError(f"{self.directory}: no tokenizer.json (only fast tokenizers are supported)")
-        text = path.read_text(encoding="utf-8")
+        text = _read_text(path, _TOKENIZER_LIMIT)
         try:
             tok = Tokenizer.from_str(text)
         except BaseException as e:
@@ -382,6 +424,29 @@ class HFSource(Source):
         bos = special("bos")
         return TokenizerInfo(text, template, bos, special("eos"), special("pad"),
                              add_bos=_expects_bos(tok, bos, bool(tc.get("add_bos_token", False))))
+
+
+def _read_text(path: Path, limit: int) -> str:
+    """A UTF-8 text file of at most `limit` bytes (a bigger one is refused before it is read)."""
+    if path.stat().st_size > limit:
+        raise SourceError(f"{path}: {path.stat().st_size} bytes, more than the {limit >> 20} MiB such a file can be")
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise SourceError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from e
+
+
+def _check_sizes(raw: dict, tensors: int, path: Path) -> None:
+    """The sizes a config.json states (its text_config's for Gemma 3): positive integers below 2^31, and no more
+    blocks than the weights have tensors for."""
+    cfg = raw["text_config"] if isinstance(raw.get("text_config"), dict) else raw
+    for key in _SIZE_FIELDS:
+        v = cfg.get(key)
+        if v is not None and (isinstance(v, bool) or not isinstance(v, int) or not 0 < v < 2**31):
+            raise SourceError(f"{path}: {key} = {v!r} is not a positive integer below 2^31")
+    layers = cfg.get("num_hidden_layers")
+    if isinstance(layers, int) and layers * len(K.LINEARS) > tensors:
+        raise SourceError(f"{path}: num_hidden_layers = {layers}, but the weights hold only {tensors} tensors")
 
 
 def _expects_bos(tok: Tokenizer, bos: int | None, flag: bool) -> bool:
@@ -481,7 +546,7 @@ class GGUFSource(Source):
     def __init__(self, path: Path) -> None:
         from gguf import GGUFReader
 
-        self.path = path
+        self.path = self.origin = path
         try:
             self._reader = GGUFReader(path)
         except Exception as e:  # the reader raises ValueError, IndexError, struct errors... on malformed files
@@ -494,6 +559,11 @@ class GGUFSource(Source):
             raise SourceError(f"{path}: GGUF architecture {general!r} is not supported "
                               f"(supported: {', '.join(GGUF_ARCHITECTURES)})")
         self._gguf_arch = general
+        n_layers = self._value(f"{general}.block_count")
+        if isinstance(n_layers, bool) or not isinstance(n_layers, int) or not (
+                0 < n_layers * len(K.LINEARS) <= len(self._tensors)):
+            raise SourceError(f"{path}: {general}.block_count = {n_layers!r} does not fit the file's "
+                              f"{len(self._tensors)} tensors")
         try:
             factors = self._tensors.get(_ROPE_FREQS)
             factors = None if factors is None else _dequantized(factors).reshape(-1).astype(np.float64)
@@ -534,6 +604,9 @@ class GGUFSource(Source):
         if self._gguf_arch == "gemma3" and name.endswith("norm.weight"):
             w -= 1.0
         return torch.from_numpy(w)
+
+    def _dtype(self, name: str) -> str:
+        return self._tensors[self._gguf_name(name)].tensor_type.name
 
     def _weight_files(self) -> list[Path]:
         return [self.path]

@@ -85,7 +85,7 @@ def test_stages_change_the_result_and_can_be_switched_off(tmp_path, tiny_preset)
     assert "refinement" not in bare.stage_seconds and "error mitigation" not in bare.stage_seconds
 
 
-@pytest.mark.parametrize("kill_after", ["block-001.pt", "boundary.pt", "teacher.pt"])
+@pytest.mark.parametrize("kill_after", ["block-001", "boundary", "teacher"])
 def test_resume_after_interruption_is_byte_identical(kill_after, tmp_path, tiny_preset, monkeypatch):
     hf_tiny.save("qwen3", tmp_path / "src")
     reference = run(tmp_path, tmp_path / "src", "ref.nq").out.read_bytes()
@@ -94,14 +94,14 @@ def test_resume_after_interruption_is_byte_identical(kill_after, tmp_path, tiny_
 
     def interrupting_save(self, name, obj):
         save(self, name, obj)
-        if name == kill_after and (name != "boundary.pt" or obj["next"] == 1):
+        if name == kill_after and (name != "boundary" or obj["next"] == 1):
             raise KeyboardInterrupt
 
     monkeypatch.setattr(P.WorkDir, "save", interrupting_save)
     with pytest.raises(KeyboardInterrupt):
         run(tmp_path, tmp_path / "src", "m.nq")
     assert not (tmp_path / "m.nq").exists()
-    assert (tmp_path / "m.nq.work" / kill_after).is_file()
+    assert (tmp_path / "m.nq.work" / f"{kill_after}.safetensors").is_file()
     monkeypatch.setattr(P.WorkDir, "save", save)
     loads = []
     load = P.WorkDir.load
@@ -117,14 +117,14 @@ def test_resume_refuses_other_settings(tmp_path, tiny_preset, monkeypatch):
 
     def interrupting_save(self, name, obj):
         save(self, name, obj)
-        if name == "block-000.pt":
+        if name == "block-000":
             raise KeyboardInterrupt
 
     monkeypatch.setattr(P.WorkDir, "save", interrupting_save)
     with pytest.raises(KeyboardInterrupt):
         run(tmp_path, tmp_path / "src")
     monkeypatch.setattr(P.WorkDir, "save", save)
-    with pytest.raises(P.ConversionError, match="other settings"):
+    with pytest.raises(P.WorkDirError, match="other settings"):
         run(tmp_path, tmp_path / "src", resume=True, seed=5)
 
 
@@ -164,13 +164,14 @@ def test_distillation_windows_beyond_the_block_stage(tmp_path, tiny_preset, monk
     run(tmp_path, tmp_path / "src", "many.nq")
     few, many = saved["few.nq.work"], saved["many.nq.work"]
     for layer in range(2):
-        a, b = few[f"block-{layer:03d}.pt"], many[f"block-{layer:03d}.pt"]
-        assert all(torch.equal(a[lin][k], b[lin][k]) for lin in a for k in ("u", "v", "scale_in", "scale_out"))
-    assert many["boundary.pt"]["fp"].shape[0] == 9 and many["boundary.pt"]["q"].shape[0] == TINY.samples
-    assert many["teacher.pt"].logp.shape[0] == 9 and few["teacher.pt"].logp.shape[0] == TINY.recon_samples
+        a, b = few[f"block-{layer:03d}"], many[f"block-{layer:03d}"]
+        assert all(torch.equal(a[lin]["paths"][0][k], b[lin]["paths"][0][k])
+                   for lin in a for k in ("u", "v", "scale_in", "scale_out"))
+    assert many["boundary"]["fp"].shape[0] == 9 and many["boundary"]["q"].shape[0] == TINY.samples
+    assert many["teacher"]["logp"].shape[0] == 9 and few["teacher"]["logp"].shape[0] == TINY.recon_samples
     assert [t.shape[0] for t in distilled] == [TINY.recon_samples, 9]
     assert torch.equal(distilled[1][:TINY.recon_samples], distilled[0])
-    assert torch.allclose(many["teacher.pt"].logp[:TINY.recon_samples], few["teacher.pt"].logp)
+    assert torch.allclose(many["teacher"]["logp"][:TINY.recon_samples], few["teacher"]["logp"])
 
 
 def test_samples_override_keeps_the_presets_distillation_ratio():
@@ -303,9 +304,10 @@ def test_kl_on_the_last_block_changes_only_it_and_fits_the_output_better(tmp_pat
     monkeypatch.setitem(P.PRESETS, "tiny", dataclasses.replace(P.PRESETS["tiny"], kl_blocks=1))
     kl = run(tmp_path, tmp_path / "src", "kl.nq")
     a, b = saved["mse.nq.work"], saved["kl.nq.work"]
-    assert all(torch.equal(a["block-000.pt"][lin][k], b["block-000.pt"][lin][k])
+    assert all(torch.equal(a["block-000"][lin]["paths"][0][k], b["block-000"][lin]["paths"][0][k])
                for lin in K.LINEARS for k in ("u", "v", "scale_in", "scale_out"))
-    assert not all(torch.equal(a["block-001.pt"][lin]["scale_out"], b["block-001.pt"][lin]["scale_out"])
+    assert not all(torch.equal(a["block-001"][lin]["paths"][0]["scale_out"],
+                               b["block-001"][lin]["paths"][0]["scale_out"])
                    for lin in K.LINEARS)
     from converter.torch_model import TorchModel
     from converter.sources import open_source
