@@ -30,12 +30,13 @@ def one_line(error: BaseException) -> str:
 @contextmanager
 def command_errors(prog: str, debug: bool = False, interrupted: str = "interrupted") -> Iterator[None]:
     """The guard every command line runs its work in: an `NQError` or `OSError` becomes one `prog: error: ...` line on
-    stderr and exit status 1, Ctrl-C one `prog: <interrupted>` line and status 130; with `debug` the traceback shows
+    stderr and exit status 1, Ctrl-C one `prog: <interrupted>` line and status 130 (an interrupt that carries its own
+    message, such as a file written before it took effect, prints that instead); with `debug` the traceback shows
     instead. Other exceptions are bugs and propagate."""
     try:
         yield
-    except KeyboardInterrupt:
-        print(f"\n{prog}: {interrupted}", file=sys.stderr)
+    except KeyboardInterrupt as e:
+        print(f"\n{prog}: {str(e) or interrupted}", file=sys.stderr)
         raise SystemExit(130) from None
     except (NQError, OSError) as e:
         if debug:

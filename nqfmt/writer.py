@@ -2,12 +2,17 @@
 
 The whole tensor plan is declared up front (GGUF puts every tensor's info before any data), then tensors are written
 one at a time in plan order, so a 70B model never sits in memory. Data go to `OUT.partial`; only a complete, fsynced
-file is renamed to OUT, so an existing OUT is never left half-overwritten.
+file is renamed to OUT, so an existing OUT is never left half-overwritten. Any failure or Ctrl-C before the rename
+removes `OUT.partial`; a Ctrl-C during the rename is held until it is done and then raised as `WrittenInterrupt`.
 """
 from __future__ import annotations
 
 import os
+import signal
+import threading
 import zlib
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -19,6 +24,14 @@ from .errors import NQFormatError
 from .layout import LinearPlan, TableKind, TensorSpec, file_specs, is_scale, is_signs, sign_columns
 from .metadata import Provenance, TokenizerInfo
 from .signs import padding_is_clear
+
+
+class WrittenInterrupt(KeyboardInterrupt):
+    """Ctrl-C that arrived while the file was being renamed into place: the file is complete, and the message (which
+    the commands print) says so."""
+
+    def __init__(self, path: Path) -> None:
+        super().__init__(f"interrupted after {path} was written; the file is complete")
 
 
 class NQWriter:
@@ -52,6 +65,10 @@ class NQWriter:
         meta = {**config.to_metadata(), **tokenizer.to_metadata(), **provenance.to_metadata(), K.VERSION: K.FORMAT_VERSION}
         if name:
             meta[K.NAME] = name
+        if self.partial.is_symlink() or self.partial.is_file():  # a leftover: replace it, never write through it
+            self.partial.unlink()
+        elif self.partial.exists():
+            raise NQFormatError(f"cannot write {self.path}: {self.partial} exists and is not a regular file")
         self._gw = GGUFWriter(self.partial, K.ARCHITECTURE)
         self._gw.add_custom_alignment(K.ALIGNMENT)
         for key, spec in K.METADATA.items():
@@ -60,14 +77,11 @@ class NQWriter:
         for spec in self.plan + [self._checksum_spec]:
             self._gw.add_tensor_info(spec.name, spec.numpy_shape, spec.numpy_dtype if spec.gtype != K.SIGN_TYPE
                                      else np.dtype(np.int32), spec.nbytes, raw_dtype=GGMLQuantizationType(spec.gtype))
-        try:
+        with self._discarded_on_failure():
             self._gw.write_header_to_file()
             self._gw.write_kv_data_to_file()
             self._gw.write_ti_data_to_file()
             self._header_crc = self._crc_of_header()
-        except OSError as e:
-            self._discard()
-            raise NQFormatError(f"cannot write {self.partial}: {e.strerror}") from e
 
     def _add_kv(self, spec: K.KeySpec, value: object) -> None:
         vtype = GGUFValueType(spec.vtype)
@@ -105,33 +119,53 @@ class NQWriter:
         if a.dtype == np.uint32:
             a = a.view(np.int32)
         self._crcs.append(zlib.crc32(a.view(np.uint8).reshape(-1)))
-        self._gw.write_tensor_data(a)
+        with self._discarded_on_failure():
+            self._gw.write_tensor_data(a)
         self._next += 1
 
     def commit(self) -> Path:
-        """Append the checksum table, fsync, and atomically rename the partial file to its final name."""
+        """Append the checksum table, fsync, and atomically rename the partial file to its final name. A Ctrl-C that
+        arrives during the rename is raised once it is done, as WrittenInterrupt."""
         if self._next != len(self.plan):
             missing = self.plan[self._next].name
             self._discard()
             raise NQFormatError(f"file incomplete: tensor {missing!r} and {len(self.plan) - self._next - 1} more "
                                 f"were never written")
-        table = np.array([self._header_crc, *self._crcs], dtype=np.uint32).view(np.int32)
-        self._gw.write_tensor_data(table)
-        fout = self._gw.fout[0]
-        fout.flush()
-        os.fsync(fout.fileno())
-        self._gw.close()
-        os.replace(self.partial, self.path)
-        dir_fd = os.open(self.path.parent, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
+        with self._discarded_on_failure():
+            table = np.array([self._header_crc, *self._crcs], dtype=np.uint32).view(np.int32)
+            self._gw.write_tensor_data(table)
+            fout = self._gw.fout[0]
+            fout.flush()
+            os.fsync(fout.fileno())
+            self._gw.close()
+        with _sigint_held() as held:
+            with self._discarded_on_failure():
+                os.replace(self.partial, self.path)
+            dir_fd = os.open(self.path.parent, os.O_RDONLY)
+            try:
+                os.fsync(dir_fd)
+            finally:
+                os.close(dir_fd)
+        if held:
+            raise WrittenInterrupt(self.path)
         return self.path
 
+    @contextmanager
+    def _discarded_on_failure(self) -> Iterator[None]:
+        """Any exception (Ctrl-C included) removes the partial file; an OSError becomes one line naming it."""
+        try:
+            yield
+        except BaseException as e:
+            self._discard()
+            if isinstance(e, OSError):
+                raise NQFormatError(f"cannot write {self.partial}: {e.strerror or e}") from e
+            raise
+
     def _discard(self) -> None:
-        self._gw.close()
-        self.partial.unlink(missing_ok=True)
+        try:
+            self._gw.close()
+        finally:
+            self.partial.unlink(missing_ok=True)
 
     def __enter__(self) -> "NQWriter":
         return self
@@ -141,3 +175,18 @@ class NQWriter:
             self.commit()
         else:
             self._discard()
+
+
+@contextmanager
+def _sigint_held() -> Iterator[list[int]]:
+    """Within the block, SIGINT is recorded instead of raised (main thread only: no other thread receives it); the
+    list says whether one came."""
+    held: list[int] = []
+    if threading.current_thread() is not threading.main_thread():
+        yield held
+        return
+    previous = signal.signal(signal.SIGINT, lambda signum, frame: held.append(signum))
+    try:
+        yield held
+    finally:
+        signal.signal(signal.SIGINT, previous)
