@@ -2,8 +2,9 @@
 head"): F16, Q8_0, Q4_0, or binary-factored by the same LB-ADMM as the decoder linears.
 
 The choice is text, `f16`, `q8_0`, `q4_0`, `binary` (rank min(V, d)) or `binary:RANK`, kept in the recipe. A
-`StoredTable` holds what the file will hold: raw bytes for a dense type (the torch model sees them dequantized), or a
-frozen `BinaryFactoredLinear` whose scales model reconstruction tunes (the file is exported from that module after).
+`StoredTable` holds what the file will hold: raw bytes for F16 and Q8_0 (the torch model sees them dequantized), a
+`Q4Table` (Q4_0's codes, fixed, times its block scales) or a frozen `BinaryFactoredLinear`; model reconstruction tunes
+the scales of the last two like the decoder linears' scales, and the file is exported from the tuned module.
 
 Weights for the choices that lose information (Q4_0's scale search, the ADMM's preconditioners):
 - columns: the final norm's output second moments on the statistics windows, shrunk and square-rooted like the
@@ -26,7 +27,7 @@ from gguf.quants import quantize
 from nqfmt import LinearPlan, ModelConfig
 from nqfmt import keys as K
 from nqfmt.errors import NQError
-from nqfmt.q4_0 import BLOCK, dequantize_q4_0, pack_q4_0
+from nqfmt.q4_0 import BLOCK, pack_q4_0, unpack_q4_0
 from nqfmt.q8_0 import dequantize_q8_0
 
 from .admm import AdmmSettings, lb_admm
@@ -85,40 +86,80 @@ def table_bits(choice: str, config: ModelConfig) -> float:
 
 
 # --- what the file holds ------------------------------------------------------------------------------------------
+class Q4Table(torch.nn.Module):
+    """A Q4_0 table in the torch model: the codes q − 8 (fixed, int8) times one scale per block of 32, which
+    distillation may tune. Each value is float32(scale)·float32(q − 8), the product nqfmt's dequantizer (and so
+    load_nq) forms, so once the scales are rounded to F16 this module computes exactly what the file holds."""
+
+    def __init__(self, raw: np.ndarray) -> None:
+        super().__init__()
+        d, q = unpack_q4_0(raw)
+        self.register_buffer("codes", torch.from_numpy(q.astype(np.int8) - 8))
+        self.scale = torch.nn.Parameter(torch.from_numpy(d.astype(np.float32)))
+
+    def _values(self, codes: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+        shape = codes.shape
+        return (codes.to(torch.float32).reshape(*shape[:-1], -1, BLOCK) * scale[..., None]).reshape(shape)
+
+    def weight(self) -> torch.Tensor:
+        return self._values(self.codes, self.scale)
+
+    def rows(self, ids: torch.Tensor) -> torch.Tensor:
+        return self._values(self.codes[ids], self.scale[ids])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.linear(x, self.weight())
+
+    def scales(self) -> list[torch.nn.Parameter]:
+        return [self.scale]
+
+    @torch.no_grad()
+    def round_scales_to_fp16(self) -> None:
+        self.scale.copy_(self.scale.to(torch.float16).to(torch.float32))
+
+    @torch.no_grad()
+    def raw(self) -> np.ndarray:
+        """The file's bytes for the current scales (F16-rounded)."""
+        return pack_q4_0(self.scale.numpy().astype(np.float16), (self.codes + 8).to(torch.uint8).numpy())
+
+
 @dataclass
 class StoredTable:
-    """One table as the file stores it: `raw` (the bytes of a dense type) or `factored` (a binary-factored module)."""
+    """One table as the file stores it: `raw` (F16 or Q8_0 bytes) or `module` (a Q4Table or a binary-factored
+    BinaryFactoredLinear, both with scales distillation tunes)."""
 
     gtype: K.GGMLType | None
     raw: np.ndarray | None = None
-    factored: BinaryFactoredLinear | None = None
+    module: Q4Table | BinaryFactoredLinear | None = None
+
+    @classmethod
+    def dense(cls, gtype: K.GGMLType, raw: np.ndarray) -> "StoredTable":
+        return cls(gtype, module=Q4Table(raw)) if gtype == K.GGMLType.Q4_0 else cls(gtype, raw=raw)
 
     @property
     def kind(self) -> K.GGMLType | LinearPlan:
         """The writer's table kind (spec §3.4)."""
-        return self.factored.plan() if self.factored is not None else self.gtype
+        return self.module.plan() if isinstance(self.module, BinaryFactoredLinear) else self.gtype
 
-    def torch_value(self) -> torch.Tensor | BinaryFactoredLinear:
-        """What the torch model computes with: the dense values dequantized to float32, or the factored module."""
-        if self.factored is not None:
-            return self.factored
-        if self.gtype == K.GGMLType.Q4_0:
-            return torch.from_numpy(dequantize_q4_0(self.raw))
+    def torch_value(self) -> torch.Tensor | torch.nn.Module:
+        """What the torch model computes with: F16/Q8_0 values as float32, or the module."""
+        if self.module is not None:
+            return self.module
         if self.gtype == K.GGMLType.Q8_0:
             return torch.from_numpy(dequantize_q8_0(self.raw))
         return torch.from_numpy(self.raw.astype(np.float32))
 
     def export(self, table: str) -> dict[str, np.ndarray]:
-        """The table's tensors under their file names (a factored table's scales as they are now: round first)."""
-        if self.factored is not None:
-            return self.factored.export_table(table)
-        return {K.dense_table_tensor(table): self.raw}
+        """The table's tensors under their file names (a module's scales as they are now: round them first)."""
+        if isinstance(self.module, BinaryFactoredLinear):
+            return self.module.export_table(table)
+        return {K.dense_table_tensor(table): self.module.raw() if self.module is not None else self.raw}
 
     def state(self) -> dict:
         """What a checkpoint needs to rebuild this table exactly (`from_state`)."""
-        if self.factored is None:
-            return {"gtype": int(self.gtype), "raw": self.raw}
-        p = self.factored.paths[0]
+        if not isinstance(self.module, BinaryFactoredLinear):
+            return {"gtype": int(self.gtype), "raw": self.raw if self.module is None else self.module.raw()}
+        p = self.module.paths[0]
         u, v = p.signs()
         return {"u": u.to(torch.int8), "v": v.to(torch.int8), "scale_in": p.scale_in.detach().clone(),
                 "scale_out": p.scale_out.detach().clone()}
@@ -126,9 +167,9 @@ class StoredTable:
     @classmethod
     def from_state(cls, state: dict) -> "StoredTable":
         if "raw" in state:
-            return cls(K.GGMLType(state["gtype"]), raw=state["raw"])
-        return cls(None, factored=_frozen(state["u"].float(), state["v"].float(), state["scale_in"],
-                                          state["scale_out"]))
+            return cls.dense(K.GGMLType(state["gtype"]), state["raw"])
+        return cls(None, module=_frozen(state["u"].float(), state["v"].float(), state["scale_in"],
+                                        state["scale_out"]))
 
 
 def _frozen(u, v, scale_in, scale_out) -> BinaryFactoredLinear:
@@ -205,14 +246,13 @@ def store_table(choice: str, w: torch.Tensor, config: ModelConfig, col_weight: t
                 row_weight: torch.Tensor | None, settings: AdmmSettings, seed: int) -> StoredTable:
     """Table `w` (V×d, the source's values) stored as `choice` (already resolved against the model)."""
     if choice == "f16":
-        return StoredTable(K.GGMLType.F16, raw=w.detach().numpy().astype(np.float16))
+        return StoredTable.dense(K.GGMLType.F16, w.detach().numpy().astype(np.float16))
     if choice == "q8_0":
-        raw = quantize(w.detach().to(torch.float32).numpy(), GGMLQuantizationType.Q8_0)
-        return StoredTable(K.GGMLType.Q8_0, raw=raw)
+        return StoredTable.dense(K.GGMLType.Q8_0, quantize(w.detach().to(torch.float32).numpy(),
+                                                           GGMLQuantizationType.Q8_0))
     if choice == "q4_0":
-        return StoredTable(K.GGMLType.Q4_0, raw=quantize_q4_0(w, col_weight))
-    return StoredTable(None, factored=factorize(w, binary_rank(choice, config), col_weight, row_weight, settings,
-                                                seed))
+        return StoredTable.dense(K.GGMLType.Q4_0, quantize_q4_0(w, col_weight))
+    return StoredTable(None, module=factorize(w, binary_rank(choice, config), col_weight, row_weight, settings, seed))
 
 
 def needs_statistics(choice: str) -> bool:

@@ -88,9 +88,9 @@ def coarse_kl(logp_s: torch.Tensor, logp_t: torch.Tensor, ids: torch.Tensor, log
 
 
 def scale_parameters(model: TorchModel) -> list[torch.nn.Parameter]:
-    """Every scale of the decoder linears and of a binary-factored embedding / head (the head as the file stores it:
-    distillation tunes its scales like the others)."""
-    tables = [s for table in model.factored_tables() for s in table.scales()]
+    """Every scale of the decoder linears and of a Q4_0 or binary-factored embedding / head (the head as the file
+    stores it: distillation tunes its scales like the others)."""
+    tables = [s for table in model.scaled_tables() for s in table.scales()]
     return [s for block in model.blocks for lin in factored_linears(block) for s in lin.scales()] + tables
 
 

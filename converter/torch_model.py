@@ -167,17 +167,18 @@ class DecoderBlock(nn.Module):
         return x + f
 
 
-Table = torch.Tensor | BinaryFactoredLinear  # a dense V×d table, or a binary-factored one (spec/FORMAT.md §3.4)
+# A V×d table (spec/FORMAT.md §3.4): fixed values, or a module with `rows(ids)`, `forward(x)` (the head's product)
+# and `scales()` that distillation tunes (a binary-factored BinaryFactoredLinear, converter.embedding.Q4Table)
+Table = torch.Tensor | nn.Module
 
 
-def _table(t: Table) -> nn.Parameter | BinaryFactoredLinear:
-    return t if isinstance(t, BinaryFactoredLinear) else nn.Parameter(_f32(t), requires_grad=False)
+def _table(t: Table) -> nn.Parameter | nn.Module:
+    return t if isinstance(t, nn.Module) else nn.Parameter(_f32(t), requires_grad=False)
 
 
 class TorchModel(nn.Module):
     """Embedding, decoder blocks, final norm and head (tied to the embedding unless `output` is given). Each table is
-    a dense tensor or a BinaryFactoredLinear (V out, d in), whose rows are the embedding and whose product is the
-    head's logits."""
+    a tensor or a module (`Table`) whose rows are the embedding and whose product is the head's logits."""
 
     def __init__(self, config: ModelConfig, token_embd: Table, blocks: list[DecoderBlock],
                  output_norm: torch.Tensor, output: Table | None = None) -> None:
@@ -200,17 +201,17 @@ class TorchModel(nn.Module):
 
     def embed(self, tokens: torch.Tensor) -> torch.Tensor:
         t = self.token_embd
-        h = t.rows(tokens) if isinstance(t, BinaryFactoredLinear) else F.embedding(tokens, t)
+        h = t.rows(tokens) if isinstance(t, nn.Module) else F.embedding(tokens, t)
         return h * self.config.embedding_scale if self.config.embedding_scale != 1.0 else h
 
-    def factored_tables(self) -> list[BinaryFactoredLinear]:
-        """The binary-factored embedding / head, each once (a tied table serves both)."""
-        return [t for t in (self.token_embd, self.output) if isinstance(t, BinaryFactoredLinear)]
+    def scaled_tables(self) -> list[nn.Module]:
+        """The embedding / head modules with tunable scales, each once (a tied table serves both)."""
+        return [t for t in (self.token_embd, self.output) if isinstance(t, nn.Module)]
 
     def head(self, h: torch.Tensor) -> torch.Tensor:
         table = self.token_embd if self.output is None else self.output
         x = self.output_norm(h)
-        logits = table(x) if isinstance(table, BinaryFactoredLinear) else F.linear(x, table)
+        logits = table(x) if isinstance(table, nn.Module) else F.linear(x, table)
         if self.config.final_softcap:
             logits = torch.tanh(logits / self.config.final_softcap) * self.config.final_softcap
         return logits

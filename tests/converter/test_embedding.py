@@ -112,15 +112,17 @@ def test_row_and_column_weights():
 
 
 @pytest.mark.parametrize("stored", [
-    E.StoredTable(K.GGMLType.Q4_0, raw=E.quantize_q4_0(torch.randn(5, 64), None)),
-    E.StoredTable(None, factored=E.factorize(torch.randn(5, 8), 3, None, None, AdmmSettings(iterations=3), 0)),
+    E.StoredTable.dense(K.GGMLType.Q4_0, E.quantize_q4_0(torch.randn(5, 64), None)),
+    E.StoredTable.dense(K.GGMLType.Q8_0, quantize(np.random.default_rng(0).standard_normal((5, 64)).astype(np.float32),
+                                                  GGMLQuantizationType.Q8_0)),
+    E.StoredTable(None, module=E.factorize(torch.randn(5, 8), 3, None, None, AdmmSettings(iterations=3), 0)),
 ])
 def test_stored_table_state_round_trip(stored):
     back = E.StoredTable.from_state(stored.state())
     assert back.kind == stored.kind
     ids = torch.tensor([4, 0, 2])
     a, b = stored.torch_value(), back.torch_value()
-    rows = (lambda t: t.rows(ids) if isinstance(t, BinaryFactoredLinear) else t[ids])
+    rows = (lambda t: t.rows(ids) if isinstance(t, torch.nn.Module) else t[ids])
     assert torch.equal(rows(a), rows(b))
     assert all(np.array_equal(x, back.export(K.EMBD_TABLE)[k]) for k, x in stored.export(K.EMBD_TABLE).items())
 
@@ -154,13 +156,9 @@ def test_conversion_file_equals_the_converter_model(arch, hidden, choice, tmp_pa
     _assert_file_is_the_model(summary)
 
 
-def test_distillation_tunes_the_factored_tables_scales(tmp_path, tiny_preset, monkeypatch):
+def test_distillation_tunes_the_factored_tables_scales(tmp_path, tiny_preset):
     hf_tiny.save("qwen2", tmp_path / "src")  # untied: the embedding and the head are two factored tables
-    stored = {}
-    real = P._tables
-    monkeypatch.setattr(P, "_tables", lambda run: stored.setdefault("t", real(run)))
     tuned = run(tmp_path, tmp_path / "src", "tuned.nq", embedding="binary:30")
-    monkeypatch.setattr(P, "_tables", real)
     untuned = run(tmp_path, tmp_path / "src", "untuned.nq", embedding="binary:30", model_recon=False)
     a, b = open_nq(tuned.out), open_nq(untuned.out)
     for table in (K.EMBD_TABLE, K.OUTPUT_TABLE):
@@ -169,6 +167,33 @@ def test_distillation_tunes_the_factored_tables_scales(tmp_path, tiny_preset, mo
         scale = K.table_path_tensor(table, 0, K.SCALE_OUT)
         assert not np.array_equal(a.array(scale), b.array(scale))
     assert "embedding" in tuned.stage_seconds
+
+
+def test_distillation_tunes_only_the_q4_0_block_scales(tmp_path, tiny_preset):
+    hf_tiny.save("qwen2", tmp_path / "src", hidden_size=96)
+    tuned = run(tmp_path, tmp_path / "src", "tuned.nq", embedding="q4_0")
+    untuned = run(tmp_path, tmp_path / "src", "untuned.nq", embedding="q4_0", model_recon=False)
+    a, b = open_nq(tuned.out), open_nq(untuned.out)
+    for name in (K.TOKEN_EMBD, K.OUTPUT):
+        (da, qa), (db, qb) = unpack_q4_0(a.array(name)), unpack_q4_0(b.array(name))
+        assert np.array_equal(qa, qb)  # the codes are the scale search's
+        assert not np.array_equal(da, db) and np.abs(da.astype(np.float32) - db).max() < 0.5 * np.abs(db).max()
+
+
+def test_q4_table_computes_what_the_file_holds():
+    g = torch.Generator().manual_seed(2)
+    w = torch.randn(37, 64, generator=g)
+    table = E.Q4Table(E.quantize_q4_0(w, None))
+    with torch.no_grad():
+        table.scale.mul_(1 + 0.01 * torch.randn(table.scale.shape, generator=g))  # as distillation moves them
+    table.round_scales_to_fp16()
+    want = torch.from_numpy(dequantize_q4_0(table.raw()))
+    assert torch.equal(table.weight(), want)
+    ids = torch.tensor([[36, 0], [5, 5]])
+    assert torch.equal(table.rows(ids), want[ids])
+    x = torch.randn(3, 64, generator=g)
+    assert torch.equal(table(x), torch.nn.functional.linear(x, want))
+    assert table.scales() == [table.scale]
 
 
 def test_q4_0_default_falls_back_to_f16_where_rows_are_not_whole_blocks(tmp_path, tiny_preset, monkeypatch):
@@ -227,7 +252,7 @@ def test_load_nq_reads_multi_path_factored_tables(tmp_path, arch):
     written = write_random(tmp_path / "m.nq", cfg, embedding_type=LinearPlan((40, 9), has_mid=True),
                            output_type=None if cfg.tie_embeddings else LinearPlan((20,), has_mid=True))
     model = load_nq(tmp_path / "m.nq")
-    for table in model.factored_tables():
+    for table in model.scaled_tables():
         assert table.signs_frozen
     ids = torch.tensor([0, 90, 17, 17])
     want = np.zeros((4, cfg.hidden))
