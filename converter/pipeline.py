@@ -453,7 +453,7 @@ def convert(options: Options, reporter: Reporter | None = None) -> Summary:
     for blk in model.blocks:
         for lin in B.factored_linears(blk):
             lin.round_scales_to_fp16()
-    for table in model.factored_tables():
+    for table in model.scaled_tables():
         table.round_scales_to_fp16()
     reporter.stage("writing", 1)
     bpw = linear_bpw(config, ranks)
