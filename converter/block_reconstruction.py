@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from nqfmt import keys as K
-from nqfmt.bits import rank_for_bits
+from nqfmt.bits import ranks_for_bits
 
 from .admm import AdmmSettings, lb_admm
 from .factored import BinaryFactoredLinear
@@ -143,22 +143,35 @@ def mitigate_errors(block: DecoderBlock, inputs: torch.Tensor, objective: Object
             p.requires_grad_(False)
 
 
-def block_ranks(config, bits: float) -> dict[str, int]:
-    """Rank of each decoder linear for a bits target (spec/FORMAT.md §4)."""
-    return {lin: rank_for_bits(*config.linear_shape(lin), bits) for lin in K.LINEARS}
+Ranks = dict[str, tuple[int, ...]]  # each decoder linear's path ranks in one block
+
+
+def block_ranks(config, bits: float) -> Ranks:
+    """Path ranks of each decoder linear for a bits target, the same in every block (spec/FORMAT.md §4)."""
+    return {lin: ranks_for_bits(*config.linear_shape(lin), bits) for lin in K.LINEARS}
 
 
 @torch.no_grad()
-def factorize(block: DecoderBlock, ranks: dict[str, int], preconditioners: LayerPreconditioners, settings: AdmmSettings,
+def factorize(block: DecoderBlock, ranks: Ranks, preconditioners: LayerPreconditioners, settings: AdmmSettings,
               seed: int, report: Callable[[int, int], None] = lambda i, n: None) -> None:
-    """Replace every nn.Linear of the block by the LB-ADMM initialisation of its binary factors (bias kept)."""
+    """Replace every nn.Linear of the block by the LB-ADMM initialisation of its binary paths (bias kept): the first
+    path factorizes the weight, each later one what the paths before it leave (residual binarization), all with the
+    linear's preconditioners."""
     for i, name in enumerate(K.LINEARS):
         lin = block.linears[name]
-        f = lb_admm(lin.weight, ranks[name], preconditioners.d_in[name], preconditioners.d_out[name], settings,
-                    seed=stage_seed(seed, block.layer, 10 + i))
-        bias = None if lin.bias is None else lin.bias.detach()
-        block.linears[name] = BinaryFactoredLinear.from_factors(f.u_latent, f.v_latent, f.scale_in, f.scale_out,
-                                                                bias=bias)
+        residual = lin.weight.detach().to(torch.float32)
+        factored = None
+        for p, rank in enumerate(ranks[name]):
+            f = lb_admm(residual, rank, preconditioners.d_in[name], preconditioners.d_out[name], settings,
+                        seed=stage_seed(seed, block.layer, 10 + i + 100 * p))
+            if factored is None:
+                bias = None if lin.bias is None else lin.bias.detach()
+                factored = BinaryFactoredLinear.from_factors(f.u_latent, f.v_latent, f.scale_in, f.scale_out,
+                                                             bias=bias)
+            else:
+                factored.add_path(f.u_latent, f.v_latent, f.scale_in, f.scale_out)
+            residual = residual - f.deployed()
+        block.linears[name] = factored
         report(i + 1, len(K.LINEARS))
 
 

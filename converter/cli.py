@@ -39,7 +39,8 @@ def summary_table(s: Summary) -> Table:
 def nqconvert(
     model: str = typer.Argument(..., help="Hugging Face model directory, .gguf file, or 'smollm2-135m'"),
     out: Path = typer.Argument(..., help="output .nq file (written atomically)"),
-    bits: float = typer.Option(1.0, help="target bits per weight of the decoder linears (0.5 up to one path's max)"),
+    bits: float = typer.Option(1.0, help="target bits per weight of the decoder linears, 0.5 to 4 (above one "
+                                          "path's maximum a linear carries residual paths)"),
     preset: str = typer.Option("quick", help=f"recipe: {', '.join(PRESETS)}"),
     calib: Optional[list[Path]] = typer.Option(None, help="calibration text file(s); default: the project's "
                                                           "Wikipedia training text"),

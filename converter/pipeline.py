@@ -34,7 +34,7 @@ import torch
 
 from nqfmt import NQWriter, Provenance
 from nqfmt import keys as K
-from nqfmt.bits import max_single_path_bits, path_bits
+from nqfmt.bits import linear_bits
 from nqfmt.errors import NQError, one_line
 
 from . import block_reconstruction as B
@@ -65,6 +65,7 @@ T = TypeVar("T")
 CONVERTER_VERSION = "0.1.0"
 MIN_BITS = 0.5
 MAX_SEED = 2**63 - 1  # seeds feed torch generators (and stage_seed's arithmetic modulo 2^63)
+MAX_BITS = 4.0
 
 
 class ConversionError(NQError):
@@ -183,16 +184,10 @@ class Summary:
         return self.fp16_bytes / self.file_bytes
 
 
-def max_bits(config) -> float:
-    """Largest target every linear can spend with one binary path (rank min(m, n))."""
-    return min(max_single_path_bits(*config.linear_shape(lin)) for lin in K.LINEARS)
-
-
-def check_bits(bits: float, config) -> None:
-    top = max_bits(config)
-    if not MIN_BITS <= bits <= top:
-        raise ConversionError(f"--bits {bits:g} is outside {MIN_BITS:g}..{top:.3f}, the range one binary path per "
-                              f"linear can spend on this model (residual paths for higher targets are not built yet)")
+def check_bits(bits: float) -> None:
+    if not MIN_BITS <= bits <= MAX_BITS:
+        raise ConversionError(f"--bits {bits:g} is outside {MIN_BITS:g}..{MAX_BITS:g} (above one path's maximum, "
+                              f"a linear carries residual paths)")
 
 
 def check_output(out: Path) -> None:
@@ -249,10 +244,11 @@ def available_cores() -> int:
         return os.cpu_count() or 1
 
 
-def linear_bpw(config, ranks: dict[str, int]) -> float:
-    """Bits per weight over the decoder linears, the paper's way (signs + 16-bit scales; bias not counted)."""
-    bits = sum(path_bits(*config.linear_shape(lin), r) for lin, r in ranks.items())
-    return bits / sum(m * n for m, n in map(config.linear_shape, K.LINEARS))
+def linear_bpw(config, ranks: list[B.Ranks]) -> float:
+    """Bits per weight over the decoder linears, the paper's way (signs + 16-bit scales of every path; bias not
+    counted), from each block's path ranks."""
+    bits = sum(linear_bits(*config.linear_shape(lin), r) for block in ranks for lin, r in block.items())
+    return bits / (len(ranks) * sum(m * n for m, n in map(config.linear_shape, K.LINEARS)))
 
 
 def now_utc() -> str:
@@ -390,7 +386,7 @@ class Run:
     source: Source
     base: TorchModel
     windows: torch.Tensor
-    ranks: dict[str, int]
+    ranks: list[B.Ranks]  # per block
     recipe: Recipe
     seed: int
     work: WorkDir
@@ -428,10 +424,10 @@ def convert(options: Options, reporter: Reporter | None = None) -> Summary:
         check_inputs(out, source.origin, options.calib)
         source.check_finite()
     config = source.config
-    check_bits(options.bits, config)
+    check_bits(options.bits)
     recipe = dataclasses.replace(recipe, embedding=E.resolve_embedding(recipe.embedding, config,
                                                                        options.embedding is not None))
-    ranks = B.block_ranks(config, options.bits)
+    ranks = [B.block_ranks(config, options.bits)] * config.n_layers
 
     calib = list(options.calib) or [default_calibration_text()]
     reporter.stage("calibration", 1)
@@ -521,7 +517,7 @@ def _blocks(run: Run, preconditioners: list[LayerPreconditioners]) -> None:
                                   reporter.update)
         reporter.stage("LB-ADMM", len(K.LINEARS))
         with timer.stage("admm"):
-            B.factorize(blk, run.ranks, pre, recipe.admm, run.seed, lambda i, k: reporter.advance(i))
+            B.factorize(blk, run.ranks[layer], pre, recipe.admm, run.seed, lambda i, k: reporter.advance(i))
         if recipe.refine:
             reporter.stage("refinement", 0)
             with timer.stage("refinement"):

@@ -52,8 +52,8 @@ def test_unsupported_architecture(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["gpt2"]
 
 
-@pytest.mark.parametrize("bits", ["0.3", "2.5"])
-def test_bits_out_of_range_names_the_maximum(tiny, tmp_path, bits):
+@pytest.mark.parametrize("bits", ["0.3", "4.5"])
+def test_bits_out_of_range_names_the_range(tiny, tmp_path, bits):
     result = convert(tiny, tmp_path / "m.nq", "--bits", bits)
     assert result.exit_code == 1
     line = error_line(result)

@@ -128,19 +128,6 @@ def test_resume_refuses_other_settings(tmp_path, tiny_preset, monkeypatch):
         run(tmp_path, tmp_path / "src", resume=True, seed=5)
 
 
-def test_max_bits_is_one_full_rank_path(tmp_path, tiny_preset):
-    hf_tiny.save("llama", tmp_path / "src")
-    from converter.sources import open_source
-    config = open_source(str(tmp_path / "src")).config
-    top = P.max_bits(config)
-    assert top == min(path_bits(m, n, min(m, n)) / (m * n) for m, n in map(config.linear_shape, K.LINEARS))
-    with pytest.raises(P.ConversionError, match=f"{top:.3f}"):
-        run(tmp_path, tmp_path / "src", bits=top + 0.01)
-    with pytest.raises(P.ConversionError, match="0.5"):
-        run(tmp_path, tmp_path / "src", bits=0.4)
-    assert not list(tmp_path.glob("m.nq*"))
-
-
 def test_presets_are_consistent():
     for name, recipe in P.PRESETS.items():
         assert recipe.stat_samples <= recipe.samples <= recipe.windows, name
