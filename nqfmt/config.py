@@ -10,6 +10,13 @@ from . import keys as K
 from .errors import NQFormatError
 
 
+# Ranges of the float hyperparameters, wide around every model the format targets: RoPE bases below 1 make the
+# inverse frequencies overflow, attention scales above 1 and norm epsilons above 1 no model uses.
+_RANGES = {"rope_theta": (1.0, 1e12), "rope_theta_local": (1.0, 1e12), "attention_scale": (0.0, 1.0),
+           "norm_eps": (0.0, 1.0), "embedding_scale": (0.0, 1e5), "rope_scaling_factor": (0.0, 1e4),
+           "attn_softcap": (0.0, math.inf), "final_softcap": (0.0, math.inf), "norm_offset": (-1e3, 1e3)}
+
+
 @dataclass(frozen=True)
 class ModelConfig:
     """Everything the forward pass needs besides the weights.
@@ -50,6 +57,7 @@ class ModelConfig:
     embedding_scale: float = 1.0
 
     def __post_init__(self) -> None:
+        self._check_sizes()  # before anything is sized by them (sliding_layers below)
         if not self.sliding_layers:
             object.__setattr__(self, "sliding_layers", (False,) * self.n_layers)
         if self.rope_theta_local == 0.0:
@@ -62,17 +70,21 @@ class ModelConfig:
                 object.__setattr__(self, f.name, float(np.float32(getattr(self, f.name))))
         self.validate()
 
+    def _check_sizes(self) -> None:
+        for name in ("n_layers", "hidden", "n_heads", "n_kv_heads", "head_dim", "ffn", "vocab", "context_length"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or not 0 < v < 2**31:
+                raise NQFormatError(f"model config: {name} = {v!r} must be a positive integer below 2^31")
+
     def validate(self) -> None:
-        """Reject hyperparameters no forward pass could run, naming the field."""
+        """Reject hyperparameters no forward pass could run, naming the field: sizes, and the ranges of
+        _RANGES (values outside them make a forward pass divide by zero or overflow float32)."""
         def bad(what: str) -> NQFormatError:
             return NQFormatError(f"model config: {what}")
 
         if self.arch not in K.ARCHITECTURES:
             raise bad(f"architecture {self.arch!r} is not supported (supported: {', '.join(K.ARCHITECTURES)})")
-        for name in ("n_layers", "hidden", "n_heads", "n_kv_heads", "head_dim", "ffn", "vocab", "context_length"):
-            v = getattr(self, name)
-            if not isinstance(v, int) or not 0 < v < 2**31:
-                raise bad(f"{name} = {v!r} must be a positive integer")
+        self._check_sizes()
         if self.n_heads % self.n_kv_heads:
             raise bad(f"head_count {self.n_heads} is not a multiple of head_count_kv {self.n_kv_heads}")
         if self.head_dim % 2:
@@ -93,6 +105,15 @@ class ModelConfig:
         for name in ("norm_offset", "attn_softcap", "final_softcap", "rope_low_freq_factor", "rope_high_freq_factor"):
             if not math.isfinite(getattr(self, name)):
                 raise bad(f"{name} must be finite")
+        for name, (low, high) in _RANGES.items():
+            v = getattr(self, name)
+            if not low <= v <= high:
+                raise bad(f"{name} = {v!r} is outside {low:g}..{high:g}")
+        if self.rope_scaling_type == "llama3" and not (
+                0 < self.rope_low_freq_factor < self.rope_high_freq_factor and self.rope_original_context > 0):
+            raise bad(f"llama3 RoPE scaling needs 0 < rope_low_freq_factor ({self.rope_low_freq_factor!r}) < "
+                      f"rope_high_freq_factor ({self.rope_high_freq_factor!r}) and rope_original_context "
+                      f"({self.rope_original_context!r}) > 0")
 
     # --- shapes -------------------------------------------------------------------------------------------------
     def linear_shape(self, linear: str) -> tuple[int, int]:
@@ -140,4 +161,7 @@ class ModelConfig:
                 raise NQFormatError(f"metadata key {key!r} is missing")
             v = meta[key]
             kwargs[f.name] = tuple(v) if f.name == "sliding_layers" else v
+        if len(kwargs["sliding_layers"]) != kwargs["n_layers"]:  # checked here: an empty list would mean all False
+            raise NQFormatError(f"model config: sliding_window_layers has {len(kwargs['sliding_layers'])} entries "
+                                f"for {kwargs['n_layers']!r} layers")
         return cls(**kwargs)

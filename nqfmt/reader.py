@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import mmap
 import os
+import stat
 import struct
 import zlib
 from dataclasses import dataclass
@@ -117,12 +118,18 @@ class NQFile:
 
     def __init__(self, path: str | os.PathLike) -> None:
         self.path = Path(path)
-        try:
-            with open(self.path, "rb") as f:
-                self.size = os.fstat(f.fileno()).st_size
+        try:  # non-blocking, so that a FIFO is refused rather than waited on
+            fd = os.open(self.path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+            try:
+                info = os.fstat(fd)
+                if not stat.S_ISREG(info.st_mode):
+                    raise NQFormatError(f"{self.path}: not a regular file (a directory, device or FIFO)")
+                self.size = info.st_size
                 if self.size < 24:
                     raise NQFormatError(f"{self.path}: file truncated ({self.size} bytes), not a .nq file")
-                self._mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+                self._mm = mmap.mmap(fd, 0, access=mmap.ACCESS_READ)
+            finally:
+                os.close(fd)
         except OSError as e:
             raise NQFormatError(f"{self.path}: cannot open: {e.strerror}") from e
         self._buf = memoryview(self._mm)
@@ -132,6 +139,9 @@ class NQFile:
         self.config = ModelConfig.from_metadata(self.metadata)
         self.tokenizer = TokenizerInfo.from_metadata(self.metadata)
         self.provenance = Provenance.from_metadata(self.metadata)
+        if self.provenance.source_params < 1:  # the denominator of whole-file bits per weight
+            raise NQFormatError(f"metadata key {K.SOURCE_PARAMS!r} is {self.provenance.source_params}, must be at "
+                                f"least 1")
         self.linears = self._derive_plan()
         self.tables = self._derive_tables()
         self._check_tensors()

@@ -9,7 +9,9 @@ import time
 
 _STARTED = time.perf_counter()  # time to first token counts from here: imports, file load, prefill
 
+import os  # noqa: E402
 import resource  # noqa: E402
+import stat  # noqa: E402
 import sys  # noqa: E402
 from pathlib import Path  # noqa: E402
 from typing import Callable, Optional  # noqa: E402
@@ -51,6 +53,7 @@ def run(
     threads: Optional[int] = typer.Option(None, "--threads", "-t", help="CPU threads (default: cores, at most 4)."),
     int8: bool = typer.Option(False, "--int8", help="Numba: int8 popcount linears (faster, less exact)."),
     stats: bool = typer.Option(False, "--stats", help="Print prefill/decode speed, time to first token, peak RSS."),
+    no_verify: bool = typer.Option(False, "--no-verify", help="Skip checking every tensor's checksum at load."),
     debug: bool = typer.Option(False, "--debug", help="Show tracebacks."),
 ) -> None:
     """Run a .nq model: continue a prompt, or chat."""
@@ -58,7 +61,7 @@ def run(
         from . import NQRunError, load
         if prompt is None and not chat:
             raise NQRunError("give --prompt TEXT, or --chat")
-        model = load(file, backend=backend, threads=threads, n_ctx=ctx, exact=not int8)
+        model = load(file, backend=backend, threads=threads, n_ctx=ctx, exact=not int8, verify=not no_verify)
         sampling = dict(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
                         repetition_penalty=repetition_penalty, seed=seed)
         if not chat:
@@ -90,9 +93,12 @@ def _emit(pieces, stats: bool, model, started: float) -> str:
 
 def _repl(model, messages: list[dict[str, str]], max_tokens: int, stop: list[str], sampling: dict,
           stats: bool) -> None:
-    """Read a line, answer it, keep the conversation. /reset forgets it, /exit (or Ctrl-D) leaves."""
+    """Read a line, answer it, keep the conversation. /reset forgets it, /exit (or Ctrl-D) leaves. A line that is not
+    valid UTF-8 reaches the tokenizer with its bad bytes escaped and is refused there, like any bad request."""
     from . import NQRunError
     print(f"{model.info}\n/reset clears the conversation, /exit quits.", file=sys.stderr)
+    if hasattr(sys.stdin, "reconfigure"):
+        sys.stdin.reconfigure(errors="surrogateescape")
     start = list(messages)
     while True:
         try:
@@ -126,18 +132,16 @@ def evaluate(
     backend: str = typer.Option("auto", help="auto | numba | numpy | cuda."),
     threads: Optional[int] = typer.Option(None, "--threads", "-t", help="CPU threads."),
     int8: bool = typer.Option(False, "--int8", help="Numba: int8 popcount linears."),
+    no_verify: bool = typer.Option(False, "--no-verify", help="Skip checking every tensor's checksum at load."),
     debug: bool = typer.Option(False, "--debug", help="Show tracebacks."),
 ) -> None:
     """Perplexity of a .nq model on non-overlapping windows (ctx − 1 scored tokens each, no BOS)."""
     def work() -> None:
-        from . import NQRunError, load
+        from . import load
         from .perplexity import perplexity
         path = text if text is not None else _default_text()
-        try:
-            body = Path(path).read_text(encoding="utf-8")
-        except UnicodeDecodeError:
-            raise NQRunError(f"{path} is not UTF-8 text") from None
-        model = load(file, backend=backend, threads=threads, exact=not int8)
+        body = _read_text(Path(path))
+        model = load(file, backend=backend, threads=threads, exact=not int8, verify=not no_verify)
         ids = model.tokenizer.encode(body, add_bos=False)
 
         def progress(i: int, n: int, ppl: float) -> None:
@@ -149,6 +153,20 @@ def evaluate(
         print(f"tokens/s: {result.tokens_per_second:.1f}")
 
     _guard("nqeval", debug, work)
+
+
+def _read_text(path: Path) -> str:
+    """A UTF-8 text file; a FIFO or device (which could block or never end) is refused without reading it."""
+    from .errors import NQRunError
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+    with os.fdopen(fd, "rb") as f:
+        if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
+            raise NQRunError(f"{path} is not a regular file (a directory, device or FIFO)")
+        data = f.read()
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError:
+        raise NQRunError(f"{path} is not UTF-8 text") from None
 
 
 def _default_text() -> Path:

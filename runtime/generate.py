@@ -51,9 +51,7 @@ class Generator:
     def __init__(self, model: Model, n_ctx: int | None = None) -> None:
         self.model = model
         self.n_ctx = model.config.context_length if n_ctx is None else n_ctx
-        if not 0 < self.n_ctx <= model.config.context_length:
-            raise NQRunError(f"context size {self.n_ctx} must be between 1 and the model's "
-                             f"{model.config.context_length}")
+        model.check_context(self.n_ctx)  # at load, not at the first generation
         self._cache: KVCache | None = None
         self.cached: list[int] = []
 

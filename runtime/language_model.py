@@ -2,7 +2,9 @@
 from __future__ import annotations
 
 import os
+import threading
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Iterator
 
@@ -48,19 +50,24 @@ class ModelInfo:
 
 
 class LanguageModel:
-    """A loaded model. Not thread-safe: one generation at a time (they share the KV cache and kernel scratch)."""
+    """A loaded model. Generations run one at a time (they share the KV cache and kernel scratch): one started while
+    another thread's runs waits for it; one started while this thread's own stream is still open is refused."""
 
     def __init__(self, path: str | os.PathLike, backend: str = "auto", threads: int | None = None,
-                 n_ctx: int | None = None, exact: bool = True) -> None:
+                 n_ctx: int | None = None, exact: bool = True, verify: bool = True) -> None:
         start = time.perf_counter()
         self.file = open_nq(path)
+        if verify:
+            self.file.verify()
+        self.tokenizer = Tokenizer(self.file.tokenizer)
         self.backend = get_backend(backend, threads, exact=exact)
         self.model = Model(self.file, self.backend)
         if self.backend.jit:
             self.model.warm_up()
-        self.tokenizer = Tokenizer(self.file.tokenizer)
         self.generator = Generator(self.model, n_ctx)
         self._template = None
+        self._turn = threading.Lock()  # held by the generation running now
+        self._owner: int | None = None  # the thread it runs in
         self.stats = GenerationStats()
         cfg, prov = self.file.config, self.file.provenance
         self.info = ModelInfo(
@@ -77,11 +84,30 @@ class LanguageModel:
         """Text pieces of the continuation of `prompt` (a string, or token ids), as they are generated.
         Sampling keywords: temperature (0 = greedy), top_k, top_p, min_p, repetition_penalty, seed.
         `self.stats` holds the figures once the iterator is exhausted."""
-        ids = prompt if isinstance(prompt, list) else self.tokenizer.encode(prompt)
-        self.stats = GenerationStats()
+        ids = prompt if isinstance(prompt, list) else self.tokenizer.encode(prompt, context=self.generator.n_ctx)
         sampler = Sampler(SamplingParams(**sampling))
-        tokens = self.generator.tokens(ids, max_tokens, sampler, self.tokenizer.stop_ids, self.stats)
-        return text_pieces(tokens, self.tokenizer, tuple(stop), self.stats)
+        return self._pieces(ids, max_tokens, tuple(stop), sampler)
+
+    def _pieces(self, ids: list[int], max_tokens: int, stop: tuple[str, ...], sampler: Sampler) -> Iterator[str]:
+        with self._exclusive():
+            self.stats = stats = GenerationStats()
+            tokens = self.generator.tokens(ids, max_tokens, sampler, self.tokenizer.stop_ids, stats)
+            yield from text_pieces(tokens, self.tokenizer, stop, stats)
+
+    @contextmanager
+    def _exclusive(self) -> Iterator[None]:
+        """The model's KV cache and scratch for one generation: waits for another thread's, refuses a second one in
+        the thread whose stream is still open (it would wait for itself)."""
+        me = threading.get_ident()
+        if self._owner == me:
+            raise NQRunError("this thread's previous stream is still open; finish or close it before generating "
+                             "again (a LanguageModel runs one generation at a time)")
+        with self._turn:
+            self._owner = me
+            try:
+                yield
+            finally:
+                self._owner = None
 
     def generate(self, prompt: str | list[int], max_tokens: int = 256, stop: tuple[str, ...] | list[str] = (),
                  **sampling) -> str:
@@ -98,9 +124,13 @@ class LanguageModel:
             from .chat import ChatTemplate
             tok = self.tokenizer
             self._template = ChatTemplate(source, tok.token_text(tok.bos_id), tok.token_text(tok.eos_id))
+        # message text is plain text: special-token text in it becomes placeholders while the template renders, and
+        # is tokenized as text, so only the template's own special tokens open and close turns
+        protected, literals = self.tokenizer.protect(messages)
+        limit = self.tokenizer.max_chars(self.generator.n_ctx)
+        text = self._template.render(protected, limit=limit)
+        ids = self.tokenizer.encode_chat(text, literals)
         # the template writes any BOS itself; add one only if it did not and the model expects it
-        text = self._template.render(messages)
-        ids = self.tokenizer.encode(text, add_bos=False)
         if self.tokenizer.add_bos and self.tokenizer.bos_id is not None and ids[:1] != [self.tokenizer.bos_id]:
             ids = [self.tokenizer.bos_id, *ids]
         return ids
@@ -118,7 +148,8 @@ class LanguageModel:
     # --- numbers ------------------------------------------------------------------------------------------------
     def logits(self, token_ids: list[int]) -> np.ndarray:
         """Next-token logits after every position of `token_ids`, float (len, vocab)."""
-        return self.generator.all_logits([int(t) for t in token_ids])
+        with self._exclusive():
+            return self.generator.all_logits([int(t) for t in token_ids])
 
     def tokenize(self, text: str) -> list[int]:
         return self.tokenizer.encode(text)

@@ -8,6 +8,8 @@ scales, softcaps, and sliding-window layers that use their own RoPE base (config
 from __future__ import annotations
 
 import math
+import os
+import resource
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -57,6 +59,30 @@ def rope_inv_freq(config: ModelConfig, local: bool) -> np.ndarray:
     return inv
 
 
+NORM_LIMIT = 1e6  # |norm weight| of any trained model is orders of magnitude below
+
+
+def memory_available() -> int:
+    """Bytes this process may still allocate: physical memory and swap, and the address-space limit (RLIMIT_AS)
+    less what is mapped already, where one is set."""
+    total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    try:
+        with open("/proc/meminfo") as f:
+            swap = next((int(line.split()[1]) * 1024 for line in f if line.startswith("SwapTotal:")), 0)
+    except OSError:
+        swap = 0
+    have = total + swap
+    soft = resource.getrlimit(resource.RLIMIT_AS)[0]
+    if soft != resource.RLIM_INFINITY:
+        try:
+            with open("/proc/self/statm") as f:
+                mapped = int(f.read().split()[0]) * os.sysconf("SC_PAGE_SIZE")
+        except OSError:
+            mapped = 0
+        have = min(have, soft - mapped)
+    return max(have, 0)
+
+
 class Model:
     """A `.nq` file's decoder on one backend: `forward(ids, pos0, cache)` → logits of one sequence;
     `step(ids, positions, caches)` → the next-token logits of several sequences in one batched pass."""
@@ -85,12 +111,27 @@ class Model:
         w = nq.array(name)
         if not np.all(np.isfinite(w)):
             raise NQFormatError(f"tensor {name!r}: non-finite norm weight")
+        if np.abs(w).max() > NORM_LIMIT:
+            raise NQFormatError(f"tensor {name!r}: norm weight {float(np.abs(w).max()):.3g} is outside "
+                                f"±{NORM_LIMIT:g}, beyond any model's")
         return self.backend.vector(self.config.norm_offset + w.astype(self.backend.dtype))
+
+    def check_context(self, n: int) -> None:
+        """Refuse a context the model does not have, or whose KV cache would not fit in the memory this process may
+        use (checked before anything is allocated: the file's context length is just a number)."""
+        if not 0 < n <= self.config.context_length:
+            raise NQRunError(f"context size {n} must be between 1 and the model's {self.config.context_length}")
+        c = self.config
+        need = 2 * c.n_layers * c.n_kv_heads * n * c.head_dim * np.dtype(self.backend.dtype).itemsize
+        have = memory_available()
+        if need > have:
+            origin = " (the file's nanoquant.context_length)" if n == c.context_length else ""
+            raise NQRunError(f"a context of {n} tokens{origin} needs {need / 2**30:.1f} GiB of KV cache, more than "
+                             f"the {have / 2**30:.1f} GiB this process may use; ask for a shorter one (--ctx)")
 
     def new_cache(self, n_ctx: int | None = None) -> KVCache:
         n = self.config.context_length if n_ctx is None else n_ctx
-        if not 0 < n <= self.config.context_length:
-            raise NQRunError(f"context size {n} must be between 1 and the model's {self.config.context_length}")
+        self.check_context(n)
         return self.backend.kv_cache(self.config, n)
 
     def warm_up(self) -> None:
@@ -195,6 +236,9 @@ class Model:
         logits = be.head(self.head_table, be.rms_norm(x, self.output_norm, cfg.norm_eps))
         if cfg.final_softcap > 0:
             logits = cfg.final_softcap * np.tanh(logits / cfg.final_softcap)
+        if not np.isfinite(logits).all():
+            raise NQRunError("the model's output is not finite (inf or NaN logits): the file's weights or settings "
+                             "overflow float32")
         return logits
 
 
