@@ -14,6 +14,7 @@ import functools
 import json
 import re
 import sys
+import threading
 import time
 from datetime import datetime
 from typing import Any, Callable
@@ -65,7 +66,7 @@ class ChatTemplate:
         pieces: list[str] = []
         total = 0
         previous = sys.gettrace()
-        self._env.budget = budget
+        self._env.renders.budget = budget
         sys.settrace(budget.trace)
         try:
             stream = self._template.generate(messages=messages, add_generation_prompt=add_generation_prompt,
@@ -87,7 +88,7 @@ class ChatTemplate:
             raise NQRunError(f"chat template: {what}") from None
         finally:
             sys.settrace(previous)
-            self._env.budget = None
+            self._env.renders.budget = None
         return "".join(pieces)
 
 
@@ -168,7 +169,11 @@ def _bounded_environment():
     class BoundedEnvironment(ImmutableSandboxedEnvironment):
         code_generator_class = BoundedCodeGenerator
         intercepted_binops = frozenset({"*", "**", "+", "%"})
-        budget: _Budget | None = None
+        renders = threading.local()  # the budget of the render running in each thread (nqserve renders in several)
+
+        @property
+        def budget(self) -> _Budget | None:
+            return getattr(self.renders, "budget", None)
 
         def call_binop(self, context, op: str, left: Any, right: Any) -> Any:  # noqa: ANN001
             b = self.budget
