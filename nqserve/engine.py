@@ -1,11 +1,11 @@
-"""Continuous batching: one thread runs every request in flight, one decoding step at a time.
+"""Continuous batching: one thread runs every request in flight, one batched pass over the weights at a time.
 
-Each step computes the next token of every decoding sequence in one batched pass over the weights (`Model.step`:
-each sequence has its own KV cache and position). New requests join between steps: their prompt is prefilled into a
-free cache, PREFILL_SLICE tokens per engine iteration (so a long prompt delays the others' next token by one slice at
-a time, not by its whole prefill), and their first token is sampled from the prefill's last logits. Finished and
-cancelled sequences leave. At most `parallel` sequences are active; later requests wait in a FIFO queue. Results go
-back through each job's `emit` callback, called on the engine thread.
+Each pass (`Model.step`) carries the next token of every decoding sequence, and the next prompt slice (up to
+PREFILL_SLICE tokens) of every sequence still prefilling; each sequence has its own KV cache and positions. A new
+request joins at the next pass and its first token is sampled from the logits after its prompt's last slice, so a
+long prompt delays the others' next token by one slice at a time, not by its whole prefill. Finished and cancelled
+sequences leave between passes. At most `parallel` sequences are active; later requests wait in a FIFO queue.
+Results go back through each job's `emit` callback, called on the engine thread.
 """
 from __future__ import annotations
 
@@ -26,7 +26,7 @@ from runtime.tokenizer import Tokenizer
 
 from .text_output import TextOutput
 
-PREFILL_SLICE = 64  # prompt tokens a joining sequence runs per engine iteration
+PREFILL_SLICE = 64  # prompt tokens a joining sequence runs per pass
 
 @dataclass(frozen=True)
 class Piece:
@@ -82,10 +82,6 @@ class _Sequence:
     def prefilling(self) -> bool:
         return self.prefilled < len(self.job.prompt)
 
-    @property
-    def decoding(self) -> bool:
-        return not (self.prefilling or self.done)
-
 
 class Engine:
     def __init__(self, model: Model, tokenizer: Tokenizer, parallel: int, n_ctx: int) -> None:
@@ -123,13 +119,11 @@ class Engine:
                 "dropped": self.dropped}
 
     def warm_up(self) -> None:
-        """A prefill slice and a batched step at each kernel size a batch meets, so a JIT backend loads (or compiles)
-        those kernels before the first request rather than inside it."""
-        slice_ = min(PREFILL_SLICE, self.n_ctx)
-        self.model.forward(np.zeros(slice_, dtype=np.int64), 0, self.model.new_cache(slice_))
-        for rows in (2, 4):
-            caches = [self.model.new_cache(1) for _ in range(rows)]
-            self.model.step(np.zeros(rows, dtype=np.int64), np.zeros(rows, dtype=np.int64), caches)
+        """A pass at each kernel size a batch meets (a prompt slice, 2 and 4 decoding rows), so a JIT backend loads
+        (or compiles) those kernels before the first request rather than inside it."""
+        for counts in ([min(PREFILL_SLICE, self.n_ctx)], [1, 1], [1, 1, 1, 1]):
+            self.model.step(np.zeros(sum(counts), dtype=np.int64), np.zeros(len(counts), dtype=np.int64),
+                            [self.model.new_cache(n) for n in counts], np.array(counts))
 
     # --- the engine thread -------------------------------------------------------------------------------------
     def _run(self) -> None:
@@ -149,37 +143,30 @@ class Engine:
                     self._active.append(_Sequence(job, self._caches.pop() if self._caches else
                                                   self.model.new_cache(self.n_ctx), Sampler(job.sampling),
                                                   TextOutput(self.tokenizer, job.stop), list(job.prompt)))
-            for seq in self._active:
-                if seq.prefilling and not seq.job.cancelled:
-                    self._prefill(seq)
             self._leave()
-            decoding = [s for s in self._active if s.decoding]
-            if decoding:
-                self._step(decoding)
+            if self._active:
+                self._pass()
                 self._leave()
 
-    def _prefill(self, seq: _Sequence) -> None:
-        """The next slice of the prompt into the sequence's cache; after the last, its first token."""
-        start, prompt = seq.prefilled, seq.job.prompt
+    def _pass(self) -> None:
+        """One batched pass: a token for each decoding sequence, a prompt slice for each prefilling one; then the
+        next token of every sequence whose prompt is now complete."""
+        active = self._active
+        runs = [s.job.prompt[s.prefilled:s.prefilled + PREFILL_SLICE] if s.prefilling else s.context[-1:]
+                for s in active]
+        positions = [s.prefilled if s.prefilling else len(s.context) - 1 for s in active]
         try:
-            logits = self.model.forward(np.asarray(prompt[start:start + PREFILL_SLICE]), start, seq.cache)
-            seq.prefilled = min(start + PREFILL_SLICE, len(prompt))
-            if not seq.prefilling:
-                self._advance(seq, logits[-1])
-        except Exception as e:  # noqa: BLE001 - one request's failure must not stop the others
-            self._fail(seq, _reason(e))
-
-    def _step(self, decoding: list[_Sequence]) -> None:
-        """The next token of every decoding sequence, from one batched pass."""
-        ids = np.array([s.context[-1] for s in decoding], dtype=np.int64)
-        positions = np.array([len(s.context) - 1 for s in decoding], dtype=np.int64)
-        try:
-            logits = self.model.step(ids, positions, [s.cache for s in decoding])
+            logits = self.model.step(np.concatenate(runs), np.array(positions), [s.cache for s in active],
+                                     np.array([len(r) for r in runs]))
         except Exception as e:  # noqa: BLE001 - the server keeps serving the requests that come next
-            for seq in decoding:
+            for seq in active:
                 self._fail(seq, _reason(e))
             return
-        for seq, row in zip(decoding, logits):
+        for seq, run, row in zip(active, runs, logits):
+            if seq.prefilling:
+                seq.prefilled += len(run)
+                if seq.prefilling:
+                    continue
             if not seq.job.cancelled:
                 self._advance(seq, row)
 

@@ -161,29 +161,36 @@ class Model:
         x = self._decoder(ids, np.arange(pos0, pos0 + t), attend)
         return self._logits(x if all_logits else x[-1:])
 
-    def step(self, ids: np.ndarray, positions: np.ndarray, caches: list[KVCache]) -> np.ndarray:
-        """One decoding step of B independent sequences: token ids[b] at position positions[b] of sequence b, whose
-        earlier keys/values are in caches[b] (this token's are stored there too). Embedding, norms, linears, RoPE,
-        GLU and the head run on all B rows at once, so each weight is read once per step for the whole batch;
-        attention runs per sequence over its own cache. Returns logits (B, vocab); row b is what
-        forward(ids[b:b+1], positions[b], caches[b]) returns."""
+    def step(self, ids: np.ndarray, positions: np.ndarray, caches: list[KVCache],
+             counts: np.ndarray | None = None) -> np.ndarray:
+        """One batched pass over the next tokens of B independent sequences. Sequence b runs counts[b] tokens (default
+        one each: a decoding step), the next counts[b] of `ids`, at positions positions[b], positions[b] + 1, ...;
+        its earlier keys/values are in caches[b], and these tokens' are stored there too. Embedding, norms, linears,
+        RoPE, GLU and the head run on all rows at once, so each weight is read once per pass for the whole batch;
+        attention runs per sequence over its own cache. Returns the logits after each sequence's last token,
+        (B, vocab): row b is what forward(its tokens, positions[b], caches[b]) returns."""
         cfg, be = self.config, self.backend
         ids = self._checked_ids(ids)
         positions = np.asarray(positions, dtype=np.int64).reshape(-1)
-        if not len(positions) == len(caches) == len(ids):
-            raise NQRunError(f"{len(ids)} tokens, {len(positions)} positions and {len(caches)} caches: one of each "
-                             f"per sequence")
-        for pos, cache in zip(positions, caches):
-            if not 0 <= pos < cache.n_ctx:
-                raise NQRunError(f"position {pos} is outside the context of {cache.n_ctx}")
+        counts = np.ones(len(caches), np.int64) if counts is None else np.asarray(counts, np.int64).reshape(-1)
+        if not len(positions) == len(caches) == len(counts) or counts.sum() != len(ids) or counts.min() < 1:
+            raise NQRunError(f"{len(ids)} tokens for {len(positions)} positions, {len(caches)} caches and token "
+                             f"counts {counts.tolist()}: one position, cache and count (≥ 1) per sequence, and as many "
+                             f"tokens as the counts add up to")
+        for pos, n, cache in zip(positions, counts, caches):
+            if not (0 <= pos and pos + n <= cache.n_ctx):
+                raise NQRunError(f"positions {pos}..{pos + n - 1} are outside the context of {cache.n_ctx}")
+        ends = np.cumsum(counts)
+        starts = ends - counts
 
         def attend(layer: int, q: Any, k: Any, v: Any, window: int) -> Any:
-            rows = [be.attention(cache, layer, q[b:b + 1], k[b:b + 1], v[b:b + 1], int(pos), window,
-                                 cfg.attention_scale, cfg.attn_softcap)
-                    for b, (pos, cache) in enumerate(zip(positions, caches))]
-            return rows[0] if len(rows) == 1 else np.concatenate(rows)
+            parts = [be.attention(cache, layer, q[a:e], k[a:e], v[a:e], int(pos), window, cfg.attention_scale,
+                                  cfg.attn_softcap) for a, e, pos, cache in zip(starts, ends, positions, caches)]
+            return parts[0] if len(parts) == 1 else np.concatenate(parts)
 
-        return self._logits(self._decoder(ids, positions, attend))
+        token_positions = np.concatenate([np.arange(p, p + n) for p, n in zip(positions, counts)])
+        x = self._decoder(ids, token_positions, attend)
+        return self._logits(x if len(x) == len(caches) else x[ends - 1])
 
     def _checked_ids(self, ids: np.ndarray) -> np.ndarray:
         vocab = self.config.vocab

@@ -95,6 +95,30 @@ def test_step_equals_one_sequence_at_a_time(backends, variant_files, backend, va
         assert close(caches[b].v[:, :, :n + 1], alone[b].v[:, :, :n + 1], 1e-5)
 
 
+@pytest.mark.parametrize("backend", ["numpy", "numba"])
+@pytest.mark.parametrize("variant", ["llama-2path-mid", "gemma3", "qwen2"])
+def test_ragged_step_equals_one_sequence_at_a_time(backends, variant_files, backend, variant):
+    """Several tokens for some sequences (prompt slices) beside one for others, in one pass: each sequence's last
+    logits are forward's over its tokens alone, and its cache holds the same keys."""
+    be = backends[0] if backend == "numba" else backends[1]
+    model = Model(open_nq(variant_files[variant]), be)
+    lengths, counts = [3, 17, 0, 30], [1, 6, 11, 2]
+    caches, _ = prefilled(model, np.random.default_rng(6), [max(n, 1) for n in lengths])
+    alone, _ = prefilled(model, np.random.default_rng(6), [max(n, 1) for n in lengths])
+    lengths[2] = 0  # the third sequence starts from position 0: its prefill slice overwrites the one token there
+    ids = np.random.default_rng(9).integers(0, model.config.vocab, sum(counts))
+    got = model.step(ids, np.array(lengths), caches, counts=np.array(counts))
+    starts = np.cumsum([0] + counts[:-1])
+    want = np.concatenate([model.forward(ids[a:a + c], n, alone[b]) for b, (a, c, n) in
+                           enumerate(zip(starts, counts, lengths))])
+    if backend == "numpy":
+        np.testing.assert_allclose(got, want, rtol=1e-9, atol=1e-9 * np.abs(want).max())
+    else:
+        assert close(got, want, 1e-5)
+    for b, (c, n) in enumerate(zip(counts, lengths)):
+        assert close(caches[b].k[:, :, :n + c], alone[b].k[:, :, :n + c], 1e-5)
+
+
 def test_numba_step_matches_reference_over_many_steps(backends, variant_files):
     """Six sequences decoded together for 12 steps, numba against the float64 reference run the same way."""
     fast, ref = backends
@@ -116,8 +140,14 @@ def test_numba_step_matches_reference_over_many_steps(backends, variant_files):
 def test_step_rejects_bad_batches(backends, variant_files):
     model = Model(open_nq(variant_files["llama"]), backends[0])
     caches = [model.new_cache(8), model.new_cache(8)]
-    with pytest.raises(NQRunError, match="one of each"):
+    with pytest.raises(NQRunError, match="one position, cache and count"):
         model.step(np.array([1, 2]), np.array([0]), caches)
+    with pytest.raises(NQRunError, match="one position, cache and count"):
+        model.step(np.array([1, 2, 3]), np.array([0, 0]), caches, counts=[1, 1])
+    with pytest.raises(NQRunError, match="one position, cache and count"):
+        model.step(np.array([1, 2]), np.array([0, 0]), caches, counts=[2, 0])
+    with pytest.raises(NQRunError, match="outside the context of 8"):
+        model.step(np.array([1, 2, 3]), np.array([0, 7]), caches, counts=[1, 2])
     with pytest.raises(NQRunError, match="outside the context of 8"):
         model.step(np.array([1, 2]), np.array([0, 8]), caches)
     with pytest.raises(NQRunError, match="vocabulary"):
