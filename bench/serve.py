@@ -15,7 +15,7 @@ Usage: python -m bench.serve --nq FILE.nq [--clients 1 4 8] [--tokens 128] [--pr
        [--rounds 1] [--threads T]
 With --rounds N the sequence repeats N times on the same server; the bars use each client count's best round by
 aggregate tok/s (others' jobs share this machine), while errors, texts and the TTFT bar must hold in every round.
-Writes bench/results/serve-<file stem>.json. Run it under `flock /work/runs/cpu.lock` on a shared machine.
+Writes bench/results/serve-<file stem>.json (-t<T> added with --threads). Run it under `flock /work/runs/cpu.lock` on a shared machine.
 """
 from __future__ import annotations
 
@@ -215,7 +215,7 @@ def main() -> None:
                                 command=" ".join(sys.argv)),
                   bars=bars, best={str(c): r for c, r in best.items()},
                   rounds={str(c): rs for c, rs in rounds.items()})
-    out = ROOT / "bench" / "results" / f"serve-{a.nq.stem}.json"
+    out = ROOT / "bench" / "results" / f"serve-{a.nq.stem}{f'-t{a.threads}' if a.threads else ''}.json"
     out.write_text(json.dumps(result, indent=1))
     print(json.dumps(bars), f"-> {out}")
 
