@@ -120,6 +120,8 @@ def main() -> None:
     ap.add_argument("--no-model-recon", action="store_true")
     ap.add_argument("--out-dir", type=Path, default=Path("/tmp"))
     ap.add_argument("--force", action="store_true")
+    ap.add_argument("--resume", action="store_true", help="continue from OUT.work/ (the JSON records that the stages "
+                                                          "before it were not timed in this run)")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -143,7 +145,7 @@ def main() -> None:
     summary = convert(Options(model=args.model, out=out, bits=args.bits, preset=args.preset, seed=args.seed,
                               threads=args.threads, error_mitigation=not args.no_error_mitigation,
                               refine=not args.no_refine, model_recon=not args.no_model_recon,
-                              embedding=args.embedding),
+                              embedding=args.embedding, resume=args.resume),
                       LineReporter(sys.stdout))
     convert_seconds = time.perf_counter() - t0
     load_after_convert = os.getloadavg()
@@ -166,7 +168,7 @@ def main() -> None:
                      "recipe": json.loads(open_nq(out).provenance.recipe)},
         "bits_target": args.bits, "bpw_decoder_linears": summary.bpw_linears, "bpw_whole_file": summary.bpw_file,
         "file_bytes": summary.file_bytes, "ratio_to_fp16": summary.ratio_to_fp16,
-        "convert_seconds_wall": convert_seconds, "seconds_per_stage": summary.stage_seconds,
+        "convert_seconds_wall": convert_seconds, "resumed": args.resume, "seconds_per_stage": summary.stage_seconds,
         "peak_rss_mb_convert": summary.peak_rss_mb,
         "ppl_fp32": fp["ppl"], "ppl_quantized": ppl, "ppl_ratio": ppl / fp["ppl"],
         "eval_seconds_quantized": time.perf_counter() - t,

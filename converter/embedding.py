@@ -1,12 +1,13 @@
 """How the converter stores the embedding and the output head (spec/FORMAT.md §3.4, spec/CONVERTER.md, "Embedding and
-head"): F16, Q8_0, Q4_0, or binary-factored by the same LB-ADMM as the decoder linears.
+head"): F16, Q8_0, Q4_0, IQ4_NL, or binary-factored by the same LB-ADMM as the decoder linears.
 
-The choice is text, `f16`, `q8_0`, `q4_0`, `binary` (rank min(V, d)) or `binary:RANK`, kept in the recipe. A
-`StoredTable` holds what the file will hold: raw bytes for F16 and Q8_0 (the torch model sees them dequantized), a
-`Q4Table` (Q4_0's codes, fixed, times its block scales) or a frozen `BinaryFactoredLinear`; model reconstruction tunes
-the scales of the last two like the decoder linears' scales, and the file is exported from the tuned module.
+The choice is text, `f16`, `q8_0`, `q4_0`, `iq4_nl`, `binary` (one path of rank min(V, d)), `binary:RANK` or
+`binary:RANKxPATHS` (residual paths), kept in the recipe. A `StoredTable` holds what the file will hold: raw bytes
+for F16 and Q8_0 (the torch model sees them dequantized), a `Q4Table` (Q4_0's or IQ4_NL's grid values, fixed,
+times the block scales) or a frozen `BinaryFactoredLinear`; model reconstruction tunes the scales of the last two
+like the decoder linears' scales, and the file is exported from the tuned module.
 
-Weights for the choices that lose information (Q4_0's scale search, the ADMM's preconditioners):
+Weights for the choices that lose information (the 4-bit types' scale search, the ADMM's preconditioners):
 - columns: the final norm's output second moments on the statistics windows, shrunk and square-rooted like the
   decoder linears' d_in. The head multiplies exactly that vector, so an error in column j costs in proportion to
   its size; for the embedding's own use (a row added to the residual stream) no better column weighting is known.
@@ -27,14 +28,14 @@ from gguf.quants import quantize
 from nqfmt import LinearPlan, ModelConfig
 from nqfmt import keys as K
 from nqfmt.errors import NQError
-from nqfmt.q4_0 import BLOCK, pack_q4_0, unpack_q4_0
+from nqfmt.q4 import BLOCK, GRIDS, pack_q4, unpack_q4
 from nqfmt.q8_0 import dequantize_q8_0
 
 from .admm import AdmmSettings, lb_admm
-from .factored import BinaryFactoredLinear
+from .factored import BinaryFactoredLinear, TrainablePath
 from .preconditioners import ClippedSecondMoment, preconditioner
 
-DENSE = {"f16": K.GGMLType.F16, "q8_0": K.GGMLType.Q8_0, "q4_0": K.GGMLType.Q4_0}
+DENSE = {"f16": K.GGMLType.F16, "q8_0": K.GGMLType.Q8_0, "q4_0": K.GGMLType.Q4_0, "iq4_nl": K.GGMLType.IQ4_NL}
 BINARY = "binary"
 CHOICES = (*DENSE, BINARY)
 
@@ -44,27 +45,39 @@ class EmbeddingChoiceError(NQError):
 
 
 def parse_embedding(text: str) -> str:
-    """The canonical form of an --embedding value (`q4_0`, `binary`, `binary:256`, ...), or EmbeddingChoiceError."""
-    kind, sep, rank = text.strip().lower().partition(":")
+    """The canonical form of an --embedding value (`q4_0`, `binary`, `binary:256`, `binary:576x2`, ...), or
+    EmbeddingChoiceError."""
+    kind, sep, spec = text.strip().lower().partition(":")
     if kind not in CHOICES or (sep and kind != BINARY):
-        raise EmbeddingChoiceError(f"--embedding {text!r}: choose one of f16, q8_0, q4_0, binary, binary:RANK")
+        raise EmbeddingChoiceError(f"--embedding {text!r}: choose one of f16, q8_0, q4_0, iq4_nl, binary, "
+                                   f"binary:RANK, binary:RANKxPATHS")
     if not sep:
         return kind
-    if not rank.isdigit() or int(rank) < 1:
-        raise EmbeddingChoiceError(f"--embedding {text!r}: the rank after 'binary:' must be a positive integer")
-    return f"{BINARY}:{int(rank)}"
+    rank, times, paths = spec.partition("x")
+    if not rank.isdigit() or int(rank) < 1 or (times and (not paths.isdigit() or int(paths) < 1)):
+        raise EmbeddingChoiceError(f"--embedding {text!r}: after 'binary:' a positive rank, optionally 'x' and a "
+                                   f"positive number of paths")
+    paths_text = f"x{int(paths)}" if times and int(paths) > 1 else ""
+    return f"{BINARY}:{int(rank)}{paths_text}"
 
 
 def binary_rank(choice: str, config: ModelConfig) -> int:
-    """The rank of a binary choice: the one given, or min(V, d)."""
-    _, _, rank = choice.partition(":")
+    """The rank of each path of a binary choice: the one given, or min(V, d)."""
+    _, _, spec = choice.partition(":")
+    rank = spec.partition("x")[0]
     return int(rank) if rank else min(config.vocab, config.hidden)
 
 
+def binary_paths(choice: str) -> int:
+    """How many binary paths a binary choice asks for (`binary:RANKxPATHS`; 1 otherwise)."""
+    _, times, paths = choice.partition(":")[2].partition("x")
+    return int(paths) if times else 1
+
+
 def resolve_embedding(choice: str, config: ModelConfig, explicit: bool) -> str:
-    """`choice` checked against the model. A block type (Q8_0, Q4_0) needs d to be a multiple of 32: asked for
-    explicitly, another d is an error; as a preset's default, it falls back to f16 (recorded in the recipe)."""
-    if choice in ("q8_0", "q4_0") and config.hidden % BLOCK:
+    """`choice` checked against the model. A block type (Q8_0, Q4_0, IQ4_NL) needs d to be a multiple of 32: asked
+    for explicitly, another d is an error; as a preset's default, it falls back to f16 (recorded in the recipe)."""
+    if choice in ("q8_0", "q4_0", "iq4_nl") and config.hidden % BLOCK:
         if explicit:
             raise EmbeddingChoiceError(f"--embedding {choice}: rows of {config.hidden} values are not whole blocks "
                                        f"of {BLOCK}; use f16 or binary")
@@ -73,6 +86,8 @@ def resolve_embedding(choice: str, config: ModelConfig, explicit: bool) -> str:
         rank, top = binary_rank(choice, config), min(config.vocab, config.hidden)
         if rank > top:
             raise EmbeddingChoiceError(f"--embedding {choice}: rank {rank} is above min(vocabulary, hidden) = {top}")
+        if binary_paths(choice) > K.MAX_PATHS:
+            raise EmbeddingChoiceError(f"--embedding {choice}: at most {K.MAX_PATHS} paths")
     return choice
 
 
@@ -82,19 +97,20 @@ def table_bits(choice: str, config: ModelConfig) -> float:
         block, size = K.TYPE_SIZES[DENSE[choice]]
         return 8 * size / block
     v, d, r = config.vocab, config.hidden, binary_rank(choice, config)
-    return (r * (v + d) + 16 * (v + d)) / (v * d)
+    return binary_paths(choice) * (r * (v + d) + 16 * (v + d)) / (v * d)
 
 
 # --- what the file holds ------------------------------------------------------------------------------------------
 class Q4Table(torch.nn.Module):
-    """A Q4_0 table in the torch model: the codes q − 8 (fixed, int8) times one scale per block of 32, which
-    distillation may tune. Each value is float32(scale)·float32(q − 8), the product nqfmt's dequantizer (and so
-    load_nq) forms, so once the scales are rounded to F16 this module computes exactly what the file holds."""
+    """A Q4_0 or IQ4_NL table in the torch model: its grid values (fixed, int8) times one scale per block of 32,
+    which distillation may tune. Each value is float32(scale)·float32(grid[q]), the product nqfmt's dequantizer (and
+    so load_nq) forms, so once the scales are rounded to F16 this module computes exactly what the file holds."""
 
-    def __init__(self, raw: np.ndarray) -> None:
+    def __init__(self, raw: np.ndarray, gtype: K.GGMLType) -> None:
         super().__init__()
-        d, q = unpack_q4_0(raw)
-        self.register_buffer("codes", torch.from_numpy(q.astype(np.int8) - 8))
+        d, q = unpack_q4(raw)
+        self.gtype = gtype
+        self.register_buffer("codes", torch.from_numpy(GRIDS[gtype][q]))
         self.scale = torch.nn.Parameter(torch.from_numpy(d.astype(np.float32)))
 
     def _values(self, codes: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
@@ -120,7 +136,9 @@ class Q4Table(torch.nn.Module):
     @torch.no_grad()
     def raw(self) -> np.ndarray:
         """The file's bytes for the current scales (F16-rounded)."""
-        return pack_q4_0(self.scale.numpy().astype(np.float16), (self.codes + 8).to(torch.uint8).numpy())
+        index = np.zeros(256, np.uint8)
+        index[GRIDS[self.gtype].astype(np.int64) + 128] = np.arange(16)
+        return pack_q4(self.scale.numpy().astype(np.float16), index[self.codes.numpy().astype(np.int64) + 128])
 
 
 @dataclass
@@ -134,7 +152,7 @@ class StoredTable:
 
     @classmethod
     def dense(cls, gtype: K.GGMLType, raw: np.ndarray) -> "StoredTable":
-        return cls(gtype, module=Q4Table(raw)) if gtype == K.GGMLType.Q4_0 else cls(gtype, raw=raw)
+        return cls(gtype, module=Q4Table(raw, gtype)) if gtype in K.Q4_TYPES else cls(gtype, raw=raw)
 
     @property
     def kind(self) -> K.GGMLType | LinearPlan:
@@ -159,23 +177,22 @@ class StoredTable:
         """What a checkpoint needs to rebuild this table exactly (`from_state`)."""
         if not isinstance(self.module, BinaryFactoredLinear):
             return {"gtype": int(self.gtype), "raw": self.raw if self.module is None else self.module.raw()}
-        p = self.module.paths[0]
-        u, v = p.signs()
-        return {"u": u.to(torch.int8), "v": v.to(torch.int8), "scale_in": p.scale_in.detach().clone(),
-                "scale_out": p.scale_out.detach().clone()}
+        return {"paths": [{"u": u.to(torch.int8), "v": v.to(torch.int8), "scale_in": p.scale_in.detach().clone(),
+                           "scale_out": p.scale_out.detach().clone()}
+                          for p in self.module.paths for u, v in [p.signs()]]}
 
     @classmethod
     def from_state(cls, state: dict) -> "StoredTable":
         if "raw" in state:
             return cls.dense(K.GGMLType(state["gtype"]), state["raw"])
-        return cls(None, module=_frozen(state["u"].float(), state["v"].float(), state["scale_in"],
-                                        state["scale_out"]))
+        return cls(None, module=BinaryFactoredLinear([_frozen_path(p["u"].float(), p["v"].float(), p["scale_in"],
+                                                                  p["scale_out"]) for p in state["paths"]]))
 
 
-def _frozen(u, v, scale_in, scale_out) -> BinaryFactoredLinear:
-    lin = BinaryFactoredLinear.from_factors(u, v, scale_in, scale_out)
-    lin.freeze_signs()
-    return lin
+def _frozen_path(u, v, scale_in, scale_out) -> TrainablePath:
+    path = TrainablePath(u, v, scale_in, scale_out)
+    path.freeze_signs()
+    return path
 
 
 # --- weights ------------------------------------------------------------------------------------------------------
@@ -196,29 +213,50 @@ def row_weights(windows: torch.Tensor, vocab: int, gamma: float) -> torch.Tensor
 
 
 # --- the choices ----------------------------------------------------------------------------------------------------
-Q4_STEPS = torch.arange(-9, 10, dtype=torch.float32) / 10  # offsets of the code given to the largest value
+Q4_STEPS = torch.arange(-9, 10, dtype=torch.float32) / 10  # offsets, in grid steps, of the point given to x_max
+_HALF_UNITS = 160  # IQ4_NL: nearest grid value looked up per half grid unit over −160..160
+
+
+def _nearest_lookup(gtype: K.GGMLType) -> torch.Tensor:
+    grid = torch.from_numpy(GRIDS[gtype].astype(np.float32))
+    half = torch.arange(-2 * _HALF_UNITS, 2 * _HALF_UNITS + 1, dtype=torch.float32) / 2
+    return grid[(half[:, None] - grid).abs().argmin(-1)]
+
+
+def _nearest(scaled: torch.Tensor, gtype: K.GGMLType, lookup: torch.Tensor | None) -> torch.Tensor:
+    """The grid value nearest each of `scaled` (in grid units): Q4_0 rounds and clamps; IQ4_NL looks the value up per
+    half unit (a value within a quarter unit of a midpoint may take the farther neighbour: its error is counted)."""
+    if gtype == K.GGMLType.Q4_0:
+        return scaled.round().clamp(-8, 7)
+    return lookup[(2 * scaled).round().clamp(-2 * _HALF_UNITS, 2 * _HALF_UNITS).long() + 2 * _HALF_UNITS]
 
 
 @torch.no_grad()
-def quantize_q4_0(w: torch.Tensor, col_weight: torch.Tensor | None, chunk: int = 4096) -> np.ndarray:
-    """Q4_0 bytes of w (V×d, d a multiple of 32) minimising the column-weighted squared error block by block.
+def quantize_q4(w: torch.Tensor, col_weight: torch.Tensor | None, gtype: K.GGMLType, chunk: int = 4096) -> np.ndarray:
+    """Q4_0 or IQ4_NL bytes of w (V×d, d a multiple of 32) minimising the column-weighted squared error per block.
 
-    Per block, candidate scales map the largest-magnitude value x_max to code −8 + δ or to +7 + δ (δ in −0.9..0.9);
-    for each the codes are rounded, the least-squares scale for those codes is taken, and the candidate with the
-    smallest weighted error wins (GGML's reference rule is the δ = 0 member of the first family, without the refit).
-    The winning scale is rounded to F16 and the codes are rounded again for that scale."""
+    Per block, candidate scales map the largest-magnitude value x_max to the grid's lowest point + δ or to its highest
+    + δ (δ in −0.9..0.9 grid steps at that end); for each the values are rounded to the grid, the least-squares scale
+    for those grid values is taken, and the candidate with the smallest weighted error wins (GGML's reference rule for
+    Q4_0 is the δ = 0 member of the first family, without the refit). The winning scale is rounded to F16 and the
+    values are rounded to the grid again for that scale."""
     v, d = w.shape
+    grid = GRIDS[gtype].astype(np.float32)
+    lookup = None if gtype == K.GGMLType.Q4_0 else _nearest_lookup(gtype)
+    targets = torch.cat([float(grid[0]) + float(grid[1] - grid[0]) * Q4_STEPS,
+                         float(grid[-1]) + float(grid[-1] - grid[-2]) * Q4_STEPS])
     weight = (torch.ones(d) if col_weight is None else col_weight).pow(2).reshape(1, d // BLOCK, BLOCK).float()
+    index = torch.full((256,), -1, dtype=torch.uint8)
+    index[torch.from_numpy(GRIDS[gtype].astype(np.int64)) + 128] = torch.arange(16, dtype=torch.uint8)
     out = []
     for start in range(0, v, chunk):
         x = w[start:start + chunk].to(torch.float32).reshape(-1, d // BLOCK, BLOCK)
-        idx = x.abs().argmax(dim=-1, keepdim=True)
-        peak = x.gather(-1, idx)  # the signed value of largest magnitude
+        peak = x.gather(-1, x.abs().argmax(dim=-1, keepdim=True))  # the signed value of largest magnitude
         best_err = torch.full(peak.shape[:2], float("inf"))
         best_scale = torch.zeros(peak.shape[:2])
-        for target in torch.cat([-8 + Q4_STEPS, 7 + Q4_STEPS]):
+        for target in targets:
             inv = torch.where(peak != 0, target / peak, torch.zeros_like(peak))
-            codes = (x * inv).round().clamp(-8, 7)
+            codes = _nearest(x * inv, gtype, lookup)
             num = (weight * x * codes).sum(-1)
             den = (weight * codes * codes).sum(-1)
             scale = torch.where(den > 0, num / den.clamp_min(1e-30), torch.zeros_like(num))
@@ -228,18 +266,23 @@ def quantize_q4_0(w: torch.Tensor, col_weight: torch.Tensor | None, chunk: int =
             best_scale = torch.where(better, scale, best_scale)
         d16 = best_scale.to(torch.float16)
         s = d16.to(torch.float32)[..., None]
-        codes = torch.where(s != 0, (x / torch.where(s != 0, s, torch.ones_like(s))).round().clamp(-8, 7),
-                            torch.zeros_like(x))
-        out.append(pack_q4_0(d16.numpy(), (codes + 8).to(torch.uint8).reshape(x.shape[0], d).numpy()))
+        codes = _nearest(x / torch.where(s != 0, s, torch.ones_like(s)) * (s != 0), gtype, lookup)
+        q = index[codes.to(torch.int64) + 128].reshape(x.shape[0], d)
+        out.append(pack_q4(d16.numpy(), q.numpy()))
     return np.concatenate(out)
 
 
-def factorize(w: torch.Tensor, rank: int, col_weight: torch.Tensor, row_weight: torch.Tensor,
-              settings: AdmmSettings, seed: int) -> BinaryFactoredLinear:
-    """A frozen one-path binary factorization of w (V×d) by LB-ADMM with the given preconditioners (d_in: columns,
-    d_out: rows); its scales stay float32 until the pipeline rounds them for the file."""
-    f = lb_admm(w, rank, col_weight, row_weight, settings, seed)
-    return _frozen(f.u_latent, f.v_latent, f.scale_in, f.scale_out)
+def factorize(w: torch.Tensor, rank: int, col_weight: torch.Tensor | None, row_weight: torch.Tensor | None,
+              settings: AdmmSettings, seed: int, paths: int = 1) -> BinaryFactoredLinear:
+    """A frozen binary factorization of w (V×d) by LB-ADMM with the given preconditioners (d_in: columns, d_out:
+    rows): path 0 fits w, each further path what the earlier ones leave (residual binarization, as the decoder's
+    residual paths; spec/FORMAT.md §3.1). The scales stay float32 until the pipeline rounds them for the file."""
+    found, residual = [], w.detach().to(torch.float32)
+    for p in range(paths):
+        f = lb_admm(residual, rank, col_weight, row_weight, settings, seed + p)
+        found.append(_frozen_path(f.u_latent, f.v_latent, f.scale_in, f.scale_out))
+        residual = residual - found[-1].dense_weight().to(torch.float32)
+    return BinaryFactoredLinear(found)
 
 
 def store_table(choice: str, w: torch.Tensor, config: ModelConfig, col_weight: torch.Tensor | None,
@@ -250,14 +293,15 @@ def store_table(choice: str, w: torch.Tensor, config: ModelConfig, col_weight: t
     if choice == "q8_0":
         return StoredTable.dense(K.GGMLType.Q8_0, quantize(w.detach().to(torch.float32).numpy(),
                                                            GGMLQuantizationType.Q8_0))
-    if choice == "q4_0":
-        return StoredTable.dense(K.GGMLType.Q4_0, quantize_q4_0(w, col_weight))
-    return StoredTable(None, module=factorize(w, binary_rank(choice, config), col_weight, row_weight, settings, seed))
+    if choice in ("q4_0", "iq4_nl"):
+        return StoredTable.dense(DENSE[choice], quantize_q4(w, col_weight, DENSE[choice]))
+    return StoredTable(None, module=factorize(w, binary_rank(choice, config), col_weight, row_weight, settings, seed,
+                                              binary_paths(choice)))
 
 
 def needs_statistics(choice: str) -> bool:
     """Whether storing `choice` uses the column (and row) weights: the lossy choices other than Q8_0."""
-    return choice == "q4_0" or choice.startswith(BINARY)
+    return choice in ("q4_0", "iq4_nl") or choice.startswith(BINARY)
 
 
 @torch.no_grad()

@@ -14,7 +14,7 @@ import os
 import numpy as np
 import torch
 from nqfmt.keys import GGMLType
-from nqfmt.q4_0 import dequantize_q4_0
+from nqfmt.q4 import dequantize_q4
 from nqfmt.q8_0 import dequantize_q8_0
 from torch import nn
 from torch.nn import functional as F
@@ -226,7 +226,7 @@ class TorchModel(nn.Module):
 
 def _table_of(nq, table: str) -> Table:
     """The embedding (K.EMBD_TABLE) or untied head (K.OUTPUT_TABLE) of the file as the converter's model holds it:
-    dense values as float32 (F16 widened, Q8_0 and Q4_0 dequantized by nqfmt's references) or a frozen
+    dense values as float32 (F16 widened, Q8_0, Q4_0 and IQ4_NL dequantized by nqfmt's references) or a frozen
     BinaryFactoredLinear."""
     kind = nq.tables[table]
     if not isinstance(kind, GGMLType):
@@ -234,8 +234,8 @@ def _table_of(nq, table: str) -> Table:
     raw = nq.array(K.dense_table_tensor(table))
     if kind == GGMLType.Q8_0:
         return torch.from_numpy(dequantize_q8_0(raw))
-    if kind == GGMLType.Q4_0:
-        return torch.from_numpy(dequantize_q4_0(raw))
+    if kind in K.Q4_TYPES:
+        return torch.from_numpy(dequantize_q4(raw, kind))
     return torch.from_numpy(raw.astype(np.float32))
 
 

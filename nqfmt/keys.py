@@ -42,13 +42,14 @@ class GGMLType(IntEnum):
     F16 = 1
     Q4_0 = 2
     Q8_0 = 8
+    IQ4_NL = 20
     I32 = 26
 
 
 # (elements per block, bytes per block) of each GGMLType
 TYPE_SIZES: dict[GGMLType, tuple[int, int]] = {
     GGMLType.F32: (1, 4), GGMLType.F16: (1, 2), GGMLType.Q4_0: (32, 18), GGMLType.Q8_0: (32, 34),
-    GGMLType.I32: (1, 4),
+    GGMLType.IQ4_NL: (32, 18), GGMLType.I32: (1, 4),
 }
 VT = ValueType
 
@@ -216,8 +217,9 @@ SIGN_TYPE = GGMLType.I32
 SCALE_TYPE = GGMLType.F16
 NORM_TYPE = GGMLType.F32
 BIAS_TYPE = GGMLType.F32
-EMBEDDING_TYPES = (GGMLType.F16, GGMLType.F32, GGMLType.Q8_0, GGMLType.Q4_0)
-BLOCK_TYPES = (GGMLType.Q8_0, GGMLType.Q4_0)  # rows must be whole blocks of 32
+EMBEDDING_TYPES = (GGMLType.F16, GGMLType.F32, GGMLType.Q8_0, GGMLType.Q4_0, GGMLType.IQ4_NL)
+Q4_TYPES = (GGMLType.Q4_0, GGMLType.IQ4_NL)  # 4-bit blocks of 32 (nqfmt/q4.py)
+BLOCK_TYPES = (GGMLType.Q8_0, *Q4_TYPES)  # rows must be whole blocks of 32
 
 
 def norm_tensor(layer: int, norm: str) -> str:

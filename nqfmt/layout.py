@@ -32,12 +32,13 @@ class TensorSpec:
     @property
     def numpy_dtype(self) -> np.dtype:
         """dtype of the array a caller hands the writer and gets from the reader (packed signs: uint32)."""
-        return np.dtype({GGMLType.F16: np.float16, GGMLType.F32: np.float32, GGMLType.I32: np.uint32,
-                         GGMLType.Q8_0: np.uint8, GGMLType.Q4_0: np.uint8}[self.gtype])
+        if self.gtype in K.BLOCK_TYPES:
+            return np.dtype(np.uint8)
+        return np.dtype({GGMLType.F16: np.float16, GGMLType.F32: np.float32, GGMLType.I32: np.uint32}[self.gtype])
 
     @property
     def numpy_shape(self) -> tuple[int, ...]:
-        """Shape of that array (block types: raw bytes, e.g. 34 per block of 32 for Q8_0, 18 for Q4_0)."""
+        """Shape of that array (block types: raw bytes, e.g. 34 per block of 32 for Q8_0, 18 for Q4_0 and IQ4_NL)."""
         if self.gtype in K.BLOCK_TYPES:
             block, size = K.TYPE_SIZES[self.gtype]
             return (*self.shape[:-1], self.shape[-1] // block * size)

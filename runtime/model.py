@@ -261,7 +261,7 @@ def _prepared_table(nq: NQFile, table: str, backend: Backend) -> Any:
 
 def _checked_table(nq: NQFile, name: str) -> np.ndarray:
     """An embedding/head view, after checking every value is finite (a NaN row would poison every logit).
-    F16 is checked on its bits (exponent all ones), so the table is never upcast; Q8_0 and Q4_0 on their block
+    F16 is checked on its bits (exponent all ones), so the table is never upcast; the block types on their block
     scales."""
     table = nq.array(name)
     gtype = nq.tensors[name].gtype

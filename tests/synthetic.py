@@ -10,7 +10,7 @@ from nqfmt.keys import GGMLType
 from nqfmt import LinearPlan, ModelConfig, NQWriter, Provenance, TokenizerInfo, pack_signs
 from nqfmt import keys as K
 from nqfmt.layout import sign_columns
-from nqfmt.q4_0 import quantize_q4_0
+from nqfmt.q4 import quantize_iq4_nl, quantize_q4_0
 
 TINY_TOKENIZER = json.dumps({
     "version": "1.0", "truncation": None, "padding": None, "added_tokens": [], "normalizer": None,
@@ -58,8 +58,9 @@ def random_tensors(writer: NQWriter, seed: int = 0) -> dict[str, np.ndarray]:
         elif spec.gtype == GGMLType.Q8_0:
             from gguf.quants import quantize
             out[spec.name] = quantize(rng.standard_normal(spec.shape).astype(np.float32), GGMLType.Q8_0)
-        elif spec.gtype == GGMLType.Q4_0:
-            out[spec.name] = quantize_q4_0(rng.standard_normal(spec.shape))
+        elif spec.gtype in (GGMLType.Q4_0, GGMLType.IQ4_NL):
+            quantizer = quantize_q4_0 if spec.gtype == GGMLType.Q4_0 else quantize_iq4_nl
+            out[spec.name] = quantizer(rng.standard_normal(spec.shape))
         else:
             out[spec.name] = (rng.uniform(0.5, 1.5, spec.shape) * rng.choice([-1, 1], spec.shape)).astype(
                 spec.numpy_dtype)

@@ -129,8 +129,8 @@ class NumbaBackend(Backend):
                       nk.PARALLEL if self.threads > 1 and lookups >= PARALLEL_MIN_LOOKUPS else nk.SERIAL)
 
     def prepare_embedding(self, table: np.ndarray, gtype: GT, hidden: int) -> Table | nt.Q4Table:
-        if gtype == GT.Q4_0:
-            return nt.q4_table(table, hidden)
+        if gtype in (GT.Q4_0, GT.IQ4_NL):
+            return nt.q4_table(table, gtype, hidden)
         if gtype == GT.F16:
             return Table(gtype, table.view(np.uint16), None, hidden)
         if gtype == GT.Q8_0:
@@ -157,7 +157,7 @@ class NumbaBackend(Backend):
             for i, (u_bytes, v_rows, s_mid, s_out) in enumerate(table.paths):
                 nt.embed_factored(u_bytes, v_rows, s_mid, s_out, ids, out, i > 0)
         elif isinstance(table, nt.Q4Table):
-            nt.embed_q4_0(table.raw, table.scales, ids, out)
+            nt.embed_q4(table.raw, table.scales, table.grid, ids, out)
         elif table.gtype == GT.F16:
             nk.embed_f16(table.data, ids, out)
         elif table.gtype == GT.Q8_0:
@@ -224,7 +224,7 @@ class NumbaBackend(Backend):
         x = np.ascontiguousarray(x, dtype=np.float32)
         if isinstance(table, nt.Q4Table):
             out = np.empty((x.shape[0], table.raw.shape[0]), np.float32)
-            (nt.PARALLEL if self.threads > 1 else nt.SERIAL).head_q4_0(table.raw, table.scales, x, out)
+            (nt.PARALLEL if self.threads > 1 else nt.SERIAL).head_q4(table.raw, table.scales, table.grid, x, out)
             return out
         out = np.empty((x.shape[0], table.data.shape[0]), np.float32)
         if table.gtype == GT.F16:

@@ -1,11 +1,12 @@
 """Numba CPU kernels of the compact embedding / head kinds (spec/FORMAT.md §3.4), the fast twins of numpy_ref.py's:
-Q4_0 rows (an F16 scale d and 16 bytes of nibbles per 32 values, value = (q − 8)·d) and the rows of a
-binary-factored table.
+4-bit block rows (Q4_0 and IQ4_NL: an F16 scale d and 16 bytes of nibbles per 32 values, value = d·grid[q]) and the
+rows of a binary-factored table.
 
-The Q4_0 head for one token keeps 32 float32 lanes per row, one per position in a block, adds d·(q − 8)·x into them
+The 4-bit head for one token keeps 32 float32 lanes per row, one per position in a block, adds d·grid[q]·x into them
 block by block and sums the lanes once per row (as the Q8_0 head does); several tokens widen each row once into a
-buffer and dot it with every token. The block scales are widened to float32 once at load. A binary-factored head is a factored linear with m = vocabulary: the backend runs it
-through the decode and lanes kernels of numba_kernels.py.
+buffer and dot it with every token. The block scales are widened to float32 once at load. A binary-factored head
+is a factored linear with m = vocabulary: the backend runs it through the decode and lanes kernels of
+numba_kernels.py.
 
 Built twice like numba_kernels' row kernels: SERIAL (plain loops) and PARALLEL (prange over row blocks).
 """
@@ -25,36 +26,39 @@ ROW_BLOCK = 64  # vocabulary rows per task
 
 @dataclass(frozen=True)
 class Q4Table:
-    """A Q4_0 table as the kernels read it: the file's bytes (V, d/32·18) and its block scales widened to float32
-    once at load (V, d/32; 2/9 of the table's size), which keeps the F16 decoding out of the inner loops."""
+    """A Q4_0 or IQ4_NL table as the kernels read it: the file's bytes (V, d/32·18), its block scales widened to
+    float32 once at load (V, d/32; 2/9 of the table's size, keeping the F16 decoding out of the inner loops) and the
+    type's 16 grid values as float32."""
 
     raw: np.ndarray
     scales: np.ndarray
+    grid: np.ndarray
     hidden: int
 
 
-def q4_table(raw: np.ndarray, hidden: int) -> Q4Table:
+def q4_table(raw: np.ndarray, gtype, hidden: int) -> Q4Table:
+    from nqfmt.q4 import GRIDS
     rows = raw.shape[0]
     scales = np.ascontiguousarray(raw.reshape(rows, -1, Q4_BLOCK_BYTES)[:, :, :2]).view(np.float16)[:, :, 0]
-    return Q4Table(raw, scales.astype(np.float32), hidden)
+    return Q4Table(raw, scales.astype(np.float32), GRIDS[gtype].astype(np.float32), hidden)
 
 
 @njit(inline="always", **_OPTS)
-def _q4_row(raw, scales, row, out):
-    """Row `row` of a Q4_0 table widened to float32 into out (d,)."""
+def _q4_row(raw, scales, grid, row, out):
+    """Row `row` of a 4-bit table widened to float32 into out (d,)."""
     for b in range(scales.shape[1]):
         o = b * Q4_BLOCK_BYTES + 2
         s = scales[row, b]
         for k in range(16):
             q = np.int32(raw[row, o + k])
-            out[b * 32 + k] = s * np.float32((q & np.int32(15)) - np.int32(8))
-            out[b * 32 + 16 + k] = s * np.float32((q >> np.int32(4)) - np.int32(8))
+            out[b * 32 + k] = s * grid[q & np.int32(15)]
+            out[b * 32 + 16 + k] = s * grid[q >> np.int32(4)]
 
 
 @njit(inline="always", **_OPTS)
-def _q4_dot(raw, scales, v, x, lane):
-    """Q4_0 row v · x, summed into 32 lanes (one per position in a block) across the row's blocks and reduced once
-    at the end; the nibbles are widened through int32 (int64 arithmetic does not vectorize here)."""
+def _q4_dot(raw, scales, grid, v, x, lane):
+    """4-bit row v · x, summed into 32 lanes (one per position in a block) across the row's blocks and reduced once
+    at the end; the nibbles are indexed through int32 (int64 arithmetic does not vectorize here)."""
     for k in range(32):
         lane[k] = 0.0
     for b in range(scales.shape[1]):
@@ -62,8 +66,8 @@ def _q4_dot(raw, scales, v, x, lane):
         s = scales[v, b]
         for k in range(16):
             q = np.int32(raw[v, o + k])
-            lane[k] += s * np.float32((q & np.int32(15)) - np.int32(8)) * x[b * 32 + k]
-            lane[16 + k] += s * np.float32((q >> np.int32(4)) - np.int32(8)) * x[b * 32 + 16 + k]
+            lane[k] += s * grid[q & np.int32(15)] * x[b * 32 + k]
+            lane[16 + k] += s * grid[q >> np.int32(4)] * x[b * 32 + 16 + k]
     total = np.float32(0.0)
     for k in range(32):
         total += lane[k]
@@ -71,10 +75,10 @@ def _q4_dot(raw, scales, v, x, lane):
 
 
 @njit(**_OPTS)
-def embed_q4_0(raw, scales, ids, out):
-    """out (T, d) = rows ids of a Q4_0 table."""
+def embed_q4(raw, scales, grid, ids, out):
+    """out (T, d) = rows ids of a 4-bit table."""
     for t in range(ids.shape[0]):
-        _q4_row(raw, scales, ids[t], out[t])
+        _q4_row(raw, scales, grid, ids[t], out[t])
 
 
 @njit(**_OPTS)
@@ -98,8 +102,8 @@ def _kernels(parallel: bool) -> SimpleNamespace:
     loop = prange if parallel else range
 
     @njit(parallel=parallel, **_OPTS)
-    def head_q4_0(raw, scales, x, out):
-        """out (T, V) = x (T, d) · tableᵀ over Q4_0 rows; tasks are blocks of ROW_BLOCK rows. One token: _q4_dot;
+    def head_q4(raw, scales, grid, x, out):
+        """out (T, V) = x (T, d) · tableᵀ over 4-bit rows; tasks are blocks of ROW_BLOCK rows. One token: _q4_dot;
         several: each row widened once into a buffer, then one vectorized reduction per token."""
         t_all, d = x.shape
         vocab = raw.shape[0]
@@ -108,16 +112,16 @@ def _kernels(parallel: bool) -> SimpleNamespace:
             row = np.empty(d, dtype=np.float32)
             for v in range(blk * ROW_BLOCK, min((blk + 1) * ROW_BLOCK, vocab)):
                 if t_all == 1:
-                    out[0, v] = _q4_dot(raw, scales, v, x[0], lane)
+                    out[0, v] = _q4_dot(raw, scales, grid, v, x[0], lane)
                     continue
-                _q4_row(raw, scales, v, row)
+                _q4_row(raw, scales, grid, v, row)
                 for t in range(t_all):
                     acc = np.float32(0.0)
                     for k in range(d):
                         acc += row[k] * x[t, k]
                     out[t, v] = acc
 
-    return SimpleNamespace(head_q4_0=head_q4_0)
+    return SimpleNamespace(head_q4=head_q4)
 
 
 SERIAL = _kernels(False)

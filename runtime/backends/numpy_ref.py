@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import numpy as np
 from nqfmt.keys import GGMLType as GT
-from nqfmt.q4_0 import dequantize_q4_0
+from nqfmt.q4 import dequantize_q4
 from nqfmt.q8_0 import dequantize_q8_0
 
 from nqfmt import FactoredLinear, unpack_signs
@@ -23,12 +23,12 @@ class Embedding:
     hidden: int
 
     def rows(self, ids: np.ndarray) -> np.ndarray:
-        """Rows `ids` as float64 (Q8_0 and Q4_0 through nqfmt's reference dequantizers)."""
+        """Rows `ids` as float64 (the block types through nqfmt's reference dequantizers)."""
         raw = self.table[ids]
         if self.gtype == GT.Q8_0:
             return dequantize_q8_0(raw).astype(np.float64).reshape(len(ids), self.hidden)
-        if self.gtype == GT.Q4_0:
-            return dequantize_q4_0(raw).astype(np.float64).reshape(len(ids), self.hidden)
+        if self.gtype in (GT.Q4_0, GT.IQ4_NL):
+            return dequantize_q4(raw, self.gtype).astype(np.float64).reshape(len(ids), self.hidden)
         return raw.astype(np.float64)
 
 

@@ -24,6 +24,7 @@ TABLE_READERS: dict[GGMLType, tuple[tuple[str, int], ...]] = {
     GGMLType.F32: (("F32x4", 4), ("F32x1", 1)),
     GGMLType.Q8_0: (("Q8_0", 32),),
     GGMLType.Q4_0: (("Q4_0", 32),),
+    GGMLType.IQ4_NL: (("IQ4_NL", 32),),
 }
 
 _PLAIN_KERNELS = ("repack_signs", "binary_gemv", "binary_gemm", "rms_norm", "rope_table", "rope", "kv_store",

@@ -71,3 +71,22 @@ struct Q4_0 {  // GGML Q4_0: blocks of 18 bytes, a little-endian half scale then
         }
     }
 };
+
+__constant__ float IQ4_NL_GRID[16] = {-127.f, -104.f, -83.f, -65.f, -49.f, -35.f, -22.f, -10.f,
+                                      1.f,    13.f,   25.f,  38.f,  53.f,  69.f,  89.f,  113.f};
+
+struct IQ4_NL {  // GGML IQ4_NL: Q4_0's layout, value = scale * IQ4_NL_GRID[q]
+    static constexpr int BLOCK = 32;
+    __device__ static void load(const unsigned char* row, int b, float* v) {
+        const u16* p = reinterpret_cast<const u16*>(row + 18 * b);
+        const float scale = half_bits_to_float(p[0]);
+#pragma unroll
+        for (int i = 0; i < 8; ++i) {
+            const u16 pair = p[1 + i];
+            v[2 * i] = scale * IQ4_NL_GRID[pair & 0xf];
+            v[2 * i + 16] = scale * IQ4_NL_GRID[(pair >> 4) & 0xf];
+            v[2 * i + 1] = scale * IQ4_NL_GRID[(pair >> 8) & 0xf];
+            v[2 * i + 17] = scale * IQ4_NL_GRID[pair >> 12];
+        }
+    }
+};

@@ -19,7 +19,7 @@ from converter.factored import BinaryFactoredLinear
 from converter.torch_model import load_nq
 from nqfmt import LinearPlan, ModelConfig, open_nq
 from nqfmt import keys as K
-from nqfmt.q4_0 import dequantize_q4_0, unpack_q4_0
+from nqfmt.q4 import dequantize_q4, quantize_iq4_nl, unpack_q4
 from test_pipeline import calib_text, run, tiny_preset  # noqa: F401  (fixture)
 
 
@@ -29,12 +29,15 @@ def config(hidden=72, vocab=91) -> ModelConfig:
 
 
 @pytest.mark.parametrize("text,want", [("f16", "f16"), ("Q4_0", "q4_0"), (" q8_0 ", "q8_0"), ("binary", "binary"),
-                                       ("binary:064", "binary:64")])
+                                       ("IQ4_NL", "iq4_nl"),
+                                       ("binary:064", "binary:64"), ("binary:576X2", "binary:576x2"),
+                                       ("binary:64x1", "binary:64")])
 def test_parse_embedding(text, want):
     assert E.parse_embedding(text) == want
 
 
-@pytest.mark.parametrize("text", ["q4", "int4", "binary:", "binary:0", "binary:-3", "binary:x", "q4_0:32", ""])
+@pytest.mark.parametrize("text", ["q4", "int4", "binary:", "binary:0", "binary:-3", "binary:x", "q4_0:32", "",
+                                  "binary:x2", "binary:64x0", "binary:64x", "binary:64x2x2"])
 def test_parse_embedding_refuses(text):
     with pytest.raises(E.EmbeddingChoiceError, match="--embedding"):
         E.parse_embedding(text)
@@ -49,38 +52,55 @@ def test_resolve_embedding_against_the_model():
     with pytest.raises(E.EmbeddingChoiceError, match="rank 73 is above min"):
         E.resolve_embedding("binary:73", config(hidden=72), explicit=True)
     assert E.binary_rank("binary", config(hidden=72, vocab=50)) == 50
+    assert E.binary_rank("binary:40x3", config()) == 40 and E.binary_paths("binary:40x3") == 3
+    assert E.binary_paths("binary:40") == E.binary_paths("binary") == 1
+    with pytest.raises(E.EmbeddingChoiceError, match="at most 8 paths"):
+        E.resolve_embedding("binary:8x9", config(), explicit=True)
 
 
 def test_table_bits():
     c = config(hidden=96, vocab=1000)
     assert E.table_bits("f16", c) == 16 and E.table_bits("q8_0", c) == 8.5 and E.table_bits("q4_0", c) == 4.5
     assert E.table_bits("binary:32", c) == pytest.approx((32 * 1096 + 16 * 1096) / 96_000)
+    assert E.table_bits("binary:32x2", c) == pytest.approx(2 * E.table_bits("binary:32", c))
 
 
-def _weighted_error(raw, w, col):
-    return float((((dequantize_q4_0(raw) - w.numpy()) * col.numpy()) ** 2).sum())
+def _weighted_error(raw, w, col, gtype=K.GGMLType.Q4_0):
+    return float((((dequantize_q4(raw, gtype) - w.numpy()) * col.numpy()) ** 2).sum())
 
 
 def test_q4_0_search_beats_ggml_reference_rule():
     g = torch.Generator().manual_seed(0)
     w = torch.randn(300, 96, generator=g) * torch.rand(300, 1, generator=g)
     ggml = quantize(w.numpy(), GGMLQuantizationType.Q4_0)
-    plain = E.quantize_q4_0(w, None)
+    plain = E.quantize_q4(w, None, K.GGMLType.Q4_0)
     assert plain.shape == ggml.shape and plain.dtype == np.uint8
     ones = torch.ones(96)
     assert _weighted_error(plain, w, ones) < 0.92 * _weighted_error(ggml, w, ones)
     col = torch.rand(96, generator=g) * 2 + 0.1
-    ours = E.quantize_q4_0(w, col)
+    ours = E.quantize_q4(w, col, K.GGMLType.Q4_0)
     assert _weighted_error(ours, w, col) < 0.85 * _weighted_error(ggml, w, col)
     assert _weighted_error(ours, w, col) < 0.95 * _weighted_error(plain, w, col)  # the weights steer the search
-    d, q = unpack_q4_0(ours)
+    d, q = unpack_q4(ours)
     assert q.max() <= 15 and np.isfinite(d.astype(np.float32)).all()
+
+
+def test_iq4_nl_search_beats_the_plain_rule_and_q4_0():
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(300, 96, generator=g) * torch.rand(300, 1, generator=g)
+    col = torch.rand(96, generator=g) * 2 + 0.1
+    iq4 = K.GGMLType.IQ4_NL
+    ours = E.quantize_q4(w, col, iq4)
+    plain = quantize_iq4_nl(w.numpy())
+    assert _weighted_error(ours, w, col, iq4) < 0.85 * _weighted_error(plain, w, col, iq4)
+    q4 = E.quantize_q4(w, col, K.GGMLType.Q4_0)
+    assert _weighted_error(ours, w, col, iq4) < 0.9 * _weighted_error(q4, w, col)  # the grid suits Gaussian rows
 
 
 def test_q4_0_of_a_zero_block_is_zero():
     w = torch.randn(3, 64)
     w[1, :32] = 0
-    out = dequantize_q4_0(E.quantize_q4_0(w, None))
+    out = dequantize_q4(E.quantize_q4(w, None, K.GGMLType.Q4_0), K.GGMLType.Q4_0)
     assert (out[1, :32] == 0).all() and (out[1, 32:] != 0).any()
 
 
@@ -99,6 +119,22 @@ def test_factorized_table_rows_are_its_matrix_rows():
     assert err < 0.6  # rank 40 of 72, one bit per sign: a real approximation, not noise
 
 
+def test_residual_paths_fit_what_the_earlier_ones_leave():
+    g = torch.Generator().manual_seed(4)
+    w = torch.randn(91, 72, generator=g)
+    cols, rows = torch.rand(72, generator=g) + 0.5, torch.rand(91, generator=g) + 0.5
+    one = E.factorize(w, 24, cols, rows, AdmmSettings(iterations=10), seed=0)
+    two = E.factorize(w, 24, cols, rows, AdmmSettings(iterations=10), seed=0, paths=2)
+    assert two.ranks == (24, 24) and two.signs_frozen
+    torch.testing.assert_close(two.paths[0].dense_weight(), one.paths[0].dense_weight(), rtol=0, atol=0)
+    err = lambda lin: float((((w - lin.dense_weight()) * rows[:, None] * cols).pow(2)).sum())  # noqa: E731
+    assert err(two) < 0.8 * err(one)
+    ids = torch.tensor([0, 90, 5])
+    torch.testing.assert_close(two.rows(ids), two.dense_weight()[ids], rtol=1e-5, atol=1e-6)
+    back = E.StoredTable.from_state(E.StoredTable(None, module=two).state())
+    assert back.kind == LinearPlan((24, 24)) and torch.equal(back.module.dense_weight(), two.dense_weight())
+
+
 def test_row_and_column_weights():
     windows = torch.tensor([[1, 1, 1, 2], [1, 2, 3, 1]])
     rows = E.row_weights(windows, 6, gamma=0.4)
@@ -112,7 +148,8 @@ def test_row_and_column_weights():
 
 
 @pytest.mark.parametrize("stored", [
-    E.StoredTable.dense(K.GGMLType.Q4_0, E.quantize_q4_0(torch.randn(5, 64), None)),
+    E.StoredTable.dense(K.GGMLType.Q4_0, E.quantize_q4(torch.randn(5, 64), None, K.GGMLType.Q4_0)),
+    E.StoredTable.dense(K.GGMLType.IQ4_NL, E.quantize_q4(torch.randn(5, 64), None, K.GGMLType.IQ4_NL)),
     E.StoredTable.dense(K.GGMLType.Q8_0, quantize(np.random.default_rng(0).standard_normal((5, 64)).astype(np.float32),
                                                   GGMLQuantizationType.Q8_0)),
     E.StoredTable(None, module=E.factorize(torch.randn(5, 8), 3, None, None, AdmmSettings(iterations=3), 0)),
@@ -138,7 +175,9 @@ def _assert_file_is_the_model(summary, tokens_seed=3):
 
 
 @pytest.mark.parametrize("arch,hidden,choice", [("llama", 96, "q4_0"), ("qwen2", 96, "q4_0"), ("qwen2", 96, "q8_0"),
+                                                ("gemma3", 96, "iq4_nl"),
                                                 ("llama", 72, "binary:40"), ("qwen2", 72, "binary"),
+                                                ("llama", 72, "binary:20x2"),
                                                 ("gemma3", 72, "binary:24")])
 def test_conversion_file_equals_the_converter_model(arch, hidden, choice, tmp_path, tiny_preset):
     hf_tiny.save(arch, tmp_path / arch, hidden_size=hidden)
@@ -150,7 +189,7 @@ def test_conversion_file_equals_the_converter_model(arch, hidden, choice, tmp_pa
     assert len(kinds) == (1 if nq.config.tie_embeddings else 2)
     for kind in kinds:
         if choice.startswith("binary"):
-            assert kind == LinearPlan((E.binary_rank(choice, nq.config),))
+            assert kind == LinearPlan((E.binary_rank(choice, nq.config),) * E.binary_paths(choice))
         else:
             assert kind == E.DENSE[choice]
     _assert_file_is_the_model(summary)
@@ -169,25 +208,27 @@ def test_distillation_tunes_the_factored_tables_scales(tmp_path, tiny_preset):
     assert "embedding" in tuned.stage_seconds
 
 
-def test_distillation_tunes_only_the_q4_0_block_scales(tmp_path, tiny_preset):
+@pytest.mark.parametrize("choice", ["q4_0", "iq4_nl"])
+def test_distillation_tunes_only_the_4bit_block_scales(tmp_path, tiny_preset, choice):
     hf_tiny.save("qwen2", tmp_path / "src", hidden_size=96)
-    tuned = run(tmp_path, tmp_path / "src", "tuned.nq", embedding="q4_0")
-    untuned = run(tmp_path, tmp_path / "src", "untuned.nq", embedding="q4_0", model_recon=False)
+    tuned = run(tmp_path, tmp_path / "src", "tuned.nq", embedding=choice)
+    untuned = run(tmp_path, tmp_path / "src", "untuned.nq", embedding=choice, model_recon=False)
     a, b = open_nq(tuned.out), open_nq(untuned.out)
     for name in (K.TOKEN_EMBD, K.OUTPUT):
-        (da, qa), (db, qb) = unpack_q4_0(a.array(name)), unpack_q4_0(b.array(name))
+        (da, qa), (db, qb) = unpack_q4(a.array(name)), unpack_q4(b.array(name))
         assert np.array_equal(qa, qb)  # the codes are the scale search's
         assert not np.array_equal(da, db) and np.abs(da.astype(np.float32) - db).max() < 0.5 * np.abs(db).max()
 
 
-def test_q4_table_computes_what_the_file_holds():
+@pytest.mark.parametrize("gtype", [K.GGMLType.Q4_0, K.GGMLType.IQ4_NL])
+def test_q4_table_computes_what_the_file_holds(gtype):
     g = torch.Generator().manual_seed(2)
     w = torch.randn(37, 64, generator=g)
-    table = E.Q4Table(E.quantize_q4_0(w, None))
+    table = E.Q4Table(E.quantize_q4(w, None, gtype), gtype)
     with torch.no_grad():
         table.scale.mul_(1 + 0.01 * torch.randn(table.scale.shape, generator=g))  # as distillation moves them
     table.round_scales_to_fp16()
-    want = torch.from_numpy(dequantize_q4_0(table.raw()))
+    want = torch.from_numpy(dequantize_q4(table.raw(), gtype))
     assert torch.equal(table.weight(), want)
     ids = torch.tensor([[36, 0], [5, 5]])
     assert torch.equal(table.rows(ids), want[ids])

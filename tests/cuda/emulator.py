@@ -339,15 +339,18 @@ def _reader(name: str) -> tuple[int, Callable[[np.ndarray, np.ndarray], np.ndarr
         scale = f16_to_f32(raw[..., :2].copy().view(np.uint16))
         return scale * raw[..., 2:].view(np.int8).astype(F32)
 
-    def q4(row, b):
-        idx = (18 * b)[..., None] + np.arange(18)
-        raw = np.take_along_axis(row, idx, -1)
-        scale = f16_to_f32(raw[..., :2].copy().view(np.uint16))
-        nib = raw[..., 2:].astype(np.int32)
-        return scale * (np.concatenate([nib & 0xF, nib >> 4], axis=-1) - 8).astype(F32)
+    def q4(grid):
+        def load(row, b):
+            idx = (18 * b)[..., None] + np.arange(18)
+            raw = np.take_along_axis(row, idx, -1)
+            scale = f16_to_f32(raw[..., :2].copy().view(np.uint16))
+            nib = raw[..., 2:].astype(np.int32)
+            return scale * np.asarray(grid, F32)[np.concatenate([nib & 0xF, nib >> 4], axis=-1)]
+        return 32, load
 
+    iq4_nl = (-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113)  # tables.cuh's IQ4_NL_GRID
     return {"F16x8": f16(8), "F16x1": f16(1), "F32x4": f32(4), "F32x1": f32(1), "Q8_0": (32, q8),
-            "Q4_0": (32, q4)}[name]
+            "Q4_0": q4(range(-8, 8)), "IQ4_NL": q4(iq4_nl)}[name]
 
 
 def embed(reader):

@@ -15,6 +15,7 @@ from runtime.backends.cuda import MAX_KSPLIT, TOPK, _ceil
 from runtime.backends.numpy_ref import NumpyBackend
 from runtime.model import rope_inv_freq
 from runtime.sampling import Sampler, SamplingParams
+from nqfmt.q4 import quantize_iq4_nl
 from synthetic import tiny_config
 
 REF = NumpyBackend()
@@ -158,12 +159,14 @@ def test_glu(backend, activation):
 
 
 @pytest.mark.parametrize("gtype,hidden", [(GGMLType.F16, 96), (GGMLType.F16, 75), (GGMLType.F32, 96), (GGMLType.F32, 75),
-                                          (GGMLType.Q8_0, 96), (GGMLType.Q4_0, 96), (GGMLType.Q4_0, 32)])
+                                          (GGMLType.Q8_0, 96), (GGMLType.Q4_0, 96), (GGMLType.Q4_0, 32),
+                                          (GGMLType.IQ4_NL, 96)])
 def test_embedding_and_head(backend, gtype, hidden):
     rng = np.random.default_rng(5)
     vocab = 203
     values = rng.standard_normal((vocab, hidden)).astype(np.float32)
     table = (quantize(values, gtype) if gtype in (GGMLType.Q8_0, GGMLType.Q4_0) else
+             quantize_iq4_nl(values) if gtype == GGMLType.IQ4_NL else
              values.astype(np.float16 if gtype == GGMLType.F16 else np.float32))
     tb, tr = backend.prepare_embedding(table, gtype, hidden), REF.prepare_embedding(table, gtype, hidden)
     ids = rng.integers(0, vocab, 11)

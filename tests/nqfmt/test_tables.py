@@ -1,4 +1,4 @@
-"""The compact embedding / head layouts of spec/FORMAT.md §3.4: Q4_0 and binary-factored tables, tied and untied,
+"""The compact embedding / head layouts of spec/FORMAT.md §3.4: 4-bit and binary-factored tables, tied and untied,
 written, read back bit for bit, and every malformed variant refused."""
 import subprocess
 import sys
@@ -13,45 +13,57 @@ import nqfmt.writer
 from nqfmt import LinearPlan, NQFormatError, TensorSpec, open_nq
 from nqfmt import keys as K
 from nqfmt.info import summarize
-from nqfmt.q4_0 import dequantize_q4_0, pack_q4_0, quantize_q4_0, unpack_q4_0
+from nqfmt.q4 import GRIDS, dequantize_q4, pack_q4, quantize_iq4_nl, quantize_q4_0, unpack_q4
 
 GGMLType = K.GGMLType
 
 
-def test_q4_0_helpers_match_gguf():
+def test_q4_0_reference_quantizer_matches_gguf():
     rng = np.random.default_rng(1)
     x = rng.standard_normal((5, 96)) * rng.uniform(0.1, 3, (5, 1))
-    raw = quantize_q4_0(x)
-    np.testing.assert_array_equal(raw, quantize(x.astype(np.float32), GGMLQuantizationType.Q4_0))
-    np.testing.assert_array_equal(dequantize_q4_0(raw), dequantize(raw, GGMLQuantizationType.Q4_0))
-    d, q = unpack_q4_0(raw)
-    np.testing.assert_array_equal(pack_q4_0(d, q), raw)
-    want = d.astype(np.float64).repeat(32, axis=1) * (q.astype(np.float64) - 8)  # the spec's formula, float64
-    np.testing.assert_allclose(dequantize_q4_0(raw), want, rtol=1e-6)
-    assert np.abs(dequantize_q4_0(raw) - x).max() <= np.abs(x).max() / 8
+    np.testing.assert_array_equal(quantize_q4_0(x), quantize(x.astype(np.float32), GGMLQuantizationType.Q4_0))
 
 
-def test_q4_0_pack_refuses_codes_and_shapes_it_cannot_hold():
+SPEC_GRIDS = {GGMLType.Q4_0: np.arange(16) - 8,  # spec/FORMAT.md §3.4, written out again
+              GGMLType.IQ4_NL: np.array([-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113])}
+
+
+@pytest.mark.parametrize("gtype,quantizer", [(GGMLType.Q4_0, quantize_q4_0), (GGMLType.IQ4_NL, quantize_iq4_nl)])
+def test_4bit_helpers_match_gguf_and_the_spec(gtype, quantizer):
+    rng = np.random.default_rng(1)
+    x = rng.standard_normal((5, 96)) * rng.uniform(0.1, 3, (5, 1))
+    raw = quantizer(x)
+    np.testing.assert_array_equal(GRIDS[gtype], SPEC_GRIDS[gtype])
+    np.testing.assert_array_equal(dequantize_q4(raw, gtype), dequantize(raw, GGMLQuantizationType(gtype)))
+    d, q = unpack_q4(raw)
+    np.testing.assert_array_equal(pack_q4(d, q), raw)
+    want = d.astype(np.float64).repeat(32, axis=1) * SPEC_GRIDS[gtype][q]  # the spec's formula, float64
+    np.testing.assert_allclose(dequantize_q4(raw, gtype), want, rtol=1e-6)
+    assert np.abs(dequantize_q4(raw, gtype) - x).max() <= np.abs(x).max() / 8
+
+
+def test_4bit_pack_refuses_codes_and_shapes_it_cannot_hold():
     with pytest.raises(ValueError, match="0..15"):
-        pack_q4_0(np.ones((1, 1), np.float16), np.full((1, 32), 16))
+        pack_q4(np.ones((1, 1), np.float16), np.full((1, 32), 16))
     with pytest.raises(ValueError, match="whole blocks"):
-        pack_q4_0(np.ones((1, 1), np.float16), np.zeros((1, 40)))
+        pack_q4(np.ones((1, 1), np.float16), np.zeros((1, 40)))
 
 
+@pytest.mark.parametrize("gtype", [GGMLType.Q4_0, GGMLType.IQ4_NL])
 @pytest.mark.parametrize("arch", ["llama", "qwen2"])  # tied, untied
-def test_q4_0_tables_round_trip(tmp_path, arch):
+def test_4bit_tables_round_trip(tmp_path, arch, gtype):
     path = tmp_path / "m.nq"
     cfg = tiny_config(arch, hidden=96, n_heads=4, head_dim=24)
-    written = write_random(path, cfg, embedding_type=GGMLType.Q4_0)
+    written = write_random(path, cfg, embedding_type=gtype)
     f = open_nq(path)
     f.verify()
-    assert f.tables[K.EMBD_TABLE] == GGMLType.Q4_0
+    assert f.tables[K.EMBD_TABLE] == gtype
     names = [K.TOKEN_EMBD] + ([] if cfg.tie_embeddings else [K.OUTPUT])
     for name in names:
-        assert f.tensors[name].gtype == GGMLType.Q4_0 and f.tensors[name].shape == (cfg.vocab, 96)
+        assert f.tensors[name].gtype == gtype and f.tensors[name].shape == (cfg.vocab, 96)
         np.testing.assert_array_equal(f.array(name), written[name])
         assert f.array(name).shape == (cfg.vocab, 3 * 18)
-    assert summarize(f)["embedding_type"] == "Q4_0"
+    assert summarize(f)["embedding_type"] == gtype.name
 
 
 @pytest.mark.parametrize("arch,out_ranks", [("llama", None), ("qwen2", (20,)), ("gemma3", None)])
@@ -87,12 +99,13 @@ def test_dense_table_is_not_a_factored_one(tmp_path):
 def test_gguf_dump_reads_the_compact_tables(tmp_path):
     cfg = tiny_config("qwen2", hidden=64, n_heads=4, head_dim=16)
     write_random(tmp_path / "q4.nq", cfg, embedding_type=GGMLType.Q4_0)
+    write_random(tmp_path / "iq4.nq", cfg, embedding_type=GGMLType.IQ4_NL)
     write_random(tmp_path / "bin.nq", cfg, embedding_type=LinearPlan((33,)))
-    r = GGUFReader(tmp_path / "q4.nq")
-    emb = next(t for t in r.tensors if t.name == K.TOKEN_EMBD)
-    assert emb.tensor_type == GGMLQuantizationType.Q4_0 and list(emb.shape) == [64, cfg.vocab]
-    np.testing.assert_array_equal(dequantize(emb.data, GGMLQuantizationType.Q4_0),
-                                  dequantize_q4_0(open_nq(tmp_path / "q4.nq").array(K.TOKEN_EMBD)))
+    for name, gtype in (("q4.nq", GGMLType.Q4_0), ("iq4.nq", GGMLType.IQ4_NL)):
+        emb = next(t for t in GGUFReader(tmp_path / name).tensors if t.name == K.TOKEN_EMBD)
+        assert emb.tensor_type == GGMLQuantizationType(gtype) and list(emb.shape) == [64, cfg.vocab]
+        np.testing.assert_array_equal(dequantize(emb.data, GGMLQuantizationType(gtype)),
+                                      dequantize_q4(open_nq(tmp_path / name).array(K.TOKEN_EMBD), gtype))
     names = {t.name for t in GGUFReader(tmp_path / "bin.nq").tensors}
     assert {"token_embd.p0.u_signs", "output.p0.scale_out"} <= names
     dump = subprocess.run([sys.executable, "-m", "gguf.scripts.gguf_dump", str(tmp_path / "q4.nq")],
@@ -101,7 +114,7 @@ def test_gguf_dump_reads_the_compact_tables(tmp_path):
 
 
 # --- what the writer refuses --------------------------------------------------------------------------------------
-@pytest.mark.parametrize("etype", [GGMLType.Q4_0, GGMLType.Q8_0])
+@pytest.mark.parametrize("etype", [GGMLType.Q4_0, GGMLType.IQ4_NL, GGMLType.Q8_0])
 def test_block_types_need_rows_of_whole_blocks(tmp_path, etype):
     with pytest.raises(NQFormatError, match=f"{etype.name} needs a hidden size divisible by 32, got 72"):
         write_random(tmp_path / "m.nq", tiny_config(), embedding_type=etype)

@@ -98,7 +98,7 @@ def _table(nq: NQFile, table: str) -> np.ndarray:
     if not isinstance(kind, GGMLType):
         return _expanded(nq.factored_table(table))
     name = K.dense_table_tensor(table)
-    if kind in (GGMLType.Q8_0, GGMLType.Q4_0):
+    if kind in K.BLOCK_TYPES:
         return dequantize(nq.array(name), kind).astype(np.float64)
     return nq.array(name).astype(np.float64)
 

@@ -26,6 +26,7 @@ VARIANTS = {
     "gemma3-attn-softcap": (dict(arch="gemma3", attn_softcap=5.0), (40,), False, GGMLType.F16),
     "llama-q4": (dict(arch="llama", hidden=96), (40,), False, GGMLType.Q4_0),
     "qwen2-q4": (dict(arch="qwen2", hidden=96), (40,), False, GGMLType.Q4_0),
+    "gemma3-iq4": (dict(arch="gemma3", hidden=96, embedding_scale=96 ** 0.5), (40,), False, GGMLType.IQ4_NL),
     "llama-binary-table": (dict(arch="llama"), (40,), False, LinearPlan((40, 9), True)),
     "qwen2-binary-table": (dict(arch="qwen2"), (40,), False, LinearPlan((33,))),
 }

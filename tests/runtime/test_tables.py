@@ -9,7 +9,7 @@ from gguf.quants import dequantize
 from nqfmt import BinaryPath, FactoredLinear, open_nq, pack_signs, unpack_signs
 from nqfmt import keys as K
 from nqfmt.keys import GGMLType
-from nqfmt.q4_0 import quantize_q4_0
+from nqfmt.q4 import quantize_iq4_nl, quantize_q4_0
 from runtime.backends import get_backend
 from runtime.backends import numba_tables as nt
 from runtime.model import Model
@@ -31,25 +31,27 @@ def backends(request):
     return get_backend("numba", threads=request.param), get_backend("numpy")
 
 
-def q4_table(rng, vocab, hidden):
+def q4_table(rng, vocab, hidden, gtype):
     values = rng.standard_normal((vocab, hidden)) * rng.uniform(0.1, 2.0, (vocab, 1))
-    return readonly(quantize_q4_0(values))
+    return readonly((quantize_q4_0 if gtype == GGMLType.Q4_0 else quantize_iq4_nl)(values))
 
 
+@pytest.mark.parametrize("gtype", [GGMLType.Q4_0, GGMLType.IQ4_NL])
 @pytest.mark.parametrize("vocab,hidden", [(203, 96), (37, 32), (1000, 576)])
 @pytest.mark.parametrize("tokens", [1, 3, 21])
-def test_q4_0_embed_and_head(backends, vocab, hidden, tokens):
+def test_4bit_embed_and_head(backends, vocab, hidden, tokens, gtype):
     fast, ref = backends
     rng = np.random.default_rng(vocab + tokens)
-    raw = q4_table(rng, vocab, hidden)
-    tf, tr = fast.prepare_embedding(raw, GGMLType.Q4_0, hidden), ref.prepare_embedding(raw, GGMLType.Q4_0, hidden)
+    raw = q4_table(rng, vocab, hidden, gtype)
+    tf, tr = fast.prepare_embedding(raw, gtype, hidden), ref.prepare_embedding(raw, gtype, hidden)
     ids = rng.integers(0, vocab, tokens)
-    want_rows = dequantize(raw, GGMLQuantizationType.Q4_0)[ids]  # gguf's reference decoder: the spec's layout
+    want_rows = dequantize(raw, GGMLQuantizationType(gtype))[ids]  # gguf's reference decoder: the spec's layout
     np.testing.assert_array_equal(tr.rows(ids), want_rows.astype(np.float64))
     np.testing.assert_array_equal(fast.embed(tf, ids), want_rows.astype(np.float32))
     x = rng.standard_normal((tokens, hidden))
     want = ref.head(tr, x)
-    np.testing.assert_allclose(want, x @ dequantize(raw, GGMLQuantizationType.Q4_0).astype(np.float64).T, rtol=1e-12)
+    np.testing.assert_allclose(want, x @ dequantize(raw, GGMLQuantizationType(gtype)).astype(np.float64).T,
+                               rtol=1e-12)
     assert close(fast.head(tf, x.astype(np.float32)), want)
 
 
@@ -103,7 +105,8 @@ def test_factored_table_widens_v_once_per_path(backends):
     assert prepared.linear.m == 50 and prepared.linear.n == 40
 
 
-@pytest.mark.parametrize("variant", ["llama-q4", "qwen2-q4", "llama-binary-table", "qwen2-binary-table"])
+@pytest.mark.parametrize("variant", ["llama-q4", "qwen2-q4", "gemma3-iq4", "llama-binary-table",
+                                     "qwen2-binary-table"])
 def test_model_with_a_compact_table_reports_its_kind(variant_files, variant):
     nq = open_nq(variant_files[variant])
     model = Model(nq, get_backend("numba", threads=1))
