@@ -15,7 +15,8 @@ Usage: python -m bench.serve --nq FILE.nq [--clients 1 4 8] [--tokens 128] [--pr
        [--rounds 1] [--threads T]
 With --rounds N the sequence repeats N times on the same server; the bars use each client count's best round by
 aggregate tok/s (others' jobs share this machine), while errors, texts and the TTFT bar must hold in every round.
-Writes bench/results/serve-<file stem>.json (-t<T> added with --threads). Run it under `flock /work/runs/cpu.lock` on a shared machine.
+Writes bench/results/serve-<file stem>.json (-t<T> added with --threads). Run it under
+`flock /work/runs/cpu.lock` on a shared machine.
 """
 from __future__ import annotations
 
