@@ -8,7 +8,6 @@ import pickle
 import subprocess
 import sys
 
-import pytest
 import torch
 
 from converter import pipeline as P
