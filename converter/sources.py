@@ -398,7 +398,7 @@ class HFSource(Source):
         path = self.directory / "tokenizer.json"
         if not path.is_file():
             raise SourceError(f"{self.directory}: no tokenizer.json (only fast tokenizers are supported)")
-        text = _read_text(path, _TOKENIZER_LIMIT)
+        text = _without_padding(_read_text(path, _TOKENIZER_LIMIT), path)
         try:
             tok = Tokenizer.from_str(text)
         except BaseException as e:
@@ -434,6 +434,19 @@ def _read_text(path: Path, limit: int) -> str:
         return path.read_text(encoding="utf-8")
     except UnicodeDecodeError as e:
         raise SourceError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from e
+
+
+def _without_padding(text: str, path: Path) -> str:
+    """A tokenizer.json without padding and truncation settings, which no conversion (and no runtime) uses: a fixed
+    padding length makes the library build that many tokens for every text it encodes. Unchanged when it has none."""
+    try:
+        data = json.loads(text)
+    except (ValueError, RecursionError) as e:
+        raise SourceError(f"{path}: not valid JSON ({one_line(e)})") from e
+    if isinstance(data, dict) and (data.get("padding") or data.get("truncation")):
+        data["padding"] = data["truncation"] = None
+        return json.dumps(data, ensure_ascii=False)
+    return text
 
 
 def _check_sizes(raw: dict, tensors: int, path: Path) -> None:

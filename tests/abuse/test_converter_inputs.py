@@ -5,13 +5,15 @@ from __future__ import annotations
 
 import json
 import shutil
+import subprocess
+import sys
 
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
 from converting import nqconvert, one_line
-from craft import command, one_error_line
+from craft import REPO, TIMEOUT, command, limited, one_error_line
 
 WEIGHT = "model.layers.1.mlp.down_proj.weight"
 
@@ -93,3 +95,17 @@ def test_settings_no_run_can_use_are_one_line(tmp_path, hf_source, calib, tiny_p
     result = nqconvert(hf_source, tmp_path / "m.nq", "--preset", "tiny", "--calib", calib, *args)
     one_line(result, needle)
     assert not list(tmp_path.glob("m.nq*"))
+
+
+def test_a_padding_setting_in_the_sources_tokenizer_is_dropped(tmp_path, hf_source):
+    """A tokenizer.json padding every text to 2^31 tokens (the library allocated 8 GiB and aborted): the source's
+    tokenizer encodes text to its own tokens (in a subprocess: the old behaviour killed the process)."""
+    src = source_copy(tmp_path, hf_source)
+    tok = json.loads((src / "tokenizer.json").read_text())
+    tok["padding"] = {"strategy": {"Fixed": 2**31}, "direction": "Right", "pad_to_multiple_of": None, "pad_id": 0,
+                      "pad_type_id": 0, "pad_token": "a"}
+    (src / "tokenizer.json").write_text(json.dumps(tok))
+    code = (f"import sys; sys.path[:0] = [{str(REPO)!r}]; from converter.sources import open_source; "
+            f"print(len(open_source({str(src)!r}).hf_tokenizer().encode('abba').ids))")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, timeout=TIMEOUT, preexec_fn=limited)
+    assert done.returncode == 0 and int(done.stdout) < 10, done.stderr.decode()[-2000:]
