@@ -21,7 +21,7 @@ from nqfmt.errors import NQError, one_line
 from runtime import LanguageModel
 
 from . import protocol as P
-from .engine import Done, Engine, Event, Failed, Job, Piece
+from .engine import Done, Engine, Event, Job, Piece
 
 MAX_BODY_BYTES = 1 << 20  # a full 8 K-token context is ~40 KB of text
 
