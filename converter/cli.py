@@ -47,6 +47,9 @@ def nqconvert(
     samples: Optional[int] = typer.Option(None, help="calibration windows of the block stage (default: the "
                                                       "preset's); distillation's windows scale with it"),
     seqlen: Optional[int] = typer.Option(None, help="tokens per calibration window (default: the preset's)"),
+    allocation: Optional[str] = typer.Option(None, help="how ranks are spread over the linears: uniform, or fisher "
+                                                        "(where a Fisher estimate says they lower the loss most); "
+                                                        "default: the preset's"),
     embedding: Optional[str] = typer.Option(None, help="how the embedding and head are stored: f16, q8_0, q4_0, "
                                                          "iq4_nl, binary, binary:RANK or binary:RANKxPATHS "
                                                          "(default: the preset's)"),
@@ -62,7 +65,8 @@ def nqconvert(
     options = Options(model=model, out=out, bits=bits, preset=preset, calib=tuple(calib or ()), samples=samples,
                       seqlen=seqlen, seed=seed, threads=threads if threads is not None else available_cores(),
                       resume=resume, error_mitigation=not no_error_mitigation, refine=not no_refine,
-                      model_recon=not no_model_recon, embedding=embedding)
+                      model_recon=not no_model_recon, embedding=embedding,
+                      allocation=allocation)
     reporter = RichReporter() if sys.stderr.isatty() else LineReporter(sys.stderr)
     with command_errors("nqconvert", debug, f"interrupted; run again with --resume to continue from {out}.work/"):
         try:

@@ -40,6 +40,7 @@ from nqfmt.errors import NQError, one_line
 from . import block_reconstruction as B
 from . import embedding as E
 from .admm import AdmmSettings
+from .allocation import ALLOCATIONS, allocate
 from .calibration import (
     CalibrationError,
     calibration_windows,
@@ -96,6 +97,7 @@ class Recipe:
     model_recon: bool = True
     forward_batch: int = 8
     embedding: str = "f16"  # how the embedding and head are stored: converter/embedding.py
+    allocation: str = "uniform"  # how ranks are spread over the linears: converter/allocation.py
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), sort_keys=True, separators=(",", ":"))
@@ -145,6 +147,7 @@ class Options:
     refine: bool = True
     model_recon: bool = True
     embedding: str | None = None  # None: the preset's
+    allocation: str | None = None  # None: the preset's
 
     def recipe(self) -> Recipe:
         if self.preset not in PRESETS:
@@ -162,6 +165,10 @@ class Options:
             over["seqlen"] = self.seqlen
         if self.embedding is not None:
             over["embedding"] = E.parse_embedding(self.embedding)
+        if self.allocation is not None:
+            if self.allocation not in ALLOCATIONS:
+                raise ConversionError(f"unknown allocation {self.allocation!r} (choose from: {', '.join(ALLOCATIONS)})")
+            over["allocation"] = self.allocation
         return dataclasses.replace(r, **over)
 
 
@@ -318,7 +325,22 @@ def saved_preconditioners(config, state: list) -> list[LayerPreconditioners]:
     for s in state:
         out.append(LayerPreconditioners({lin: shaped(s["d_in"][lin], n) for lin, (m, n) in shapes.items()},
                                         {lin: shaped(s["d_out"][lin], m) for lin, (m, n) in shapes.items()},
-                                        shaped(s["channel_weight"], config.hidden)))
+                                        shaped(s["channel_weight"], config.hidden),
+                                        {lin: float(s["fisher_scale"][lin]) for lin in shapes}))
+    return out
+
+
+def saved_ranks(config, state: list) -> list[B.Ranks]:
+    """The ranks checkpoint: every block's path ranks, each within its linear's shape."""
+    if len(state) != config.n_layers:
+        raise ValueError(f"ranks of {len(state)} blocks for {config.n_layers} blocks")
+    out = []
+    for block in state:
+        ranks = {lin: tuple(int(r) for r in block[lin]) for lin in K.LINEARS}
+        for lin, r in ranks.items():
+            if not r or not all(1 <= x <= min(config.linear_shape(lin)) for x in r):
+                raise ValueError(f"{lin} ranks {r}")
+        out.append(ranks)
     return out
 
 
@@ -386,12 +408,13 @@ class Run:
     source: Source
     base: TorchModel
     windows: torch.Tensor
-    ranks: list[B.Ranks]  # per block
+    bits: float
     recipe: Recipe
     seed: int
     work: WorkDir
     timer: Timer
     reporter: Reporter
+    ranks: list[B.Ranks] = field(default_factory=list)  # each block's path ranks, once allocated
 
     def fp_block(self, layer: int) -> DecoderBlock:
         """Block `layer` at full precision, built from the source's tensors."""
@@ -427,8 +450,6 @@ def convert(options: Options, reporter: Reporter | None = None) -> Summary:
     check_bits(options.bits)
     recipe = dataclasses.replace(recipe, embedding=E.resolve_embedding(recipe.embedding, config,
                                                                        options.embedding is not None))
-    ranks = [B.block_ranks(config, options.bits)] * config.n_layers
-
     calib = list(options.calib) or [default_calibration_text()]
     reporter.stage("calibration", 1)
     with timer.stage("calibration"):
@@ -439,9 +460,11 @@ def convert(options: Options, reporter: Reporter | None = None) -> Summary:
     work = WorkDir(out, fingerprint, options.resume)
     if work.has("timings"):
         timer.seconds.update(restored(work, "timings", _timings))
-    run = Run(source, skeleton(source), windows, ranks, recipe, options.seed, work, timer, reporter)
+    run = Run(source, skeleton(source), windows, options.bits, recipe, options.seed, work, timer, reporter)
 
-    _blocks(run, _preconditioners(run))
+    preconditioners = _preconditioners(run)
+    run.ranks = _ranks(run, preconditioners)
+    _blocks(run, preconditioners)
     tables = _tables(run)
     model = _assemble(run, tables)
     if recipe.model_recon:
@@ -452,7 +475,7 @@ def convert(options: Options, reporter: Reporter | None = None) -> Summary:
     for table in model.scaled_tables():
         table.round_scales_to_fp16()
     reporter.stage("writing", 1)
-    bpw = linear_bpw(config, ranks)
+    bpw = linear_bpw(config, run.ranks)
     provenance = Provenance(
         converter_version=CONVERTER_VERSION, preset=options.preset, recipe=recipe.to_json(),
         bits_target=float(options.bits), bits_achieved=bpw, source_name=source.name,
@@ -480,6 +503,17 @@ def _preconditioners(run: Run) -> list[LayerPreconditioners]:
                                          lambda i, total: run.reporter.advance(i))
     run.checkpoint("preconditioners", [vars(p) for p in result])
     return result
+
+
+def _ranks(run: Run, preconditioners: list[LayerPreconditioners]) -> list[B.Ranks]:
+    """Each block's path ranks by the recipe's allocation (checkpointed: the Fisher rule's SVDs are not free)."""
+    config = run.source.config
+    if run.work.has("ranks"):
+        return restored(run.work, "ranks", lambda state: saved_ranks(config, state))
+    with run.timer.stage("allocation"):
+        ranks = allocate(run.recipe.allocation, config, run.source.block_weights, preconditioners, run.bits)
+    run.checkpoint("ranks", [{lin: list(r) for lin, r in block.items()} for block in ranks])
+    return ranks
 
 
 def _blocks(run: Run, preconditioners: list[LayerPreconditioners]) -> None:

@@ -29,17 +29,21 @@ PERCENTILE = 0.999
 
 @dataclass
 class LayerPreconditioners:
-    """Preconditioners of one block: d_in / d_out per linear (mean 1) and the block loss's channel weights."""
+    """Preconditioners of one block: d_in / d_out per linear (mean 1), the block loss's channel weights, and per
+    linear the scale the normalisation removes, fisher_scale = mean(√v_in)²·mean(√v_out)² over the shrunk second
+    moments v, so that c·(d_out,i·d_in,j)² estimates the diagonal Fisher of weight (i, j) (converter/allocation.py)."""
 
     d_in: dict[str, torch.Tensor]
     d_out: dict[str, torch.Tensor]
     channel_weight: torch.Tensor
+    fisher_scale: dict[str, float]
 
     @classmethod
     def uniform(cls, config, hidden: int) -> "LayerPreconditioners":
         shapes = {lin: config.linear_shape(lin) for lin in K.LINEARS}
         return cls({lin: torch.ones(n) for lin, (m, n) in shapes.items()},
-                   {lin: torch.ones(m) for lin, (m, n) in shapes.items()}, torch.ones(hidden))
+                   {lin: torch.ones(m) for lin, (m, n) in shapes.items()}, torch.ones(hidden),
+                   {lin: 1.0 for lin in K.LINEARS})
 
 
 class ClippedSecondMoment:
@@ -72,6 +76,11 @@ def preconditioner(v: torch.Tensor, gamma: float) -> torch.Tensor:
     """sqrt of the shrunk second moments, normalised to mean 1 (only relative weights matter to the ADMM)."""
     d = shrink(v, gamma).clamp_min(1e-24).sqrt()
     return d / d.mean()
+
+
+def scale(v: torch.Tensor, gamma: float) -> float:
+    """mean(√shrink(v)): what `preconditioner` divides by."""
+    return float(shrink(v, gamma).clamp_min(1e-24).sqrt().mean())
 
 
 def channel_weight(v: torch.Tensor, gamma: float) -> torch.Tensor:
@@ -173,7 +182,8 @@ def collect_preconditioners(config, embed_head: TorchModel, load_block: Callable
         result[layer] = LayerPreconditioners(
             {lin: preconditioner(acts[lin].mean(), gamma) for lin in K.LINEARS},
             {lin: preconditioner(grads[lin].mean(), gamma) for lin in K.LINEARS},
-            channel_weight(grads[K.FFN_DOWN].mean(), gamma))
+            channel_weight(grads[K.FFN_DOWN].mean(), gamma),
+            {lin: (scale(acts[lin].mean(), gamma) * scale(grads[lin].mean(), gamma)) ** 2 for lin in K.LINEARS})
         progress(2 * n - layer, 2 * n)
         del block, x_all
     return result
