@@ -4,14 +4,14 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from typing import Iterator
+from typing import Any, Iterator
 
 import numpy as np
 
 from .backends import KVCache
 from .errors import NQRunError
 from .model import Model
-from .sampling import Sampler
+from .sampling import Sampler, SamplingParams
 from .tokenizer import TextStream, Tokenizer
 
 PREFILL_CHUNK = 256  # prompt tokens per forward call: bounds activation memory on long prompts
@@ -53,6 +53,7 @@ class Generator:
         self.n_ctx = model.config.context_length if n_ctx is None else n_ctx
         model.check_context(self.n_ctx)  # at load, not at the first generation
         self._cache: KVCache | None = None
+        self._decoder = None  # the backend's device decoder over the cache, made on first use
         self.cached: list[int] = []
 
     @property
@@ -87,6 +88,27 @@ class Generator:
         self.cached.append(token)
         return logits
 
+    def device_decoder(self, params: SamplingParams) -> Any | None:
+        """The backend's device decoder where it has one and can draw with these settings (greedy, or a top-k it
+        holds), else None."""
+        if self._decoder is None:
+            self._decoder = self.model.backend.decoder(self.model, self.cache) or False
+        if not self._decoder:
+            return None
+        greedy = params.temperature == 0
+        return self._decoder if greedy or 0 < params.top_k <= self._decoder.max_top_k else None
+
+    def _next(self, token: int, sampler: Sampler, decoder: Any | None) -> int:
+        """Append `token` and draw the one after it: on the device where a decoder serves, else from the logits."""
+        if decoder is None:
+            return sampler(self.step(token)[-1], self.cached)
+        pos = len(self.cached)
+        self.cached.append(token)
+        p = sampler.params
+        if p.temperature == 0 and p.repetition_penalty == 1.0:
+            return decoder.greedy(token, pos)
+        return decoder.sample(token, pos, sampler)
+
     def all_logits(self, ids: list[int]) -> np.ndarray:
         """Logits after every position of `ids`, (len(ids), vocab), from an empty context."""
         if not ids:
@@ -111,8 +133,12 @@ class Generator:
         stats.prompt_tokens = len(prompt)
         stats.prefill_seconds = time.perf_counter() - start
         first = None
+        p = sampler.params
+        decoder = self.device_decoder(p)
+        if decoder is not None and (p.temperature != 0 or p.repetition_penalty != 1.0):
+            decoder.start_sampling(self.cached, p.repetition_penalty)
+        token = sampler(logits[-1], self.cached)
         while True:
-            token = sampler(logits[-1], self.cached)
             now = time.perf_counter()
             if first is None:
                 first = stats.first_token_at = now
@@ -129,7 +155,7 @@ class Generator:
             if len(self.cached) >= self.n_ctx:
                 stats.stop_reason = "context full"
                 return
-            logits = self.step(token)
+            token = self._next(token, sampler, decoder)
 
 
 def text_pieces(tokens: Iterator[int], tokenizer: Tokenizer, stop: tuple[str, ...],

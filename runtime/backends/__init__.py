@@ -74,6 +74,13 @@ class Backend(ABC):
     def kv_cache(self, config: ModelConfig, n_ctx: int) -> KVCache:
         return KVCache(config, n_ctx, self.dtype)
 
+    def decoder(self, model: Any, cache: KVCache) -> Any | None:
+        """A one-token decoder that picks the next token where the weights live, or None (the generator then runs
+        `model.forward` and samples from the logits on the host). It offers `greedy(token, pos) -> int`,
+        `start_sampling(context, repetition_penalty)`, `sample(token, pos, sampler) -> int` and `max_top_k`, the
+        largest top-k its `sample` supports."""
+        return None
+
     # --- ops ----------------------------------------------------------------------------------------------------
     @abstractmethod
     def embed(self, table: Any, ids: np.ndarray) -> Any:

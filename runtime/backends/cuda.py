@@ -253,6 +253,10 @@ class CudaBackend(Backend):
     def vector(self, values: np.ndarray) -> Any:
         return self.device.to_device(np.asarray(values, dtype=np.float32))
 
+    def decoder(self, model: Any, cache: DeviceKVCache) -> GraphDecoder:
+        """The decode step captured once as a CUDA graph and replayed per token (one small copy back per token)."""
+        return GraphDecoder(model, cache)
+
     def kv_cache(self, config: ModelConfig, n_ctx: int) -> DeviceKVCache:
         if config.head_dim > ATT_MAX_DIM:
             raise NQRunError(f"backend 'cuda' supports head_dim up to {ATT_MAX_DIM}, this model has "
@@ -416,6 +420,8 @@ class GraphDecoder:
         self._scratch = (be._xb, be._hb)  # captured graphs hold these pointers: keep them alive
         self._graphs: dict[str, Callable[[], None]] = {}
         self._ran: set[str] = set()
+
+    max_top_k = TOPK
 
     # --- the step -------------------------------------------------------------------------------------------------
     def _forward(self) -> None:
