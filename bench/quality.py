@@ -1,6 +1,6 @@
 """Convert a model with a preset and measure perplexity by spec/EVALUATION.md §2, full precision beside the `.nq` file.
 
-    PYTHONPATH=. nice python bench/quality.py --preset quick [--bits 1.0] [--embedding q4_0] [--no-refine ...]
+    PYTHONPATH=. nice python bench/quality.py --preset quick [--bits 1.0] [--embedding q4_0] [--allocation fisher] [--no-refine ...]
         [--text FILE]
 
 Writes bench/results/quality-<model>-<preset>[-b<bits>][-<ablation>][-emb-<choice>].json: commit, machine, load
@@ -115,6 +115,8 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--embedding", default=None, help="f16, q8_0, q4_0, binary or binary:RANK (default: the preset's); "
                                                       "names the JSON -emb-<choice>")
+    ap.add_argument("--allocation", default=None, help="uniform or fisher (default: the preset's); names the JSON "
+                                                       "-alloc-<rule>")
     ap.add_argument("--no-error-mitigation", action="store_true")
     ap.add_argument("--no-refine", action="store_true")
     ap.add_argument("--no-model-recon", action="store_true")
@@ -130,6 +132,7 @@ def main() -> None:
                                  ("norecon", args.no_model_recon)) if off]
     ablation += [f"seed{args.seed}"] if args.seed else []
     ablation += [f"emb-{args.embedding.replace(':', '-')}"] if args.embedding else []
+    ablation += [f"alloc-{args.allocation}"] if args.allocation else []
     name = "-".join([f"quality-{Path(args.model).name}-{args.preset}"]
                     + ([f"b{args.bits:g}"] if args.bits != 1.0 else []) + ablation)
     result_path = RESULTS / f"{name}.json"
@@ -145,7 +148,7 @@ def main() -> None:
     summary = convert(Options(model=args.model, out=out, bits=args.bits, preset=args.preset, seed=args.seed,
                               threads=args.threads, error_mitigation=not args.no_error_mitigation,
                               refine=not args.no_refine, model_recon=not args.no_model_recon,
-                              embedding=args.embedding, resume=args.resume),
+                              embedding=args.embedding, allocation=args.allocation, resume=args.resume),
                       LineReporter(sys.stdout))
     convert_seconds = time.perf_counter() - t0
     load_after_convert = os.getloadavg()
@@ -159,7 +162,7 @@ def main() -> None:
         "commit": commit, "machine": machine(), "load_average_start": load_before,
         "load_average_after_convert": load_after_convert, "load_average_end": os.getloadavg(),
         "settings": {"model": args.model, "preset": args.preset, "bits": args.bits, "seed": args.seed,
-                     "threads": torch.get_num_threads(), "embedding": args.embedding,
+                     "threads": torch.get_num_threads(), "embedding": args.embedding, "allocation": args.allocation,
                      "error_mitigation": not args.no_error_mitigation,
                      "refine": not args.no_refine, "model_recon": not args.no_model_recon,
                      "text": str(text), "text_sha256": file_sha256(text),
