@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 import numpy as np
-from nqfmt.keys import GGMLType as GT
+from nqfmt.keys import GGMLType
 
 from nqfmt import LinearPlan, ModelConfig, NQFile, NQFormatError
 from nqfmt.layout import table_kind_name
@@ -265,7 +265,7 @@ def _checked_table(nq: NQFile, name: str) -> np.ndarray:
     scales."""
     table = nq.array(name)
     gtype = nq.tensors[name].gtype
-    if gtype == GT.F16:
+    if gtype == GGMLType.F16:
         bad = _any_f16_nonfinite(table.view(np.uint16))
     elif gtype in K.BLOCK_TYPES:
         size = K.TYPE_SIZES[gtype][1]

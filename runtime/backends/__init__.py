@@ -15,7 +15,7 @@ from abc import ABC, abstractmethod
 from typing import Any
 
 import numpy as np
-from nqfmt.keys import GGMLType as GT
+from nqfmt.keys import GGMLType
 
 from nqfmt import FactoredLinear, ModelConfig
 
@@ -59,7 +59,7 @@ class Backend(ABC):
         """Whatever this backend's `linear` needs for one factored linear (views of the file where possible)."""
 
     @abstractmethod
-    def prepare_embedding(self, table: np.ndarray, gtype: GT, hidden: int) -> Any:
+    def prepare_embedding(self, table: np.ndarray, gtype: GGMLType, hidden: int) -> Any:
         """A dense embedding table / output head as stored (F16, F32, Q8_0 or Q4_0 bytes); never upcast as a whole."""
 
     @abstractmethod

@@ -17,7 +17,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
-from nqfmt.keys import GGMLType as GT
+from nqfmt.keys import GGMLType
 
 
 def _configure_numba() -> None:
@@ -80,7 +80,7 @@ class Linear:
 class Table:
     """An embedding / head table as stored: F16 bits (uint16), F32, or Q8_0 bytes plus their int8 view."""
 
-    gtype: GT
+    gtype: GGMLType
     data: np.ndarray
     qs: np.ndarray | None
     hidden: int
@@ -128,12 +128,12 @@ class NumbaBackend(Backend):
         return Linear(linear.m, linear.n, tuple(paths), bias,
                       nk.PARALLEL if self.threads > 1 and lookups >= PARALLEL_MIN_LOOKUPS else nk.SERIAL)
 
-    def prepare_embedding(self, table: np.ndarray, gtype: GT, hidden: int) -> Table | nt.Q4Table:
-        if gtype in (GT.Q4_0, GT.IQ4_NL):
+    def prepare_embedding(self, table: np.ndarray, gtype: GGMLType, hidden: int) -> Table | nt.Q4Table:
+        if gtype in (GGMLType.Q4_0, GGMLType.IQ4_NL):
             return nt.q4_table(table, gtype, hidden)
-        if gtype == GT.F16:
+        if gtype == GGMLType.F16:
             return Table(gtype, table.view(np.uint16), None, hidden)
-        if gtype == GT.Q8_0:
+        if gtype == GGMLType.Q8_0:
             return Table(gtype, table, table.view(np.int8), hidden)
         return Table(gtype, table, None, hidden)
 
@@ -158,9 +158,9 @@ class NumbaBackend(Backend):
                 nt.embed_factored(u_bytes, v_rows, s_mid, s_out, ids, out, i > 0)
         elif isinstance(table, nt.Q4Table):
             nt.embed_q4(table.raw, table.scales, table.grid, ids, out)
-        elif table.gtype == GT.F16:
+        elif table.gtype == GGMLType.F16:
             nk.embed_f16(table.data, ids, out)
-        elif table.gtype == GT.Q8_0:
+        elif table.gtype == GGMLType.Q8_0:
             nk.embed_q8(table.data, table.qs, ids, out)
         else:
             out[:] = table.data[ids]
@@ -227,10 +227,10 @@ class NumbaBackend(Backend):
             (nt.PARALLEL if self.threads > 1 else nt.SERIAL).head_q4(table.raw, table.scales, table.grid, x, out)
             return out
         out = np.empty((x.shape[0], table.data.shape[0]), np.float32)
-        if table.gtype == GT.F16:
+        if table.gtype == GGMLType.F16:
             dots = nk.DOT_TOKENS // 2 <= x.shape[0] <= HEAD_DOTS_MAX_TOKENS
             (self.rows.head_f16_dots if dots else self.rows.head_f16)(table.data, x, out)
-        elif table.gtype == GT.Q8_0:
+        elif table.gtype == GGMLType.Q8_0:
             self.rows.head_q8(table.data, table.qs, x, out)
         else:
             self.rows.head_f32(table.data, x, out)

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
-from nqfmt.keys import GGMLType as GT
+from nqfmt.keys import GGMLType
 from nqfmt.q4 import dequantize_q4
 from nqfmt.q8_0 import dequantize_q8_0
 
@@ -19,15 +19,15 @@ _HEAD_ROWS = 4096  # vocabulary rows converted at a time, so the head never upca
 @dataclass(frozen=True)
 class Embedding:
     table: np.ndarray
-    gtype: GT
+    gtype: GGMLType
     hidden: int
 
     def rows(self, ids: np.ndarray) -> np.ndarray:
         """Rows `ids` as float64 (the block types through nqfmt's reference dequantizers)."""
         raw = self.table[ids]
-        if self.gtype == GT.Q8_0:
+        if self.gtype == GGMLType.Q8_0:
             return dequantize_q8_0(raw).astype(np.float64).reshape(len(ids), self.hidden)
-        if self.gtype in (GT.Q4_0, GT.IQ4_NL):
+        if self.gtype in (GGMLType.Q4_0, GGMLType.IQ4_NL):
             return dequantize_q4(raw, self.gtype).astype(np.float64).reshape(len(ids), self.hidden)
         return raw.astype(np.float64)
 
@@ -61,7 +61,7 @@ class NumpyBackend(Backend):
     def prepare_linear(self, linear: FactoredLinear) -> FactoredLinear:
         return linear
 
-    def prepare_embedding(self, table: np.ndarray, gtype: GT, hidden: int) -> Embedding:
+    def prepare_embedding(self, table: np.ndarray, gtype: GGMLType, hidden: int) -> Embedding:
         return Embedding(table, gtype, hidden)
 
     def prepare_factored_table(self, table: FactoredLinear) -> FactoredTable:

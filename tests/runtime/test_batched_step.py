@@ -2,7 +2,7 @@
 one sequence at a time: odd shapes (not multiples of 8 or 32), sequences at different positions."""
 import numpy as np
 import pytest
-from nqfmt.keys import GGMLType as GT
+from nqfmt.keys import GGMLType
 
 from nqfmt import open_nq
 from runtime import NQRunError
@@ -60,8 +60,8 @@ def test_head_for_a_batched_step_matches_reference(backends, hidden, tokens):
     rng = np.random.default_rng(hidden + tokens)
     table = readonly(rng.standard_normal((203, hidden)).astype(np.float16))
     x = rng.standard_normal((tokens, hidden))
-    got = fast.head(fast.prepare_embedding(table, GT.F16, hidden), x.astype(np.float32))
-    assert close(got, ref.head(ref.prepare_embedding(table, GT.F16, hidden), x))
+    got = fast.head(fast.prepare_embedding(table, GGMLType.F16, hidden), x.astype(np.float32))
+    assert close(got, ref.head(ref.prepare_embedding(table, GGMLType.F16, hidden), x))
 
 
 def prefilled(model, rng, lengths):
