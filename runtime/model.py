@@ -106,6 +106,7 @@ class Model:
                 linears[name] = backend.prepare_linear(lin)
             self.blocks.append(Block(norms, linears, cfg.sliding_layers[layer]))
         self._inv_freq = {local: rope_inv_freq(cfg, local) for local in (False, True)}
+        self._fused = backend.fused_blocks(self)  # one token's blocks in one backend call, where it has one
 
     def _norm(self, nq: NQFile, name: str) -> Any:
         w = nq.array(name)
@@ -158,7 +159,10 @@ class Model:
         def attend(layer: int, q: Any, k: Any, v: Any, window: int) -> Any:
             return be.attention(cache, layer, q, k, v, pos0, window, cfg.attention_scale, cfg.attn_softcap)
 
-        x = self._decoder(ids, np.arange(pos0, pos0 + t), attend)
+        if t == 1 and self._fused is not None:
+            x = self._fused(self._embed(ids), pos0, cache)
+        else:
+            x = self._decoder(ids, np.arange(pos0, pos0 + t), attend)
         return self._logits(x if all_logits else x[-1:])
 
     def step(self, ids: np.ndarray, positions: np.ndarray, caches: list[KVCache],
@@ -188,6 +192,8 @@ class Model:
                                   cfg.attn_softcap) for a, e, pos, cache in zip(starts, ends, positions, caches)]
             return parts[0] if len(parts) == 1 else np.concatenate(parts)
 
+        if len(ids) == 1 and self._fused is not None:
+            return self._logits(self._fused(self._embed(ids), int(positions[0]), caches[0]))
         token_positions = np.concatenate([np.arange(p, p + n) for p, n in zip(positions, counts)])
         x = self._decoder(ids, token_positions, attend)
         return self._logits(x if len(x) == len(caches) else x[ends - 1])
@@ -210,9 +216,7 @@ class Model:
         t = len(ids)
         ropes = self._rope_tables(positions)
         heads, kv_heads, d = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
-        x = be.embed(self.embedding, ids)
-        if cfg.embedding_scale != 1.0:
-            x = x * be.dtype.type(cfg.embedding_scale)
+        x = self._embed(ids)
         for layer, blk in enumerate(self.blocks):
             nrm, lin = blk.norms, blk.linears
             h = be.rms_norm(x, nrm[K.ATTN_NORM], cfg.norm_eps)
@@ -237,6 +241,11 @@ class Model:
                 f = be.rms_norm(f, nrm[K.FFN_POST_NORM], cfg.norm_eps)
             x = x + f
         return x
+
+    def _embed(self, ids: np.ndarray) -> Any:
+        x = self.backend.embed(self.embedding, ids)
+        scale = self.config.embedding_scale
+        return x if scale == 1.0 else x * self.backend.dtype.type(scale)
 
     def _logits(self, x: Any) -> np.ndarray:
         cfg, be = self.config, self.backend

@@ -81,6 +81,12 @@ class Backend(ABC):
         largest top-k its `sample` supports."""
         return None
 
+    def fused_blocks(self, model: Any) -> Any | None:
+        """A callable f(x, pos, cache) running every decoder block of `model` for one token in one step (x: the
+        embedded token (1, hidden); returns the last block's output), or None: the model then runs its ops one by
+        one. Its result equals the op-by-op pass up to float rounding."""
+        return None
+
     # --- ops ----------------------------------------------------------------------------------------------------
     @abstractmethod
     def embed(self, table: Any, ids: np.ndarray) -> Any:

@@ -19,7 +19,7 @@ from typing import Any, Callable
 import numpy as np
 from nqfmt.keys import GGMLType
 
-from nqfmt import FactoredLinear, ModelConfig, NQFormatError
+from nqfmt import FactoredLinear, ModelConfig, NQFormatError, unpack_signs
 
 from .. import kernels
 from ..errors import NQRunError
@@ -240,7 +240,6 @@ class CudaBackend(Backend):
         return DeviceTable(self.device.to_device(raw), gtype, table.shape[0], hidden, reader, block)
 
     def prepare_factored_table(self, table: FactoredLinear, chunk: int = 8192) -> DeviceFactoredTable:
-        from nqfmt import unpack_signs
         rows = np.zeros((table.m, table.n), np.float32)
         for p in table.paths:
             v = unpack_signs(p.v_signs, table.n, np.float32) * p.scale_in.astype(np.float32)

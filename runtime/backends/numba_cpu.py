@@ -1,9 +1,10 @@
-"""The numba backend: float32 CPU kernels (numba_kernels.py) behind the Backend interface.
+"""The numba backend: float32 CPU kernels (numba_kernels.py; LUT-16 on AVX-512, numba_lut16.py; one token's blocks
+fused into one call, numba_decode.py) behind the Backend interface.
 
 Before numba is imported this module picks two process-wide settings (each only where the user has not):
 - threads wait passively: OpenMP with OMP_WAIT_POLICY=passive, falling back to workqueue where numba has no OpenMP.
-  OpenMP's default active spin-wait made a parallel region ~1 ms on this loaded 2-core machine instead of 3.5 µs
-  (passive); workqueue blocks too but costs ~30 µs per region, as much as a whole small linear.
+  An actively spinning OpenMP team holds both cores of a small machine between regions, starving whatever else runs
+  there (another process, or the decode step's own workers, numba_decode.py, which spin and yield themselves).
 - the kernel cache: next to the package when that is writable (numba's default), else NUMBA_CACHE_DIR under the
   user's cache directory ($NANOQUANT_CACHE, else $XDG_CACHE_HOME/nanoquant, as nqdata), so kernels compile once
   per machine either way.
@@ -39,7 +40,9 @@ from nqfmt import FactoredLinear, NQFormatError  # noqa: E402
 
 from ..errors import NQRunError  # noqa: E402
 from . import Backend, KVCache  # noqa: E402
+from . import numba_decode as nd  # noqa: E402
 from . import numba_kernels as nk  # noqa: E402
+from . import numba_lut16 as lut16  # noqa: E402
 from . import numba_tables as nt  # noqa: E402
 
 DEFAULT_MAX_THREADS = 4
@@ -65,6 +68,8 @@ class SignPath:
     s_in: np.ndarray
     s_mid: np.ndarray  # ones when the file has no scale_mid
     s_out: np.ndarray
+    v_tiles: np.ndarray | None  # the signs repacked for LUT-16 (numba_lut16.repack), None without AVX-512
+    u_tiles: np.ndarray | None
 
 
 @dataclass(frozen=True)
@@ -94,7 +99,7 @@ class NumbaBackend(Backend):
     dtype = np.dtype(np.float32)
     jit = True
 
-    def __init__(self, threads: int | None = None, exact: bool = True) -> None:
+    def __init__(self, threads: int | None = None, exact: bool = True, simd: bool | None = None) -> None:
         cores = numba.config.NUMBA_NUM_THREADS
         self.threads = min(cores, DEFAULT_MAX_THREADS) if threads is None else threads
         if not 1 <= self.threads <= cores:
@@ -102,6 +107,7 @@ class NumbaBackend(Backend):
         numba.set_num_threads(self.threads)
         self.rows = nk.PARALLEL if self.threads > 1 else nk.SERIAL
         self.exact = exact
+        self.simd = lut16.available() if simd is None else simd  # LUT-16 kernels (AVX-512), else LUT-8
         self._scratch_bytes = 0  # widest sign row seen (bytes), sizes the shared scratch buffers
         self._scratch_rows = 0  # largest rank of any path
         self._scratch: tuple[np.ndarray, ...] | None = None
@@ -118,10 +124,11 @@ class NumbaBackend(Backend):
                 raise NQFormatError(f"factored linear ({linear.m}×{linear.n}, rank {r}): sign arrays have shapes "
                                     f"{v_bytes.shape}, {u_bytes.shape}")
             mid = np.ones(r, np.float32) if p.scale_mid is None else p.scale_mid.astype(np.float32)
+            tiles = (lut16.repack(p.v_signs), lut16.repack(p.u_signs)) if self.simd else (None, None)
             paths.append(SignPath(v_bytes, u_bytes, p.v_signs, p.u_signs, p.scale_in.astype(np.float32), mid,
-                                  p.scale_out.astype(np.float32)))
+                                  p.scale_out.astype(np.float32), *tiles))
             self._scratch_bytes = max(self._scratch_bytes, v_bytes.shape[1], u_bytes.shape[1])
-            self._scratch_rows = max(self._scratch_rows, r)
+            self._scratch_rows = max(self._scratch_rows, r, linear.m)
         bias = None if linear.bias is None else linear.bias.astype(np.float32)
         self._scratch = None
         lookups = sum(p.v_bytes.size + p.u_bytes.size for p in paths)
@@ -140,16 +147,20 @@ class NumbaBackend(Backend):
     def prepare_factored_table(self, table: FactoredLinear) -> nt.FactoredTable:
         return nt.factored_table(self.prepare_linear(table), table)
 
-    def _buffers(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """Scratch of the one-token linear, allocated once for the widest linear: allocating ~200 KB per call
-        would map and page-fault fresh memory every time."""
+    def _buffers(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """Scratch of the one-token linear (inputs, tables, middle, row sums), allocated once for the widest linear:
+        allocating ~200 KB per call would map and page-fault fresh memory every time."""
         if self._scratch is None:
             nb = max(self._scratch_bytes, (self._scratch_rows + 7) // 8)
             self._scratch = (np.zeros(8 * nb, np.float32), np.zeros(256 * nb, np.float32),
-                             np.zeros(8 * nb, np.float32))
+                             np.zeros(8 * nb, np.float32), np.zeros(8 * nb + lut16.TILE, np.float32))
         return self._scratch
 
     # --- ops ----------------------------------------------------------------------------------------------------
+    def fused_blocks(self, model) -> nd.FusedBlocks | None:
+        """Every block of one token in one compiled call (numba_decode.py), for the exact kernels."""
+        return nd.FusedBlocks(model, self.simd, self.threads) if self.exact else None
+
     def embed(self, table: Table | nt.Q4Table | nt.FactoredTable, ids: np.ndarray) -> np.ndarray:
         out = np.empty((len(ids), table.hidden), np.float32)
         ids = np.ascontiguousarray(ids, dtype=np.int64)
@@ -170,10 +181,13 @@ class NumbaBackend(Backend):
         x = np.ascontiguousarray(x, dtype=np.float32)
         t = x.shape[0]
         if t == 1:
-            xs, tab, h = self._buffers()
+            xs, tab, h, sums = self._buffers()
             y = np.empty(w.m, np.float32)
             for i, p in enumerate(w.paths):
-                if self.exact:
+                if self.exact and self.simd:
+                    lut16.binary_path_token(x[0], p.s_in, p.v_tiles, p.s_mid, p.u_tiles, p.s_out, xs, tab, h, sums,
+                                            y, i > 0)
+                elif self.exact:
                     w.decode.binary_path_decode(x[0], p.s_in, p.v_bytes, p.s_mid, p.u_bytes, p.s_out, xs, tab, h, y,
                                                 i > 0)
                 else:

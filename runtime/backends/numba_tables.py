@@ -18,6 +18,9 @@ from types import SimpleNamespace
 import numpy as np
 from numba import njit, prange
 
+from nqfmt import FactoredLinear, unpack_signs
+from nqfmt.keys import GGMLType
+from nqfmt.q4 import GRIDS
 
 _OPTS = dict(fastmath=True, cache=True, nogil=True)
 Q4_BLOCK_BYTES = 18
@@ -36,8 +39,7 @@ class Q4Table:
     hidden: int
 
 
-def q4_table(raw: np.ndarray, gtype, hidden: int) -> Q4Table:
-    from nqfmt.q4 import GRIDS
+def q4_table(raw: np.ndarray, gtype: GGMLType, hidden: int) -> Q4Table:
     rows = raw.shape[0]
     scales = np.ascontiguousarray(raw.reshape(rows, -1, Q4_BLOCK_BYTES)[:, :, :2]).view(np.float16)[:, :, 0]
     return Q4Table(raw, scales.astype(np.float32), GRIDS[gtype].astype(np.float32), hidden)
@@ -139,9 +141,8 @@ class FactoredTable:
     hidden: int
 
 
-def factored_table(linear: object, table) -> FactoredTable:
+def factored_table(linear: object, table: FactoredLinear) -> FactoredTable:
     """`table` (nqfmt's FactoredLinear of the file) prepared for embed_factored; `linear` is its prepared head."""
-    from nqfmt import unpack_signs
     paths = []
     for p in table.paths:
         v_rows = unpack_signs(p.v_signs, table.n, np.float32) * p.scale_in.astype(np.float32)

@@ -1,0 +1,675 @@
+"""Every decoder block of one token in one compiled call: the numba backend's decode step.
+
+Run op by op, one token is ~14 backend calls per block (~420 on SmolLM2-135M), each a Python call and a numba dispatch
+around a few microseconds of work; with threads each would also be a parallel region that wakes a sleeping thread.
+Here the blocks of one token run inside one function, `decode_*(net, x, pos)`: x (hidden,) is the embedded token on
+entry and the last block's output on exit; the KV cache gets this token's keys and values.
+
+Threads: one parallel region per token. Every worker (`prange(workers)`) walks the same sequence of phases; a phase
+is a set of chunks (tiles of rows of one stage of the binary linears, kv heads, query heads), which workers claim one at
+a time from an atomic counter, and a worker leaves a phase when every chunk is done (a second counter). The work is
+shared dynamically, so a worker that starts late, or whose core is taken by another process, delays the others only by
+the chunk it holds: it then finds the finished phases' counters exhausted and passes them. Small serial steps (an
+RMSNorm of the residual, the lookup tables of a stage's input) are recomputed by each worker that needs them instead of
+being a phase of their own; a worker computes them only for a phase in which it then claims a chunk, which is what
+makes the redundant copies safe (while a phase has chunks left, its inputs cannot change).
+
+A binary linear's stages run on LUT-16 (numba_lut16.py, AVX-512) or, on other CPUs, on LUT-8 tables over the file's
+sign bytes (the same tables as numba_kernels.py); the choice is a literal argument, so each compiled variant holds only
+its own instructions. Values are float32, as in the op-by-op kernels; only summation orders differ.
+"""
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import numpy as np
+from llvmlite import binding, ir
+from numba import literally, njit, prange, types
+from numba.core import cgutils
+from numba.extending import intrinsic
+
+from nqfmt import keys as K
+
+from .numba_lut16 import TILE, build_tables, lookup_tile
+
+_OPTS = dict(fastmath=True, cache=True, nogil=True)
+CHUNK = 4  # tiles (of 16 rows) per claimed chunk of a linear stage
+SPINS_BEFORE_YIELD = 2000  # busy-wait rounds before a waiting worker yields its core
+_I64 = types.Array(types.int64, 1, "C")
+_X86 = binding.get_default_triple().startswith(("x86_64", "i686", "i386"))
+
+# columns of Net.paths (one row per binary path of every linear)
+P_V, P_U, P_N, P_R, P_M, P_WN, P_WR, P_BR, P_BM, P_SIN, P_SMID, P_SOUT, P_MID, P_TAB = range(14)
+# columns of Net.lins (one row per linear, layer-major in K.LINEARS order)
+L_FIRST, L_COUNT, L_BIAS, L_OUT, L_TABS = range(5)
+# columns of Net.layers
+N_ATTN, N_FFN, N_QNORM, N_KNORM, N_POST_ATTN, N_POST_FFN, N_SLIDING = range(7)
+# Net.ints
+(C_HIDDEN, C_HEADS, C_KV, C_HEAD_DIM, C_FFN, C_GELU, C_QK_NORM, C_POST_NORMS, C_WINDOW, C_INV_GLOBAL, C_INV_LOCAL,
+ C_W_Q, C_W_K, C_W_V, C_W_ATT, C_W_O, C_W_F, C_S_XS, C_S_H, C_S_SUMS, C_S_ACC, C_S_ROPE, C_S_Q, C_S_P, C_S_TAB,
+ C_SLOT, C_TABLE_WORD) = range(27)
+# Net.floats
+F_EPS, F_SCALE, F_SOFTCAP = range(3)
+PHASES = 12  # phase slots per block
+_LINEARS = len(K.LINEARS)
+_Q, _K, _V, _O, _GATE, _UP, _DOWN = range(_LINEARS)
+
+
+class Net(NamedTuple):
+    """Everything the decode step reads, as flat arrays (built by decoder.FusedBlocks)."""
+
+    paths: np.ndarray  # int64 (paths, 14)
+    lins: np.ndarray  # int64 (layers·7, 5)
+    layers: np.ndarray  # int64 (layers, 7)
+    ints: np.ndarray  # int64, the C_* settings
+    floats: np.ndarray  # float32, the F_* settings
+    vecs: np.ndarray  # float32: scales, biases, norm weights, RoPE inverse frequencies
+    work: np.ndarray  # float32, shared between workers (projections, attention output, GLU, the stages' middles)
+    scratch: np.ndarray  # float32 (workers, ·), one row per worker
+    counters: np.ndarray  # int64, two per phase (claimed, done), 64 bytes apart; zero at the start of a token
+    k_cache: np.ndarray  # float32 (layers, kv heads, ctx, head_dim)
+    v_cache: np.ndarray
+
+
+# --- synchronisation -----------------------------------------------------------------------------------------------
+def _slot(context, builder, signature, args):
+    arr = context.make_array(signature.args[0])(context, builder, args[0])
+    return builder.gep(arr.data, [context.cast(builder, args[1], signature.args[1], types.intp)])
+
+
+@intrinsic
+def atomic_add(typingctx, arr, i, v):
+    """arr[i] += v atomically (sequentially consistent); returns the old value."""
+    if not (arr == _I64 and isinstance(i, types.Integer) and isinstance(v, types.Integer)):
+        return None
+
+    def codegen(context, builder, signature, args):
+        value = context.cast(builder, args[2], signature.args[2], types.int64)
+        return builder.atomic_rmw("add", _slot(context, builder, signature, args), value, "seq_cst")
+
+    return types.int64(arr, i, v), codegen
+
+
+@intrinsic
+def atomic_load(typingctx, arr, i):
+    """arr[i], read with acquire ordering (writes made before a matching atomic_add are visible after it)."""
+    if not (arr == _I64 and isinstance(i, types.Integer)):
+        return None
+
+    def codegen(context, builder, signature, args):
+        return builder.load_atomic(_slot(context, builder, signature, args), "acquire", 8)
+
+    return types.int64(arr, i), codegen
+
+
+@intrinsic
+def relax(typingctx, spins):
+    """One round of a busy wait: a pause instruction (x86), or after SPINS_BEFORE_YIELD rounds sched_yield(), so a
+    waiting worker gives its core to a thread that holds a chunk."""
+    if not isinstance(spins, types.Integer):
+        return None
+
+    def codegen(context, builder, signature, args):
+        module = builder.module
+        spins_value = context.cast(builder, args[0], signature.args[0], types.int64)
+        late = builder.icmp_signed(">", spins_value, ir.Constant(ir.IntType(64), SPINS_BEFORE_YIELD))
+        with builder.if_else(late) as (then, otherwise):
+            with then:
+                builder.call(cgutils.get_or_insert_function(module, ir.FunctionType(ir.IntType(32), []),
+                                                            "sched_yield"), [])
+            with otherwise:
+                if _X86:
+                    builder.call(cgutils.get_or_insert_function(module, ir.FunctionType(ir.VoidType(), []),
+                                                                "llvm.x86.sse2.pause"), [])
+        return context.get_dummy_value()
+
+    return types.void(spins), codegen
+
+
+@njit(inline="always", **_OPTS)
+def _claim(counters, phase, total):
+    c = atomic_add(counters, 16 * phase, 1)
+    return c if c < total else -1
+
+
+@njit(inline="always", **_OPTS)
+def _finish(counters, phase):
+    atomic_add(counters, 16 * phase + 8, 1)
+
+
+@njit(inline="always", **_OPTS)
+def _wait(counters, phase, total):
+    spins = 0
+    while atomic_load(counters, 16 * phase + 8) < total:
+        spins += 1
+        relax(spins)
+
+
+# --- one stage of a binary linear: LUT-16 or LUT-8 -----------------------------------------------------------------
+@intrinsic
+def load_byte(typingctx, addr, i):
+    """The byte at address addr + i, as int64."""
+    if not (isinstance(addr, types.Integer) and isinstance(i, types.Integer)):
+        return None
+
+    def codegen(context, builder, signature, args):
+        base = builder.inttoptr(context.cast(builder, args[0], signature.args[0], types.int64),
+                                ir.IntType(8).as_pointer())
+        byte = builder.load(builder.gep(base, [context.cast(builder, args[1], signature.args[1], types.intp)]))
+        return builder.zext(byte, ir.IntType(64))
+
+    return types.int64(addr, i), codegen
+
+
+@njit(inline="always", **_OPTS)
+def _tables(simd, src, so, words, tab, to):
+    """The lookup tables of 32·words inputs src[so:] (zero past the matrix's columns) into tab[to:]."""
+    if simd:
+        build_tables(tab, to, src, so, 8 * words)
+    else:
+        for g in range(4 * words):  # 256 signed sums of 8 inputs, by doubling
+            base = to + 256 * g
+            total = np.float32(0.0)
+            for j in range(8):
+                total += src[so + 8 * g + j]
+            tab[base] = total
+            size = 1
+            for j in range(8):
+                d = 2 * src[so + 8 * g + j]
+                for b in range(size):
+                    tab[base + size + b] = tab[base + b] - d
+                size *= 2
+
+
+@njit(inline="always", **_OPTS)
+def _rows(simd, tab, to, addr, words, rows, b0, b1, sums, si):
+    """sums[si + 16(b − b0) + l] = row 16b + l of a sign matrix times the inputs whose tables are at tab[to:], for
+    tiles b0 ≤ b < b1. addr: the repacked tiles (LUT-16) or the file's sign bytes (LUT-8, rows × 4·words)."""
+    if simd:
+        for b in range(b0, b1):
+            lookup_tile(tab, to, addr + 4 * TILE * words * b, words, sums, si + TILE * (b - b0))
+    else:
+        nb = 4 * words
+        for i in range(TILE * b0, min(TILE * b1, rows)):
+            acc = np.float32(0.0)
+            for g in range(nb):
+                acc += tab[to + 256 * g + load_byte(addr, i * nb + g)]
+            sums[si + i - TILE * b0] = acc
+
+
+# --- small ops -----------------------------------------------------------------------------------------------------
+@intrinsic
+def _f32_bits(typingctx, bits):
+    """The float32 whose IEEE bits are the int32 `bits`."""
+    if bits != types.int32:
+        return None
+
+    def codegen(context, builder, signature, args):
+        return builder.bitcast(args[0], ir.FloatType())
+
+    return types.float32(types.int32), codegen
+
+
+@njit(inline="always", **_OPTS)
+def exp32(x):
+    """e^x in float32 to ~1 ulp (Cephes' expf: x = n·ln2 + r, a degree-6 polynomial in r, times 2^n built from its
+    bits), written so loops over it vectorize (libm's exp is a scalar call per element)."""
+    x = min(max(np.float32(x), np.float32(-87.3)), np.float32(88.3762626647949))
+    n = np.floor(x * np.float32(1.4426950408889634) + np.float32(0.5))
+    r = x - n * np.float32(0.693359375) - n * np.float32(-2.12194440e-4)
+    p = np.float32(1.9875691500e-4)
+    p = p * r + np.float32(1.3981999507e-3)
+    p = p * r + np.float32(8.3334519073e-3)
+    p = p * r + np.float32(4.1665795894e-2)
+    p = p * r + np.float32(1.6666665459e-1)
+    p = p * r + np.float32(5.0000001201e-1)
+    return (p * r * r + r + np.float32(1.0)) * _f32_bits(np.int32((np.int32(n) + np.int32(127)) << np.int32(23)))
+
+
+@njit(inline="always", **_OPTS)
+def _rms(src, so, n, vecs, wo, eps, dst, do):
+    """dst[do:do+n] = src[so:so+n] / rms · vecs[wo:wo+n], in float32 as numba_kernels.rms_norm."""
+    ss = np.float32(0.0)
+    for k in range(n):
+        ss += src[so + k] * src[so + k]
+    inv = np.float32(1.0 / math.sqrt(ss / n + eps))
+    for k in range(n):
+        dst[do + k] = src[so + k] * inv * vecs[wo + k]
+
+
+@njit(inline="always", **_OPTS)
+def _rope(v, vo, sc, co, half):
+    """Rotate-half RoPE of v[vo : vo + 2·half] with cos at sc[co:], sin at sc[co + half:]."""
+    for k in range(half):
+        a, b = v[vo + k], v[vo + k + half]
+        c, s = sc[co + k], sc[co + half + k]
+        v[vo + k] = a * c - b * s
+        v[vo + k + half] = b * c + a * s
+
+
+# --- phases --------------------------------------------------------------------------------------------------------
+# Each phase binds the Net's arrays to locals once: reading a tuple member inside a loop would touch its reference
+# count on every access.
+@njit(inline="always", **_OPTS)
+def _stage_chunks(lins, paths, lin0, lin1, column):
+    """Chunks of the V stages (column P_BR: per path) or U stages (P_BM: per linear) of linears lin0 ≤ l < lin1."""
+    total = 0
+    for li in range(lin0, lin1):
+        first = lins[li, L_FIRST]
+        if column == P_BR:
+            for p in range(first, first + lins[li, L_COUNT]):
+                total += (paths[p, P_BR] + CHUNK - 1) // CHUNK
+        else:
+            total += (paths[first, P_BM] + CHUNK - 1) // CHUNK
+    return total
+
+
+@njit(inline="always", **_OPTS)
+def _v_phase(simd, net, phase, lin0, lin1, src, so, sc):
+    """mid_p = s_mid ⊙ V_p·(s_in ⊙ src[so:]) for every path p of linears lin0 ≤ l < lin1, into the shared work."""
+    ints, paths, lins, work, vecs, counters = net.ints, net.paths, net.lins, net.work, net.vecs, net.counters
+    total = _stage_chunks(lins, paths, lin0, lin1, P_BR)
+    xs, sums, tab = ints[C_S_XS], ints[C_S_SUMS], ints[C_S_TAB]
+    held = -1
+    while True:
+        c = _claim(counters, phase, total)
+        if c < 0:
+            break
+        p, b0 = -1, 0
+        for li in range(lin0, lin1):
+            for q in range(lins[li, L_FIRST], lins[li, L_FIRST] + lins[li, L_COUNT]):
+                if p < 0:
+                    k = (paths[q, P_BR] + CHUNK - 1) // CHUNK
+                    if c < k:
+                        p, b0 = q, c * CHUNK
+                    else:
+                        c -= k
+        n, r, wn = paths[p, P_N], paths[p, P_R], paths[p, P_WN]
+        if held != p:
+            s_in = paths[p, P_SIN]
+            for j in range(n):
+                sc[xs + j] = src[so + j] * vecs[s_in + j]
+            for j in range(n, 32 * wn):
+                sc[xs + j] = 0.0
+            _tables(simd, sc, xs, wn, sc, tab)
+            held = p
+        b1 = min(b0 + CHUNK, paths[p, P_BR])
+        _rows(simd, sc, tab, paths[p, P_V], wn, r, b0, b1, sc, sums)
+        mid, s_mid = paths[p, P_MID], paths[p, P_SMID]
+        for i in range(TILE * b0, min(TILE * b1, r)):
+            work[mid + i] = sc[sums + i - TILE * b0] * vecs[s_mid + i]
+        _finish(counters, phase)
+    _wait(counters, phase, total)
+
+
+@njit(inline="always", **_OPTS)
+def _u_tables(simd, ints, lins, paths, work, li, sc, slot):
+    """The tables of every path's middle vector of linear li, into table slot `slot` of this worker."""
+    base = ints[C_S_TAB] + slot * ints[C_SLOT]
+    first = lins[li, L_FIRST]
+    for p in range(first, first + lins[li, L_COUNT]):
+        _tables(simd, work, paths[p, P_MID], paths[p, P_WR], sc, base + paths[p, P_TAB])
+
+
+@njit(inline="always", **_OPTS)
+def _u_rows(simd, ints, lins, paths, vecs, li, b0, b1, sc, slot, acc):
+    """sc[acc + i − 16·b0] = row i of linear li's output (Σ paths s_out ⊙ U·mid, + bias) for rows of tiles b0..b1."""
+    base = ints[C_S_TAB] + slot * ints[C_SLOT]
+    sums = ints[C_S_SUMS]
+    first = lins[li, L_FIRST]
+    for p in range(first, first + lins[li, L_COUNT]):
+        m, s_out = paths[p, P_M], paths[p, P_SOUT]
+        _rows(simd, sc, base + paths[p, P_TAB], paths[p, P_U], paths[p, P_WR], m, b0, b1, sc, sums)
+        for i in range(TILE * b0, min(TILE * b1, m)):
+            v = sc[sums + i - TILE * b0] * vecs[s_out + i]
+            sc[acc + i - TILE * b0] = v if p == first else sc[acc + i - TILE * b0] + v
+    bias = lins[li, L_BIAS]
+    if bias >= 0:
+        for i in range(TILE * b0, min(TILE * b1, paths[first, P_M])):
+            sc[acc + i - TILE * b0] += vecs[bias + i]
+
+
+@njit(inline="always", **_OPTS)
+def _u_phase(simd, net, phase, lin0, lin1, x, residual, sc):
+    """Outputs of linears lin0 ≤ l < lin1: added to the residual x (residual), else stored at the linear's L_OUT in
+    the shared work."""
+    ints, paths, lins, work, vecs, counters = net.ints, net.paths, net.lins, net.work, net.vecs, net.counters
+    total = _stage_chunks(lins, paths, lin0, lin1, P_BM)
+    acc = ints[C_S_ACC]
+    held = -1
+    while True:
+        c = _claim(counters, phase, total)
+        if c < 0:
+            break
+        li, b0 = -1, 0
+        for q in range(lin0, lin1):
+            if li < 0:
+                k = (paths[lins[q, L_FIRST], P_BM] + CHUNK - 1) // CHUNK
+                if c < k:
+                    li, b0 = q, c * CHUNK
+                else:
+                    c -= k
+        if held != li:
+            _u_tables(simd, ints, lins, paths, work, li, sc, 0)
+            held = li
+        first = lins[li, L_FIRST]
+        b1 = min(b0 + CHUNK, paths[first, P_BM])
+        _u_rows(simd, ints, lins, paths, vecs, li, b0, b1, sc, 0, acc)
+        m = paths[first, P_M]
+        out = lins[li, L_OUT]
+        lo = TILE * b0
+        if residual:
+            for i in range(lo, min(TILE * b1, m)):
+                x[i] += sc[acc + i - lo]
+        else:
+            for i in range(lo, min(TILE * b1, m)):
+                work[out + i] = sc[acc + i - lo]
+        _finish(counters, phase)
+    _wait(counters, phase, total)
+
+
+@njit(inline="always", **_OPTS)
+def _glu_phase(simd, net, phase, gate, sc):
+    """f = act(gate) ⊙ up, rows chunked together: a chunk's gate and up rows come from table slots 0 and 1."""
+    ints, paths, lins, work, vecs, counters = net.ints, net.paths, net.lins, net.work, net.vecs, net.counters
+    first = lins[gate, L_FIRST]
+    tiles = paths[first, P_BM]
+    m = paths[first, P_M]
+    total = (tiles + CHUNK - 1) // CHUNK
+    acc = ints[C_S_ACC]
+    up_acc = acc + TILE * CHUNK
+    f = ints[C_W_F]
+    gelu = ints[C_GELU] != 0
+    ready = False
+    while True:
+        c = _claim(counters, phase, total)
+        if c < 0:
+            break
+        if not ready:
+            _u_tables(simd, ints, lins, paths, work, gate, sc, 0)
+            _u_tables(simd, ints, lins, paths, work, gate + 1, sc, 1)
+            ready = True
+        b0 = c * CHUNK
+        b1 = min(b0 + CHUNK, tiles)
+        _u_rows(simd, ints, lins, paths, vecs, gate, b0, b1, sc, 0, acc)
+        _u_rows(simd, ints, lins, paths, vecs, gate + 1, b0, b1, sc, 1, up_acc)
+        lo = TILE * b0
+        for i in range(lo, min(TILE * b1, m)):
+            g = sc[acc + i - lo]
+            if gelu:
+                a = 0.5 * g * (1.0 + math.tanh(0.7978845608028654 * (g + 0.044715 * g * g * g)))
+            else:
+                a = g / (np.float32(1.0) + exp32(-g))
+            work[f + i] = a * sc[up_acc + i - lo]
+        _finish(counters, phase)
+    _wait(counters, phase, total)
+
+
+@njit(inline="always", **_OPTS)
+def _kv_phase(net, phase, layer, pos, sc, rope_at):
+    """Per kv head: the key's RMSNorm (qk_norm) and RoPE, then key and value stored at `pos` in the cache."""
+    ints, work, vecs, counters = net.ints, net.work, net.vecs, net.counters
+    k_cache, v_cache = net.k_cache, net.v_cache
+    kv, d = ints[C_KV], ints[C_HEAD_DIM]
+    knorm = net.layers[layer, N_KNORM]
+    eps = net.floats[F_EPS]
+    while True:
+        g = _claim(counters, phase, kv)
+        if g < 0:
+            break
+        ko, vo = ints[C_W_K] + g * d, ints[C_W_V] + g * d
+        if ints[C_QK_NORM]:
+            _rms(work, ko, d, vecs, knorm, eps, work, ko)
+        _rope(work, ko, sc, rope_at, d // 2)
+        kc, vc = k_cache[layer, g, pos], v_cache[layer, g, pos]
+        for k in range(d):
+            kc[k] = work[ko + k]
+            vc[k] = work[vo + k]
+        _finish(counters, phase)
+    _wait(counters, phase, kv)
+
+
+@njit(inline="always", **_OPTS)
+def _attention_phase(net, phase, layer, pos, sc, rope_at):
+    """Per query head: RMSNorm (qk_norm) and RoPE of its query, then causal attention over the cache (the last
+    `window` positions on sliding layers), into the shared work."""
+    ints, work, floats, vecs, counters = net.ints, net.work, net.floats, net.vecs, net.counters
+    k_cache, v_cache = net.k_cache, net.v_cache
+    heads, d = ints[C_HEADS], ints[C_HEAD_DIM]
+    group = heads // ints[C_KV]
+    qo, po = ints[C_S_Q], ints[C_S_P]
+    window = ints[C_WINDOW] if net.layers[layer, N_SLIDING] else 0
+    qnorm = net.layers[layer, N_QNORM]
+    lo = max(0, pos - window + 1) if window > 0 else 0
+    n = pos + 1 - lo
+    scale, softcap, eps = floats[F_SCALE], floats[F_SOFTCAP], floats[F_EPS]
+    q = sc[qo:qo + d]
+    p = sc[po:po + n]
+    while True:
+        h = _claim(counters, phase, heads)
+        if h < 0:
+            break
+        kc, vc = k_cache[layer, h // group], v_cache[layer, h // group]  # (ctx, d) views
+        for k in range(d):
+            q[k] = work[ints[C_W_Q] + h * d + k]
+        if ints[C_QK_NORM]:
+            _rms(q, 0, d, vecs, qnorm, eps, q, 0)
+        _rope(q, 0, sc, rope_at, d // 2)
+        best = -np.inf
+        for j in range(n):
+            s = np.float32(0.0)
+            for k in range(d):
+                s += q[k] * kc[lo + j, k]
+            s *= scale
+            if softcap > 0:
+                s = softcap * math.tanh(s / softcap)
+            p[j] = s
+            best = max(best, s)
+        total = np.float32(0.0)
+        for j in range(n):
+            e = exp32(p[j] - best)
+            p[j] = e
+            total += e
+        out = work[ints[C_W_ATT] + h * d:ints[C_W_ATT] + (h + 1) * d]
+        for k in range(d):
+            out[k] = 0.0
+        for j in range(n):
+            wj = p[j] / total
+            for k in range(d):
+                out[k] += wj * vc[lo + j, k]
+        _finish(counters, phase)
+    _wait(counters, phase, heads)
+
+
+@njit(inline="always", **_OPTS)
+def _post_norm_phase(net, phase, norm, x):
+    """x += RMSNorm(the work's W_O buffer), once (a single chunk)."""
+    ints, work, counters = net.ints, net.work, net.counters
+    if _claim(counters, phase, 1) == 0:
+        o, n = ints[C_W_O], ints[C_HIDDEN]
+        _rms(work, o, n, net.vecs, norm, net.floats[F_EPS], work, o)
+        for i in range(n):
+            x[i] += work[o + i]
+        _finish(counters, phase)
+    _wait(counters, phase, 1)
+
+
+# --- the token -----------------------------------------------------------------------------------------------------
+@njit(cache=True, nogil=True)
+def _rope_tables(vecs, inv_global, inv_local, half, pos, sc, at):
+    """cos then sin of this position's angles, for global layers at sc[at:] and local (sliding) ones at
+    sc[at + 2·half:]; the angle in float32 and its cosine in float64, as model.py (no fastmath here: it would
+    shorten the cosine to float32)."""
+    for which in range(2):
+        inv = inv_global if which == 0 else inv_local
+        for k in range(half):
+            angle = np.float64(np.float32(pos) * vecs[inv + k])
+            sc[at + 2 * half * which + k] = np.float32(math.cos(angle))
+            sc[at + 2 * half * which + half + k] = np.float32(math.sin(angle))
+
+
+@njit(**_OPTS)
+def _blocks(simd, net, worker, x, pos):
+    """Worker `worker`'s walk through every block of one token (all workers walk it; see the module docstring)."""
+    ints, layers, vecs, work = net.ints, net.layers, net.vecs, net.work
+    sc = net.scratch[worker]
+    hidden, d = ints[C_HIDDEN], ints[C_HEAD_DIM]
+    rope = ints[C_S_ROPE]
+    _rope_tables(vecs, ints[C_INV_GLOBAL], ints[C_INV_LOCAL], d // 2, pos, sc, rope)
+    h = ints[C_S_H]
+    eps = net.floats[F_EPS]
+    post = ints[C_POST_NORMS] != 0
+    for layer in range(layers.shape[0]):
+        ph = layer * PHASES
+        li = layer * _LINEARS
+        rope_at = rope + (d if layers[layer, N_SLIDING] else 0)
+        _rms(x, 0, hidden, vecs, layers[layer, N_ATTN], eps, sc, h)
+        _v_phase(simd, net, ph, li + _Q, li + _O, sc, h, sc)
+        _u_phase(simd, net, ph + 1, li + _Q, li + _O, x, False, sc)
+        _kv_phase(net, ph + 2, layer, pos, sc, rope_at)
+        _attention_phase(net, ph + 3, layer, pos, sc, rope_at)
+        _v_phase(simd, net, ph + 4, li + _O, li + _GATE, work, ints[C_W_ATT], sc)
+        _u_phase(simd, net, ph + 5, li + _O, li + _GATE, x, not post, sc)
+        if post:
+            _post_norm_phase(net, ph + 6, layers[layer, N_POST_ATTN], x)
+        _rms(x, 0, hidden, vecs, layers[layer, N_FFN], eps, sc, h)
+        _v_phase(simd, net, ph + 7, li + _GATE, li + _DOWN, sc, h, sc)
+        _glu_phase(simd, net, ph + 8, li + _GATE, sc)
+        _v_phase(simd, net, ph + 9, li + _DOWN, li + _LINEARS, work, ints[C_W_F], sc)
+        _u_phase(simd, net, ph + 10, li + _DOWN, li + _LINEARS, x, not post, sc)
+        if post:
+            _post_norm_phase(net, ph + 11, layers[layer, N_POST_FFN], x)
+
+
+@njit(**_OPTS)
+def decode_lut16(net, x, pos):
+    _blocks(literally(True), net, 0, x, pos)
+
+
+@njit(**_OPTS)
+def decode_lut8(net, x, pos):
+    _blocks(literally(False), net, 0, x, pos)
+
+
+@njit(parallel=True, **_OPTS)
+def decode_lut16_threads(net, x, pos):
+    for w in prange(net.scratch.shape[0]):
+        _blocks(literally(True), net, w, x, pos)
+
+
+@njit(parallel=True, **_OPTS)
+def decode_lut8_threads(net, x, pos):
+    for w in prange(net.scratch.shape[0]):
+        _blocks(literally(False), net, w, x, pos)
+
+
+# --- building the flat arrays from a model -------------------------------------------------------------------------
+def _aligned(shape: tuple[int, ...], dtype: type) -> np.ndarray:
+    """Zeros whose first element sits on a 64-byte boundary (a cache line, one 512-bit vector)."""
+    count = int(np.prod(shape))
+    size = np.dtype(dtype).itemsize
+    raw = np.zeros(count * size + 64, np.uint8)
+    start = (-raw.ctypes.data) % 64
+    return raw[start:start + count * size].view(dtype).reshape(shape)
+
+
+def _round16(n: int) -> int:
+    return (n + 15) // 16 * 16
+
+
+class FusedBlocks:
+    """The decode step of a model on the numba backend: `self(x, pos, cache)` runs every block for one token.
+
+    `simd` picks LUT-16 (the backend's paths carry repacked tiles) or LUT-8 (the file's sign bytes); `workers` is the
+    number of threads that share each token (1: no parallel region at all)."""
+
+    def __init__(self, model, simd: bool, workers: int) -> None:
+        cfg = model.config
+        self.simd, self.workers = simd, workers
+        table_word = 8 * TILE if simd else 1024  # table floats per 32 inputs
+        vecs: list[np.ndarray] = []
+        size = 0
+
+        def put(values: np.ndarray | None) -> int:
+            nonlocal size
+            if values is None:
+                return -1
+            vecs.append(np.ascontiguousarray(values, np.float32).reshape(-1))
+            size += vecs[-1].size
+            return size - vecs[-1].size
+
+        paths, lins, layers = [], [], []
+        self._keep = []  # the arrays whose addresses the paths table holds
+        mid_size = slot = max_wn = 0
+        d = cfg.head_dim
+        w_q = 0
+        w_k = w_q + _round16(cfg.n_heads * d)
+        w_v = w_k + _round16(cfg.n_kv_heads * d)
+        w_att = w_v + _round16(cfg.n_kv_heads * d)
+        w_o = w_att + _round16(cfg.n_heads * d)
+        w_f = w_o + _round16(cfg.hidden)
+        w_mid = w_f + _round16(cfg.ffn)
+        for blk in model.blocks:
+            norms = blk.norms
+            layers.append([put(norms.get(K.ATTN_NORM)), put(norms.get(K.FFN_NORM)), put(norms.get(K.ATTN_Q_NORM)),
+                           put(norms.get(K.ATTN_K_NORM)), put(norms.get(K.ATTN_POST_NORM)),
+                           put(norms.get(K.FFN_POST_NORM)), int(blk.sliding)])
+            mid = w_mid
+            for name in K.LINEARS:
+                lin = blk.linears[name]
+                out = {K.ATTN_Q: w_q, K.ATTN_K: w_k, K.ATTN_V: w_v}.get(name, w_o)
+                first, tab = len(paths), 0
+                for p in lin.paths:
+                    v, u = (p.v_tiles, p.u_tiles) if simd else (p.v_bytes, p.u_bytes)
+                    self._keep += [v, u]
+                    r = p.s_mid.size
+                    wn, wr = (lin.n + 31) // 32, (r + 31) // 32
+                    paths.append([v.ctypes.data, u.ctypes.data, lin.n, r, lin.m, wn, wr, (r + TILE - 1) // TILE,
+                                  (lin.m + TILE - 1) // TILE, put(p.s_in), put(p.s_mid), put(p.s_out), mid, tab])
+                    mid += _round16(32 * wr)
+                    tab += table_word * wr
+                    slot = max(slot, table_word * wn)
+                    max_wn = max(max_wn, wn)
+                slot = max(slot, tab)
+                lins.append([first, len(lin.paths), put(lin.bias), out, tab])
+            mid_size = max(mid_size, mid)
+        inv_global, inv_local = put(model._inv_freq[False]), put(model._inv_freq[True])
+        self.paths = np.array(paths, np.int64).reshape(-1, 14)
+        self.lins = np.array(lins, np.int64)
+        self.layers = np.array(layers, np.int64)
+        self.vecs = np.concatenate(vecs) if vecs else np.zeros(1, np.float32)
+        self.work = _aligned((mid_size,), np.float32)
+        self.floats = np.array([cfg.norm_eps, cfg.attention_scale, cfg.attn_softcap], np.float32)
+        self.counters = np.zeros(16 * PHASES * len(model.blocks), np.int64)
+        scratch = {}
+        at = 0
+        for name, n in (("xs", 32 * max_wn), ("h", cfg.hidden), ("sums", TILE * CHUNK), ("acc", 2 * TILE * CHUNK),
+                        ("rope", 2 * d), ("q", d), ("tab", 2 * slot)):
+            scratch[name] = at
+            at += _round16(n)
+        self._scratch_at = at  # the attention's scores follow, sized by the cache
+        ints = {C_HIDDEN: cfg.hidden, C_HEADS: cfg.n_heads, C_KV: cfg.n_kv_heads, C_HEAD_DIM: d, C_FFN: cfg.ffn,
+                C_GELU: int(cfg.activation == "gelu_tanh"), C_QK_NORM: int(cfg.qk_norm),
+                C_POST_NORMS: int(cfg.post_norms), C_WINDOW: cfg.sliding_window, C_INV_GLOBAL: inv_global,
+                C_INV_LOCAL: inv_local, C_W_Q: w_q, C_W_K: w_k, C_W_V: w_v, C_W_ATT: w_att, C_W_O: w_o, C_W_F: w_f,
+                C_S_XS: scratch["xs"], C_S_H: scratch["h"], C_S_SUMS: scratch["sums"], C_S_ACC: scratch["acc"],
+                C_S_ROPE: scratch["rope"], C_S_Q: scratch["q"], C_S_P: at, C_S_TAB: scratch["tab"], C_SLOT: slot,
+                C_TABLE_WORD: table_word}
+        self.ints = np.array([ints[i] for i in range(len(ints))], np.int64)
+        self._scratch = _aligned((workers, 16), np.float32)
+        self._kernel = ((decode_lut16_threads if workers > 1 else decode_lut16) if simd else
+                        (decode_lut8_threads if workers > 1 else decode_lut8))
+
+    def __call__(self, x: np.ndarray, pos: int, cache) -> np.ndarray:
+        """x (1, hidden) float32, the embedded token at position `pos` → the last block's output (1, hidden); the
+        token's keys and values go into `cache`."""
+        ctx = cache.k.shape[2]
+        if self._scratch.shape[1] < self._scratch_at + ctx:
+            self._scratch = _aligned((self.workers, _round16(self._scratch_at + ctx)), np.float32)
+        out = np.array(x, np.float32).reshape(-1)
+        self.counters.fill(0)
+        net = Net(self.paths, self.lins, self.layers, self.ints, self.floats, self.vecs, self.work, self._scratch,
+                  self.counters, cache.k, cache.v)
+        self._kernel(net, out, pos)
+        return out.reshape(1, -1)

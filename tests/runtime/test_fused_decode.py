@@ -1,0 +1,67 @@
+"""The numba backend's fused decode step (numba_decode.py: every block of one token in one compiled call) against
+the float64 numpy reference, for every architecture variant, LUT-16 and LUT-8 stages, one worker and two."""
+import numpy as np
+import pytest
+
+from nqfmt import open_nq
+from runtime.backends import get_backend, numba_lut16
+from runtime.backends.numba_cpu import NumbaBackend
+from runtime.model import Model
+from synthetic_variants import VARIANTS
+
+REL = 1e-4
+STAGES = [False] + ([True] if numba_lut16.available() else [])
+
+
+def decode_logits(nq, backend, ids, prompt):
+    """Logits of a prompt's last token, then of each further token decoded one at a time."""
+    model = Model(nq, backend)
+    cache = model.new_cache()
+    out = [model.forward(ids[:prompt], 0, cache)]
+    out += [model.forward(ids[i:i + 1], i, cache) for i in range(prompt, len(ids))]
+    return model, np.concatenate(out)
+
+
+@pytest.mark.parametrize("simd", STAGES)
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_fused_decode_matches_reference(variant_files, variant, threads, simd):
+    nq = open_nq(variant_files[variant])
+    ids = np.random.default_rng(23).integers(0, nq.config.vocab, size=27)
+    _, want = decode_logits(nq, get_backend("numpy"), ids, 9)
+    model, got = decode_logits(nq, NumbaBackend(threads=threads, simd=simd), ids, 9)
+    assert model._fused is not None and model._fused.simd == simd and model._fused.workers == threads
+    assert np.abs(got - want).max() <= REL * np.abs(want).max()
+
+
+@pytest.mark.parametrize("simd", STAGES)
+def test_fused_decode_past_a_sliding_window_equals_op_by_op(variant_files, simd):
+    """Past the window (7 on this variant) the fused attention reads only the last positions, as the op-by-op
+    kernels do; both run the same float32 arithmetic up to summation order."""
+    nq = open_nq(variant_files["mistral-sliding"])
+    ids = np.random.default_rng(29).integers(0, nq.config.vocab, size=40)
+    backend = NumbaBackend(threads=2, simd=simd)
+    _, fused = decode_logits(nq, backend, ids, 3)
+    op_by_op = NumbaBackend(threads=2, simd=simd)
+    op_by_op.fused_blocks = lambda model: None
+    model, plain = decode_logits(nq, op_by_op, ids, 3)
+    assert model._fused is None
+    assert np.abs(fused - plain).max() <= 1e-5 * np.abs(plain).max()
+
+
+@pytest.mark.skipif(not numba_lut16.available(), reason="LUT-16 kernels need AVX-512 F")
+@pytest.mark.parametrize("m,n,r", [(91, 100, 37), (45, 203, 61), (17, 8, 5)])
+def test_lut16_path_matches_float64(m, n, r):
+    from nqfmt import pack_signs
+    rng = np.random.default_rng(m + n + r)
+    v, u = rng.choice([-1.0, 1.0], (r, n)), rng.choice([-1.0, 1.0], (m, r))
+    s_in, s_mid, s_out = rng.uniform(0.5, 1.5, n), rng.uniform(0.5, 1.5, r), rng.uniform(-1.5, 1.5, m)
+    x = rng.standard_normal(n)
+    want = s_out * (u @ (s_mid * (v @ (s_in * x))))
+    v_tiles, u_tiles = numba_lut16.repack(pack_signs(v)), numba_lut16.repack(pack_signs(u))
+    sizes = numba_lut16.scratch_sizes(v_tiles.shape[1], u_tiles.shape[1], v_tiles.shape[0], u_tiles.shape[0])
+    xs, tab, h, sums = (np.full(s, np.nan, np.float32) for s in sizes)  # NaN scratch: every read must be written
+    y = np.full(m, 2.0, np.float32)
+    f32 = [a.astype(np.float32) for a in (x, s_in, s_mid, s_out)]
+    numba_lut16.binary_path_token(f32[0], f32[1], v_tiles, f32[2], u_tiles, f32[3], xs, tab, h, sums, y, True)
+    assert np.abs(y - 2.0 - want).max() <= 1e-5 * np.abs(want).max()
