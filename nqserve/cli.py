@@ -24,6 +24,7 @@ def serve(
     parallel: int = typer.Option(8, "--parallel", help="Most sequences decoded together; more requests queue."),
     api_key: Optional[str] = typer.Option(None, "--api-key", envvar="NQSERVE_API_KEY",
                                           help="Require 'Authorization: Bearer KEY' on /v1/ (or $NQSERVE_API_KEY)."),
+    no_verify: bool = typer.Option(False, "--no-verify", help="Skip checking every tensor's checksum at load."),
     debug: bool = typer.Option(False, "--debug", help="Show tracebacks."),
 ) -> None:
     """Serve a .nq model over an OpenAI-compatible HTTP API (/v1/completions, /v1/chat/completions, /v1/models)."""
@@ -40,7 +41,7 @@ def serve(
             raise NQRunError(f"--parallel {parallel}: give 1 to 256 sequences")
         if not 0 < port < 65536:
             raise NQRunError(f"--port {port}: give 1 to 65535")
-        lm = runtime.load(file, backend=backend, threads=threads, n_ctx=ctx)
+        lm = runtime.load(file, backend=backend, threads=threads, n_ctx=ctx, verify=not no_verify)
         engine = Engine(lm.model, lm.tokenizer, parallel, lm.generator.n_ctx)
         engine.warm_up()
         server = Server(lm, engine, api_key)

@@ -79,7 +79,7 @@ def command(prog: str, *args, stdin: str | None = None, timeout: float = TIMEOUT
             env: dict | None = None) -> subprocess.CompletedProcess:
     """Run one of the four commands as a subprocess under LIMIT_AS and `timeout` (a hang fails the test)."""
     module = {"nqrun": "runtime.cli:run_main", "nqeval": "runtime.cli:eval_main", "nqinfo": "nqfmt.cli:main",
-              "nqconvert": "converter.cli:main"}[prog]
+              "nqconvert": "converter.cli:main", "nqserve": "nqserve.cli:main"}[prog]
     mod, fn = module.split(":")
     code = f"import sys; sys.argv[0] = {prog!r}; from {mod} import {fn}; {fn}()"
     full_env = {**os.environ, "PYTHONPATH": str(REPO), "NUMBA_NUM_THREADS": "2", **(env or {})}

@@ -68,3 +68,18 @@ def test_verification_can_be_skipped(text_model, tmp_path):
     assert runtime.load(path, backend="numpy", verify=False).generate("hi", max_tokens=2, temperature=0) is not None
     done = command("nqrun", path, "-p", "hi", "-n", "2", "--backend", "numpy", "--no-verify")
     assert done.returncode == 0, done.stderr.decode()
+
+
+def test_nqserve_verifies_unless_told_not_to(text_model, tmp_path):
+    """nqserve refuses the corrupted file at load; with --no-verify it loads it and gets as far as listening (here on
+    a port this test holds, so it stops there with one line instead of serving)."""
+    import socket
+    path = corrupted(text_model, tmp_path)
+    one_error_line(command("nqserve", path, "--backend", "numpy"), "nqserve", "blk.1.ffn_down.p0.v_signs",
+                   "checksum")
+    with socket.socket() as held:
+        held.bind(("127.0.0.1", 0))
+        held.listen(1)
+        port = held.getsockname()[1]
+        one_error_line(command("nqserve", path, "--backend", "numpy", "--port", port, "--no-verify"), "nqserve",
+                       f"cannot listen on 127.0.0.1:{port}")
