@@ -33,6 +33,7 @@ import numpy as np
 import torch
 
 from nqfmt import NQWriter, Provenance
+from nqfmt.writer import WrittenInterrupt
 from nqfmt import keys as K
 from nqfmt.bits import linear_bits
 from nqfmt.errors import NQError, one_line
@@ -482,7 +483,11 @@ def convert(options: Options, reporter: Reporter | None = None) -> Summary:
         source_sha256=source.sha256, source_params=config.parameter_count(), calibration_sha256=calib_sha,
         date=now_utc())
     with timer.stage("write"):
-        write_nq(out, source, model, provenance, tables)
+        try:
+            write_nq(out, source, model, provenance, tables)
+        except WrittenInterrupt:  # Ctrl-C during the rename: OUT is complete, its checkpoints are not needed
+            work.remove()
+            raise
     reporter.done()
     work.remove()
     timer.seconds["total"] = time.perf_counter() - t_start

@@ -85,6 +85,24 @@ def test_stages_change_the_result_and_can_be_switched_off(tmp_path, tiny_preset)
     assert "refinement" not in bare.stage_seconds and "error mitigation" not in bare.stage_seconds
 
 
+def test_ctrl_c_during_the_final_rename_leaves_the_file_and_no_work_directory(tmp_path, tiny_preset, monkeypatch):
+    """A Ctrl-C that the writer holds until OUT is renamed into place: OUT is whole, and the checkpoints go with
+    the interrupt (nothing is left to resume)."""
+    from nqfmt.writer import WrittenInterrupt
+    hf_tiny.save("llama", tmp_path / "src")
+    write = P.write_nq
+
+    def interrupted_write(out, *args):
+        write(out, *args)
+        raise WrittenInterrupt(out)
+
+    monkeypatch.setattr(P, "write_nq", interrupted_write)
+    with pytest.raises(WrittenInterrupt):
+        run(tmp_path, tmp_path / "src", "m.nq")
+    open_nq(tmp_path / "m.nq").verify()  # raises if anything is missing or damaged
+    assert not (tmp_path / "m.nq.work").exists()
+
+
 @pytest.mark.parametrize("kill_after", ["block-001", "boundary", "teacher"])
 def test_resume_after_interruption_is_byte_identical(kill_after, tmp_path, tiny_preset, monkeypatch):
     hf_tiny.save("qwen3", tmp_path / "src")
