@@ -40,6 +40,7 @@ from nqfmt import FactoredLinear, NQFormatError  # noqa: E402
 
 from ..errors import NQRunError  # noqa: E402
 from . import Backend, KVCache  # noqa: E402
+from . import gemm_attention  # noqa: E402
 from . import numba_decode as nd  # noqa: E402
 from . import numba_kernels as nk  # noqa: E402
 from . import numba_lut16 as lut16  # noqa: E402
@@ -111,6 +112,7 @@ class NumbaBackend(Backend):
         self._scratch_bytes = 0  # widest sign row seen (bytes), sizes the shared scratch buffers
         self._scratch_rows = 0  # largest rank of any path
         self._scratch: tuple[np.ndarray, ...] | None = None
+        self._gemm_attention = gemm_attention.GemmAttention(self.threads)  # attention over many queries
 
     # --- weights ------------------------------------------------------------------------------------------------
     def prepare_linear(self, linear: FactoredLinear) -> Linear:
@@ -194,6 +196,11 @@ class NumbaBackend(Backend):
                     w.decode.binary_path_decode_int8(x[0], p.s_in, p.v_words, p.s_mid, p.u_words, p.s_out,
                                                      tab.view(np.uint32), h, y, i > 0)
             y = y.reshape(1, w.m)
+        elif self.simd:  # LUT-16 per token, tokens over the threads: sign tiles stay in cache for every token
+            y = np.empty((t, w.m), np.float32)
+            kernel = lut16.binary_path_parallel if self.threads > 1 else lut16.binary_path_serial
+            for i, p in enumerate(w.paths):
+                kernel(x, p.s_in, p.v_tiles, p.s_mid, p.u_tiles, p.s_out, y, i > 0)
         else:
             y = np.empty((t, w.m), np.float32)
             kernel = (nk.SERIAL if t <= nk.LANES else self.rows).binary_path_lanes
@@ -222,9 +229,13 @@ class NumbaBackend(Backend):
         cache.k[layer, :, pos0:pos0 + t] = k.transpose(1, 0, 2)
         cache.v[layer, :, pos0:pos0 + t] = v.transpose(1, 0, 2)
         out = np.empty((t, heads, d), np.float32)
-        kernels = self.rows if t * (pos0 + t) * heads >= PARALLEL_MIN_ATTENTION else nk.SERIAL
-        kernels.attention(np.ascontiguousarray(q, dtype=np.float32), cache.k[layer], cache.v[layer], pos0, window,
-                          np.float32(scale), np.float32(softcap), out)
+        q = np.ascontiguousarray(q, dtype=np.float32)
+        if gemm_attention.worth_it(t, pos0, window):
+            self._gemm_attention(q, cache.k[layer], cache.v[layer], pos0, window, scale, softcap, out)
+        else:
+            kernels = self.rows if t * (pos0 + t) * heads >= PARALLEL_MIN_ATTENTION else nk.SERIAL
+            kernels.attention(q, cache.k[layer], cache.v[layer], pos0, window, np.float32(scale), np.float32(softcap),
+                              out)
         return out.reshape(t, heads * d)
 
     def glu(self, gate: np.ndarray, up: np.ndarray, activation: str) -> np.ndarray:
