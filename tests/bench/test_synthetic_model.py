@@ -58,8 +58,8 @@ def test_gguf_f16_holds_what_llama_cpp_reads(tmp_path):
     got = {t.name: ([int(x) for x in t.shape], t.tensor_type.name) for t in r.tensors}
     assert got == expected
     fields = r.fields
-    text = lambda key: bytes(fields[key].parts[fields[key].data[0]]).decode()  # noqa: E731
-    scalar = lambda key: fields[key].parts[fields[key].data[0]][0]  # noqa: E731
+    text = lambda key: bytes(fields[key].parts[fields[key].data[0]]).decode()
+    scalar = lambda key: fields[key].parts[fields[key].data[0]][0]
     assert text("general.architecture") == "qwen2" and text("tokenizer.ggml.model") == "gpt2"
     assert len(fields["tokenizer.ggml.tokens"].data) == v
     assert math.isclose(scalar("qwen2.rope.freq_base"), 1e6) and scalar("qwen2.block_count") == 1
