@@ -3,32 +3,25 @@
 For each KV head and each block of QUERY_BLOCK queries, the scores of the block's query heads against every key they
 may see are one sgemm (queries × keys); compiled passes mask them (causal, sliding window) and soft-cap them, numpy
 takes each row's maximum, a compiled pass turns them into unnormalized softmax weights (scale, exp), and a second
-sgemm weighs the values; each output row is then divided by its weights' sum. Float32 throughout, as the one-token kernel: only the order of the additions differs.
-Keys past a block's last query are never scored, so the work is the causal triangle plus one block's square per block.
+sgemm weighs the values; each output row is then divided by its weights' sum. Float32 throughout, as the loop kernel:
+only the order of the additions differs. Keys past a block's last query are never scored, so the work is the causal
+triangle plus one block's square per block.
 
-The backend's `threads` are Python threads here, each with its share of the work; BLAS itself is held to one thread
-while it attends (threadpoolctl).
+The tasks (query block, KV head) are shared among the backend's threads (blas_workers.py).
 """
 from __future__ import annotations
 
 import math
-from concurrent.futures import ThreadPoolExecutor
-from functools import cache
 
 import numpy as np
 from numba import njit
-from threadpoolctl import ThreadpoolController
 
+from .blas_workers import BlasWorkers
 from .numba_decode import exp32
 
 QUERY_BLOCK = 64  # queries per block: larger blocks make larger products but score more hidden keys
 MIN_QUERIES = 8  # below this many queries, or MIN_PAIRS visible query-key pairs, the loop kernel is faster
 MIN_PAIRS = 2048
-
-
-@cache
-def _blas() -> ThreadpoolController:
-    return ThreadpoolController()
 
 
 def worth_it(t: int, pos0: int, window: int) -> bool:
@@ -84,29 +77,13 @@ def softmax_weights(s, best, q0, k0, window, scale, p, sums):
             sums[h, i] = total
 
 
-class GemmAttention:
-    """Attention over many queries on `threads` threads: the (query block, KV head) tasks are dealt out to the
-    threads in turn, each running single-threaded BLAS and the compiled passes (which release the GIL). BLAS's own
-    threads are not used: they spin while they wait, which starves whatever else holds a core of a small machine."""
-
-    def __init__(self, threads: int) -> None:
-        self.threads = threads
-        self._pool = ThreadPoolExecutor(threads - 1, thread_name_prefix="nq-attention") if threads > 1 else None
-
-    def __call__(self, q: np.ndarray, keys: np.ndarray, values: np.ndarray, pos0: int, window: int, scale: float,
-                 softcap: float, out: np.ndarray) -> None:
-        """out (T, H, D) = causal GQA attention of q (T, H, D) at positions pos0.. over one layer's keys/values
-        (KV, ctx, D) (already holding these tokens'); window > 0 keeps only the last `window` positions."""
-        tasks = [(b0, g) for b0 in range(0, q.shape[0], QUERY_BLOCK) for g in range(keys.shape[0])]
-        args = (q, keys, values, pos0, window, scale, softcap, out)
-        with _blas().limit(limits=1, user_api="blas"):
-            if self._pool is None:
-                _attend(tasks, *args)
-                return
-            shares = [self._pool.submit(_attend, tasks[w::self.threads], *args) for w in range(1, self.threads)]
-            _attend(tasks[::self.threads], *args)
-            for share in shares:
-                share.result()
+def attention(workers: BlasWorkers, q: np.ndarray, keys: np.ndarray, values: np.ndarray, pos0: int, window: int,
+              scale: float, softcap: float, out: np.ndarray) -> None:
+    """out (T, H, D) = causal GQA attention of q (T, H, D) at positions pos0.. over one layer's keys/values
+    (KV, ctx, D) (already holding these tokens'); window > 0 keeps only the last `window` positions. The
+    (query block, KV head) tasks are shared among the workers' threads."""
+    tasks = [(b0, g) for b0 in range(0, q.shape[0], QUERY_BLOCK) for g in range(keys.shape[0])]
+    workers.run(lambda share: _attend(share, q, keys, values, pos0, window, scale, softcap, out), tasks)
 
 
 def _attend(tasks: list[tuple[int, int]], q: np.ndarray, keys: np.ndarray, values: np.ndarray, pos0: int,

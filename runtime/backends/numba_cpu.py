@@ -40,7 +40,8 @@ from nqfmt import FactoredLinear, NQFormatError  # noqa: E402
 
 from ..errors import NQRunError  # noqa: E402
 from . import Backend, KVCache  # noqa: E402
-from . import gemm_attention  # noqa: E402
+from . import gemm_attention, gemm_head  # noqa: E402
+from .blas_workers import BlasWorkers  # noqa: E402
 from . import numba_decode as nd  # noqa: E402
 from . import numba_kernels as nk  # noqa: E402
 from . import numba_lut16 as lut16  # noqa: E402
@@ -112,7 +113,7 @@ class NumbaBackend(Backend):
         self._scratch_bytes = 0  # widest sign row seen (bytes), sizes the shared scratch buffers
         self._scratch_rows = 0  # largest rank of any path
         self._scratch: tuple[np.ndarray, ...] | None = None
-        self._gemm_attention = gemm_attention.GemmAttention(self.threads)  # attention over many queries
+        self._blas = BlasWorkers(self.threads)  # threads for many-token attention and head products on BLAS
 
     # --- weights ------------------------------------------------------------------------------------------------
     def prepare_linear(self, linear: FactoredLinear) -> Linear:
@@ -165,7 +166,11 @@ class NumbaBackend(Backend):
 
     def embed(self, table: Table | nt.Q4Table | nt.FactoredTable, ids: np.ndarray) -> np.ndarray:
         out = np.empty((len(ids), table.hidden), np.float32)
-        ids = np.ascontiguousarray(ids, dtype=np.int64)
+        self._rows_into(table, np.ascontiguousarray(ids, dtype=np.int64), out)
+        return out
+
+    def _rows_into(self, table: Table | nt.Q4Table | nt.FactoredTable, ids: np.ndarray, out: np.ndarray) -> None:
+        """Rows `ids` (int64) of the table as float32, written into out (len(ids), hidden)."""
         if isinstance(table, nt.FactoredTable):
             for i, (u_bytes, v_rows, s_mid, s_out) in enumerate(table.paths):
                 nt.embed_factored(u_bytes, v_rows, s_mid, s_out, ids, out, i > 0)
@@ -177,7 +182,6 @@ class NumbaBackend(Backend):
             nk.embed_q8(table.data, table.qs, ids, out)
         else:
             out[:] = table.data[ids]
-        return out
 
     def linear(self, w: Linear, x: np.ndarray) -> np.ndarray:
         x = np.ascontiguousarray(x, dtype=np.float32)
@@ -231,7 +235,7 @@ class NumbaBackend(Backend):
         out = np.empty((t, heads, d), np.float32)
         q = np.ascontiguousarray(q, dtype=np.float32)
         if gemm_attention.worth_it(t, pos0, window):
-            self._gemm_attention(q, cache.k[layer], cache.v[layer], pos0, window, scale, softcap, out)
+            gemm_attention.attention(self._blas, q, cache.k[layer], cache.v[layer], pos0, window, scale, softcap, out)
         else:
             kernels = self.rows if t * (pos0 + t) * heads >= PARALLEL_MIN_ATTENTION else nk.SERIAL
             kernels.attention(q, cache.k[layer], cache.v[layer], pos0, window, np.float32(scale), np.float32(softcap),
@@ -247,6 +251,9 @@ class NumbaBackend(Backend):
         if isinstance(table, nt.FactoredTable):
             return self.linear(table.linear, x)
         x = np.ascontiguousarray(x, dtype=np.float32)
+        if x.shape[0] >= gemm_head.MIN_TOKENS:
+            vocab = (table.raw if isinstance(table, nt.Q4Table) else table.data).shape[0]
+            return gemm_head.head(self._blas, lambda ids, rows: self._rows_into(table, ids, rows), vocab, x)
         if isinstance(table, nt.Q4Table):
             out = np.empty((x.shape[0], table.raw.shape[0]), np.float32)
             (nt.PARALLEL if self.threads > 1 else nt.SERIAL).head_q4(table.raw, table.scales, table.grid, x, out)

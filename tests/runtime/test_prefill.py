@@ -1,15 +1,17 @@
 """Prefill on the numba backend (many tokens in one forward pass): the several-token binary linear (LUT-16 per token
-with AVX-512, LUT-8 lanes elsewhere), attention over many queries as BLAS products (gemm_attention.py) and the
-vectorized GLU, each against float64 numpy; whole-model prefill logits of every variant against the reference."""
+with AVX-512, LUT-8 lanes elsewhere), attention over many queries and the head over many tokens as BLAS products
+(gemm_attention.py, gemm_head.py) and the vectorized GLU, each against float64 numpy; whole-model prefill logits of
+every variant against the reference."""
 import numpy as np
 import pytest
-
-from nqfmt import BinaryPath, FactoredLinear, open_nq, pack_signs
-from runtime.backends import KVCache, get_backend, gemm_attention, numba_kernels, numba_lut16
-from runtime.backends.numba_cpu import NumbaBackend
-from runtime.model import Model
 from synthetic import tiny_config
 from synthetic_variants import VARIANTS
+
+from nqfmt import BinaryPath, FactoredLinear, open_nq, pack_signs
+from runtime.backends import KVCache, gemm_attention, gemm_head, get_backend, numba_kernels, numba_lut16
+from runtime.backends.blas_workers import BlasWorkers
+from runtime.backends.numba_cpu import NumbaBackend
+from runtime.model import Model
 
 REL = 1e-4
 STAGES = [False] + ([True] if numba_lut16.available() else [])
@@ -68,8 +70,8 @@ def test_gemm_attention_matches_float64(threads, t, pos0, window, softcap, heads
     keys[:, :pos0 + t] = k.transpose(1, 0, 2)
     values[:, :pos0 + t] = v.transpose(1, 0, 2)
     out = np.full((t, heads, d), np.nan, np.float32)
-    gemm_attention.GemmAttention(threads)(q[pos0:].astype(np.float32), keys, values, pos0, window, scale, softcap,
-                                          out)
+    gemm_attention.attention(BlasWorkers(threads), q[pos0:].astype(np.float32), keys, values, pos0, window, scale,
+                             softcap, out)
     assert np.abs(out - want).max() <= 1e-5 * np.abs(want).max()
 
 
@@ -109,3 +111,20 @@ def test_prefill_logits_match_reference(variant_files, variant, threads, simd):
                                        model.forward(ids[100:], 100, cache, all_logits=True)])
     want = logits["numpy"]
     assert np.abs(logits["numba"] - want).max() <= REL * np.abs(want).max()
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_head_over_many_tokens_matches_reference(variant_files, variant, threads, monkeypatch):
+    """The head through widened row chunks and sgemm (gemm_head.py), for every table kind of the variants, in chunks
+    of 40 rows (the last one partial) shared among the threads; a binary-factored head stays a factored linear."""
+    monkeypatch.setattr(gemm_head, "MIN_TOKENS", 1)
+    monkeypatch.setattr(gemm_head, "HEAD_ROWS", 40)
+    nq = open_nq(variant_files[variant])
+    x = np.random.default_rng(37).standard_normal((37, nq.config.hidden))
+    want = Model(nq, get_backend("numpy")).head_table
+    want = get_backend("numpy").head(want, x)
+    backend = NumbaBackend(threads=threads)
+    got = backend.head(Model(nq, backend).head_table, x.astype(np.float32))
+    assert got.shape == want.shape and got.dtype == np.float32
+    assert np.abs(got - want).max() <= 1e-5 * np.abs(want).max()
