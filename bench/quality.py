@@ -110,6 +110,8 @@ def main() -> None:
     ap.add_argument("--preset", default="quick")
     ap.add_argument("--bits", type=float, default=1.0)
     ap.add_argument("--text", type=Path, default=None, help="evaluation text (default: the project's test text)")
+    ap.add_argument("--calib", type=Path, default=None, help="calibration text (default: the project's train text); "
+                                                          "names the JSON -calib-<sha256 prefix>")
     ap.add_argument("--windows", type=int, default=40)
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--seed", type=int, default=0)
@@ -133,6 +135,8 @@ def main() -> None:
     ablation += [f"seed{args.seed}"] if args.seed else []
     ablation += [f"emb-{args.embedding.replace(':', '-')}"] if args.embedding else []
     ablation += [f"alloc-{args.allocation}"] if args.allocation else []
+    calib = args.calib or default_calibration_text()
+    ablation += [f"calib-{file_sha256(calib)[:8]}"] if args.calib else []
     name = "-".join([f"quality-{Path(args.model).name}-{args.preset}"]
                     + ([f"b{args.bits:g}"] if args.bits != 1.0 else []) + ablation)
     result_path = RESULTS / f"{name}.json"
@@ -148,7 +152,8 @@ def main() -> None:
     summary = convert(Options(model=args.model, out=out, bits=args.bits, preset=args.preset, seed=args.seed,
                               threads=args.threads, error_mitigation=not args.no_error_mitigation,
                               refine=not args.no_refine, model_recon=not args.no_model_recon,
-                              embedding=args.embedding, allocation=args.allocation, resume=args.resume),
+                              embedding=args.embedding, allocation=args.allocation, resume=args.resume,
+                              calib=[calib] if args.calib else ()),
                       LineReporter(sys.stdout))
     convert_seconds = time.perf_counter() - t0
     load_after_convert = os.getloadavg()
@@ -166,7 +171,7 @@ def main() -> None:
                      "error_mitigation": not args.no_error_mitigation,
                      "refine": not args.no_refine, "model_recon": not args.no_model_recon,
                      "text": str(text), "text_sha256": file_sha256(text),
-                     "calibration_text_sha256": file_sha256(default_calibration_text()),
+                     "calibration_text": str(calib), "calibration_text_sha256": file_sha256(calib),
                      "mwparserfromhell": importlib.metadata.version("mwparserfromhell"), "windows": len(windows),
                      "recipe": json.loads(open_nq(out).provenance.recipe)},
         "bits_target": args.bits, "bpw_decoder_linears": summary.bpw_linears, "bpw_whole_file": summary.bpw_file,
