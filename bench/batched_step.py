@@ -7,7 +7,7 @@ steps), the rest being Python between ops. Single-process, no server: this is th
 under.
 
 Usage: python -m bench.batched_step --nq FILE.nq [--batch 1 2 4 8 16] [--threads T] [--steps 20]
-Writes bench/results/batched-step-<file stem>.json. Run it under `flock /work/runs/cpu.lock` on a shared machine.
+Writes bench/results/batched-step-<file stem>.json. Run it on an otherwise idle machine.
 """
 from __future__ import annotations
 

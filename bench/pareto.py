@@ -22,6 +22,7 @@ import json
 import math
 import os
 import subprocess
+import tempfile
 import sys
 from pathlib import Path
 
@@ -182,7 +183,7 @@ def main() -> None:
     ap.add_argument("--preset", nargs="+", default=["quick"])
     ap.add_argument("--embedding", default=None, help="embedding type of our files (default: the preset's)")
     ap.add_argument("--llama", nargs="+", default=list(LLAMA_TYPES))
-    ap.add_argument("--work", type=Path, default=Path(os.environ.get("NANOQUANT_BENCH_DIR", "/tmp/nq-bench")))
+    ap.add_argument("--work", type=Path, default=Path(os.environ.get("NANOQUANT_BENCH_DIR", Path(tempfile.gettempdir()) / "nq-bench")))
     ap.add_argument("--no-ours", action="store_true")
     ap.add_argument("--no-llama", action="store_true")
     ap.add_argument("--no-hqq", action="store_true")

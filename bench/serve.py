@@ -15,8 +15,7 @@ Usage: python -m bench.serve --nq FILE.nq [--clients 1 4 8] [--tokens 128] [--pr
        [--rounds 1] [--threads T]
 With --rounds N the sequence repeats N times on the same server; the bars use each client count's best round by
 aggregate tok/s (others' jobs share this machine), while errors, texts and the TTFT bar must hold in every round.
-Writes bench/results/serve-<file stem>.json (-t<T> added with --threads). Run it under
-`flock /work/runs/cpu.lock` on a shared machine.
+Writes bench/results/serve-<file stem>.json (-t<T> added with --threads). Run it on an otherwise idle machine.
 """
 from __future__ import annotations
 
@@ -27,6 +26,7 @@ import os
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from datetime import datetime, timezone
 from pathlib import Path
@@ -171,7 +171,7 @@ def main() -> None:
     ids = prompts(a.nq, a.prompt_tokens)
     port = free_port()
     url = f"http://127.0.0.1:{port}"
-    log = Path(f"/tmp/nqserve-bench-{port}.log")
+    log = Path(tempfile.gettempdir()) / f"nqserve-bench-{port}.log"
     proc = start_server(a.nq, port, a.threads, a.ctx, log)
     model = a.nq.stem
     load_before = os.getloadavg()
