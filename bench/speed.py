@@ -8,6 +8,7 @@ Models (`--model`):
   qwen2.5-1.5b   decoder-dominated: random weights of Qwen2.5-1.5B's shapes for both engines. Ours: one .nq per
                  --embedding (1.0 bpw ranks). llama.cpp: an F16 GGUF of the same shapes (bench/synthetic_model.py)
                  quantized to Q4_0 by llama_model_quantize, so llama.cpp picks its own types (e.g. for the head).
+  llama-2-7b     the same with Llama-2-7B's shapes (untied head; llama.cpp's F16 GGUF is 13.5 GB).
 llama.cpp configuration (`--llama-config`): `default` is what its users run (repacked CPU weight buffers on). Before
 timing, each llama.cpp file is loaded with the default parameters in a subprocess that evaluates a few tokens; where
 that subprocess dies, the crash (exit status, signal, stderr tail) goes into the JSON and that file runs with
@@ -15,15 +16,16 @@ that subprocess dies, the crash (exit status, signal, stderr tail) goes into the
 Prompts: the same token ids for every engine and model, from the SmolLM2-135M tokenizer (llama.cpp's vocabulary of
 the original GGUF): a 29-token sentence (PROMPT), after which exactly --tokens tokens are decoded greedily (no stop
 token; one single-token forward pass + argmax each, timed from the first generated token to the last), and the first
-512 tokens of the default test text (nqdata, spec/EVALUATION.md §1), prefilled for one token. SmolLM2's ids are
-below every vocabulary here, so the synthetic models take them as they are.
+512 tokens of the default test text (nqdata, spec/EVALUATION.md §1), prefilled for one token. A model with a smaller
+vocabulary than SmolLM2's (Llama-2's) gets every id modulo its vocabulary size.
 Every run is a fresh process (time to first token runs from process start: imports, load, prefill); engines are
 interleaved round by round, the best of --rounds kept. Memory (ours): peak RSS minus the RSS after imports and
 kernel loading (a one-layer model of the same architecture and table type run first), against the bar file size +
 KV cache + 50 MB; llama.cpp's absolute peak RSS is reported beside ours.
 
-Usage: python -m bench.speed [--model smollm2-135m|qwen2.5-1.5b] [--nq [LABEL=]FILE ...] [--embedding f16 q8_0 ...]
-       [--llama-config default|no-repack|both] [--rounds 3] [--threads 1 2] [--tokens 128] [--work DIR]
+Usage: python -m bench.speed [--model smollm2-135m|qwen2.5-1.5b|llama-2-7b] [--nq [LABEL=]FILE ...]
+       [--embedding f16 q8_0 ...] [--llama-config default|no-repack|both] [--rounds 3] [--threads 1 2] [--tokens 128]
+       [--work DIR]
 Writes bench/results/speed-<model>-<UTC time>.json (or into --out).
 """
 from __future__ import annotations
@@ -48,7 +50,7 @@ PROMPT = ("The history of the city begins in the early medieval period, when a s
 LONG_PROMPT = 512
 N_CTX = 1024  # holds the long prompt or the short one plus its decoded tokens
 LLAMA_CONFIGS = ("default", "no-repack")
-MODELS = ("smollm2-135m", "qwen2.5-1.5b")
+MODELS = ("smollm2-135m", "qwen2.5-1.5b", "llama-2-7b")
 PROBE_TOKENS = 8
 CPU_FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "avx_vnni", "amx_tile", "amx_int8")
 
@@ -432,6 +434,12 @@ def main() -> None:
         llama_engines, probes = llama_plan(lfiles, a.llama_config, max(a.threads))
         engines += llama_engines
     ids = run_worker("tokenize", str(original_q4_1()))
+    from bench.synthetic_model import SHAPES  # not at the top: workers' start-up time stays the engines' own
+    vocab = SHAPES[a.model]["vocab"]
+    ids_note = ""
+    if max(ids["short"] + ids["long"]) >= vocab:
+        ids = dict(ids, short=[i % vocab for i in ids["short"]], long=[i % vocab for i in ids["long"]])
+        ids_note = f"; every id taken modulo {a.model}'s vocabulary of {vocab}"
     print(f"uptime: {os.getloadavg()}", flush=True)
     load_before = os.getloadavg()
     runs: dict[str, dict[str, dict[str, list[dict]]]] = {}
@@ -464,7 +472,8 @@ def main() -> None:
                       short_prompt_tokens=len(ids["short"]), long_prompt_tokens=len(ids["long"]),
                       prompt_ids="SmolLM2-135M tokenizer (llama.cpp vocabulary of the original Q4_1 GGUF): the short "
                                  "prompt PROMPT of bench/speed.py; the long one the first 512 tokens of the first "
-                                 f"{ids['text_chars']} characters of nqdata's test text; the same ids for every engine",
+                                 f"{ids['text_chars']} characters of nqdata's test text; the same ids for every engine"
+                                 + ids_note,
                       statistic="best of rounds", llama_config_requested=a.llama_config,
                       llama_default_fallback=fallback, command="python -m bench.speed " + " ".join(sys.argv[1:])),
         engines=[asdict(e) for e in engines], our_files=files, llama_files=llama_types, llama_default_probe=probes,
@@ -475,7 +484,8 @@ def main() -> None:
     for label, b in best.items():
         for t in a.threads:
             v = b[f"t{t}"]
-            print(f"best t{t} {label}: decode {v['decode_tps']:.1f} tok/s, prefill-512 {v['prefill512_tps']:.1f} tok/s, "
+            print(f"best t{t} {label}: decode {v['decode_tps']:.1f} tok/s, "
+                  f"prefill-512 {v['prefill512_tps']:.1f} tok/s, "
                   f"ttft {v['ttft_short_s']:.3f} s / {v['ttft512_s']:.3f} s (512), peak RSS {v['peak_rss_mb']:.0f} MB, "
                   f"file {b['file_mb']:.1f} MiB")
     for k, v in rat.items():

@@ -29,7 +29,9 @@ SMOLLM2_135M = dict(arch="llama", n_layers=30, hidden=576, n_heads=9, n_kv_heads
 QWEN25_1_5B = dict(arch="qwen2", n_layers=28, hidden=1536, n_heads=12, n_kv_heads=2, head_dim=128, ffn=8960,
                    vocab=151936, context_length=32768, norm_eps=1e-6, rope_theta=1000000.0, tie_embeddings=True,
                    attention_bias=True)
-SHAPES = {"smollm2-135m": SMOLLM2_135M, "qwen2.5-1.5b": QWEN25_1_5B}
+LLAMA2_7B = dict(arch="llama", n_layers=32, hidden=4096, n_heads=32, n_kv_heads=32, head_dim=128, ffn=11008,
+                 vocab=32000, context_length=4096, norm_eps=1e-5, rope_theta=10000.0, tie_embeddings=False)
+SHAPES = {"smollm2-135m": SMOLLM2_135M, "qwen2.5-1.5b": QWEN25_1_5B, "llama-2-7b": LLAMA2_7B}
 TINY = dict(n_layers=1, hidden=64, n_heads=2, n_kv_heads=1, head_dim=32, ffn=96, vocab=512, context_length=256)
 
 DENSE_TABLES = {"f16": GGMLType.F16, "q8_0": GGMLType.Q8_0, "q4_0": GGMLType.Q4_0, "iq4_nl": GGMLType.IQ4_NL}

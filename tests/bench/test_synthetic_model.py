@@ -6,8 +6,8 @@ import pytest
 from gguf import GGUFReader
 
 import runtime
-from bench.synthetic_model import (QWEN25_1_5B, SMOLLM2_135M, gguf_vocab, parse_table, tiny_shapes, write_gguf_f16,
-                                   write_nq)
+from bench.synthetic_model import (LLAMA2_7B, QWEN25_1_5B, SMOLLM2_135M, gguf_vocab, parse_table, tiny_shapes,
+                                   write_gguf_f16, write_nq)
 from nqfmt import LinearPlan, open_nq
 from nqfmt import keys as K
 from nqfmt.keys import GGMLType
@@ -25,7 +25,8 @@ def test_nq_file_holds_the_shapes_and_runs(tmp_path, shapes, embedding):
     f = open_nq(path)
     cfg = f.config
     assert (cfg.arch, cfg.hidden, cfg.vocab, cfg.attention_bias, cfg.tie_embeddings) == (
-        shapes["arch"], shapes["hidden"], shapes["vocab"], shapes.get("attention_bias", False), shapes["tie_embeddings"])
+        shapes["arch"], shapes["hidden"], shapes["vocab"], shapes.get("attention_bias", False),
+        shapes["tie_embeddings"])
     assert f.tables[K.EMBD_TABLE] == kind
     assert all(len(plan.ranks) == 1 for block in f.linears for plan in block.values())
     m = runtime.load(path, backend="numpy", n_ctx=32)
@@ -71,3 +72,18 @@ def test_gguf_f16_holds_what_llama_cpp_reads(tmp_path):
 def test_gguf_vocab_is_unique_and_starts_with_the_bytes():
     tokens = gguf_vocab(1000)
     assert len(tokens) == len(set(tokens)) == 1000 and "Ċ" in tokens[:256] and tokens[256] == "Ġt"
+
+
+@pytest.mark.parametrize("shapes", [TINY_QWEN, dict(tiny_shapes(LLAMA2_7B), n_kv_heads=2)],
+                         ids=["qwen2", "llama-untied"])
+def test_llama_cpp_quantizes_and_runs_the_gguf(tmp_path, shapes):
+    """The GGUF goes through llama.cpp as bench/speed.py uses it: llama_model_quantize to Q4_0, then a fresh process
+    prefills and decodes; the tied or untied head is where llama.cpp looks for it."""
+    pytest.importorskip("llama_cpp")
+    from bench import speed
+    f16 = write_gguf_f16(tmp_path / "m-f16.gguf", shapes)
+    q40 = speed.quantize(f16, tmp_path / "m-q4_0.gguf", "LLAMA_FTYPE_MOSTLY_Q4_0")
+    assert speed.gguf_tensor_types(q40).get("Q4_0", 0) >= 7
+    r = speed.run_worker("llama", str(q40), 1, 4, [5, 9, 300, 7, 11], "no-repack")
+    assert r["decode_tokens"] == 4 and len(r["generated"]) == 5
+    assert all(0 <= t < shapes["vocab"] for t in r["generated"])
