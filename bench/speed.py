@@ -406,7 +406,8 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--threads", nargs="*", type=int, default=[1, 2])
     ap.add_argument("--tokens", type=int, default=128)
-    ap.add_argument("--work", type=Path, default=Path(os.environ.get("NANOQUANT_BENCH_DIR", Path(tempfile.gettempdir()) / "nq-bench")))
+    ap.add_argument("--work", type=Path,
+                    default=Path(os.environ.get("NANOQUANT_BENCH_DIR", Path(tempfile.gettempdir()) / "nq-bench")))
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results", help="directory of the JSON")
     ap.add_argument("--no-llama", action="store_true", help="measure only our files")
     ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
