@@ -103,6 +103,7 @@ class SyntheticModel(Model):
                 linears[name] = backend.prepare_linear(lin)
             self.blocks.append(Block(norms, linears, config.sliding_layers[layer]))
         self._inv_freq = {local: rope_inv_freq(config, local) for local in (False, True)}
+        self._fused = backend.fused_blocks(self)
 
 
 def linear_bits(config: ModelConfig, bits: float) -> float:
