@@ -228,6 +228,23 @@ def exp32(x):
 
 
 @njit(inline="always", **_OPTS)
+def attention_scores(q, keys, lo, n, scale, softcap, p):
+    """p[j] = scale · q·keys[lo + j] (soft-capped when softcap > 0) for j < n, q (D,) and keys (ctx, D); returns the
+    largest score."""
+    best = -np.inf
+    for j in range(n):
+        s = np.float32(0.0)
+        for k in range(q.shape[0]):
+            s += q[k] * keys[lo + j, k]
+        s *= scale
+        if softcap > 0:
+            s = softcap * math.tanh(s / softcap)
+        p[j] = s
+        best = max(best, s)
+    return best
+
+
+@njit(inline="always", **_OPTS)
 def _rms(src, so, n, vecs, wo, eps, dst, do):
     """dst[do:do+n] = src[so:so+n] / rms · vecs[wo:wo+n], in float32 as numba_kernels.rms_norm."""
     ss = np.float32(0.0)
@@ -456,16 +473,7 @@ def _attention_phase(net, phase, layer, pos, sc, rope_at):
         if ints[C_QK_NORM]:
             _rms(q, 0, d, vecs, qnorm, eps, q, 0)
         _rope(q, 0, sc, rope_at, d // 2)
-        best = -np.inf
-        for j in range(n):
-            s = np.float32(0.0)
-            for k in range(d):
-                s += q[k] * kc[lo + j, k]
-            s *= scale
-            if softcap > 0:
-                s = softcap * math.tanh(s / softcap)
-            p[j] = s
-            best = max(best, s)
+        best = attention_scores(q, kc, lo, n, scale, softcap, p)
         total = np.float32(0.0)
         for j in range(n):
             e = exp32(p[j] - best)

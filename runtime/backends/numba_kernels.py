@@ -28,7 +28,7 @@ from numba import njit, prange, types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
-from .numba_decode import exp32
+from .numba_decode import attention_scores, exp32
 
 _OPTS = dict(fastmath=True, cache=True, nogil=True)
 ROW_BLOCK = 64  # vocabulary rows per task in the Q8_0 head
@@ -454,16 +454,7 @@ def _kernels(parallel: bool) -> SimpleNamespace:
             lo = max(0, qp - window + 1) if window > 0 else 0
             n = qp + 1 - lo
             p = np.empty(n, dtype=np.float32)
-            best = -np.inf
-            for j in range(n):
-                s = np.float32(0.0)
-                for k in range(d):
-                    s += q[t, h, k] * keys[g, lo + j, k]
-                s *= scale
-                if softcap > 0:
-                    s = softcap * math.tanh(s / softcap)
-                p[j] = s
-                best = max(best, s)
+            best = attention_scores(q[t, h], keys[g], lo, n, scale, softcap, p)
             total = np.float32(0.0)
             for j in range(n):
                 p[j] = math.exp(p[j] - best)
