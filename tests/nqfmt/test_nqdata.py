@@ -1,10 +1,11 @@
 """The default text is built from the gensim wheel on a fresh machine (needs PyPI, as the install does)."""
+import hashlib
 from pathlib import Path
 
 import pytest
 
 import nqdata
-from nqdata.wikipedia import plain_text, split_articles
+from nqdata.wikipedia import TEXT_SHA256, plain_text, split_articles
 
 SHARED = Path(__file__).parents[3] / "shared" / "data"
 
@@ -31,5 +32,9 @@ def test_builds_from_the_wheel_and_matches_the_reference_test_text(tmp_path, mon
     assert " = Anarchism = " in train_path.read_text(encoding="utf-8") and " = Anarchism = " not in test_text
     if (SHARED / "enwiki-test.txt").exists():
         assert test_text == (SHARED / "enwiki-test.txt").read_text(encoding="utf-8")
+    train_lines = train_path.read_text(encoding="utf-8").splitlines()
+    assert not [ln for ln in train_lines if ln.startswith(("{|", "|", "!"))]  # no wikitable markup survives
+    for path, split in ((train_path, "train"), (test_path, "test")):
+        assert hashlib.sha256(path.read_bytes()).hexdigest() == TEXT_SHA256[split]
     with pytest.raises(ValueError):
         nqdata.default_text("validation")
