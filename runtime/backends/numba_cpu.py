@@ -54,8 +54,10 @@ DEFAULT_MAX_THREADS = 4
 # size; the head (28 M weights), prefill (parallel over groups of tokens) and long attention still use the threads.
 PARALLEL_MIN_LOOKUPS = 800 * 1024  # sign bytes of one decode path
 PARALLEL_MIN_ATTENTION = 4096  # query × key pairs (× heads) of one attention call
-# Several tokens (a batched decoding step, a prefill) go through binary_path_lanes, LANES tokens per task; up to
-# LANES tokens that is one task, run serially. The head's several-token kernel is for a batched step's few rows.
+# The same rule holds for several tokens (a batched decoding step, a prefill slice): their LUT-16 products run on the
+# threads only from PARALLEL_MIN_LOOKUPS sign bytes × tokens (an 8-sequence step on SmolLM2-135M stays serial: its
+# q projection took 219 µs on 2 threads against 7 µs for one token). Without AVX-512 they go through
+# binary_path_lanes, LANES tokens per task; up to LANES tokens that is one task, run serially. The head's several-token kernel is for a batched step's few rows.
 HEAD_DOTS_MAX_TOKENS = 2 * nk.DOT_TOKENS
 
 
@@ -81,6 +83,7 @@ class Linear:
     paths: tuple[SignPath, ...]
     bias: np.ndarray | None
     decode: SimpleNamespace  # the serial or parallel kernels, chosen by size for one-token products
+    lookups: int  # sign bytes of all paths: t tokens are worth the threads from PARALLEL_MIN_LOOKUPS / lookups on
 
 
 @dataclass(frozen=True)
@@ -136,7 +139,7 @@ class NumbaBackend(Backend):
         self._scratch = None
         lookups = sum(p.v_bytes.size + p.u_bytes.size for p in paths)
         return Linear(linear.m, linear.n, tuple(paths), bias,
-                      nk.PARALLEL if self.threads > 1 and lookups >= PARALLEL_MIN_LOOKUPS else nk.SERIAL)
+                      nk.PARALLEL if self.threads > 1 and lookups >= PARALLEL_MIN_LOOKUPS else nk.SERIAL, lookups)
 
     def prepare_embedding(self, table: np.ndarray, gtype: GGMLType, hidden: int) -> Table | nt.Q4Table:
         if gtype in (GGMLType.Q4_0, GGMLType.IQ4_NL):
@@ -202,7 +205,8 @@ class NumbaBackend(Backend):
             y = y.reshape(1, w.m)
         elif self.simd:  # LUT-16 per token, tokens over the threads: sign tiles stay in cache for every token
             y = np.empty((t, w.m), np.float32)
-            kernel = lut16.binary_path_parallel if self.threads > 1 else lut16.binary_path_serial
+            parallel = self.threads > 1 and t * w.lookups >= PARALLEL_MIN_LOOKUPS
+            kernel = lut16.binary_path_parallel if parallel else lut16.binary_path_serial
             for i, p in enumerate(w.paths):
                 kernel(x, p.s_in, p.v_tiles, p.s_mid, p.u_tiles, p.s_out, y, i > 0)
         else:
