@@ -102,8 +102,8 @@ def llama_worker(gguf: str) -> dict:
 
     from converter.sources import open_source
     windows = eval_windows(open_source(MODEL), test_text(), 40)
-    llm = Llama(model_path=gguf, n_ctx=windows.shape[1], logits_all=True, n_threads=os.cpu_count(), verbose=False,
-                n_batch=512)
+    llm = Llama(model_path=gguf, n_ctx=windows.shape[1], logits_all=True, n_threads=len(os.sched_getaffinity(0)),
+                verbose=False, n_batch=512)  # the cores this process may use (taskset narrows them)
     nll = []
     for w in windows.tolist():
         llm.reset()
