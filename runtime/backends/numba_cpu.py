@@ -57,7 +57,8 @@ PARALLEL_MIN_ATTENTION = 4096  # query × key pairs (× heads) of one attention 
 # The same rule holds for several tokens (a batched decoding step, a prefill slice): their LUT-16 products run on the
 # threads only from PARALLEL_MIN_LOOKUPS sign bytes × tokens (an 8-sequence step on SmolLM2-135M stays serial: its
 # q projection took 219 µs on 2 threads against 7 µs for one token). Without AVX-512 they go through
-# binary_path_lanes, LANES tokens per task; up to LANES tokens that is one task, run serially. The head's several-token kernel is for a batched step's few rows.
+# binary_path_lanes, LANES tokens per task; up to LANES tokens that is one task, run serially. The head's
+# several-token kernel is for a batched step's few rows.
 HEAD_DOTS_MAX_TOKENS = 2 * nk.DOT_TOKENS
 
 
