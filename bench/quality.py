@@ -115,7 +115,7 @@ def main() -> None:
     ap.add_argument("--windows", type=int, default=40)
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--embedding", default=None, help="f16, q8_0, q4_0, binary or binary:RANK (default: the preset's); "
+    ap.add_argument("--embedding", default=None, help="an --embedding choice of nqconvert (default: the preset's); "
                                                       "names the JSON -emb-<choice>")
     ap.add_argument("--allocation", default=None, help="uniform or fisher (default: the preset's); names the JSON "
                                                        "-alloc-<rule>")

@@ -51,7 +51,8 @@ def nqconvert(
                                                         "(where a Fisher estimate says they lower the loss most); "
                                                         "default: the preset's"),
     embedding: Optional[str] = typer.Option(None, help="how the embedding and head are stored: f16, q8_0, q4_0, "
-                                                         "iq4_nl, binary, binary:RANK or binary:RANKxPATHS "
+                                                         "iq4_nl, q4_0+K or iq4_nl+K (the K most frequent tokens' "
+                                                         "rows at Q8_0), binary, binary:RANK or binary:RANKxPATHS "
                                                          "(default: the preset's)"),
     seed: int = typer.Option(0, help="seed of every random choice, 0..2^63-1"),
     threads: Optional[int] = typer.Option(None, help="torch threads, at most the cores available (default: all)"),

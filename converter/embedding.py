@@ -1,11 +1,16 @@
 """How the converter stores the embedding and the output head (spec/FORMAT.md §3.4, spec/CONVERTER.md, "Embedding and
 head"): F16, Q8_0, Q4_0, IQ4_NL, or binary-factored by the same LB-ADMM as the decoder linears.
 
-The choice is text, `f16`, `q8_0`, `q4_0`, `iq4_nl`, `binary` (one path of rank min(V, d)), `binary:RANK` or
-`binary:RANKxPATHS` (residual paths), kept in the recipe. A `StoredTable` holds what the file will hold: raw bytes
+The choice is text, `f16`, `q8_0`, `q4_0`, `iq4_nl`, `q4_0+K` / `iq4_nl+K` (the K most frequent tokens' rows kept
+at Q8_0, "hot rows"), `binary` (one path of rank min(V, d)), `binary:RANK` or `binary:RANKxPATHS` (residual paths),
+kept in the recipe. A `StoredTable` holds what the file will hold: raw bytes
 for F16 and Q8_0 (the torch model sees them dequantized), a `Q4Table` (Q4_0's or IQ4_NL's grid values, fixed,
-times the block scales) or a frozen `BinaryFactoredLinear`; model reconstruction tunes the scales of the last two
-like the decoder linears' scales, and the file is exported from the tuned module.
+times the block scales), a `HotRowsTable` (a Q4Table of the other rows and the hot rows' fixed Q8_0 values) or a
+frozen `BinaryFactoredLinear`; model reconstruction tunes the scales of the last three like the decoder linears'
+scales, and the file is exported from the tuned module.
+
+Hot rows are the K tokens that occur most often in the whole calibration text (ties to the lower id): where a 4-bit
+table loses, the loss sits in the frequent rows (spec/CONVERTER.md, "Embedding and head").
 
 Weights for the choices that lose information (the 4-bit types' scale search, the ADMM's preconditioners):
 - columns: the final norm's output second moments on the statistics windows, shrunk and square-rooted like the
@@ -25,7 +30,7 @@ import torch
 from gguf import GGMLQuantizationType
 from gguf.quants import quantize
 
-from nqfmt import LinearPlan, ModelConfig
+from nqfmt import HotRows, LinearPlan, ModelConfig
 from nqfmt import keys as K
 from nqfmt.errors import NQError
 from nqfmt.q4 import BLOCK, GRIDS, pack_q4, unpack_q4
@@ -38,6 +43,18 @@ from .preconditioners import ClippedSecondMoment, preconditioner
 DENSE = {"f16": K.GGMLType.F16, "q8_0": K.GGMLType.Q8_0, "q4_0": K.GGMLType.Q4_0, "iq4_nl": K.GGMLType.IQ4_NL}
 BINARY = "binary"
 CHOICES = (*DENSE, BINARY)
+HOT_BASES = ("q4_0", "iq4_nl")  # the types a table with hot rows keeps its other rows in
+
+
+def hot_rows(choice: str) -> int:
+    """How many hot rows a choice keeps at Q8_0 (`iq4_nl+K`: K; 0 for every other choice)."""
+    base, plus, hot = choice.partition("+")
+    return int(hot) if plus else 0
+
+
+def base_type(choice: str) -> str:
+    """The choice without its hot rows: `iq4_nl+4096` → `iq4_nl`."""
+    return choice.partition("+")[0]
 
 
 class EmbeddingChoiceError(NQError):
@@ -45,12 +62,18 @@ class EmbeddingChoiceError(NQError):
 
 
 def parse_embedding(text: str) -> str:
-    """The canonical form of an --embedding value (`q4_0`, `binary`, `binary:256`, `binary:576x2`, ...), or
-    EmbeddingChoiceError."""
-    kind, sep, spec = text.strip().lower().partition(":")
+    """The canonical form of an --embedding value (`q4_0`, `iq4_nl+4096`, `binary`, `binary:256`, `binary:576x2`,
+    ...), or EmbeddingChoiceError."""
+    base, plus, hot = text.strip().lower().partition("+")
+    if plus:
+        if base not in HOT_BASES or not hot.isdigit() or int(hot) < 1:
+            raise EmbeddingChoiceError(f"--embedding {text!r}: hot rows go after q4_0 or iq4_nl as '+K', K a positive "
+                                       f"number of rows")
+        return f"{base}+{int(hot)}"
+    kind, sep, spec = base.partition(":")
     if kind not in CHOICES or (sep and kind != BINARY):
-        raise EmbeddingChoiceError(f"--embedding {text!r}: choose one of f16, q8_0, q4_0, iq4_nl, binary, "
-                                   f"binary:RANK, binary:RANKxPATHS")
+        raise EmbeddingChoiceError(f"--embedding {text!r}: choose one of f16, q8_0, q4_0, iq4_nl, q4_0+K, iq4_nl+K, "
+                                   f"binary, binary:RANK, binary:RANKxPATHS")
     if not sep:
         return kind
     rank, times, paths = spec.partition("x")
@@ -77,11 +100,14 @@ def binary_paths(choice: str) -> int:
 def resolve_embedding(choice: str, config: ModelConfig, explicit: bool) -> str:
     """`choice` checked against the model. A block type (Q8_0, Q4_0, IQ4_NL) needs d to be a multiple of 32: asked
     for explicitly, another d is an error; as a preset's default, it falls back to f16 (recorded in the recipe)."""
-    if choice in ("q8_0", "q4_0", "iq4_nl") and config.hidden % BLOCK:
+    if base_type(choice) in ("q8_0", "q4_0", "iq4_nl") and config.hidden % BLOCK:
         if explicit:
             raise EmbeddingChoiceError(f"--embedding {choice}: rows of {config.hidden} values are not whole blocks "
                                        f"of {BLOCK}; use f16 or binary")
         return "f16"
+    if hot_rows(choice) >= config.vocab:
+        raise EmbeddingChoiceError(f"--embedding {choice}: {hot_rows(choice)} hot rows leave none of the vocabulary "
+                                   f"of {config.vocab} to the 4-bit table")
     if choice.startswith(BINARY):
         rank, top = binary_rank(choice, config), min(config.vocab, config.hidden)
         if rank > top:
@@ -93,10 +119,12 @@ def resolve_embedding(choice: str, config: ModelConfig, explicit: bool) -> str:
 
 def table_bits(choice: str, config: ModelConfig) -> float:
     """Storage bits per table entry of a choice (spec/FORMAT.md §4)."""
-    if choice in DENSE:
-        block, size = K.TYPE_SIZES[DENSE[choice]]
-        return 8 * size / block
-    v, d, r = config.vocab, config.hidden, binary_rank(choice, config)
+    v, d = config.vocab, config.hidden
+    if base_type(choice) in DENSE:
+        block, size = K.TYPE_SIZES[DENSE[base_type(choice)]]
+        hot, (hot_block, hot_size) = hot_rows(choice), K.TYPE_SIZES[K.HOT_ROWS_TYPE]
+        return ((v - hot) * 8 * size / block + hot * (8 * hot_size / hot_block + 32 / d)) / v
+    r = binary_rank(choice, config)
     return binary_paths(choice) * (r * (v + d) + 16 * (v + d)) / (v * d)
 
 
@@ -141,22 +169,65 @@ class Q4Table(torch.nn.Module):
         return pack_q4(self.scale.numpy().astype(np.float16), index[self.codes.numpy().astype(np.int64) + 128])
 
 
+class HotRowsTable(torch.nn.Module):
+    """A 4-bit table with hot rows (spec/FORMAT.md §3.4): a Q4Table of the other rows (its scales tunable) and the hot
+    rows' Q8_0 values (fixed), each row where its token is."""
+
+    def __init__(self, cold_raw: np.ndarray, gtype: K.GGMLType, hot_ids: np.ndarray, hot_raw: np.ndarray,
+                 vocab: int) -> None:
+        super().__init__()
+        self.cold = Q4Table(cold_raw, gtype)
+        self.hot_ids = np.asarray(hot_ids, np.int64)
+        self.hot_raw = hot_raw
+        self.register_buffer("hot", torch.from_numpy(dequantize_q8_0(hot_raw)))
+        is_hot = np.zeros(vocab, bool)
+        is_hot[self.hot_ids] = True
+        order = np.empty(vocab, np.int64)  # token → its row in cat(cold rows, hot rows)
+        order[~is_hot] = np.arange(vocab - len(self.hot_ids))
+        order[self.hot_ids] = vocab - len(self.hot_ids) + np.arange(len(self.hot_ids))
+        self.register_buffer("order", torch.from_numpy(order))
+
+    def _all_rows(self) -> torch.Tensor:
+        return torch.cat([self.cold.weight(), self.hot])
+
+    def weight(self) -> torch.Tensor:
+        return self._all_rows()[self.order]
+
+    def rows(self, ids: torch.Tensor) -> torch.Tensor:
+        return self._all_rows()[self.order[ids]]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.linear(x, self.weight())
+
+    def scales(self) -> list[torch.nn.Parameter]:
+        return self.cold.scales()
+
+    def round_scales_to_fp16(self) -> None:
+        self.cold.round_scales_to_fp16()
+
+    def export(self, table: str) -> dict[str, np.ndarray]:
+        return {K.dense_table_tensor(table): self.cold.raw(), K.hot_rows_tensor(table): self.hot_raw,
+                K.hot_ids_tensor(table): self.hot_ids.astype(np.uint32)}
+
+
 @dataclass
 class StoredTable:
-    """One table as the file stores it: `raw` (F16 or Q8_0 bytes) or `module` (a Q4Table or a binary-factored
-    BinaryFactoredLinear, both with scales distillation tunes)."""
+    """One table as the file stores it: `raw` (F16 or Q8_0 bytes) or `module` (a Q4Table, a HotRowsTable or a
+    binary-factored BinaryFactoredLinear, each with scales distillation tunes)."""
 
     gtype: K.GGMLType | None
     raw: np.ndarray | None = None
-    module: Q4Table | BinaryFactoredLinear | None = None
+    module: Q4Table | HotRowsTable | BinaryFactoredLinear | None = None
 
     @classmethod
     def dense(cls, gtype: K.GGMLType, raw: np.ndarray) -> "StoredTable":
         return cls(gtype, module=Q4Table(raw, gtype)) if gtype in K.Q4_TYPES else cls(gtype, raw=raw)
 
     @property
-    def kind(self) -> K.GGMLType | LinearPlan:
+    def kind(self) -> K.GGMLType | HotRows | LinearPlan:
         """The writer's table kind (spec §3.4)."""
+        if isinstance(self.module, HotRowsTable):
+            return HotRows(self.gtype, len(self.module.hot_ids))
         return self.module.plan() if isinstance(self.module, BinaryFactoredLinear) else self.gtype
 
     def torch_value(self) -> torch.Tensor | torch.nn.Module:
@@ -171,10 +242,16 @@ class StoredTable:
         """The table's tensors under their file names (a module's scales as they are now: round them first)."""
         if isinstance(self.module, BinaryFactoredLinear):
             return self.module.export_table(table)
+        if isinstance(self.module, HotRowsTable):
+            return self.module.export(table)
         return {K.dense_table_tensor(table): self.module.raw() if self.module is not None else self.raw}
 
     def state(self) -> dict:
         """What a checkpoint needs to rebuild this table exactly (`from_state`)."""
+        if isinstance(self.module, HotRowsTable):
+            t = self.module
+            return {"gtype": int(self.gtype), "raw": t.cold.raw(), "hot_ids": t.hot_ids, "hot_raw": t.hot_raw,
+                    "vocab": len(t.order)}
         if not isinstance(self.module, BinaryFactoredLinear):
             return {"gtype": int(self.gtype), "raw": self.raw if self.module is None else self.module.raw()}
         return {"paths": [{"u": u.to(torch.int8), "v": v.to(torch.int8), "scale_in": p.scale_in.detach().clone(),
@@ -183,6 +260,10 @@ class StoredTable:
 
     @classmethod
     def from_state(cls, state: dict) -> "StoredTable":
+        if "hot_ids" in state:
+            gtype = K.GGMLType(state["gtype"])
+            return cls(gtype, module=HotRowsTable(state["raw"], gtype, state["hot_ids"], state["hot_raw"],
+                                                  state["vocab"]))
         if "raw" in state:
             return cls.dense(K.GGMLType(state["gtype"]), state["raw"])
         return cls(None, module=BinaryFactoredLinear([_frozen_path(p["u"].float(), p["v"].float(), p["scale_in"],
@@ -285,9 +366,24 @@ def factorize(w: torch.Tensor, rank: int, col_weight: torch.Tensor | None, row_w
     return BinaryFactoredLinear(found)
 
 
+def hot_ids(counts: torch.Tensor, rows: int) -> np.ndarray:
+    """The `rows` most frequent token ids by `counts` (V,), ties to the lower id, in increasing order."""
+    order = torch.argsort(-counts.to(torch.int64), stable=True)
+    return np.sort(order[:rows].numpy()).astype(np.int64)
+
+
 def store_table(choice: str, w: torch.Tensor, config: ModelConfig, col_weight: torch.Tensor | None,
-                row_weight: torch.Tensor | None, settings: AdmmSettings, seed: int) -> StoredTable:
-    """Table `w` (V×d, the source's values) stored as `choice` (already resolved against the model)."""
+                row_weight: torch.Tensor | None, settings: AdmmSettings, seed: int,
+                token_counts: torch.Tensor | None = None) -> StoredTable:
+    """Table `w` (V×d, the source's values) stored as `choice` (already resolved against the model). A choice with
+    hot rows takes them from `token_counts` (each token's count in the calibration text)."""
+    if hot_rows(choice):
+        gtype = DENSE[base_type(choice)]
+        ids = hot_ids(token_counts, hot_rows(choice))
+        cold = torch.from_numpy(np.setdiff1d(np.arange(config.vocab), ids))
+        hot_raw = quantize(w[ids].detach().to(torch.float32).numpy(), GGMLQuantizationType.Q8_0)
+        return StoredTable(gtype, module=HotRowsTable(quantize_q4(w[cold], col_weight, gtype), gtype, ids, hot_raw,
+                                                      config.vocab))
     if choice == "f16":
         return StoredTable.dense(K.GGMLType.F16, w.detach().numpy().astype(np.float16))
     if choice == "q8_0":
@@ -301,7 +397,7 @@ def store_table(choice: str, w: torch.Tensor, config: ModelConfig, col_weight: t
 
 def needs_statistics(choice: str) -> bool:
     """Whether storing `choice` uses the column (and row) weights: the lossy choices other than Q8_0."""
-    return choice in ("q4_0", "iq4_nl") or choice.startswith(BINARY)
+    return base_type(choice) in ("q4_0", "iq4_nl") or choice.startswith(BINARY)
 
 
 @torch.no_grad()

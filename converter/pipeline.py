@@ -44,8 +44,9 @@ from .admm import AdmmSettings
 from .allocation import ALLOCATIONS, allocate
 from .calibration import (
     CalibrationError,
-    calibration_windows,
+    calibration_tokens,
     default_calibration_text,
+    draw_windows,
     windows_sha256,
 )
 from .factored import BinaryFactoredLinear, TrainablePath
@@ -409,6 +410,7 @@ class Run:
     source: Source
     base: TorchModel
     windows: torch.Tensor
+    token_counts: torch.Tensor  # (V,) each token's count in the whole calibration text (hot rows, embedding.py)
     bits: float
     recipe: Recipe
     seed: int
@@ -454,14 +456,17 @@ def convert(options: Options, reporter: Reporter | None = None) -> Summary:
     calib = list(options.calib) or [default_calibration_text()]
     reporter.stage("calibration", 1)
     with timer.stage("calibration"):
-        windows = calibration_windows(source.hf_tokenizer(), calib, recipe.windows, recipe.seqlen, options.seed)
+        tokens = calibration_tokens(source.hf_tokenizer(), calib)
+        windows = draw_windows(tokens, recipe.windows, recipe.seqlen, options.seed)
+        token_counts = torch.bincount(torch.as_tensor(tokens, dtype=torch.int64), minlength=config.vocab)[:config.vocab]
     calib_sha = windows_sha256(windows)
     fingerprint = hashlib.sha256(json.dumps([source.sha256, options.bits, recipe.to_json(), options.seed, calib_sha,
                                              CONVERTER_VERSION]).encode()).hexdigest()
     work = WorkDir(out, fingerprint, options.resume)
     if work.has("timings"):
         timer.seconds.update(restored(work, "timings", _timings))
-    run = Run(source, skeleton(source), windows, options.bits, recipe, options.seed, work, timer, reporter)
+    run = Run(source, skeleton(source), windows, token_counts, options.bits, recipe, options.seed, work, timer,
+              reporter)
 
     preconditioners = _preconditioners(run)
     run.ranks = _ranks(run, preconditioners)
@@ -594,10 +599,10 @@ def _tables(run: Run) -> dict[str, E.StoredTable]:
         seed = B.stage_seed(run.seed, 20_000, 4)
         untied = base.output is not None  # an untied embedding is only read, not multiplied by the final norm output
         tables = {K.EMBD_TABLE: E.store_table(recipe.embedding, base.token_embd.detach(), config,
-                                              None if untied else cols, rows, recipe.admm, seed)}
+                                              None if untied else cols, rows, recipe.admm, seed, run.token_counts)}
         if untied:
             tables[K.OUTPUT_TABLE] = E.store_table(recipe.embedding, base.output.detach(), config, cols, rows,
-                                                   recipe.admm, seed + 1)
+                                                   recipe.admm, seed + 1, run.token_counts)
     run.checkpoint("tables", {k: t.state() for k, t in tables.items()})
     return tables
 

@@ -19,7 +19,7 @@ from nqfmt.q8_0 import dequantize_q8_0
 from torch import nn
 from torch.nn import functional as F
 
-from nqfmt import ModelConfig, open_nq, unpack_signs
+from nqfmt import HotRows, ModelConfig, open_nq, unpack_signs
 from nqfmt import keys as K
 
 from .factored import BinaryFactoredLinear, TrainablePath
@@ -226,9 +226,17 @@ class TorchModel(nn.Module):
 
 def _table_of(nq, table: str) -> Table:
     """The embedding (K.EMBD_TABLE) or untied head (K.OUTPUT_TABLE) of the file as the converter's model holds it:
-    dense values as float32 (F16 widened, Q8_0, Q4_0 and IQ4_NL dequantized by nqfmt's references) or a frozen
-    BinaryFactoredLinear."""
+    dense values as float32 (F16 widened, Q8_0, Q4_0 and IQ4_NL dequantized by nqfmt's references, hot rows put in
+    their tokens' places) or a frozen BinaryFactoredLinear."""
     kind = nq.tables[table]
+    if isinstance(kind, HotRows):
+        cold, ids, hot = nq.hot_table(table)
+        values = torch.empty(nq.config.vocab, nq.config.hidden)
+        is_hot = np.zeros(nq.config.vocab, bool)
+        is_hot[ids] = True
+        values[torch.from_numpy(np.flatnonzero(~is_hot))] = torch.from_numpy(dequantize_q4(cold, kind.gtype))
+        values[torch.from_numpy(ids)] = torch.from_numpy(dequantize_q8_0(hot))
+        return values
     if not isinstance(kind, GGMLType):
         return _factored(nq.factored_table(table))
     raw = nq.array(K.dense_table_tensor(table))

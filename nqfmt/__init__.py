@@ -5,7 +5,7 @@ Never imports torch: the runtime depends on it.
 from .bits import path_bits, rank_for_bits
 from .config import ModelConfig
 from .errors import NQError, NQFormatError
-from .layout import LinearPlan, TensorSpec
+from .layout import HotRows, LinearPlan, TensorSpec
 from .metadata import Provenance, TokenizerInfo
 from .reader import BinaryPath, FactoredLinear, NQFile, open_nq
 from .signs import pack_signs, unpack_signs
@@ -19,6 +19,6 @@ def __getattr__(name: str):
         return NQWriter
     raise AttributeError(f"module 'nqfmt' has no attribute {name!r}")
 
-__all__ = ["BinaryPath", "FactoredLinear", "LinearPlan", "ModelConfig", "NQError", "NQFile", "NQFormatError", "NQWriter",
-           "Provenance", "TensorSpec", "TokenizerInfo", "open_nq", "pack_signs", "path_bits", "rank_for_bits",
+__all__ = ["BinaryPath", "FactoredLinear", "HotRows", "LinearPlan", "ModelConfig", "NQError", "NQFile", "NQFormatError",
+           "NQWriter", "Provenance", "TensorSpec", "TokenizerInfo", "open_nq", "pack_signs", "path_bits", "rank_for_bits",
            "unpack_signs"]

@@ -242,5 +242,18 @@ def table_path_tensor(table: str, path: int, part: str) -> str:
 
 
 def dense_table_tensor(table: str) -> str:
-    """`token_embd.weight` / `output.weight`: the name of a dense table."""
+    """`token_embd.weight` / `output.weight`: the name of a dense table (of a hot-row table: its other rows)."""
     return f"{table}.weight"
+
+
+HOT_ROWS_TYPE = GGMLType.Q8_0  # the frequent rows of a hot-row table (spec §3.4)
+
+
+def hot_rows_tensor(table: str) -> str:
+    """`token_embd.hot.weight`: a hot-row table's frequent rows, in the order of its ids."""
+    return f"{table}.hot.weight"
+
+
+def hot_ids_tensor(table: str) -> str:
+    """`token_embd.hot_ids`: the token ids of a hot-row table's frequent rows, strictly increasing."""
+    return f"{table}.hot_ids"

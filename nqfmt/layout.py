@@ -53,8 +53,16 @@ class LinearPlan:
     has_mid: bool = False
 
 
-# How an embedding table / output head is stored: dense in a GGML type, or binary-factored by a plan of paths
-TableKind = GGMLType | LinearPlan
+@dataclass(frozen=True)
+class HotRows:
+    """A 4-bit table with the rows of its `rows` most frequent tokens stored apart at Q8_0 (spec §3.4)."""
+
+    gtype: GGMLType  # of the other rows: Q4_0 or IQ4_NL
+    rows: int
+
+
+# How an embedding table / output head is stored: dense in a GGML type, dense with hot rows, or binary-factored
+TableKind = GGMLType | HotRows | LinearPlan
 
 
 def path_specs(name, m: int, n: int, r: int, has_mid: bool) -> list[TensorSpec]:
@@ -102,6 +110,14 @@ def table_specs(config: ModelConfig, table: str, kind: TableKind) -> list[Tensor
     if isinstance(kind, LinearPlan):
         return factored_specs(table, lambda p, part: K.table_path_tensor(table, p, part), v, d, kind)
     name = K.dense_table_tensor(table)
+    if isinstance(kind, HotRows):
+        if kind.gtype not in K.Q4_TYPES or not 1 <= kind.rows < v:
+            raise NQFormatError(f"{name}: hot rows need a 4-bit type and 1 to {v - 1} rows, got "
+                                f"{GGMLType(kind.gtype).name} with {kind.rows}")
+        table_specs(config, table, kind.gtype)  # the 4-bit type's own checks
+        return [TensorSpec(name, (v - kind.rows, d), kind.gtype),
+                TensorSpec(K.hot_rows_tensor(table), (kind.rows, d), K.HOT_ROWS_TYPE),
+                TensorSpec(K.hot_ids_tensor(table), (kind.rows,), GGMLType.I32)]
     if kind not in K.EMBEDDING_TYPES:
         raise NQFormatError(f"{name}: type {GGMLType(kind).name} not allowed")
     if kind in K.BLOCK_TYPES and d % 32:
@@ -135,12 +151,24 @@ def is_scale(name: str) -> bool:
     return name.rsplit(".", 1)[-1] in (K.SCALE_IN, K.SCALE_OUT, K.SCALE_MID)
 
 
+def is_hot_ids(name: str) -> bool:
+    return name in (K.hot_ids_tensor(K.EMBD_TABLE), K.hot_ids_tensor(K.OUTPUT_TABLE))
+
+
+def hot_ids_valid(ids: np.ndarray, vocab: int) -> bool:
+    """Hot row ids must be strictly increasing token ids (spec §3.4); both sides check."""
+    ids = np.asarray(ids).astype(np.int64)
+    return not ids.size or bool(ids[0] >= 0 and ids[-1] < vocab and np.all(np.diff(ids) > 0))
+
+
 def is_signs(name: str) -> bool:
     return name.rsplit(".", 1)[-1] in (K.V_SIGNS, K.U_SIGNS)
 
 
 def table_kind_name(kind: TableKind) -> str:
     """`Q4_0`, `F16`, ... or `binary-factored, ranks [r0, r1]`: how nqinfo and errors name a table's kind."""
+    if isinstance(kind, HotRows):
+        return f"{GGMLType(kind.gtype).name} + {kind.rows} {K.HOT_ROWS_TYPE.name} rows"
     return f"binary-factored, ranks {list(kind.ranks)}" if isinstance(kind, LinearPlan) else GGMLType(kind).name
 
 

@@ -18,7 +18,8 @@ import numpy as np
 from . import keys as K
 from .config import ModelConfig
 from .errors import NQFormatError
-from .layout import LinearPlan, TableKind, TensorSpec, file_specs, is_scale, is_signs, sign_columns
+from .layout import (HotRows, LinearPlan, TableKind, TensorSpec, file_specs, hot_ids_valid, is_hot_ids, is_scale,
+                     is_signs, sign_columns, table_kind_name)
 from .metadata import Provenance, TokenizerInfo
 from .signs import padding_is_clear
 
@@ -264,7 +265,11 @@ class NQFile:
             if dense is None and not factored.ranks:
                 raise NQFormatError(f"tensor {K.dense_table_tensor(table)!r} is missing (and no binary-factored "
                                     f"{table!r} either)")
-            tables[table] = dense.gtype if dense is not None else factored
+            hot = self.tensors.get(K.hot_ids_tensor(table))
+            if dense is None:
+                tables[table] = factored
+            else:
+                tables[table] = dense.gtype if hot is None else HotRows(dense.gtype, hot.shape[0] if hot.shape else 0)
         return tables
 
     def _check_tensors(self) -> None:
@@ -282,6 +287,9 @@ class NQFile:
                                     f"needs {spec.gtype.name}{list(spec.shape)}")
             if is_scale(spec.name) and not np.all(np.isfinite(self._view(info))):
                 raise NQFormatError(f"tensor {spec.name!r}: non-finite scale")
+            if is_hot_ids(spec.name) and not hot_ids_valid(self._view(info), self.config.vocab):
+                raise NQFormatError(f"tensor {spec.name!r}: hot row ids must be strictly increasing token ids "
+                                    f"below the vocabulary of {self.config.vocab}")
             if is_signs(spec.name) and not padding_is_clear(
                     self._view(info), sign_columns(spec.name, self.config, self.linears, self.tables)):
                 raise NQFormatError(f"tensor {spec.name!r}: padding bits past the last column are not 0")
@@ -310,9 +318,17 @@ class NQFile:
         """A binary-factored embedding (`table` = K.EMBD_TABLE) or untied head (K.OUTPUT_TABLE): V×d, no bias."""
         plan = self.tables[table]
         if not isinstance(plan, LinearPlan):
-            raise KeyError(f"{table!r} is stored dense ({GGMLType(plan).name}) in {self.path}")
+            raise KeyError(f"{table!r} is stored dense ({table_kind_name(plan)}) in {self.path}")
         return self._factored(self.config.vocab, self.config.hidden, plan,
                               lambda p, part: K.table_path_tensor(table, p, part), None)
+
+    def hot_table(self, table: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """A hot-row embedding or untied head (spec §3.4): (the other rows' 4-bit bytes, the hot rows' token ids as
+        int64, their Q8_0 bytes)."""
+        if not isinstance(self.tables[table], HotRows):
+            raise KeyError(f"{table!r} has no hot rows in {self.path}")
+        return (self.array(K.dense_table_tensor(table)), self.array(K.hot_ids_tensor(table)).astype(np.int64),
+                self.array(K.hot_rows_tensor(table)))
 
     def _factored(self, m: int, n: int, plan: LinearPlan, name, bias: np.ndarray | None) -> FactoredLinear:
         paths = []

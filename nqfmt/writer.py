@@ -21,7 +21,8 @@ from gguf import GGMLQuantizationType, GGUFValueType, GGUFWriter
 from . import keys as K
 from .config import ModelConfig
 from .errors import NQFormatError
-from .layout import LinearPlan, TableKind, TensorSpec, file_specs, is_scale, is_signs, sign_columns
+from .layout import (LinearPlan, TableKind, TensorSpec, file_specs, hot_ids_valid, is_hot_ids, is_scale, is_signs,
+                     sign_columns)
 from .metadata import Provenance, TokenizerInfo
 from .signs import padding_is_clear
 
@@ -45,7 +46,8 @@ class NQWriter:
                  embedding_type: TableKind = K.GGMLType.F16, output_type: TableKind | None = None,
                  name: str | None = None) -> None:
         """`embedding_type` / `output_type`: how the embedding / untied head are stored (spec §3.4), a GGML type
-        (dense) or the LinearPlan of a binary-factored table; the head defaults to the embedding's kind."""
+        (dense), HotRows (dense with hot rows) or the LinearPlan of a binary-factored table; the head defaults to the
+        embedding's kind."""
         self.path = Path(path)
         self.partial = self.path.with_name(self.path.name + ".partial")
         self.config = config
@@ -116,6 +118,9 @@ class NQWriter:
             raise NQFormatError(f"tensor {name!r}: scales must be finite")
         if is_signs(name) and not padding_is_clear(a, sign_columns(name, self.config, self.linears, self.tables)):
             raise NQFormatError(f"tensor {name!r}: padding bits past the last column must be 0")
+        if is_hot_ids(name) and not hot_ids_valid(a, self.config.vocab):
+            raise NQFormatError(f"tensor {name!r}: hot row ids must be strictly increasing token ids below the "
+                                f"vocabulary of {self.config.vocab}")
         if a.dtype == np.uint32:
             a = a.view(np.int32)
         self._crcs.append(zlib.crc32(a.view(np.uint8).reshape(-1)))

@@ -16,7 +16,7 @@ from typing import Any, Callable
 import numpy as np
 from nqfmt.keys import GGMLType
 
-from nqfmt import LinearPlan, ModelConfig, NQFile, NQFormatError
+from nqfmt import HotRows, LinearPlan, ModelConfig, NQFile, NQFormatError
 from nqfmt.layout import table_kind_name
 from nqfmt import keys as K
 
@@ -264,6 +264,11 @@ def _prepared_table(nq: NQFile, table: str, backend: Backend) -> Any:
     kind = nq.tables[table]
     if isinstance(kind, LinearPlan):
         return backend.prepare_factored_table(nq.factored_table(table))
+    if isinstance(kind, HotRows):
+        hot_ids = nq.hot_table(table)[1]
+        return backend.prepare_hot_table(_checked_table(nq, K.dense_table_tensor(table)), kind.gtype, hot_ids,
+                                         _checked_table(nq, K.hot_rows_tensor(table)), nq.config.vocab,
+                                         nq.config.hidden)
     name = K.dense_table_tensor(table)
     return backend.prepare_embedding(_checked_table(nq, name), kind, nq.config.hidden)
 

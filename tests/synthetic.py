@@ -52,7 +52,9 @@ def random_tensors(writer: NQWriter, seed: int = 0) -> dict[str, np.ndarray]:
     rng = np.random.default_rng(seed)
     out = {}
     for spec in writer.plan:
-        if spec.gtype == K.SIGN_TYPE:
+        if spec.name.endswith(".hot_ids"):  # strictly increasing token ids (spec §3.4)
+            out[spec.name] = np.sort(rng.choice(writer.config.vocab, spec.shape[0], replace=False)).astype(np.uint32)
+        elif spec.gtype == K.SIGN_TYPE:
             n = sign_columns(spec.name, writer.config, writer.linears, writer.tables)
             out[spec.name] = pack_signs(rng.standard_normal((spec.shape[0], n)))
         elif spec.gtype == GGMLType.Q8_0:

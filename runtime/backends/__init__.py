@@ -62,6 +62,14 @@ class Backend(ABC):
     def prepare_embedding(self, table: np.ndarray, gtype: GGMLType, hidden: int) -> Any:
         """A dense embedding table / output head as stored (F16, F32, Q8_0 or Q4_0 bytes); never upcast as a whole."""
 
+    def prepare_hot_table(self, cold: np.ndarray, gtype: GGMLType, hot_ids: np.ndarray, hot: np.ndarray,
+                          vocab: int, hidden: int) -> Any:
+        """A 4-bit table with hot rows (spec/FORMAT.md §3.4): `cold` the other rows' bytes in `gtype`, `hot` the Q8_0
+        rows of tokens `hot_ids`. The host backends gather from the two prepared parts (hot_rows.py)."""
+        from .hot_rows import hot_rows_table
+        return hot_rows_table(self.prepare_embedding(cold, gtype, hidden),
+                              self.prepare_embedding(hot, GGMLType.Q8_0, hidden), hot_ids, vocab, hidden)
+
     @abstractmethod
     def prepare_factored_table(self, table: FactoredLinear) -> Any:
         """A binary-factored embedding table / output head (V×d, spec/FORMAT.md §3.4): `embed` reads its rows,

@@ -239,6 +239,11 @@ class CudaBackend(Backend):
         raw = np.ascontiguousarray(table).view(np.uint8).reshape(table.shape[0], -1)
         return DeviceTable(self.device.to_device(raw), gtype, table.shape[0], hidden, reader, block)
 
+    def prepare_hot_table(self, cold: np.ndarray, gtype: GGMLType, hot_ids: np.ndarray, hot: np.ndarray,
+                          vocab: int, hidden: int) -> DeviceTable:
+        raise NQRunError("backend 'cuda' does not run tables with hot rows (spec/FORMAT.md §3.4) yet; use "
+                         "--backend numba")
+
     def prepare_factored_table(self, table: FactoredLinear, chunk: int = 8192) -> DeviceFactoredTable:
         rows = np.zeros((table.m, table.n), np.float32)
         for p in table.paths:

@@ -40,7 +40,7 @@ from nqfmt import FactoredLinear, NQFormatError  # noqa: E402
 
 from ..errors import NQRunError  # noqa: E402
 from . import Backend, KVCache  # noqa: E402
-from . import gemm_attention, gemm_head  # noqa: E402
+from . import gemm_attention, gemm_head, hot_rows  # noqa: E402
 from .blas_workers import BlasWorkers  # noqa: E402
 from . import numba_decode as nd  # noqa: E402
 from . import numba_kernels as nk  # noqa: E402
@@ -144,7 +144,7 @@ class NumbaBackend(Backend):
 
     def prepare_embedding(self, table: np.ndarray, gtype: GGMLType, hidden: int) -> Table | nt.Q4Table:
         if gtype in (GGMLType.Q4_0, GGMLType.IQ4_NL):
-            return nt.q4_table(table, gtype, hidden)
+            return nt.q4_table(table, gtype, hidden, self.simd)
         if gtype == GGMLType.F16:
             return Table(gtype, table.view(np.uint16), None, hidden)
         if gtype == GGMLType.Q8_0:
@@ -168,7 +168,10 @@ class NumbaBackend(Backend):
         """Every block of one token in one compiled call (numba_decode.py), for the exact kernels."""
         return nd.FusedBlocks(model, self.simd, self.threads) if self.exact else None
 
-    def embed(self, table: Table | nt.Q4Table | nt.FactoredTable, ids: np.ndarray) -> np.ndarray:
+    def embed(self, table: Table | nt.Q4Table | nt.FactoredTable | hot_rows.HotRowsTable,
+              ids: np.ndarray) -> np.ndarray:
+        if isinstance(table, hot_rows.HotRowsTable):
+            return hot_rows.embed(self, table, ids)
         out = np.empty((len(ids), table.hidden), np.float32)
         self._rows_into(table, np.ascontiguousarray(ids, dtype=np.int64), out)
         return out
@@ -252,7 +255,9 @@ class NumbaBackend(Backend):
         nk.glu(gate, up, activation == "gelu_tanh", out)
         return out
 
-    def head(self, table: Table | nt.Q4Table | nt.FactoredTable, x: np.ndarray) -> np.ndarray:
+    def head(self, table: Table | nt.Q4Table | nt.FactoredTable | hot_rows.HotRowsTable, x: np.ndarray) -> np.ndarray:
+        if isinstance(table, hot_rows.HotRowsTable):
+            return hot_rows.head(self, table, x)
         if isinstance(table, nt.FactoredTable):
             return self.linear(table.linear, x)
         x = np.ascontiguousarray(x, dtype=np.float32)
@@ -261,7 +266,10 @@ class NumbaBackend(Backend):
             return gemm_head.head(self._blas, lambda ids, rows: self._rows_into(table, ids, rows), vocab, x)
         if isinstance(table, nt.Q4Table):
             out = np.empty((x.shape[0], table.raw.shape[0]), np.float32)
-            (nt.PARALLEL if self.threads > 1 else nt.SERIAL).head_q4(table.raw, table.scales, table.grid, x, out)
+            if table.tiles is not None:
+                (lut16.head_q4_parallel if self.threads > 1 else lut16.head_q4_serial)(*table.tiles, table.grid, x, out)
+            else:
+                (nt.PARALLEL if self.threads > 1 else nt.SERIAL).head_q4(table.raw, table.scales, table.grid, x, out)
             return out
         out = np.empty((x.shape[0], table.data.shape[0]), np.float32)
         if table.gtype == GGMLType.F16:

@@ -195,6 +195,102 @@ binary_path_serial = _kernels(False)
 binary_path_parallel = _kernels(True)
 
 
+# --- 4-bit table heads (Q4_0, IQ4_NL) -------------------------------------------------------------------------------
+# The same lookup serves a 4-bit head: for input position p a 16-entry table holds grid[j]·x[p] for every code j, and
+# a row's code at p indexes it. One 512-bit load holds 8 codes of 16 rows; 4 loads cover a block of 32 positions,
+# whose 32 lookups are added as a tree and multiplied by the 16 rows' block scales. Exact float32 arithmetic (the
+# additions in another order than a dot product's).
+def repack_q4(raw: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """4-bit block bytes (rows, d/32·18) → code tiles (⌈rows/16⌉, d/8, 16) uint32, word w of a row holding the codes
+    of positions 8w .. 8w+7 (nibble j = position 8w + j), and scale tiles (⌈rows/16⌉, d/32, 16) float32; rows past
+    the end have code 0 and scale 0."""
+    from nqfmt.q4 import unpack_q4
+    scales, codes = unpack_q4(raw)
+    rows, d = codes.shape
+    shifts = (4 * np.arange(8, dtype=np.uint32))[None, None, :]
+    words = (codes.reshape(rows, d // 8, 8).astype(np.uint32) << shifts).sum(-1, dtype=np.uint32)
+    blocks = (rows + TILE - 1) // TILE
+    scale_tiles = np.zeros((blocks * TILE, d // 32), np.float32)
+    scale_tiles[:rows] = scales
+    return repack(words), np.ascontiguousarray(scale_tiles.reshape(blocks, TILE, -1).transpose(0, 2, 1))
+
+
+@intrinsic
+def lookup_q4_tile(typingctx, tab, ti, tile_addr, scales_addr, blocks, sums, si):
+    """sums[si : si+16] = for the 16 rows of the code tile at `tile_addr` (4·blocks words × 16 uint32) with block scales
+    at `scales_addr` (blocks × 16 float32), Σ_b scale[b]·Σ_{p in block b} tab[ti + 16p + code at p]."""
+    if not (tab == sums == _F32 and all(isinstance(a, types.Integer) for a in (ti, tile_addr, scales_addr, blocks,
+                                                                                si))):
+        return None
+
+    def codegen(context, builder, signature, args):
+        ty = signature.args
+        intp = context.get_value_type(types.intp)
+        tab_p, sums_p = _data(context, builder, ty[0], args[0]), _data(context, builder, ty[5], args[5])
+        codes = builder.inttoptr(context.cast(builder, args[2], ty[2], types.int64), _VI.as_pointer())
+        scales = builder.inttoptr(context.cast(builder, args[3], ty[3], types.int64), _VF.as_pointer())
+        t0, nb, first = (context.cast(builder, args[k], ty[k], types.intp) for k in (1, 4, 6))
+        permute = cgutils.get_or_insert_function(builder.module, ir.FunctionType(_VF, [_VF, _VI]),
+                                                 "llvm.x86.avx512.permvar.sf.512")
+        acc = cgutils.alloca_once_value(builder, ir.Constant(_VF, [0.0] * TILE))
+        with cgutils.for_range(builder, nb) as loop:
+            b = loop.index
+            parts = []
+            for wi in range(4):
+                w = builder.add(builder.mul(b, ir.Constant(intp, 4)), ir.Constant(intp, wi))
+                word = builder.load(builder.gep(codes, [w]), align=4)
+                for k in range(8):
+                    index = builder.lshr(word, ir.Constant(_VI, [4 * k] * TILE)) if k else word
+                    position = builder.add(builder.mul(w, ir.Constant(intp, 8)), ir.Constant(intp, k))
+                    at = builder.add(t0, builder.mul(position, ir.Constant(intp, TILE)))
+                    parts.append(builder.call(permute, [builder.load(_vector_at(builder, tab_p, at, _VF), align=4),
+                                                        index]))
+            while len(parts) > 1:
+                parts = [builder.fadd(parts[i], parts[i + 1]) for i in range(0, len(parts), 2)]
+            scale = builder.load(builder.gep(scales, [b]), align=4)
+            builder.store(builder.fadd(builder.load(acc), builder.fmul(parts[0], scale)), acc)
+        builder.store(builder.load(acc), _vector_at(builder, sums_p, first, _VF), align=4)
+        return context.get_dummy_value()
+
+    return types.void(tab, ti, tile_addr, scales_addr, blocks, sums, si), codegen
+
+
+HEAD_TILES_PER_TASK = 64  # 1024 vocabulary rows per task of the parallel head
+
+
+def _head_kernels(parallel: bool):
+    loop = prange if parallel else range
+
+    @njit(parallel=parallel, **_OPTS)
+    def head_q4(tiles, scales, grid, x, out):
+        """out (T, V) = x (T, d) · tableᵀ for a 4-bit table repacked by repack_q4; tasks are runs of
+        HEAD_TILES_PER_TASK tiles, each doing every token (a tile's codes are read once for all of them)."""
+        t_all, d = x.shape
+        vocab = out.shape[1]
+        n_tiles, words, blocks = tiles.shape[0], tiles.shape[1], scales.shape[1]
+        tab = np.empty(t_all * TILE * d, np.float32)
+        for t in range(t_all):
+            for p in range(d):
+                for j in range(TILE):
+                    tab[(t * d + p) * TILE + j] = grid[j] * x[t, p]
+        tiles_at, scales_at = address(tiles), address(scales)
+        for task in loop((n_tiles + HEAD_TILES_PER_TASK - 1) // HEAD_TILES_PER_TASK):
+            sums = np.empty(TILE, np.float32)
+            for b in range(task * HEAD_TILES_PER_TASK, min((task + 1) * HEAD_TILES_PER_TASK, n_tiles)):
+                rows = min(TILE, vocab - b * TILE)
+                for t in range(t_all):
+                    lookup_q4_tile(tab, t * d * TILE, tiles_at + b * words * TILE * 4,
+                                   scales_at + b * blocks * TILE * 4, blocks, sums, 0)
+                    for l in range(rows):
+                        out[t, b * TILE + l] = sums[l]
+
+    return head_q4
+
+
+head_q4_serial = _head_kernels(False)
+head_q4_parallel = _head_kernels(True)
+
+
 def available() -> bool:
     """Whether this CPU runs the kernels (AVX-512 F), asked of LLVM's view of the host."""
     from llvmlite import binding

@@ -2,7 +2,8 @@
 4-bit block rows (Q4_0 and IQ4_NL: an F16 scale d and 16 bytes of nibbles per 32 values, value = d·grid[q]) and the
 rows of a binary-factored table.
 
-The 4-bit head for one token keeps 32 float32 lanes per row, one per position in a block, adds d·grid[q]·x into them
+On AVX-512 the 4-bit head is numba_lut16's (codes repacked at load, looked up 16 rows at a time by vpermps);
+elsewhere the head for one token keeps 32 float32 lanes per row, one per position in a block, adds d·grid[q]·x into them
 block by block and sums the lanes once per row (as the Q8_0 head does); several tokens widen each row once into a
 buffer and dot it with every token. The block scales are widened to float32 once at load. A binary-factored head
 is a factored linear with m = vocabulary: the backend runs it through the decode and lanes kernels of
@@ -22,6 +23,8 @@ from nqfmt import FactoredLinear, unpack_signs
 from nqfmt.keys import GGMLType
 from nqfmt.q4 import GRIDS
 
+from . import numba_lut16 as lut16
+
 _OPTS = dict(fastmath=True, cache=True, nogil=True)
 Q4_BLOCK_BYTES = 18
 ROW_BLOCK = 64  # vocabulary rows per task
@@ -37,12 +40,14 @@ class Q4Table:
     scales: np.ndarray
     grid: np.ndarray
     hidden: int
+    tiles: tuple[np.ndarray, np.ndarray] | None  # codes and scales repacked for the LUT-16 head, None without AVX-512
 
 
-def q4_table(raw: np.ndarray, gtype: GGMLType, hidden: int) -> Q4Table:
+def q4_table(raw: np.ndarray, gtype: GGMLType, hidden: int, simd: bool) -> Q4Table:
     rows = raw.shape[0]
     scales = np.ascontiguousarray(raw.reshape(rows, -1, Q4_BLOCK_BYTES)[:, :, :2]).view(np.float16)[:, :, 0]
-    return Q4Table(raw, scales.astype(np.float32), GRIDS[gtype].astype(np.float32), hidden)
+    return Q4Table(raw, scales.astype(np.float32), GRIDS[gtype].astype(np.float32), hidden,
+                   lut16.repack_q4(raw) if simd else None)
 
 
 @njit(inline="always", **_OPTS)

@@ -33,6 +33,32 @@ class Embedding:
 
 
 @dataclass(frozen=True)
+class HotRowsEmbedding:
+    """A 4-bit table with hot rows (spec/FORMAT.md §3.4), read by the spec's formula: row t is hot[i] where
+    hot_ids[i] = t, else cold[t − (number of hot ids below t)]."""
+
+    cold: Embedding
+    hot: Embedding
+    hot_ids: np.ndarray
+    vocab: int
+
+    @property
+    def hidden(self) -> int:
+        return self.cold.hidden
+
+    def rows(self, ids: np.ndarray) -> np.ndarray:
+        ids = np.asarray(ids, np.int64)
+        below = np.searchsorted(self.hot_ids, ids)
+        hot = (below < len(self.hot_ids)) & (self.hot_ids[np.minimum(below, len(self.hot_ids) - 1)] == ids)
+        out = np.empty((len(ids), self.hidden))
+        if hot.any():
+            out[hot] = self.hot.rows(below[hot])
+        if (~hot).any():
+            out[~hot] = self.cold.rows(ids[~hot] - below[~hot])
+        return out
+
+
+@dataclass(frozen=True)
 class FactoredTable:
     """A binary-factored embedding / head (spec/FORMAT.md §3.4): the head is `linear`, row t is
     Σ_p s_out[t]·((U[t] ⊙ s_mid)·V) ⊙ s_in."""
@@ -67,7 +93,12 @@ class NumpyBackend(Backend):
     def prepare_factored_table(self, table: FactoredLinear) -> FactoredTable:
         return FactoredTable(table)
 
-    def embed(self, table: Embedding | FactoredTable, ids: np.ndarray) -> np.ndarray:
+    def prepare_hot_table(self, cold: np.ndarray, gtype: GGMLType, hot_ids: np.ndarray, hot: np.ndarray,
+                          vocab: int, hidden: int) -> HotRowsEmbedding:
+        return HotRowsEmbedding(Embedding(cold, gtype, hidden), Embedding(hot, GGMLType.Q8_0, hidden),
+                                np.asarray(hot_ids, np.int64), vocab)
+
+    def embed(self, table: Embedding | HotRowsEmbedding | FactoredTable, ids: np.ndarray) -> np.ndarray:
         return table.rows(np.asarray(ids))
 
     def linear(self, w: FactoredLinear, x: np.ndarray) -> np.ndarray:
@@ -122,10 +153,10 @@ class NumpyBackend(Backend):
             act = 0.5 * gate * (1.0 + np.tanh(np.sqrt(2.0 / np.pi) * (gate + 0.044715 * gate ** 3)))
         return act * up
 
-    def head(self, table: Embedding | FactoredTable, x: np.ndarray) -> np.ndarray:
+    def head(self, table: Embedding | HotRowsEmbedding | FactoredTable, x: np.ndarray) -> np.ndarray:
         if isinstance(table, FactoredTable):
             return self.linear(table.linear, x)
-        vocab = table.table.shape[0]
+        vocab = table.vocab if isinstance(table, HotRowsEmbedding) else table.table.shape[0]
         logits = np.empty((x.shape[0], vocab))
         for start in range(0, vocab, _HEAD_ROWS):
             ids = np.arange(start, min(start + _HEAD_ROWS, vocab))

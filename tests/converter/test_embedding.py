@@ -17,9 +17,10 @@ from converter.admm import AdmmSettings
 from converter.cli import app
 from converter.factored import BinaryFactoredLinear
 from converter.torch_model import load_nq
-from nqfmt import LinearPlan, ModelConfig, open_nq
+from nqfmt import HotRows, LinearPlan, ModelConfig, open_nq
 from nqfmt import keys as K
 from nqfmt.q4 import dequantize_q4, quantize_iq4_nl, unpack_q4
+from nqfmt.q8_0 import dequantize_q8_0
 from test_pipeline import calib_text, run, tiny_preset  # noqa: F401  (fixture)
 
 
@@ -31,13 +32,15 @@ def config(hidden=72, vocab=91) -> ModelConfig:
 @pytest.mark.parametrize("text,want", [("f16", "f16"), ("Q4_0", "q4_0"), (" q8_0 ", "q8_0"), ("binary", "binary"),
                                        ("IQ4_NL", "iq4_nl"),
                                        ("binary:064", "binary:64"), ("binary:576X2", "binary:576x2"),
-                                       ("binary:64x1", "binary:64")])
+                                       ("binary:64x1", "binary:64"), ("IQ4_NL+0512", "iq4_nl+512"),
+                                       ("q4_0+3", "q4_0+3")])
 def test_parse_embedding(text, want):
     assert E.parse_embedding(text) == want
 
 
 @pytest.mark.parametrize("text", ["q4", "int4", "binary:", "binary:0", "binary:-3", "binary:x", "q4_0:32", "",
-                                  "binary:x2", "binary:64x0", "binary:64x", "binary:64x2x2"])
+                                  "binary:x2", "binary:64x0", "binary:64x", "binary:64x2x2", "q8_0+4", "f16+4",
+                                  "iq4_nl+", "iq4_nl+0", "iq4_nl+-2", "iq4_nl+4x", "binary+4"])
 def test_parse_embedding_refuses(text):
     with pytest.raises(E.EmbeddingChoiceError, match="--embedding"):
         E.parse_embedding(text)
@@ -56,6 +59,11 @@ def test_resolve_embedding_against_the_model():
     assert E.binary_paths("binary:40") == E.binary_paths("binary") == 1
     with pytest.raises(E.EmbeddingChoiceError, match="at most 8 paths"):
         E.resolve_embedding("binary:8x9", config(), explicit=True)
+    assert E.resolve_embedding("iq4_nl+90", config(hidden=96), explicit=True) == "iq4_nl+90"
+    with pytest.raises(E.EmbeddingChoiceError, match="91 hot rows leave none of the vocabulary of 91"):
+        E.resolve_embedding("iq4_nl+91", config(hidden=96), explicit=True)
+    with pytest.raises(E.EmbeddingChoiceError, match="not whole blocks"):
+        E.resolve_embedding("q4_0+4", config(hidden=72), explicit=True)
 
 
 def test_table_bits():
@@ -63,6 +71,7 @@ def test_table_bits():
     assert E.table_bits("f16", c) == 16 and E.table_bits("q8_0", c) == 8.5 and E.table_bits("q4_0", c) == 4.5
     assert E.table_bits("binary:32", c) == pytest.approx((32 * 1096 + 16 * 1096) / 96_000)
     assert E.table_bits("binary:32x2", c) == pytest.approx(2 * E.table_bits("binary:32", c))
+    assert E.table_bits("iq4_nl+100", c) == pytest.approx((900 * 4.5 * 96 + 100 * (8.5 * 96 + 32)) / 96_000)
 
 
 def _weighted_error(raw, w, col, gtype=K.GGMLType.Q4_0):
@@ -153,6 +162,8 @@ def test_row_and_column_weights():
     E.StoredTable.dense(K.GGMLType.Q8_0, quantize(np.random.default_rng(0).standard_normal((5, 64)).astype(np.float32),
                                                   GGMLQuantizationType.Q8_0)),
     E.StoredTable(None, module=E.factorize(torch.randn(5, 8), 3, None, None, AdmmSettings(iterations=3), 0)),
+    E.store_table("iq4_nl+2", torch.randn(5, 64), config(hidden=64, vocab=5), None, None, AdmmSettings(), 0,
+                  torch.tensor([3, 9, 0, 9, 1])),
 ])
 def test_stored_table_state_round_trip(stored):
     back = E.StoredTable.from_state(stored.state())
@@ -178,7 +189,8 @@ def _assert_file_is_the_model(summary, tokens_seed=3):
                                                 ("gemma3", 96, "iq4_nl"),
                                                 ("llama", 72, "binary:40"), ("qwen2", 72, "binary"),
                                                 ("llama", 72, "binary:20x2"),
-                                                ("gemma3", 72, "binary:24")])
+                                                ("gemma3", 72, "binary:24"), ("llama", 96, "iq4_nl+40"),
+                                                ("qwen2", 96, "q4_0+7")])
 def test_conversion_file_equals_the_converter_model(arch, hidden, choice, tmp_path, tiny_preset):
     hf_tiny.save(arch, tmp_path / arch, hidden_size=hidden)
     summary = run(tmp_path, tmp_path / arch, embedding=choice)
@@ -190,6 +202,8 @@ def test_conversion_file_equals_the_converter_model(arch, hidden, choice, tmp_pa
     for kind in kinds:
         if choice.startswith("binary"):
             assert kind == LinearPlan((E.binary_rank(choice, nq.config),) * E.binary_paths(choice))
+        elif E.hot_rows(choice):
+            assert kind == HotRows(E.DENSE[E.base_type(choice)], E.hot_rows(choice))
         else:
             assert kind == E.DENSE[choice]
     _assert_file_is_the_model(summary)
@@ -218,6 +232,36 @@ def test_distillation_tunes_only_the_4bit_block_scales(tmp_path, tiny_preset, ch
         (da, qa), (db, qb) = unpack_q4(a.array(name)), unpack_q4(b.array(name))
         assert np.array_equal(qa, qb)  # the codes are the scale search's
         assert not np.array_equal(da, db) and np.abs(da.astype(np.float32) - db).max() < 0.5 * np.abs(db).max()
+
+
+@pytest.mark.parametrize("gtype", [K.GGMLType.Q4_0, K.GGMLType.IQ4_NL])
+def test_hot_rows_table_holds_the_frequent_rows_at_q8_0_and_computes_what_the_file_holds(gtype):
+    g = torch.Generator().manual_seed(3)
+    w = torch.randn(37, 64, generator=g)
+    counts = torch.randint(0, 5, (37,), generator=g)
+    counts[[30, 4, 11]] = torch.tensor([50, 40, 40])  # the 3 most frequent: 30 alone, then 4 and 11 tie
+    stored = E.store_table(f"{gtype.name.lower()}+3", w, config(hidden=64, vocab=37), None, None, AdmmSettings(), 0,
+                           counts)
+    table = stored.module
+    assert stored.kind == HotRows(gtype, 3) and list(table.hot_ids) == [4, 11, 30]
+    assert np.array_equal(E.hot_ids(counts, 2), [4, 30])  # a tie goes to the lower id
+    with torch.no_grad():
+        table.cold.scale.mul_(1 + 0.01 * torch.randn(table.cold.scale.shape, generator=g))
+    table.round_scales_to_fp16()
+    parts = stored.export(K.EMBD_TABLE)
+    assert parts["token_embd.hot_ids"].dtype == np.uint32
+    want = torch.empty(37, 64)  # the spec's rule: hot rows by id, the rest in token order
+    others = [t for t in range(37) if t not in (4, 11, 30)]
+    want[others] = torch.from_numpy(dequantize_q4(parts[K.TOKEN_EMBD], gtype))
+    want[[4, 11, 30]] = torch.from_numpy(dequantize_q8_0(parts["token_embd.hot.weight"]))
+    assert torch.equal(want[[4, 11, 30]], torch.from_numpy(dequantize_q8_0(quantize(
+        w[[4, 11, 30]].numpy(), GGMLQuantizationType.Q8_0))))
+    assert torch.equal(table.weight(), want)
+    ids = torch.tensor([[30, 0], [4, 36]])
+    assert torch.equal(table.rows(ids), want[ids])
+    x = torch.randn(3, 64, generator=g)
+    assert torch.equal(table(x), torch.nn.functional.linear(x, want))
+    assert table.scales() == [table.cold.scale]
 
 
 @pytest.mark.parametrize("gtype", [K.GGMLType.Q4_0, K.GGMLType.IQ4_NL])

@@ -6,9 +6,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from nqfmt import open_nq
+from nqfmt import HotRows, open_nq
 from runtime.backends import get_backend
 from runtime.backends.cuda import GraphDecoder
+from runtime.errors import NQRunError
 from runtime.model import Model
 from runtime.sampling import Sampler, SamplingParams
 from synthetic_variants import VARIANTS
@@ -25,7 +26,7 @@ def references():
     return get_backend("numpy"), get_backend("numba", threads=1)
 
 
-@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize("variant", [v for v in VARIANTS if not isinstance(VARIANTS[v][3], HotRows)])
 def test_forward_and_graph_decoder_match_the_reference(backend, references, variant_files, variant):
     nq = open_nq(variant_files[variant])
     ids = np.random.default_rng(11).integers(0, nq.config.vocab, size=24)
@@ -39,6 +40,11 @@ def test_forward_and_graph_decoder_match_the_reference(backend, references, vari
     decoder = GraphDecoder(model, cache)  # continues the same cache: positions 20.. run as the graph
     steps = np.concatenate([decoder.step_logits(int(ids[i]), i) for i in range(20, 24)])
     assert close(steps, want[20:])
+
+
+def test_hot_row_tables_are_refused_in_one_line(backend, variant_files):
+    with pytest.raises(NQRunError, match="backend 'cuda' does not run tables with hot rows"):
+        Model(open_nq(variant_files["qwen2-iq4-hot"]), backend)
 
 
 @pytest.mark.parametrize("variant", ["llama-2path-mid", "gemma3-softcap-linear", "llama3-rope-q8"])

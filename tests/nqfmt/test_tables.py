@@ -10,7 +10,7 @@ from gguf.quants import dequantize, quantize
 from synthetic import tiny_config, write_random
 
 import nqfmt.writer
-from nqfmt import LinearPlan, NQFormatError, TensorSpec, open_nq
+from nqfmt import HotRows, LinearPlan, NQFormatError, TensorSpec, open_nq
 from nqfmt import keys as K
 from nqfmt.info import summarize
 from nqfmt.q4 import GRIDS, dequantize_q4, pack_q4, quantize_iq4_nl, quantize_q4_0, unpack_q4
@@ -88,6 +88,65 @@ def test_binary_factored_tables_round_trip(tmp_path, arch, out_ranks):
     assert summarize(f)["embedding_type"] == "binary-factored, ranks [40, 9]"
     with pytest.raises(KeyError):
         open_nq(path).array(K.TOKEN_EMBD)
+
+
+@pytest.mark.parametrize("gtype", [GGMLType.Q4_0, GGMLType.IQ4_NL])
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])  # tied, untied
+def test_hot_row_tables_round_trip(tmp_path, arch, gtype):
+    path = tmp_path / "m.nq"
+    cfg = tiny_config(arch, hidden=96, n_heads=4, head_dim=24)
+    kind = HotRows(gtype, 17)
+    written = write_random(path, cfg, embedding_type=kind)
+    f = open_nq(path)
+    f.verify()
+    assert f.tables[K.EMBD_TABLE] == kind and f.tables.get(K.OUTPUT_TABLE) == (None if cfg.tie_embeddings else kind)
+    for table in [K.EMBD_TABLE] + ([] if cfg.tie_embeddings else [K.OUTPUT_TABLE]):
+        cold, ids, hot = f.hot_table(table)
+        assert f.tensors[K.dense_table_tensor(table)].shape == (cfg.vocab - 17, 96) and cold.shape == (cfg.vocab - 17, 54)
+        assert f.tensors[K.hot_rows_tensor(table)].gtype == GGMLType.Q8_0 and hot.shape == (17, 3 * 34)
+        np.testing.assert_array_equal(ids, written[K.hot_ids_tensor(table)].astype(np.int64))
+        assert ids.dtype == np.int64 and np.all(np.diff(ids) > 0)
+    assert summarize(f)["embedding_type"] == f"{gtype.name} + 17 Q8_0 rows"
+    dump = {t.name: t for t in GGUFReader(path).tensors}  # gguf-py reads every part
+    assert dump[K.TOKEN_EMBD].tensor_type == GGMLQuantizationType(gtype)
+    assert list(dump["token_embd.hot.weight"].shape) == [96, 17]
+    write_random(tmp_path / "plain.nq", cfg, embedding_type=gtype)
+    with pytest.raises(KeyError, match="no hot rows"):
+        open_nq(tmp_path / "plain.nq").hot_table(K.EMBD_TABLE)
+
+
+@pytest.mark.parametrize("ids", [[5, 3, 9], [1, 1, 2], [0, 4, 91], [2, 3, 2**31 + 4]])
+def test_hot_row_ids_out_of_order_or_range_are_refused_by_writer_and_reader(tmp_path, ids):
+    cfg = tiny_config(hidden=96, n_heads=4, head_dim=24)  # vocabulary 91
+    kind = HotRows(GGMLType.IQ4_NL, 3)
+    w = nqfmt.writer.NQWriter(tmp_path / "w.nq", cfg, *_meta(cfg), _plans(cfg), embedding_type=kind)
+    w.write(K.TOKEN_EMBD, quantize_iq4_nl(np.ones((cfg.vocab - 3, 96))))
+    w.write("token_embd.hot.weight", quantize(np.ones((3, 96), np.float32), GGMLQuantizationType.Q8_0))
+    with pytest.raises(NQFormatError, match="strictly increasing token ids below the vocabulary of 91"):
+        w.write("token_embd.hot_ids", np.array(ids, np.uint32))
+    w._discard()
+    path = tmp_path / "r.nq"
+    write_random(path, cfg, embedding_type=kind)
+    at = open_nq(path).tensors["token_embd.hot_ids"].offset
+    data = bytearray(path.read_bytes())
+    data[at:at + 12] = np.array(ids, np.uint32).tobytes()
+    path.write_bytes(bytes(data))
+    with pytest.raises(NQFormatError, match="'token_embd.hot_ids': hot row ids must be strictly increasing"):
+        open_nq(path)
+
+
+@pytest.mark.parametrize("kind,out,match", [
+    (HotRows(GGMLType.Q8_0, 4), None, "hot rows need a 4-bit type"),
+    (HotRows(GGMLType.IQ4_NL, 0), None, "1 to 90 rows"),
+    (HotRows(GGMLType.IQ4_NL, 91), None, "1 to 90 rows"),
+    (HotRows(GGMLType.IQ4_NL, 4), HotRows(GGMLType.IQ4_NL, 5), "must be stored as the embedding is"),
+    (HotRows(GGMLType.IQ4_NL, 4), GGMLType.IQ4_NL, "must be stored as the embedding is"),
+])
+def test_writer_refuses_impossible_hot_row_plans(tmp_path, kind, out, match):
+    cfg = tiny_config("qwen2", hidden=96, n_heads=4, head_dim=24)  # untied, vocabulary 91
+    with pytest.raises(NQFormatError, match=match):
+        write_random(tmp_path / "m.nq", cfg, embedding_type=kind, output_type=out)
+    assert not list(tmp_path.iterdir())
 
 
 def test_dense_table_is_not_a_factored_one(tmp_path):

@@ -6,7 +6,7 @@ import numpy as np
 from nqfmt.keys import GGMLType
 from gguf.quants import dequantize
 
-from nqfmt import NQFile, unpack_signs
+from nqfmt import HotRows, NQFile, unpack_signs
 from nqfmt import keys as K
 
 _HF_LINEAR = {K.ATTN_Q: "self_attn.q_proj", K.ATTN_K: "self_attn.k_proj", K.ATTN_V: "self_attn.v_proj",
@@ -92,9 +92,15 @@ def hf_model(nq: NQFile):
 
 
 def _table(nq: NQFile, table: str) -> np.ndarray:
-    """An embedding/head table as float64: Q8_0 and Q4_0 through gguf's reference dequantizer, a binary-factored
-    one expanded."""
+    """An embedding/head table as float64: Q8_0 and Q4_0 through gguf's reference dequantizer, hot rows put in their
+    tokens' places (spec §3.4), a binary-factored one expanded."""
     kind = nq.tables[table]
+    if isinstance(kind, HotRows):
+        cold, ids, hot = nq.hot_table(table)
+        out = np.empty((nq.config.vocab, nq.config.hidden))
+        out[np.setdiff1d(np.arange(nq.config.vocab), ids)] = dequantize(cold, kind.gtype)
+        out[ids] = dequantize(hot, GGMLType.Q8_0)
+        return out
     if not isinstance(kind, GGMLType):
         return _expanded(nq.factored_table(table))
     name = K.dense_table_tensor(table)

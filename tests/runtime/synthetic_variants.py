@@ -5,12 +5,12 @@ from nqfmt.keys import GGMLType
 
 import numpy as np
 
-from nqfmt import LinearPlan, NQWriter, TokenizerInfo
+from nqfmt import HotRows, LinearPlan, NQWriter, TokenizerInfo
 from nqfmt import keys as K
 from bench.synthetic_model import byte_tokenizer_json
 from synthetic import TINY_TOKENIZER, provenance, random_tensors, tiny_config
 
-# name -> (config overrides, ranks per path, scale_mid, embedding kind: a GGML type or a binary-factored plan)
+# name -> (config overrides, ranks per path, scale_mid, embedding kind: a GGML type, hot rows or a binary-factored plan)
 VARIANTS = {
     "llama": (dict(arch="llama"), (40,), False, GGMLType.F16),
     "llama-2path-mid": (dict(arch="llama"), (40, 24), True, GGMLType.F16),
@@ -27,6 +27,7 @@ VARIANTS = {
     "llama-q4": (dict(arch="llama", hidden=96), (40,), False, GGMLType.Q4_0),
     "qwen2-q4": (dict(arch="qwen2", hidden=96), (40,), False, GGMLType.Q4_0),
     "gemma3-iq4": (dict(arch="gemma3", hidden=96, embedding_scale=96 ** 0.5), (40,), False, GGMLType.IQ4_NL),
+    "qwen2-iq4-hot": (dict(arch="qwen2", hidden=96), (40,), False, HotRows(GGMLType.IQ4_NL, 13)),
     "llama-binary-table": (dict(arch="llama"), (40,), False, LinearPlan((40, 9), True)),
     "qwen2-binary-table": (dict(arch="qwen2"), (40,), False, LinearPlan((33,))),
 }

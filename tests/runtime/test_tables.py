@@ -4,14 +4,16 @@ Q4_0 needs it), serial and parallel, one token and several; the reference agains
 import numpy as np
 import pytest
 from gguf import GGMLQuantizationType
-from gguf.quants import dequantize
+from gguf.quants import dequantize, quantize
 
 from nqfmt import BinaryPath, FactoredLinear, open_nq, pack_signs, unpack_signs
 from nqfmt import keys as K
 from nqfmt.keys import GGMLType
 from nqfmt.q4 import quantize_iq4_nl, quantize_q4_0
 from runtime.backends import get_backend
+from runtime.backends import numba_lut16 as lut16
 from runtime.backends import numba_tables as nt
+from runtime.backends.numba_cpu import NumbaBackend
 from runtime.model import Model
 
 REL = 1e-4
@@ -31,6 +33,13 @@ def backends(request):
     return get_backend("numba", threads=request.param), get_backend("numpy")
 
 
+@pytest.fixture(scope="module", params=[(1, False), (2, False)] + [(1, True), (2, True)] * lut16.available(),
+                ids=lambda p: f"{p[0]}thr-{'lut16' if p[1] else 'portable'}")
+def q4_backends(request):
+    threads, simd = request.param
+    return NumbaBackend(threads=threads, simd=simd), get_backend("numpy")
+
+
 def q4_table(rng, vocab, hidden, gtype):
     values = rng.standard_normal((vocab, hidden)) * rng.uniform(0.1, 2.0, (vocab, 1))
     return readonly((quantize_q4_0 if gtype == GGMLType.Q4_0 else quantize_iq4_nl)(values))
@@ -39,11 +48,12 @@ def q4_table(rng, vocab, hidden, gtype):
 @pytest.mark.parametrize("gtype", [GGMLType.Q4_0, GGMLType.IQ4_NL])
 @pytest.mark.parametrize("vocab,hidden", [(203, 96), (37, 32), (1000, 576)])
 @pytest.mark.parametrize("tokens", [1, 3, 21])
-def test_4bit_embed_and_head(backends, vocab, hidden, tokens, gtype):
-    fast, ref = backends
+def test_4bit_embed_and_head(q4_backends, vocab, hidden, tokens, gtype):
+    fast, ref = q4_backends
     rng = np.random.default_rng(vocab + tokens)
     raw = q4_table(rng, vocab, hidden, gtype)
     tf, tr = fast.prepare_embedding(raw, gtype, hidden), ref.prepare_embedding(raw, gtype, hidden)
+    assert (tf.tiles is not None) == fast.simd  # the LUT-16 head where the backend has it, else the portable one
     ids = rng.integers(0, vocab, tokens)
     want_rows = dequantize(raw, GGMLQuantizationType(gtype))[ids]  # gguf's reference decoder: the spec's layout
     np.testing.assert_array_equal(tr.rows(ids), want_rows.astype(np.float64))
@@ -131,3 +141,29 @@ def test_model_refuses_a_q4_0_table_with_a_nonfinite_scale(tmp_path):
     path.write_bytes(bytes(data))
     with pytest.raises(NQFormatError, match="'token_embd.weight': non-finite values"):
         Model(open_nq(path), get_backend("numpy"))
+
+
+@pytest.mark.parametrize("gtype", [GGMLType.Q4_0, GGMLType.IQ4_NL])
+@pytest.mark.parametrize("vocab,hot_rows", [(203, 1), (203, 77), (1000, 999)])
+@pytest.mark.parametrize("tokens", [1, 3, 130])
+def test_hot_rows_embed_and_head(q4_backends, vocab, hot_rows, tokens, gtype):
+    """A 4-bit table with hot rows (spec §3.4): every row from the part that holds it, every logit in its token's
+    place, whichever head path the token count takes."""
+    fast, ref = q4_backends
+    hidden = 96
+    rng = np.random.default_rng(vocab + hot_rows + tokens)
+    hot_ids = np.sort(rng.choice(vocab, hot_rows, replace=False))
+    cold = q4_table(rng, vocab - hot_rows, hidden, gtype)
+    hot = readonly(quantize(rng.standard_normal((hot_rows, hidden)), GGMLQuantizationType.Q8_0))
+    full = np.empty((vocab, hidden))  # the spec's rule, spelled out: hot rows by id, the rest in token order
+    others = np.setdiff1d(np.arange(vocab), hot_ids)
+    full[hot_ids] = dequantize(hot, GGMLQuantizationType.Q8_0)
+    full[others] = dequantize(cold, GGMLQuantizationType(gtype))
+    tf, tr = (b.prepare_hot_table(cold, gtype, hot_ids, hot, vocab, hidden) for b in (fast, ref))
+    ids = np.concatenate([hot_ids[:2], others[:2], rng.integers(0, vocab, tokens)])[:max(tokens, 4)]
+    np.testing.assert_array_equal(tr.rows(ids), full[ids])
+    np.testing.assert_array_equal(fast.embed(tf, ids), full[ids].astype(np.float32))
+    x = rng.standard_normal((tokens, hidden))
+    want = ref.head(tr, x)
+    np.testing.assert_allclose(want, x @ full.T, rtol=1e-12, atol=1e-12)
+    assert close(fast.head(tf, x.astype(np.float32)), want)
