@@ -2,6 +2,7 @@
 with random values (speed does not depend on them).
 
     python bench/head_kernels.py [--vocab 49152] [--hidden 576] [--threads 1] [--tokens 1 8 64] [--rank 576]
+                                 [--hot 5120]
 
 Times the head for each token count and one-token embedding lookups, best of `--rounds`; writes
 bench/results/head-kernels-<vocab>x<hidden>-t<threads>.json with the load average before and after.
@@ -27,9 +28,11 @@ from nqfmt.q4 import quantize_iq4_nl, quantize_q4_0  # noqa: E402
 from runtime.backends import get_backend  # noqa: E402
 
 
-def tables(backend, rng, vocab: int, hidden: int, rank: int) -> dict:
+def tables(backend, rng, vocab: int, hidden: int, rank: int, hot: int) -> dict:
     values = rng.standard_normal((vocab, hidden)).astype(np.float32)
     from gguf.quants import quantize
+    hot_ids = np.sort(rng.choice(vocab, hot, replace=False))
+    cold = np.setdiff1d(np.arange(vocab), hot_ids)
     factored = FactoredLinear(vocab, hidden, (BinaryPath(
         pack_signs(rng.standard_normal((rank, hidden))), pack_signs(rng.standard_normal((vocab, rank))),
         np.ones(hidden, np.float16), np.ones(vocab, np.float16), None, rank),), None)
@@ -37,6 +40,8 @@ def tables(backend, rng, vocab: int, hidden: int, rank: int) -> dict:
             "Q8_0": backend.prepare_embedding(quantize(values, GGMLType.Q8_0), GGMLType.Q8_0, hidden),
             "Q4_0": backend.prepare_embedding(quantize_q4_0(values), GGMLType.Q4_0, hidden),
             "IQ4_NL": backend.prepare_embedding(quantize_iq4_nl(values), GGMLType.IQ4_NL, hidden),
+            f"IQ4_NL+{hot}": backend.prepare_hot_table(quantize_iq4_nl(values[cold]), GGMLType.IQ4_NL, hot_ids,
+                                                       quantize(values[hot_ids], GGMLType.Q8_0), vocab, hidden),
             f"binary:{rank}": backend.prepare_factored_table(factored)}
 
 
@@ -58,11 +63,12 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--tokens", type=int, nargs="+", default=[1, 8, 64])
     ap.add_argument("--rounds", type=int, default=7)
+    ap.add_argument("--hot", type=int, default=5120, help="hot rows (Q8_0) of the IQ4_NL+K kind")
     args = ap.parse_args()
     load_before = os.getloadavg()
     backend = get_backend("numba", threads=args.threads)
     rng = np.random.default_rng(0)
-    kinds = tables(backend, rng, args.vocab, args.hidden, args.rank)
+    kinds = tables(backend, rng, args.vocab, args.hidden, args.rank, args.hot)
     head_ms = {k: {} for k in kinds}
     for tokens in args.tokens:
         x = rng.standard_normal((tokens, args.hidden)).astype(np.float32)

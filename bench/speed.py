@@ -311,12 +311,14 @@ def synthetic_files(model: str, embeddings: list[str], work: Path) -> list[tuple
 def warm_model(path: Path, work: Path) -> Path:
     """A one-layer random model of `path`'s architecture, flags and table type (the memory bar's baseline)."""
     from bench.synthetic_model import TINY, table_name, write_nq
-    from nqfmt import LinearPlan, open_nq
+    from nqfmt import HotRows, LinearPlan, open_nq
     from nqfmt import keys as K
     f = open_nq(path)
     config, kind = f.config, f.tables[K.EMBD_TABLE]
     if isinstance(kind, LinearPlan):
         kind = LinearPlan(tuple(min(r, TINY["hidden"]) for r in kind.ranks), kind.has_mid)
+    if isinstance(kind, HotRows):
+        kind = HotRows(kind.gtype, min(kind.rows, TINY["vocab"] // 2))
     shapes = {fl.name: getattr(config, fl.name) for fl in fields(config)} | TINY | {"sliding_layers": ()}
     if config.sliding_window:
         shapes["sliding_window"] = min(config.sliding_window, TINY["context_length"])

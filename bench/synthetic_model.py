@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 from gguf.quants import quantize
 
-from nqfmt import LinearPlan, ModelConfig, NQWriter, Provenance, TokenizerInfo, pack_signs, rank_for_bits
+from nqfmt import HotRows, LinearPlan, ModelConfig, NQWriter, Provenance, TokenizerInfo, pack_signs, rank_for_bits
 from nqfmt import keys as K
 from nqfmt.keys import GGMLType
 from nqfmt.layout import TableKind, sign_columns
@@ -81,10 +81,13 @@ def tiny_shapes(shapes: dict) -> dict:
 
 
 def parse_table(text: str, hidden: int) -> TableKind:
-    """How the embedding/head is stored: f16, q8_0, q4_0, iq4_nl, binary (one path of rank `hidden`), binary:RANK
-    or binary:RANKxPATHS (nqconvert's --embedding spelling)."""
+    """How the embedding/head is stored: f16, q8_0, q4_0, iq4_nl, q4_0+K, iq4_nl+K (K hot rows), binary (one path of
+    rank `hidden`), binary:RANK or binary:RANKxPATHS (nqconvert's --embedding spelling)."""
     if text in DENSE_TABLES:
         return DENSE_TABLES[text]
+    hot = re.fullmatch(r"(q4_0|iq4_nl)\+(\d+)", text)
+    if hot is not None:
+        return HotRows(DENSE_TABLES[hot[1]], int(hot[2]))
     m = re.fullmatch(r"binary(?::(\d+)(?:x(\d+))?)?", text)
     if m is None:
         raise ValueError(f"embedding {text!r}: choose one of {', '.join(DENSE_TABLES)}, binary, binary:RANK, "
@@ -99,6 +102,8 @@ def table_name(kind: TableKind) -> str:
     """The --embedding spelling of a table kind (file names and JSON labels)."""
     if isinstance(kind, LinearPlan):
         return f"binary:{kind.ranks[0]}x{len(kind.ranks)}"
+    if isinstance(kind, HotRows):
+        return f"{GGMLType(kind.gtype).name.lower()}+{kind.rows}"
     return GGMLType(kind).name.lower()
 
 
@@ -139,8 +144,10 @@ def write_nq(path: Path, shapes: dict = SMOLLM2_135M, embedding: TableKind = GGM
             elif part == K.SCALE_OUT:  # keeps every product's output near unit size: 1/sqrt(n·r)
                 n, r = shape_of[K.SCALE_IN][0], shape_of[K.V_SIGNS][0]
                 a = (rng.uniform(0.5, 1.5, spec.shape) / np.sqrt(n * r)).astype(np.float16)
-            elif spec.name in (K.TOKEN_EMBD, K.OUTPUT):
+            elif spec.name in (K.TOKEN_EMBD, K.OUTPUT) or spec.name.endswith(".hot.weight"):
                 a = _dense_table(rng, spec.shape[0], spec.shape[1], spec.gtype)
+            elif part == "hot_ids":  # the first rows' tokens: any strictly increasing ids will do
+                a = np.arange(spec.shape[0], dtype=np.uint32)
             else:  # norms, input/middle scales and biases
                 a = rng.uniform(0.5, 1.5, spec.shape).astype(spec.numpy_dtype)
             w.write(spec.name, a)

@@ -20,5 +20,5 @@ def __getattr__(name: str):
     raise AttributeError(f"module 'nqfmt' has no attribute {name!r}")
 
 __all__ = ["BinaryPath", "FactoredLinear", "HotRows", "LinearPlan", "ModelConfig", "NQError", "NQFile", "NQFormatError",
-           "NQWriter", "Provenance", "TensorSpec", "TokenizerInfo", "open_nq", "pack_signs", "path_bits", "rank_for_bits",
-           "unpack_signs"]
+           "NQWriter", "Provenance", "TensorSpec", "TokenizerInfo", "open_nq", "pack_signs", "path_bits",
+           "rank_for_bits", "unpack_signs"]

@@ -29,7 +29,7 @@ sys.path.insert(0, str(ROOT))
 
 from bench.quality import RESULTS, eval_windows, git_commit, machine, perplexity, test_text  # noqa: E402
 from converter import embedding as E  # noqa: E402
-from converter.calibration import calibration_windows, default_calibration_text  # noqa: E402
+from converter.calibration import calibration_tokens, calibration_windows, default_calibration_text  # noqa: E402
 from converter.factored import BinaryFactoredLinear  # noqa: E402
 from converter.model_reconstruction import reconstruct, teacher_cache  # noqa: E402
 from converter.pipeline import PRESETS  # noqa: E402
@@ -57,18 +57,20 @@ def main() -> None:
     final = final[:recipe.stat_samples]
     cols = E.column_weights(fp.output_norm, final, recipe.shrinkage)
     rows = E.row_weights(calib, config.vocab, recipe.shrinkage)
+    tokens = torch.as_tensor(calibration_tokens(source.hf_tokenizer(), [default_calibration_text()]))
+    counts = torch.bincount(tokens, minlength=config.vocab)[:config.vocab]  # hot rows: the whole text's counts
     w = fp.token_embd.detach()
     weight = rows[:, None] * cols[None, :]
     fp_ppl = perplexity(fp, evaluation)
     for choice in args.choices:
         choice = E.resolve_embedding(E.parse_embedding(choice), config, explicit=True)
         t0 = time.perf_counter()
-        stored = E.store_table(choice, w, config, cols, rows, recipe.admm, seed=0)
+        stored = E.store_table(choice, w, config, cols, rows, recipe.admm, seed=0, token_counts=counts)
         seconds = time.perf_counter() - t0
         table = stored.torch_value()
         with torch.no_grad():
             dense = (table.dense_weight() if isinstance(table, BinaryFactoredLinear) else
-                     table.weight() if isinstance(table, E.Q4Table) else table)
+                     table.weight() if isinstance(table, (E.Q4Table, E.HotRowsTable)) else table)
             err = float(((w - dense) * weight).pow(2).sum() / (w * weight).pow(2).sum())
             model = TorchModel(config, table, list(fp.blocks), fp.output_norm.weight.detach(), None
                                if config.tie_embeddings else fp.output.detach())

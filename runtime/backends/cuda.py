@@ -24,7 +24,7 @@ from nqfmt import FactoredLinear, ModelConfig, NQFormatError, unpack_signs
 from .. import kernels
 from ..errors import NQRunError
 from ..sampling import Sampler
-from . import Backend, BackendUnavailable
+from . import Backend, BackendUnavailable, KindUnsupported
 
 _K = kernels.constants()
 TILE_ROWS, CHUNK_COLS, BLOCK_TILES = _K["TILE_ROWS"], _K["CHUNK_COLS"], _K["BLOCK_TILES"]
@@ -241,8 +241,8 @@ class CudaBackend(Backend):
 
     def prepare_hot_table(self, cold: np.ndarray, gtype: GGMLType, hot_ids: np.ndarray, hot: np.ndarray,
                           vocab: int, hidden: int) -> DeviceTable:
-        raise NQRunError("backend 'cuda' does not run tables with hot rows (spec/FORMAT.md §3.4) yet; use "
-                         "--backend numba")
+        raise KindUnsupported("backend 'cuda' does not run tables with hot rows (spec/FORMAT.md §3.4) yet; use "
+                              "--backend numba")
 
     def prepare_factored_table(self, table: FactoredLinear, chunk: int = 8192) -> DeviceFactoredTable:
         rows = np.zeros((table.m, table.n), np.float32)

@@ -205,13 +205,15 @@ def repack_q4(raw: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     of positions 8w .. 8w+7 (nibble j = position 8w + j), and scale tiles (⌈rows/16⌉, d/32, 16) float32; rows past
     the end have code 0 and scale 0."""
     from nqfmt.q4 import unpack_q4
-    scales, codes = unpack_q4(raw)
-    rows, d = codes.shape
+    rows, d = raw.shape[0], raw.shape[1] // 18 * 32
     shifts = (4 * np.arange(8, dtype=np.uint32))[None, None, :]
-    words = (codes.reshape(rows, d // 8, 8).astype(np.uint32) << shifts).sum(-1, dtype=np.uint32)
+    words = np.empty((rows, d // 8), np.uint32)
     blocks = (rows + TILE - 1) // TILE
     scale_tiles = np.zeros((blocks * TILE, d // 32), np.float32)
-    scale_tiles[:rows] = scales
+    for start in range(0, rows, REPACK_ROWS):  # a chunk at a time: whole-table temporaries would be 8× the table
+        end = min(start + REPACK_ROWS, rows)
+        scale_tiles[start:end], codes = unpack_q4(raw[start:end])
+        words[start:end] = (codes.reshape(end - start, d // 8, 8).astype(np.uint32) << shifts).sum(-1, dtype=np.uint32)
     return repack(words), np.ascontiguousarray(scale_tiles.reshape(blocks, TILE, -1).transpose(0, 2, 1))
 
 
@@ -256,6 +258,7 @@ def lookup_q4_tile(typingctx, tab, ti, tile_addr, scales_addr, blocks, sums, si)
 
 
 HEAD_TILES_PER_TASK = 64  # 1024 vocabulary rows per task of the parallel head
+REPACK_ROWS = 4096  # rows repacked at a time at load
 
 
 def _head_kernels(parallel: bool):

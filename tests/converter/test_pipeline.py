@@ -303,8 +303,8 @@ def test_kl_on_the_last_block_changes_only_it_and_fits_the_output_better(tmp_pat
         TINY, refinement=B.TuneSettings(epochs=8, batch=3), model_recon=False))
     saved = spy_saves(monkeypatch)
     windows = []
-    draw = P.calibration_windows
-    monkeypatch.setattr(P, "calibration_windows", lambda *a: windows.append(draw(*a)) or windows[-1])
+    draw = P.draw_windows
+    monkeypatch.setattr(P, "draw_windows", lambda *a: windows.append(draw(*a)) or windows[-1])
     mse = run(tmp_path, tmp_path / "src", "mse.nq")
     monkeypatch.setitem(P.PRESETS, "tiny", dataclasses.replace(P.PRESETS["tiny"], kl_blocks=1))
     kl = run(tmp_path, tmp_path / "src", "kl.nq")

@@ -167,3 +167,18 @@ def test_hot_rows_embed_and_head(q4_backends, vocab, hot_rows, tokens, gtype):
     want = ref.head(tr, x)
     np.testing.assert_allclose(want, x @ full.T, rtol=1e-12, atol=1e-12)
     assert close(fast.head(tf, x.astype(np.float32)), want)
+
+
+@pytest.mark.skipif(not lut16.available(), reason="the LUT-16 kernels need AVX-512")
+def test_4bit_repack_in_chunks_equals_whole(monkeypatch):
+    rng = np.random.default_rng(5)
+    raw = q4_table(rng, 45, 64, GGMLType.IQ4_NL)
+    whole = lut16.repack_q4(raw)
+    monkeypatch.setattr(lut16, "REPACK_ROWS", 7)
+    for a, b in zip(lut16.repack_q4(raw), whole):
+        np.testing.assert_array_equal(a, b)
+    x = rng.standard_normal((1, 64)).astype(np.float32)
+    out = np.empty((1, 45), np.float32)
+    lut16.head_q4_serial(*whole, nt.GRIDS[GGMLType.IQ4_NL].astype(np.float32), x, out)
+    want = x.astype(np.float64) @ dequantize(raw, GGMLQuantizationType.IQ4_NL).astype(np.float64).T
+    assert close(out, want)
