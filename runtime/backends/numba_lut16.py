@@ -23,6 +23,7 @@ from llvmlite import ir
 from numba import njit, prange, types
 from numba.core import cgutils
 from numba.extending import intrinsic
+from nqfmt.q4 import BLOCK, BLOCK_BYTES, unpack_q4
 
 _OPTS = dict(fastmath=True, cache=True, nogil=True)
 TILE = 16  # rows per tile: the lanes of one 512-bit register of int32 indices
@@ -200,12 +201,14 @@ binary_path_parallel = _kernels(True)
 # a row's code at p indexes it. One 512-bit load holds 8 codes of 16 rows; 4 loads cover a block of 32 positions,
 # whose 32 lookups are added as a tree and multiplied by the 16 rows' block scales. Exact float32 arithmetic (the
 # additions in another order than a dot product's).
+REPACK_ROWS = 4096  # rows repacked at a time at load
+
+
 def repack_q4(raw: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """4-bit block bytes (rows, d/32·18) → code tiles (⌈rows/16⌉, d/8, 16) uint32, word w of a row holding the codes
     of positions 8w .. 8w+7 (nibble j = position 8w + j), and scale tiles (⌈rows/16⌉, d/32, 16) float32; rows past
     the end have code 0 and scale 0."""
-    from nqfmt.q4 import unpack_q4
-    rows, d = raw.shape[0], raw.shape[1] // 18 * 32
+    rows, d = raw.shape[0], raw.shape[1] // BLOCK_BYTES * BLOCK
     shifts = (4 * np.arange(8, dtype=np.uint32))[None, None, :]
     words = np.empty((rows, d // 8), np.uint32)
     blocks = (rows + TILE - 1) // TILE
@@ -258,7 +261,6 @@ def lookup_q4_tile(typingctx, tab, ti, tile_addr, scales_addr, blocks, sums, si)
 
 
 HEAD_TILES_PER_TASK = 64  # 1024 vocabulary rows per task of the parallel head
-REPACK_ROWS = 4096  # rows repacked at a time at load
 
 
 def _head_kernels(parallel: bool):
