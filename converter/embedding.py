@@ -33,6 +33,7 @@ from gguf.quants import quantize
 from nqfmt import HotRows, LinearPlan, ModelConfig
 from nqfmt import keys as K
 from nqfmt.errors import NQError
+from nqfmt.layout import cold_ids
 from nqfmt.q4 import BLOCK, GRIDS, pack_q4, unpack_q4
 from nqfmt.q8_0 import dequantize_q8_0
 
@@ -180,10 +181,8 @@ class HotRowsTable(torch.nn.Module):
         self.hot_ids = np.asarray(hot_ids, np.int64)
         self.hot_raw = hot_raw
         self.register_buffer("hot", torch.from_numpy(dequantize_q8_0(hot_raw)))
-        is_hot = np.zeros(vocab, bool)
-        is_hot[self.hot_ids] = True
         order = np.empty(vocab, np.int64)  # token → its row in cat(cold rows, hot rows)
-        order[~is_hot] = np.arange(vocab - len(self.hot_ids))
+        order[cold_ids(self.hot_ids, vocab)] = np.arange(vocab - len(self.hot_ids))
         order[self.hot_ids] = vocab - len(self.hot_ids) + np.arange(len(self.hot_ids))
         self.register_buffer("order", torch.from_numpy(order))
 
@@ -380,7 +379,7 @@ def store_table(choice: str, w: torch.Tensor, config: ModelConfig, col_weight: t
     if hot_rows(choice):
         gtype = DENSE[base_type(choice)]
         ids = hot_ids(token_counts, hot_rows(choice))
-        cold = torch.from_numpy(np.setdiff1d(np.arange(config.vocab), ids))
+        cold = torch.from_numpy(cold_ids(ids, config.vocab))
         hot_raw = quantize(w[ids].detach().to(torch.float32).numpy(), GGMLQuantizationType.Q8_0)
         return StoredTable(gtype, module=HotRowsTable(quantize_q4(w[cold], col_weight, gtype), gtype, ids, hot_raw,
                                                       config.vocab))

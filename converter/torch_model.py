@@ -21,6 +21,7 @@ from torch.nn import functional as F
 
 from nqfmt import HotRows, ModelConfig, open_nq, unpack_signs
 from nqfmt import keys as K
+from nqfmt.layout import cold_ids
 
 from .factored import BinaryFactoredLinear, TrainablePath
 
@@ -232,9 +233,7 @@ def _table_of(nq, table: str) -> Table:
     if isinstance(kind, HotRows):
         cold, ids, hot = nq.hot_table(table)
         values = torch.empty(nq.config.vocab, nq.config.hidden)
-        is_hot = np.zeros(nq.config.vocab, bool)
-        is_hot[ids] = True
-        values[torch.from_numpy(np.flatnonzero(~is_hot))] = torch.from_numpy(dequantize_q4(cold, kind.gtype))
+        values[torch.from_numpy(cold_ids(ids, nq.config.vocab))] = torch.from_numpy(dequantize_q4(cold, kind.gtype))
         values[torch.from_numpy(ids)] = torch.from_numpy(dequantize_q8_0(hot))
         return values
     if not isinstance(kind, GGMLType):

@@ -161,6 +161,14 @@ def hot_ids_valid(ids: np.ndarray, vocab: int) -> bool:
     return not ids.size or bool(ids[0] >= 0 and ids[-1] < vocab and np.all(np.diff(ids) > 0))
 
 
+def cold_ids(hot_ids: np.ndarray, vocab: int) -> np.ndarray:
+    """The tokens whose rows a hot-row table's 4-bit part holds, in its row order (spec §3.4): every token that is
+    not hot, increasing, as int64."""
+    is_hot = np.zeros(vocab, bool)
+    is_hot[np.asarray(hot_ids, np.int64)] = True
+    return np.flatnonzero(~is_hot)
+
+
 def is_signs(name: str) -> bool:
     return name.rsplit(".", 1)[-1] in (K.V_SIGNS, K.U_SIGNS)
 

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+from nqfmt.layout import cold_ids
 
 
 @dataclass(frozen=True)
@@ -23,13 +24,13 @@ class HotRowsTable:
 
 
 def hot_rows_table(cold: Any, hot: Any, hot_ids: np.ndarray, vocab: int, hidden: int) -> HotRowsTable:
-    is_hot = np.zeros(vocab, bool)
-    is_hot[hot_ids] = True
-    cold_ids = np.flatnonzero(~is_hot)
+    others = cold_ids(hot_ids, vocab)
+    is_hot = np.ones(vocab, bool)
+    is_hot[others] = False
     slot = np.empty(vocab, np.int64)
-    slot[cold_ids] = np.arange(len(cold_ids))
+    slot[others] = np.arange(len(others))
     slot[hot_ids] = np.arange(len(hot_ids))
-    return HotRowsTable(cold, hot, np.asarray(hot_ids, np.int64), cold_ids, slot, is_hot, hidden)
+    return HotRowsTable(cold, hot, np.asarray(hot_ids, np.int64), others, slot, is_hot, hidden)
 
 
 def embed(backend: Any, table: HotRowsTable, ids: np.ndarray) -> np.ndarray:
