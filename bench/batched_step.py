@@ -3,8 +3,9 @@
 For each B: B sequences each prefilled with --prompt-tokens random ids, then --steps steps of one token per sequence
 (positions advance as in decoding). Reported per B: the best and median step wall time, tokens per second
 (B / best), and the time inside each backend op (linear, head, attention, ...; summed over one step, median over
-steps), the rest being Python between ops. Single-process, no server: this is the ceiling nqserve's engine works
-under.
+steps), the rest being Python between ops. Where the step splits its sequences over threads
+(`threads_per_step`), the ops of both threads add up, so their sum can exceed the wall time. Single-process, no
+server: this is the ceiling nqserve's engine works under.
 
 Usage: python -m bench.batched_step --nq FILE.nq [--batch 1 2 4 8 16] [--threads T] [--steps 20]
 Writes bench/results/batched-step-<file stem>.json. Run it on an otherwise idle machine.
@@ -25,7 +26,7 @@ import numpy as np
 from bench.speed import commit, machine
 
 ROOT = Path(__file__).resolve().parent.parent
-OPS = ("embed", "linear", "rms_norm", "rope", "attention", "glu", "head")
+OPS = ("embed", "linear", "rms_norm", "rope", "attention", "attention_batch", "glu", "head")
 
 
 def timed_backend(backend) -> Counter:
@@ -75,7 +76,8 @@ def main() -> None:
         best, median = min(walls), float(np.median(walls))
         ops_ms = {op: float(np.median([p.get(op, 0.0) for p in parts])) * 1e3 for op in OPS}
         results[b] = dict(best_ms=best * 1e3, median_ms=median * 1e3, tokens_per_s=b / best,
-                          ops_median_ms=ops_ms, python_ms=median * 1e3 - sum(ops_ms.values()))
+                          threads_per_step=model.backend.step_threads(b, b), ops_median_ms=ops_ms,
+                          python_ms=median * 1e3 - sum(ops_ms.values()))
         print(f"B={b:2d}: best {best * 1e3:6.2f} ms, median {median * 1e3:6.2f} ms, {b / best:6.1f} tok/s; "
               + ", ".join(f"{k} {v:.2f}" for k, v in sorted(ops_ms.items(), key=lambda kv: -kv[1]) if v >= 0.01),
               flush=True)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 import os
 import resource
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -107,6 +108,7 @@ class Model:
             self.blocks.append(Block(norms, linears, cfg.sliding_layers[layer]))
         self._inv_freq = {local: rope_inv_freq(cfg, local) for local in (False, True)}
         self._fused = backend.fused_blocks(self)  # one token's blocks in one backend call, where it has one
+        self._step_pool: ThreadPoolExecutor | None = None  # the extra threads of a split step (Backend.step_threads)
 
     def _norm(self, nq: NQFile, name: str) -> Any:
         w = nq.array(name)
@@ -184,18 +186,30 @@ class Model:
         for pos, n, cache in zip(positions, counts, caches):
             if not (0 <= pos and pos + n <= cache.n_ctx):
                 raise NQRunError(f"positions {pos}..{pos + n - 1} are outside the context of {cache.n_ctx}")
-        ends = np.cumsum(counts)
-        starts = ends - counts
-
-        def attend(layer: int, q: Any, k: Any, v: Any, window: int) -> Any:
-            parts = [be.attention(cache, layer, q[a:e], k[a:e], v[a:e], int(pos), window, cfg.attention_scale,
-                                  cfg.attn_softcap) for a, e, pos, cache in zip(starts, ends, positions, caches)]
-            return parts[0] if len(parts) == 1 else np.concatenate(parts)
-
         if len(ids) == 1 and self._fused is not None:
             return self._logits(self._fused(self._embed(ids), int(positions[0]), caches[0]))
-        token_positions = np.concatenate([np.arange(p, p + n) for p, n in zip(positions, counts)])
-        x = self._decoder(ids, token_positions, attend)
+        ends = np.cumsum(counts)
+
+        def run(lo: int, hi: int) -> Any:  # sequences lo..hi-1 through every block
+            def attend(layer: int, q: Any, k: Any, v: Any, window: int) -> Any:
+                return be.attention_batch(caches[lo:hi], layer, q, k, v, counts[lo:hi], positions[lo:hi], window,
+                                          cfg.attention_scale, cfg.attn_softcap)
+
+            token_positions = np.concatenate([np.arange(p, p + n) for p, n in zip(positions[lo:hi], counts[lo:hi])])
+            return self._decoder(ids[ends[lo] - counts[lo]:ends[hi - 1]], token_positions, attend)
+
+        groups = _split(counts, be.step_threads(len(ids), len(caches)))
+        if len(groups) == 1:
+            x = run(0, len(caches))
+        else:
+            def alone(lo: int, hi: int) -> Any:
+                with be.one_thread():
+                    return run(lo, hi)
+
+            if self._step_pool is None:
+                self._step_pool = ThreadPoolExecutor(len(groups) - 1, thread_name_prefix="nq-step")
+            later = [self._step_pool.submit(alone, lo, hi) for lo, hi in groups[1:]]
+            x = np.concatenate([alone(*groups[0])] + [f.result() for f in later])
         return self._logits(x if len(x) == len(caches) else x[ends - 1])
 
     def _checked_ids(self, ids: np.ndarray) -> np.ndarray:
@@ -256,6 +270,19 @@ class Model:
             raise NQRunError("the model's output is not finite (inf or NaN logits): the file's weights or settings "
                              "overflow float32")
         return logits
+
+
+def _split(counts: np.ndarray, parts: int) -> list[tuple[int, int]]:
+    """Sequences 0..len(counts)-1 cut into at most `parts` runs of consecutive sequences with about equal token counts,
+    as (first, end) pairs."""
+    total, bounds = int(counts.sum()), [0]
+    done = 0
+    for b, n in enumerate(counts[:-1]):
+        done += int(n)
+        if len(bounds) < parts and done >= total * len(bounds) / parts:
+            bounds.append(b + 1)
+    bounds.append(len(counts))
+    return list(zip(bounds[:-1], bounds[1:]))
 
 
 def _prepared_table(nq: NQFile, table: str, backend: Backend) -> Any:

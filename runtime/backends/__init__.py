@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import mmap
 from abc import ABC, abstractmethod
+from contextlib import AbstractContextManager, nullcontext
 from typing import Any
 
 import numpy as np
@@ -93,6 +94,17 @@ class Backend(ABC):
         largest top-k its `sample` supports."""
         return None
 
+    def step_threads(self, tokens: int, sequences: int) -> int:
+        """How many host threads a batched step of `tokens` tokens over `sequences` sequences may split its decoder
+        into, each running whole sequences through every block (1: the step runs as one pass). A backend says more
+        than 1 only where its ops release the GIL and are thread-safe, and where the step's kernels would otherwise
+        run on one thread."""
+        return 1
+
+    def one_thread(self) -> AbstractContextManager[None]:
+        """A context in which this thread's ops run on it alone (one of a split step's threads, see step_threads)."""
+        return nullcontext()
+
     def fused_blocks(self, model: Any) -> Any | None:
         """A callable f(x, pos, cache) running every decoder block of `model` for one token in one step (x: the
         embedded token (1, hidden); returns the last block's output), or None: the model then runs its ops one by
@@ -121,6 +133,15 @@ class Backend(ABC):
                   scale: float, softcap: float) -> Any:
         """Store k, v (T, kv_heads, d) at positions pos0.. of `layer`, then causal GQA attention of q (T, heads, d)
         over positions 0..pos0+T-1 (only the last `window` positions when window > 0); returns (T, heads*d)."""
+
+    def attention_batch(self, caches: list[KVCache], layer: int, q: Any, k: Any, v: Any, counts: np.ndarray,
+                        positions: np.ndarray, window: int, scale: float, softcap: float) -> Any:
+        """`attention` for several sequences at once: sequence b owns the next counts[b] rows of q, k, v, which run at
+        positions positions[b].. over caches[b]; returns (T, heads*d) in the same row order."""
+        ends = np.cumsum(counts)
+        parts = [self.attention(cache, layer, q[e - n:e], k[e - n:e], v[e - n:e], int(pos), window, scale, softcap)
+                 for n, e, pos, cache in zip(counts, ends, positions, caches)]
+        return parts[0] if len(parts) == 1 else np.concatenate(parts)
 
     @abstractmethod
     def glu(self, gate: Any, up: Any, activation: str) -> Any:

@@ -13,6 +13,9 @@ from __future__ import annotations
 
 import os
 import sys
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from types import SimpleNamespace
@@ -35,6 +38,7 @@ def _configure_numba() -> None:
 _configure_numba()
 
 import numba  # noqa: E402
+from numba.typed import List  # noqa: E402
 
 from nqfmt import FactoredLinear, NQFormatError  # noqa: E402
 
@@ -60,6 +64,12 @@ PARALLEL_MIN_ATTENTION = 4096  # query × key pairs (× heads) of one attention 
 # binary_path_lanes, LANES tokens per task; up to LANES tokens that is one task, run serially. The head's
 # several-token kernel is for a batched step's few rows.
 HEAD_DOTS_MAX_TOKENS = 2 * nk.DOT_TOKENS
+# A batched step whose products would all stay serial by that rule instead splits its sequences over the threads
+# (step_threads): each thread runs its sequences through every block, its own ops serial. Each thread's ~14 Python
+# calls per block hold the GIL, so a split pays only from several sequences per thread: on SmolLM2-135M's quick file
+# (idle, 2 threads, 200 steps, median ms per step) 8 sequences took 27.2 / 24.9 split against 31.4 / 29.7 in one
+# pass, 4 sequences 23.4 / 24.7 split against 22.0 / 19.8.
+STEP_SPLIT_MIN_SEQUENCES = 4
 
 
 @dataclass(frozen=True)
@@ -116,7 +126,8 @@ class NumbaBackend(Backend):
         self.simd = lut16.available() if simd is None else simd  # LUT-16 kernels (AVX-512), else LUT-8
         self._scratch_bytes = 0  # widest sign row seen (bytes), sizes the shared scratch buffers
         self._scratch_rows = 0  # largest rank of any path
-        self._scratch: tuple[np.ndarray, ...] | None = None
+        self._max_lookups = 0  # sign bytes of the largest linear
+        self._local = threading.local()  # per thread: the one-token scratch, the step's cache lists
         self._blas = BlasWorkers(self.threads)  # threads for many-token attention and head products on BLAS
 
     # --- weights ------------------------------------------------------------------------------------------------
@@ -137,8 +148,8 @@ class NumbaBackend(Backend):
             self._scratch_bytes = max(self._scratch_bytes, v_bytes.shape[1], u_bytes.shape[1])
             self._scratch_rows = max(self._scratch_rows, r, linear.m)
         bias = None if linear.bias is None else linear.bias.astype(np.float32)
-        self._scratch = None
         lookups = sum(p.v_bytes.size + p.u_bytes.size for p in paths)
+        self._max_lookups = max(self._max_lookups, lookups)
         return Linear(linear.m, linear.n, tuple(paths), bias,
                       nk.PARALLEL if self.threads > 1 and lookups >= PARALLEL_MIN_LOOKUPS else nk.SERIAL, lookups)
 
@@ -155,13 +166,18 @@ class NumbaBackend(Backend):
         return nt.factored_table(self.prepare_linear(table), table)
 
     def _buffers(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-        """Scratch of the one-token linear (inputs, tables, middle, row sums), allocated once for the widest linear:
-        allocating ~200 KB per call would map and page-fault fresh memory every time."""
-        if self._scratch is None:
-            nb = max(self._scratch_bytes, (self._scratch_rows + 7) // 8)
-            self._scratch = (np.zeros(8 * nb, np.float32), np.zeros(256 * nb, np.float32),
+        """Scratch of the one-token linear (inputs, tables, middle, row sums), allocated once per thread for the widest
+        linear: allocating ~200 KB per call would map and page-fault fresh memory every time."""
+        local = self._local
+        if getattr(local, "scratch", None) is None or local.scratch_size != self._scratch_size():
+            nb = self._scratch_size()
+            local.scratch_size = nb
+            local.scratch = (np.zeros(8 * nb, np.float32), np.zeros(256 * nb, np.float32),
                              np.zeros(8 * nb, np.float32), np.zeros(8 * nb + lut16.TILE, np.float32))
-        return self._scratch
+        return local.scratch
+
+    def _scratch_size(self) -> int:
+        return max(self._scratch_bytes, (self._scratch_rows + 7) // 8)
 
     # --- ops ----------------------------------------------------------------------------------------------------
     def fused_blocks(self, model) -> nd.FusedBlocks | None:
@@ -196,26 +212,27 @@ class NumbaBackend(Backend):
         if t == 1:
             xs, tab, h, sums = self._buffers()
             y = np.empty(w.m, np.float32)
+            decode = w.decode if self._parallel() else nk.SERIAL
             for i, p in enumerate(w.paths):
                 if self.exact and self.simd:
                     lut16.binary_path_token(x[0], p.s_in, p.v_tiles, p.s_mid, p.u_tiles, p.s_out, xs, tab, h, sums,
                                             y, i > 0)
                 elif self.exact:
-                    w.decode.binary_path_decode(x[0], p.s_in, p.v_bytes, p.s_mid, p.u_bytes, p.s_out, xs, tab, h, y,
-                                                i > 0)
+                    decode.binary_path_decode(x[0], p.s_in, p.v_bytes, p.s_mid, p.u_bytes, p.s_out, xs, tab, h, y,
+                                              i > 0)
                 else:
-                    w.decode.binary_path_decode_int8(x[0], p.s_in, p.v_words, p.s_mid, p.u_words, p.s_out,
-                                                     tab.view(np.uint32), h, y, i > 0)
+                    decode.binary_path_decode_int8(x[0], p.s_in, p.v_words, p.s_mid, p.u_words, p.s_out,
+                                                   tab.view(np.uint32), h, y, i > 0)
             y = y.reshape(1, w.m)
         elif self.simd:  # LUT-16 per token, tokens over the threads: sign tiles stay in cache for every token
             y = np.empty((t, w.m), np.float32)
-            parallel = self.threads > 1 and t * w.lookups >= PARALLEL_MIN_LOOKUPS
+            parallel = self._parallel() and t * w.lookups >= PARALLEL_MIN_LOOKUPS
             kernel = lut16.binary_path_parallel if parallel else lut16.binary_path_serial
             for i, p in enumerate(w.paths):
                 kernel(x, p.s_in, p.v_tiles, p.s_mid, p.u_tiles, p.s_out, y, i > 0)
         else:
             y = np.empty((t, w.m), np.float32)
-            kernel = (nk.SERIAL if t <= nk.LANES else self.rows).binary_path_lanes
+            kernel = (nk.PARALLEL if t > nk.LANES and self._parallel() else nk.SERIAL).binary_path_lanes
             for i, p in enumerate(w.paths):
                 kernel(x, p.s_in, p.v_bytes, p.s_mid, p.u_bytes, p.s_out, y, i > 0)
         if w.bias is not None:
@@ -245,10 +262,57 @@ class NumbaBackend(Backend):
         if gemm_attention.worth_it(t, pos0, window):
             gemm_attention.attention(self._blas, q, cache.k[layer], cache.v[layer], pos0, window, scale, softcap, out)
         else:
-            kernels = self.rows if t * (pos0 + t) * heads >= PARALLEL_MIN_ATTENTION else nk.SERIAL
+            work = t * (pos0 + t) * heads
+            kernels = nk.PARALLEL if self._parallel() and work >= PARALLEL_MIN_ATTENTION else nk.SERIAL
             kernels.attention(q, cache.k[layer], cache.v[layer], pos0, window, np.float32(scale), np.float32(softcap),
                               out)
         return out.reshape(t, heads * d)
+
+    def attention_batch(self, caches: list[KVCache], layer: int, q: np.ndarray, k: np.ndarray, v: np.ndarray,
+                        counts: np.ndarray, positions: np.ndarray, window: int, scale: float,
+                        softcap: float) -> np.ndarray:
+        """Every sequence in one kernel call (a call per sequence and layer costs more than a short decode
+        attention), unless one of them has a prompt slice long enough for the BLAS path."""
+        if len(caches) == 1 or any(gemm_attention.worth_it(int(n), int(p), window) for n, p in zip(counts, positions)):
+            return super().attention_batch(caches, layer, q, k, v, counts, positions, window, scale, softcap)
+        t, heads, d = q.shape
+        seq = np.repeat(np.arange(len(caches)), counts)
+        pos = np.concatenate([np.arange(p, p + n) for p, n in zip(positions, counts)])
+        keys, values = self._cache_lists(caches)
+        out = np.empty((t, heads, d), np.float32)
+        work = int(((pos + 1) * heads).sum())
+        kernels = nk.PARALLEL if self._parallel() and work >= PARALLEL_MIN_ATTENTION else nk.SERIAL
+        kernels.attention_batch(np.ascontiguousarray(q, dtype=np.float32), k, v, seq, pos, keys, values, layer, window,
+                                np.float32(scale), np.float32(softcap), out)
+        return out.reshape(t, heads * d)
+
+    def _cache_lists(self, caches: list[KVCache]) -> tuple[List, List]:
+        """The caches' key and value arrays as numba typed lists, rebuilt only when this thread's set of caches
+        changes (a step's layers all use the same ones; building them costs more than a layer's attention)."""
+        held = getattr(self._local, "lists", None)
+        if held is None or len(held[0]) != len(caches) or any(a is not b for a, b in zip(held[0], caches)):
+            held = self._local.lists = (list(caches), List([c.k for c in caches]), List([c.v for c in caches]))
+        return held[1], held[2]
+
+    def step_threads(self, tokens: int, sequences: int) -> int:
+        """A step whose products would all run serially (few tokens: see PARALLEL_MIN_LOOKUPS) splits its sequences
+        over the threads instead, at least STEP_SPLIT_MIN_SEQUENCES per thread; the kernels release the GIL, so each
+        thread's blocks run on its own core while the other's Python runs."""
+        if tokens * self._max_lookups >= PARALLEL_MIN_LOOKUPS:
+            return 1
+        return max(1, min(self.threads, sequences // STEP_SPLIT_MIN_SEQUENCES))
+
+    @contextmanager
+    def one_thread(self) -> Iterator[None]:
+        """Within: this thread's ops use the serial kernels (it is one of a split step's threads)."""
+        self._local.serial = True
+        try:
+            yield
+        finally:
+            self._local.serial = False
+
+    def _parallel(self) -> bool:
+        return self.threads > 1 and not getattr(self._local, "serial", False)
 
     def glu(self, gate: np.ndarray, up: np.ndarray, activation: str) -> np.ndarray:
         out = np.empty_like(gate)

@@ -429,6 +429,28 @@ def _f16_dots(rows: int):
 f16_dots_1, f16_dots_2 = _f16_dots(1), _f16_dots(2)
 
 
+@njit(inline="always", **_OPTS)
+def _attend_head(q, t, h, keys, values, qp, window, scale, softcap, out):
+    """out[t, h] = causal attention of query head h of token t, at position qp, over keys/values (KV, ctx, D)
+    (grouped: query head h reads kv head h // (H / KV)); window > 0 keeps only the last `window` positions."""
+    d = q.shape[2]
+    g = h // (q.shape[1] // keys.shape[0])
+    lo = max(0, qp - window + 1) if window > 0 else 0
+    n = qp + 1 - lo
+    p = np.empty(n, dtype=np.float32)
+    best = attention_scores(q[t, h], keys[g], lo, n, scale, softcap, p)
+    total = np.float32(0.0)
+    for j in range(n):
+        p[j] = exp32(p[j] - best)
+        total += p[j]
+    for k in range(d):
+        out[t, h, k] = 0.0
+    for j in range(n):
+        w = p[j] / total
+        for k in range(d):
+            out[t, h, k] += w * values[g, lo + j, k]
+
+
 # --- row-parallel kernels ------------------------------------------------------------------------------------------
 def _kernels(parallel: bool) -> SimpleNamespace:
     """The row-parallel kernels, with `loop` = prange (parallel) or range (serial)."""
@@ -446,25 +468,22 @@ def _kernels(parallel: bool) -> SimpleNamespace:
         """Causal GQA attention of q (T, H, D) at positions pos0.. over keys/values (KV, ctx, D) of one layer
         (already holding this step's keys); window > 0 keeps only the last `window` positions."""
         t_all, heads, d = q.shape
-        group = heads // keys.shape[0]
         for idx in loop(t_all * heads):
-            t, h = idx // heads, idx % heads
-            g = h // group
-            qp = pos0 + t
-            lo = max(0, qp - window + 1) if window > 0 else 0
-            n = qp + 1 - lo
-            p = np.empty(n, dtype=np.float32)
-            best = attention_scores(q[t, h], keys[g], lo, n, scale, softcap, p)
-            total = np.float32(0.0)
-            for j in range(n):
-                p[j] = math.exp(p[j] - best)
-                total += p[j]
-            for k in range(d):
-                out[t, h, k] = 0.0
-            for j in range(n):
-                w = p[j] / total
-                for k in range(d):
-                    out[t, h, k] += w * values[g, lo + j, k]
+            _attend_head(q, idx // heads, idx % heads, keys, values, pos0 + idx // heads, window, scale, softcap, out)
+
+    @njit(parallel=parallel, **_OPTS)
+    def attention_batch(q, k, v, seq, pos, keys, values, layer, window, scale, softcap, out):
+        """Attention of several sequences' tokens in one call: token t of q/k/v (T, heads or KV, D) belongs to
+        sequence seq[t] at position pos[t]; keys[b], values[b] are sequence b's caches (layers, KV, ctx, D). Stores
+        every token's keys/values, then attends as `attention` does, each token over its own sequence's cache."""
+        t_all, heads, d = q.shape
+        for t in range(t_all):
+            keys[seq[t]][layer, :, pos[t]] = k[t]
+            values[seq[t]][layer, :, pos[t]] = v[t]
+        for idx in loop(t_all * heads):
+            t = idx // heads
+            _attend_head(q, t, idx % heads, keys[seq[t]][layer], values[seq[t]][layer], pos[t], window, scale,
+                         softcap, out)
 
 
     @njit(parallel=parallel, **_OPTS)
@@ -565,8 +584,8 @@ def _kernels(parallel: bool) -> SimpleNamespace:
     return SimpleNamespace(binary_path_decode=_decode_serial if not parallel else _decode_kernel(True),
                            binary_path_decode_int8=binary_path_decode_int8,
                            binary_path_lanes=binary_path_lanes,
-                           attention=attention, head_f16=head_f16, head_f16_dots=head_f16_dots, head_f32=head_f32,
-                           head_q8=head_q8)
+                           attention=attention, attention_batch=attention_batch, head_f16=head_f16,
+                           head_f16_dots=head_f16_dots, head_f32=head_f32, head_q8=head_q8)
 
 
 SERIAL = _kernels(False)

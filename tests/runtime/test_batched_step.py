@@ -64,6 +64,38 @@ def test_head_for_a_batched_step_matches_reference(backends, hidden, tokens):
     assert close(got, ref.head(ref.prepare_embedding(table, GGMLType.F16, hidden), x))
 
 
+@pytest.mark.parametrize("kernels", [nk.SERIAL, nk.PARALLEL])
+@pytest.mark.parametrize("window,softcap", [(0, 0.0), (6, 0.0), (0, 2.5)])
+def test_attention_batch_matches_reference_per_sequence(backends, kernels, window, softcap):
+    """Several sequences' tokens (ragged: 1, 3, 1, 2 tokens at positions 0, 11, 5, 19) in one kernel call: each
+    token's output and each cache's new keys/values equal the float64 reference run on that sequence alone."""
+    from numba.typed import List
+    from synthetic import tiny_config
+    fast, ref = backends
+    cfg = tiny_config("llama", n_heads=6, n_kv_heads=2, head_dim=10)
+    rng = np.random.default_rng(12)
+    counts, positions = np.array([1, 3, 1, 2]), np.array([0, 11, 5, 19])
+    caches = [fast.kv_cache(cfg, 24) for _ in counts]
+    refs = [ref.kv_cache(cfg, 24) for _ in counts]
+    for c, r, p in zip(caches, refs, positions):  # earlier positions hold random keys and values
+        for a, b in ((c.k, r.k), (c.v, r.v)):
+            a[:, :, :p] = b[:, :, :p] = rng.standard_normal(b[:, :, :p].shape)
+    t = int(counts.sum())
+    q, k, v = (rng.standard_normal((t, h, 10)) for h in (6, 2, 2))
+    seq = np.repeat(np.arange(4), counts)
+    pos = np.concatenate([np.arange(p, p + n) for p, n in zip(positions, counts)])
+    out = np.empty((t, 6, 10), np.float32)
+    f32 = [a.astype(np.float32) for a in (q, k, v)]
+    kernels.attention_batch(f32[0], f32[1], f32[2], seq, pos, List([c.k for c in caches]),
+                            List([c.v for c in caches]), 1, window, np.float32(0.3), np.float32(softcap), out)
+    ends = np.cumsum(counts)
+    for b, (n, e, p) in enumerate(zip(counts, ends, positions)):
+        want = ref.attention(refs[b], 1, q[e - n:e], k[e - n:e], v[e - n:e], int(p), window, 0.3, softcap)
+        assert close(out[e - n:e].reshape(n, -1), want)
+        assert close(caches[b].k[1, :, :p + n], refs[b].k[1, :, :p + n])
+        assert close(caches[b].v[1, :, :p + n], refs[b].v[1, :, :p + n])
+
+
 def prefilled(model, rng, lengths):
     """One cache per sequence, each holding random tokens of its own length, and the next token of each."""
     caches = [model.new_cache(64) for _ in lengths]
@@ -152,3 +184,34 @@ def test_step_rejects_bad_batches(backends, variant_files):
         model.step(np.array([1, 2]), np.array([0, 8]), caches)
     with pytest.raises(NQRunError, match="vocabulary"):
         model.step(np.array([1, model.config.vocab]), np.array([0, 1]), caches)
+
+
+@pytest.mark.parametrize("variant", ["llama-2path-mid", "gemma3", "qwen2-q4"])
+def test_split_step_equals_the_single_pass(backends, variant_files, variant, monkeypatch):
+    """On 2 threads a small batch splits its sequences over both (each thread's blocks on its own core); every row
+    and every cache equals what one pass over all sequences computes, bit for bit, ragged counts included."""
+    fast = backends[0]
+    model = Model(open_nq(variant_files[variant]), fast)
+    lengths, counts = [3, 17, 5, 30, 9, 1, 12, 4], np.array([1, 2, 1, 1, 3, 1, 1, 2])
+    assert fast.step_threads(int(counts.sum()), len(lengths)) == 2
+    assert fast.step_threads(4, 4) == fast.step_threads(7, 7) == 1  # a thread's share is at least 4 sequences
+    ids = np.random.default_rng(4).integers(0, model.config.vocab, counts.sum())
+    outs = []
+    for threads in (2, 1):
+        monkeypatch.setattr(fast, "step_threads", lambda tokens, sequences, n=threads: n)
+        caches, _ = prefilled(model, np.random.default_rng(7), lengths)
+        outs.append((model.step(ids, np.array(lengths), caches, counts=counts), caches))
+    np.testing.assert_array_equal(outs[0][0], outs[1][0])
+    for split, whole in zip(outs[0][1], outs[1][1]):
+        np.testing.assert_array_equal(split.k, whole.k)
+        np.testing.assert_array_equal(split.v, whole.v)
+
+
+def test_split_cuts_sequences_into_runs_of_about_equal_tokens():
+    from runtime.model import _split
+    assert _split(np.ones(8, np.int64), 2) == [(0, 4), (4, 8)]
+    assert _split(np.ones(3, np.int64), 2) == [(0, 2), (2, 3)]
+    assert _split(np.ones(1, np.int64), 2) == [(0, 1)]
+    assert _split(np.array([1, 1]), 4) == [(0, 1), (1, 2)]
+    assert _split(np.array([64, 1, 1, 1]), 2) == [(0, 1), (1, 4)]
+    assert _split(np.ones(7, np.int64), 1) == [(0, 7)]
