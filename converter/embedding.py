@@ -3,11 +3,12 @@ head"): F16, Q8_0, Q4_0, IQ4_NL, or binary-factored by the same LB-ADMM as the d
 
 The choice is text, `f16`, `q8_0`, `q4_0`, `iq4_nl`, `q4_0+K` / `iq4_nl+K` (the K most frequent tokens' rows kept
 at Q8_0, "hot rows"), `binary` (one path of rank min(V, d)), `binary:RANK` or `binary:RANKxPATHS` (residual paths),
-kept in the recipe. A `StoredTable` holds what the file will hold: raw bytes
-for F16 and Q8_0 (the torch model sees them dequantized), a `Q4Table` (Q4_0's or IQ4_NL's grid values, fixed,
-times the block scales), a `HotRowsTable` (a Q4Table of the other rows and the hot rows' fixed Q8_0 values) or a
-frozen `BinaryFactoredLinear`; model reconstruction tunes the scales of the last three like the decoder linears'
-scales, and the file is exported from the tuned module.
+kept in the recipe. A `StoredTable` holds what the file will hold: the bytes of a dense type (F16, Q8_0, Q4_0,
+IQ4_NL, with or without hot rows), which the torch model sees as fixed float32 values, or a frozen
+`BinaryFactoredLinear`, whose scales model reconstruction tunes like the decoder linears' scales (the file is then
+exported from the tuned module). A 4-bit table's block scales are not tuned: one scale per 32 values is enough
+freedom for distillation to fit its few hundred windows at the cost of other text (spec/CONVERTER.md, "Embedding
+and head").
 
 Hot rows are the K tokens that occur most often in the whole calibration text (ties to the lower id): where a 4-bit
 table loses, the loss sits in the frequent rows (spec/CONVERTER.md, "Embedding and head").
@@ -34,7 +35,7 @@ from nqfmt import HotRows, LinearPlan, ModelConfig
 from nqfmt import keys as K
 from nqfmt.errors import NQError
 from nqfmt.layout import cold_ids
-from nqfmt.q4 import BLOCK, GRIDS, pack_q4, unpack_q4
+from nqfmt.q4 import BLOCK, GRIDS, dequantize_q4, pack_q4
 from nqfmt.q8_0 import dequantize_q8_0
 
 from .admm import AdmmSettings, lb_admm
@@ -99,16 +100,19 @@ def binary_paths(choice: str) -> int:
 
 
 def resolve_embedding(choice: str, config: ModelConfig, explicit: bool) -> str:
-    """`choice` checked against the model. A block type (Q8_0, Q4_0, IQ4_NL) needs d to be a multiple of 32: asked
-    for explicitly, another d is an error; as a preset's default, it falls back to f16 (recorded in the recipe)."""
+    """`choice` checked against the model, asked for explicitly (an error where it does not fit) or a preset's
+    default (which falls back, and the recipe records what was used): a block type (Q8_0, Q4_0, IQ4_NL) needs d to
+    be a multiple of 32, else f16; hot rows need a vocabulary larger than K, else every row is hot: q8_0."""
     if base_type(choice) in ("q8_0", "q4_0", "iq4_nl") and config.hidden % BLOCK:
         if explicit:
             raise EmbeddingChoiceError(f"--embedding {choice}: rows of {config.hidden} values are not whole blocks "
                                        f"of {BLOCK}; use f16 or binary")
         return "f16"
     if hot_rows(choice) >= config.vocab:
-        raise EmbeddingChoiceError(f"--embedding {choice}: {hot_rows(choice)} hot rows leave none of the vocabulary "
-                                   f"of {config.vocab} to the 4-bit table")
+        if explicit:
+            raise EmbeddingChoiceError(f"--embedding {choice}: {hot_rows(choice)} hot rows leave none of the "
+                                       f"vocabulary of {config.vocab} to the 4-bit table")
+        return "q8_0"
     if choice.startswith(BINARY):
         rank, top = binary_rank(choice, config), min(config.vocab, config.hidden)
         if rank > top:
@@ -130,143 +134,73 @@ def table_bits(choice: str, config: ModelConfig) -> float:
 
 
 # --- what the file holds ------------------------------------------------------------------------------------------
-class Q4Table(torch.nn.Module):
-    """A Q4_0 or IQ4_NL table in the torch model: its grid values (fixed, int8) times one scale per block of 32,
-    which distillation may tune. Each value is float32(scale)·float32(grid[q]), the product nqfmt's dequantizer (and
-    so load_nq) forms, so once the scales are rounded to F16 this module computes exactly what the file holds."""
-
-    def __init__(self, raw: np.ndarray, gtype: K.GGMLType) -> None:
-        super().__init__()
-        d, q = unpack_q4(raw)
-        self.gtype = gtype
-        self.register_buffer("codes", torch.from_numpy(GRIDS[gtype][q]))
-        self.scale = torch.nn.Parameter(torch.from_numpy(d.astype(np.float32)))
-
-    def _values(self, codes: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-        shape = codes.shape
-        return (codes.to(torch.float32).reshape(*shape[:-1], -1, BLOCK) * scale[..., None]).reshape(shape)
-
-    def weight(self) -> torch.Tensor:
-        return self._values(self.codes, self.scale)
-
-    def rows(self, ids: torch.Tensor) -> torch.Tensor:
-        return self._values(self.codes[ids], self.scale[ids])
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.nn.functional.linear(x, self.weight())
-
-    def scales(self) -> list[torch.nn.Parameter]:
-        return [self.scale]
-
-    @torch.no_grad()
-    def round_scales_to_fp16(self) -> None:
-        self.scale.copy_(self.scale.to(torch.float16).to(torch.float32))
-
-    @torch.no_grad()
-    def raw(self) -> np.ndarray:
-        """The file's bytes for the current scales (F16-rounded)."""
-        index = np.zeros(256, np.uint8)
-        index[GRIDS[self.gtype].astype(np.int64) + 128] = np.arange(16)
-        return pack_q4(self.scale.numpy().astype(np.float16), index[self.codes.numpy().astype(np.int64) + 128])
-
-
-class HotRowsTable(torch.nn.Module):
-    """A 4-bit table with hot rows (spec/FORMAT.md §3.4): a Q4Table of the other rows (its scales tunable) and the hot
-    rows' Q8_0 values (fixed), each row where its token is."""
-
-    def __init__(self, cold_raw: np.ndarray, gtype: K.GGMLType, hot_ids: np.ndarray, hot_raw: np.ndarray,
-                 vocab: int) -> None:
-        super().__init__()
-        self.cold = Q4Table(cold_raw, gtype)
-        self.hot_ids = np.asarray(hot_ids, np.int64)
-        self.hot_raw = hot_raw
-        self.register_buffer("hot", torch.from_numpy(dequantize_q8_0(hot_raw)))
-        order = np.empty(vocab, np.int64)  # token → its row in cat(cold rows, hot rows)
-        order[cold_ids(self.hot_ids, vocab)] = np.arange(vocab - len(self.hot_ids))
-        order[self.hot_ids] = vocab - len(self.hot_ids) + np.arange(len(self.hot_ids))
-        self.register_buffer("order", torch.from_numpy(order))
-
-    def _all_rows(self) -> torch.Tensor:
-        return torch.cat([self.cold.weight(), self.hot])
-
-    def weight(self) -> torch.Tensor:
-        return self._all_rows()[self.order]
-
-    def rows(self, ids: torch.Tensor) -> torch.Tensor:
-        return self._all_rows()[self.order[ids]]
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.nn.functional.linear(x, self.weight())
-
-    def scales(self) -> list[torch.nn.Parameter]:
-        return self.cold.scales()
-
-    def round_scales_to_fp16(self) -> None:
-        self.cold.round_scales_to_fp16()
-
-    def export(self, table: str) -> dict[str, np.ndarray]:
-        return {K.dense_table_tensor(table): self.cold.raw(), K.hot_rows_tensor(table): self.hot_raw,
-                K.hot_ids_tensor(table): self.hot_ids.astype(np.uint32)}
-
-
 @dataclass
 class StoredTable:
-    """One table as the file stores it: `raw` (F16 or Q8_0 bytes) or `module` (a Q4Table, a HotRowsTable or a
-    binary-factored BinaryFactoredLinear, each with scales distillation tunes)."""
+    """One table as the file stores it: the bytes of a dense type (`raw`: F16, Q8_0, or 4-bit, of the other rows when
+    the table has hot rows `hot_ids` with their Q8_0 bytes `hot_raw`), or a binary-factored `module` whose scales
+    distillation tunes. The torch model sees a dense table as the fixed float32 values the file's reader forms."""
 
     gtype: K.GGMLType | None
     raw: np.ndarray | None = None
-    module: Q4Table | HotRowsTable | BinaryFactoredLinear | None = None
-
-    @classmethod
-    def dense(cls, gtype: K.GGMLType, raw: np.ndarray) -> "StoredTable":
-        return cls(gtype, module=Q4Table(raw, gtype)) if gtype in K.Q4_TYPES else cls(gtype, raw=raw)
+    hot_ids: np.ndarray | None = None
+    hot_raw: np.ndarray | None = None
+    module: BinaryFactoredLinear | None = None
 
     @property
     def kind(self) -> K.GGMLType | HotRows | LinearPlan:
         """The writer's table kind (spec §3.4)."""
-        if isinstance(self.module, HotRowsTable):
-            return HotRows(self.gtype, len(self.module.hot_ids))
-        return self.module.plan() if isinstance(self.module, BinaryFactoredLinear) else self.gtype
+        if self.module is not None:
+            return self.module.plan()
+        return self.gtype if self.hot_ids is None else HotRows(self.gtype, len(self.hot_ids))
 
-    def torch_value(self) -> torch.Tensor | torch.nn.Module:
-        """What the torch model computes with: F16/Q8_0 values as float32, or the module."""
+    def torch_value(self) -> torch.Tensor | BinaryFactoredLinear:
+        """What the torch model computes with: the module, or the table's values as float32 (V, d), each row where
+        its token is."""
         if self.module is not None:
             return self.module
-        if self.gtype == K.GGMLType.Q8_0:
-            return torch.from_numpy(dequantize_q8_0(self.raw))
-        return torch.from_numpy(self.raw.astype(np.float32))
+        values = _dequantized(self.gtype, self.raw)
+        if self.hot_ids is None:
+            return torch.from_numpy(values)
+        vocab = len(self.raw) + len(self.hot_ids)
+        out = np.empty((vocab, values.shape[1]), np.float32)
+        out[cold_ids(self.hot_ids, vocab)] = values
+        out[self.hot_ids] = dequantize_q8_0(self.hot_raw)
+        return torch.from_numpy(out)
 
     def export(self, table: str) -> dict[str, np.ndarray]:
         """The table's tensors under their file names (a module's scales as they are now: round them first)."""
-        if isinstance(self.module, BinaryFactoredLinear):
+        if self.module is not None:
             return self.module.export_table(table)
-        if isinstance(self.module, HotRowsTable):
-            return self.module.export(table)
-        return {K.dense_table_tensor(table): self.module.raw() if self.module is not None else self.raw}
+        if self.hot_ids is None:
+            return {K.dense_table_tensor(table): self.raw}
+        return {K.dense_table_tensor(table): self.raw, K.hot_rows_tensor(table): self.hot_raw,
+                K.hot_ids_tensor(table): self.hot_ids.astype(np.uint32)}
 
     def state(self) -> dict:
         """What a checkpoint needs to rebuild this table exactly (`from_state`)."""
-        if isinstance(self.module, HotRowsTable):
-            t = self.module
-            return {"gtype": int(self.gtype), "raw": t.cold.raw(), "hot_ids": t.hot_ids, "hot_raw": t.hot_raw,
-                    "vocab": len(t.order)}
-        if not isinstance(self.module, BinaryFactoredLinear):
-            return {"gtype": int(self.gtype), "raw": self.raw if self.module is None else self.module.raw()}
+        if self.module is None:
+            extra = {} if self.hot_ids is None else {"hot_ids": self.hot_ids, "hot_raw": self.hot_raw}
+            return {"gtype": int(self.gtype), "raw": self.raw, **extra}
         return {"paths": [{"u": u.to(torch.int8), "v": v.to(torch.int8), "scale_in": p.scale_in.detach().clone(),
                            "scale_out": p.scale_out.detach().clone()}
                           for p in self.module.paths for u, v in [p.signs()]]}
 
     @classmethod
     def from_state(cls, state: dict) -> "StoredTable":
-        if "hot_ids" in state:
-            gtype = K.GGMLType(state["gtype"])
-            return cls(gtype, module=HotRowsTable(state["raw"], gtype, state["hot_ids"], state["hot_raw"],
-                                                  state["vocab"]))
         if "raw" in state:
-            return cls.dense(K.GGMLType(state["gtype"]), state["raw"])
+            return cls(K.GGMLType(state["gtype"]), state["raw"], state.get("hot_ids"), state.get("hot_raw"))
         return cls(None, module=BinaryFactoredLinear([_frozen_path(p["u"].float(), p["v"].float(), p["scale_in"],
                                                                   p["scale_out"]) for p in state["paths"]]))
+
+
+def _dequantized(gtype: K.GGMLType, raw: np.ndarray) -> np.ndarray:
+    """A dense table's values as float32, formed as nqfmt's reader (and so load_nq and the runtime's reference)
+    forms them."""
+    if gtype == K.GGMLType.Q8_0:
+        return dequantize_q8_0(raw)
+    if gtype in K.Q4_TYPES:
+        return dequantize_q4(raw, gtype)
+    return raw.astype(np.float32)
 
 
 def _frozen_path(u, v, scale_in, scale_out) -> TrainablePath:
@@ -381,15 +315,13 @@ def store_table(choice: str, w: torch.Tensor, config: ModelConfig, col_weight: t
         ids = hot_ids(token_counts, hot_rows(choice))
         cold = torch.from_numpy(cold_ids(ids, config.vocab))
         hot_raw = quantize(w[ids].detach().to(torch.float32).numpy(), GGMLQuantizationType.Q8_0)
-        return StoredTable(gtype, module=HotRowsTable(quantize_q4(w[cold], col_weight, gtype), gtype, ids, hot_raw,
-                                                      config.vocab))
+        return StoredTable(gtype, quantize_q4(w[cold], col_weight, gtype), ids, hot_raw)
     if choice == "f16":
-        return StoredTable.dense(K.GGMLType.F16, w.detach().numpy().astype(np.float16))
+        return StoredTable(K.GGMLType.F16, w.detach().numpy().astype(np.float16))
     if choice == "q8_0":
-        return StoredTable.dense(K.GGMLType.Q8_0, quantize(w.detach().to(torch.float32).numpy(),
-                                                           GGMLQuantizationType.Q8_0))
+        return StoredTable(K.GGMLType.Q8_0, quantize(w.detach().to(torch.float32).numpy(), GGMLQuantizationType.Q8_0))
     if choice in ("q4_0", "iq4_nl"):
-        return StoredTable.dense(DENSE[choice], quantize_q4(w, col_weight, DENSE[choice]))
+        return StoredTable(DENSE[choice], quantize_q4(w, col_weight, DENSE[choice]))
     return StoredTable(None, module=factorize(w, binary_rank(choice, config), col_weight, row_weight, settings, seed,
                                               binary_paths(choice)))
 

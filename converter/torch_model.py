@@ -169,7 +169,7 @@ class DecoderBlock(nn.Module):
 
 
 # A V×d table (spec/FORMAT.md §3.4): fixed values, or a module with `rows(ids)`, `forward(x)` (the head's product)
-# and `scales()` that distillation tunes (a binary-factored BinaryFactoredLinear, converter.embedding.Q4Table)
+# and `scales()` that distillation tunes (a binary-factored BinaryFactoredLinear)
 Table = torch.Tensor | nn.Module
 
 

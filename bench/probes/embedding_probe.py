@@ -69,8 +69,7 @@ def main() -> None:
         seconds = time.perf_counter() - t0
         table = stored.torch_value()
         with torch.no_grad():
-            dense = (table.dense_weight() if isinstance(table, BinaryFactoredLinear) else
-                     table.weight() if isinstance(table, (E.Q4Table, E.HotRowsTable)) else table)
+            dense = table.dense_weight() if isinstance(table, BinaryFactoredLinear) else table
             err = float(((w - dense) * weight).pow(2).sum() / (w * weight).pow(2).sum())
             model = TorchModel(config, table, list(fp.blocks), fp.output_norm.weight.detach(), None
                                if config.tie_embeddings else fp.output.detach())
