@@ -8,8 +8,8 @@ test windows.
 The column and row weights come from the quick preset's statistics windows (the first 32 of its calibration draw)
 and its 128 block windows' token counts, the ADMM from its 60 iterations. One JSON line per choice is appended to
 bench/results/embedding-probe.jsonl: table bits per entry, whole-file bytes it would add, the weighted relative
-error of the table, perplexity and its ratio to full precision on the same windows. With `--tune-lr`, the table's
-scales (Q4_0 block scales, a factored table's scale vectors) are then distilled alone, the blocks at full precision,
+error of the table, perplexity and its ratio to full precision on the same windows. With `--tune-lr`, a factored table's
+scale vectors are then distilled alone (a 4-bit table's block scales stay as stored: spec/CONVERTER.md), the blocks at full precision,
 as model reconstruction would (KL on the top-64 + tail, + 1.0 · CE, the 128 windows × 1 epoch, each lr given), and
 the perplexity is measured again (key `tuned`).
 """

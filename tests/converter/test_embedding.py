@@ -15,7 +15,6 @@ from converter import embedding as E
 from converter import pipeline as P
 from converter.admm import AdmmSettings
 from converter.cli import app
-from converter.factored import BinaryFactoredLinear
 from converter.torch_model import load_nq
 from nqfmt import HotRows, LinearPlan, ModelConfig, open_nq
 from nqfmt import keys as K
