@@ -4,8 +4,10 @@ with random values (speed does not depend on them).
     python bench/head_kernels.py [--vocab 49152] [--hidden 576] [--threads 1] [--tokens 1 8 64] [--rank 576]
                                  [--hot 5120]
 
-Times the head for each token count and one-token embedding lookups, best of `--rounds`; writes
-bench/results/head-kernels-<vocab>x<hidden>-t<threads>.json with the load average before and after.
+Times the head for each token count, with every product in float32 (`exact`) and as the runtime runs it by default
+(`default`: a 4-bit or Q8_0 head on int8 tokens where the CPU has AVX-512 VNNI), and one-token embedding lookups, best
+of `--rounds`; writes bench/results/head-kernels-<vocab>x<hidden>-t<threads>.json with the load average before and
+after.
 """
 from __future__ import annotations
 
@@ -66,20 +68,22 @@ def main() -> None:
     ap.add_argument("--hot", type=int, default=5120, help="hot rows (Q8_0) of the IQ4_NL+K kind")
     args = ap.parse_args()
     load_before = os.getloadavg()
-    backend = get_backend("numba", threads=args.threads)
-    rng = np.random.default_rng(0)
-    kinds = tables(backend, rng, args.vocab, args.hidden, args.rank, args.hot)
-    head_ms = {k: {} for k in kinds}
-    for tokens in args.tokens:
-        x = rng.standard_normal((tokens, args.hidden)).astype(np.float32)
-        for kind, table in kinds.items():
-            head_ms[kind][tokens] = 1e3 * best(lambda: backend.head(table, x), args.rounds)
-            print(f"head {kind:12s} {tokens:3d} tokens {head_ms[kind][tokens]:8.2f} ms", flush=True)
-    ids = rng.integers(0, args.vocab, 1)
+    head_ms: dict[str, dict[str, dict[int, float]]] = {}
+    for mode in ("exact", "default"):
+        backend = get_backend("numba", threads=args.threads, exact=mode == "exact")
+        kinds = tables(backend, np.random.default_rng(0), args.vocab, args.hidden, args.rank, args.hot)
+        head_ms[mode] = {k: {} for k in kinds}
+        for tokens in args.tokens:
+            x = np.random.default_rng(tokens).standard_normal((tokens, args.hidden)).astype(np.float32)
+            for kind, table in kinds.items():
+                head_ms[mode][kind][tokens] = 1e3 * best(lambda: backend.head(table, x), args.rounds)
+                print(f"head {mode:7s} {kind:12s} {tokens:3d} tokens {head_ms[mode][kind][tokens]:8.2f} ms", flush=True)
+    ids = np.random.default_rng(1).integers(0, args.vocab, 1)
     embed_us = {k: 1e6 * best(lambda: backend.embed(t, ids), args.rounds) for k, t in kinds.items()}
     record = {"commit": git_commit(), "machine": machine(), "load_average_start": load_before,
               "load_average_end": os.getloadavg(), "vocab": args.vocab, "hidden": args.hidden, "rank": args.rank,
-              "threads": args.threads, "rounds": args.rounds, "head_ms": head_ms, "embed_one_token_us": embed_us}
+              "threads": args.threads, "rounds": args.rounds, "int8_head": backend.int8_head, "head_ms": head_ms,
+              "embed_one_token_us": embed_us}
     out = ROOT / "bench" / "results" / f"head-kernels-{args.vocab}x{args.hidden}-t{args.threads}.json"
     out.write_text(json.dumps(record, indent=2))
     print(json.dumps({"embed_one_token_us": embed_us, "load_average": record["load_average_end"]}))

@@ -44,8 +44,9 @@ __all__ = ["GenerationStats", "LanguageModel", "ModelInfo", "NQRunError", "load"
 
 
 def load(path: str | os.PathLike, backend: str = "auto", threads: int | None = None, n_ctx: int | None = None,
-         exact: bool = True, verify: bool = True) -> LanguageModel:
+         exact: bool = False, verify: bool = True) -> LanguageModel:
     """Open, validate and prepare a `.nq` file. `threads`: CPU threads (default: cores, at most 4); `n_ctx`: the
-    largest context to allow (default: the model's); `exact=False`: the numba backend's int8 popcount linears;
+    largest context to allow (default: the model's); `exact=True`: every product in float32 (by default the numba
+    backend quantizes a 4-bit or Q8_0 head's input to int8 on CPUs with AVX-512 VNNI);
     `verify=False`: skip checking every tensor's checksum at load (spec/FORMAT.md §5)."""
     return LanguageModel(path, backend=backend, threads=threads, n_ctx=n_ctx, exact=exact, verify=verify)

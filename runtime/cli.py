@@ -51,7 +51,8 @@ def run(
     ctx: Optional[int] = typer.Option(None, "--ctx", help="Context size (default: the model's)."),
     backend: str = typer.Option("auto", help="auto | numba | numpy | cuda."),
     threads: Optional[int] = typer.Option(None, "--threads", "-t", help="CPU threads (default: cores, at most 4)."),
-    int8: bool = typer.Option(False, "--int8", help="Numba: int8 popcount linears (faster, less exact)."),
+    exact: bool = typer.Option(False, "--exact", help="Every product in float32 (default: a 4-bit / Q8_0 head's input "
+                                                       "as int8 on AVX-512 VNNI CPUs)."),
     stats: bool = typer.Option(False, "--stats", help="Print prefill/decode speed, time to first token, peak RSS."),
     no_verify: bool = typer.Option(False, "--no-verify", help="Skip checking every tensor's checksum at load."),
     debug: bool = typer.Option(False, "--debug", help="Show tracebacks."),
@@ -61,7 +62,7 @@ def run(
         from . import NQRunError, load
         if prompt is None and not chat:
             raise NQRunError("give --prompt TEXT, or --chat")
-        model = load(file, backend=backend, threads=threads, n_ctx=ctx, exact=not int8, verify=not no_verify)
+        model = load(file, backend=backend, threads=threads, n_ctx=ctx, exact=exact, verify=not no_verify)
         sampling = dict(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
                         repetition_penalty=repetition_penalty, seed=seed)
         if not chat:
@@ -131,7 +132,7 @@ def evaluate(
     windows: Optional[int] = typer.Option(None, "--windows", help="Use the first N windows (default: all)."),
     backend: str = typer.Option("auto", help="auto | numba | numpy | cuda."),
     threads: Optional[int] = typer.Option(None, "--threads", "-t", help="CPU threads."),
-    int8: bool = typer.Option(False, "--int8", help="Numba: int8 popcount linears."),
+    exact: bool = typer.Option(False, "--exact", help="Every product in float32 (the reference)."),
     no_verify: bool = typer.Option(False, "--no-verify", help="Skip checking every tensor's checksum at load."),
     debug: bool = typer.Option(False, "--debug", help="Show tracebacks."),
 ) -> None:
@@ -141,7 +142,7 @@ def evaluate(
         from .perplexity import perplexity
         path = text if text is not None else _default_text()
         body = _read_text(Path(path))
-        model = load(file, backend=backend, threads=threads, exact=not int8, verify=not no_verify)
+        model = load(file, backend=backend, threads=threads, exact=exact, verify=not no_verify)
         ids = model.tokenizer.encode(body, add_bos=False)
 
         def progress(i: int, n: int, ppl: float) -> None:

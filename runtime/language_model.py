@@ -54,7 +54,7 @@ class LanguageModel:
     another thread's runs waits for it; one started while this thread's own stream is still open is refused."""
 
     def __init__(self, path: str | os.PathLike, backend: str = "auto", threads: int | None = None,
-                 n_ctx: int | None = None, exact: bool = True, verify: bool = True) -> None:
+                 n_ctx: int | None = None, exact: bool = False, verify: bool = True) -> None:
         start = time.perf_counter()
         self.file = open_nq(path)
         if verify:

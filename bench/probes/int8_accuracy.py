@@ -1,10 +1,11 @@
-"""What the opt-in int8 popcount linears cost in accuracy and buy in speed, on one `.nq` file.
+"""What the int8 head (the runtime's default on AVX-512 VNNI CPUs) costs in accuracy and buys in speed, on one file.
 
-Teacher-forced decoding (one token per forward pass, the path --int8 changes) over the first --tokens tokens of a
-text, exact float32 LUT kernels vs int8: top-1 agreement of the next-token argmax, perplexity of each over those
-tokens, the mean relative L2 difference of the logits, and decode tok/s of each.
+Perplexity on the protocol's windows (spec/EVALUATION.md §2: the first --windows windows of 2048 tokens of the test
+text, as `nqeval`), with `exact=True` (every product in float32) and the default; then teacher-forced decoding (one
+token per forward pass) over the first --tokens tokens: top-1 agreement of the next-token argmax, the mean relative L2
+difference of the logits, and decode tok/s of each.
 
-Usage: python -m bench.probes.int8_accuracy FILE [--text T] [--tokens 256] [--threads 1]
+Usage: python -m bench.probes.int8_accuracy FILE [--windows 40] [--tokens 256] [--threads 2]
 Writes bench/results/int8-accuracy-<file stem>.json.
 """
 from __future__ import annotations
@@ -19,6 +20,7 @@ import numpy as np
 
 import runtime
 from nqdata import default_text
+from runtime.perplexity import perplexity
 
 from bench.speed import ROOT, commit, machine
 
@@ -43,27 +45,33 @@ def nll(logits: np.ndarray, targets: np.ndarray) -> float:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("file", type=Path)
-    ap.add_argument("--text", type=Path, default=None, help="default: the project's test text (nqdata)")
+    ap.add_argument("--windows", type=int, default=40)
     ap.add_argument("--tokens", type=int, default=256)
-    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--threads", type=int, default=2)
     a = ap.parse_args()
-    exact = runtime.load(a.file, backend="numba", threads=a.threads)
-    approx = runtime.load(a.file, backend="numba", threads=a.threads, exact=False)
-    text = a.text or default_text("test")
-    ids = exact.tokenizer.encode(text.read_text(encoding="utf-8")[:20000], add_bos=False)[:a.tokens + 1]
+    exact = runtime.load(a.file, backend="numba", threads=a.threads, exact=True)
+    fast = runtime.load(a.file, backend="numba", threads=a.threads)
+    if not fast.backend.int8_head:
+        raise SystemExit("this CPU lacks AVX-512 VNNI: the runtime keeps the exact head here, nothing to compare")
+    text = default_text("test")
+    ids = exact.tokenizer.encode(text.read_text(encoding="utf-8"), add_bos=False)
     load_before = os.getloadavg()
-    le, te = teacher_forced(exact, ids)
-    la, ta = teacher_forced(approx, ids)
-    targets = np.asarray(ids[1:])
-    res = dict(commit=commit(), machine=machine(), file=str(a.file), text=str(text), tokens=len(targets),
-               threads=a.threads, load_average_before=load_before, load_average_after=os.getloadavg(),
-               top1_agreement=float(np.mean(le.argmax(1) == la.argmax(1))),
-               ppl_exact=float(np.exp(nll(le, targets))), ppl_int8=float(np.exp(nll(la, targets))),
+    ppl = {name: perplexity(m.model, ids, 2048, a.windows) for name, m in (("exact", exact), ("int8", fast))}
+    forced = ids[:a.tokens + 1]
+    le, te = teacher_forced(exact, forced)
+    la, ta = teacher_forced(fast, forced)
+    targets = np.asarray(forced[1:])
+    res = dict(commit=commit(), machine=machine(), file=a.file.name, text=text.name, threads=a.threads,
+               load_average_before=load_before, load_average_after=os.getloadavg(), windows=a.windows,
+               ppl_exact=ppl["exact"].ppl, ppl_int8=ppl["int8"].ppl, ppl_ratio=ppl["int8"].ppl / ppl["exact"].ppl,
+               eval_tps_exact=ppl["exact"].tokens_per_second, eval_tps_int8=ppl["int8"].tokens_per_second,
+               forced_tokens=len(targets), top1_agreement=float(np.mean(le.argmax(1) == la.argmax(1))),
                logits_rel_l2=float(np.mean(np.linalg.norm(la - le, axis=1) / np.linalg.norm(le, axis=1))),
                decode_tps_exact=len(targets) / te, decode_tps_int8=len(targets) / ta)
     path = ROOT / "bench" / "results" / f"int8-accuracy-{a.file.stem}.json"
     path.write_text(json.dumps(res, indent=1))
-    for k in ("top1_agreement", "ppl_exact", "ppl_int8", "logits_rel_l2", "decode_tps_exact", "decode_tps_int8"):
+    for k in ("ppl_exact", "ppl_int8", "ppl_ratio", "top1_agreement", "logits_rel_l2", "decode_tps_exact",
+              "decode_tps_int8"):
         print(f"{k}: {res[k]:.4f}")
     print(path)
 

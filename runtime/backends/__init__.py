@@ -152,9 +152,10 @@ class Backend(ABC):
         """Logits x · tableᵀ, (T, vocab) as a numpy float array."""
 
 
-def get_backend(name: str = "auto", threads: int | None = None, *, exact: bool = True) -> Backend:
+def get_backend(name: str = "auto", threads: int | None = None, *, exact: bool = False) -> Backend:
     """Build a backend by name. `threads` caps the CPU threads (None: the machine's cores, at most 4);
-    `exact=False` lets the numba backend use its int8 popcount linear (faster, measured accuracy loss)."""
+    `exact=True` keeps every product in float32 (the numba backend otherwise quantizes the input of a 4-bit or Q8_0
+    head to int8 where the CPU has AVX-512 VNNI: numba_vnni.py)."""
     if name not in BACKENDS:
         raise NQRunError(f"unknown backend {name!r} (choose one of: {', '.join(BACKENDS)})")
     if name == "auto":

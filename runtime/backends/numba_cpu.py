@@ -50,6 +50,7 @@ from . import numba_decode as nd  # noqa: E402
 from . import numba_kernels as nk  # noqa: E402
 from . import numba_lut16 as lut16  # noqa: E402
 from . import numba_tables as nt  # noqa: E402
+from . import numba_vnni as vnni  # noqa: E402
 
 DEFAULT_MAX_THREADS = 4
 # Below these sizes a thread launch costs more than it saves. Passive waiting makes each parallel region wake a
@@ -78,8 +79,6 @@ class SignPath:
 
     v_bytes: np.ndarray  # (r, 4·words(n)) uint8
     u_bytes: np.ndarray  # (m, 4·words(r)) uint8
-    v_words: np.ndarray  # the same signs as uint32 words (the int8 popcount kernel)
-    u_words: np.ndarray
     s_in: np.ndarray
     s_mid: np.ndarray  # ones when the file has no scale_mid
     s_out: np.ndarray
@@ -99,12 +98,14 @@ class Linear:
 
 @dataclass(frozen=True)
 class Table:
-    """An embedding / head table as stored: F16 bits (uint16), F32, or Q8_0 bytes plus their int8 view."""
+    """An embedding / head table as stored: F16 bits (uint16), F32, or Q8_0 bytes plus their int8 view and, for the
+    int8 head, their repacked tiles (numba_vnni.repack_q8)."""
 
     gtype: GGMLType
     data: np.ndarray
     qs: np.ndarray | None
     hidden: int
+    tiles: tuple[np.ndarray, np.ndarray] | None = None
 
 
 class NumbaBackend(Backend):
@@ -115,15 +116,15 @@ class NumbaBackend(Backend):
     dtype = np.dtype(np.float32)
     jit = True
 
-    def __init__(self, threads: int | None = None, exact: bool = True, simd: bool | None = None) -> None:
+    def __init__(self, threads: int | None = None, exact: bool = False, simd: bool | None = None) -> None:
         cores = numba.config.NUMBA_NUM_THREADS
         self.threads = min(cores, DEFAULT_MAX_THREADS) if threads is None else threads
         if not 1 <= self.threads <= cores:
             raise NQRunError(f"--threads {self.threads}: this machine allows 1 to {cores}")
         numba.set_num_threads(self.threads)
         self.rows = nk.PARALLEL if self.threads > 1 else nk.SERIAL
-        self.exact = exact
         self.simd = lut16.available() if simd is None else simd  # LUT-16 kernels (AVX-512), else LUT-8
+        self.int8_head = not exact and self.simd and vnni.available()  # the 4-bit / Q8_0 head on int8 tokens
         self._scratch_bytes = 0  # widest sign row seen (bytes), sizes the shared scratch buffers
         self._scratch_rows = 0  # largest rank of any path
         self._max_lookups = 0  # sign bytes of the largest linear
@@ -143,8 +144,8 @@ class NumbaBackend(Backend):
                                     f"{v_bytes.shape}, {u_bytes.shape}")
             mid = np.ones(r, np.float32) if p.scale_mid is None else p.scale_mid.astype(np.float32)
             tiles = (lut16.repack(p.v_signs), lut16.repack(p.u_signs)) if self.simd else (None, None)
-            paths.append(SignPath(v_bytes, u_bytes, p.v_signs, p.u_signs, p.scale_in.astype(np.float32), mid,
-                                  p.scale_out.astype(np.float32), *tiles))
+            paths.append(SignPath(v_bytes, u_bytes, p.scale_in.astype(np.float32), mid, p.scale_out.astype(np.float32),
+                                  *tiles))
             self._scratch_bytes = max(self._scratch_bytes, v_bytes.shape[1], u_bytes.shape[1])
             self._scratch_rows = max(self._scratch_rows, r, linear.m)
         bias = None if linear.bias is None else linear.bias.astype(np.float32)
@@ -159,7 +160,7 @@ class NumbaBackend(Backend):
         if gtype == GGMLType.F16:
             return Table(gtype, table.view(np.uint16), None, hidden)
         if gtype == GGMLType.Q8_0:
-            return Table(gtype, table, table.view(np.int8), hidden)
+            return Table(gtype, table, table.view(np.int8), hidden, vnni.repack_q8(table) if self.int8_head else None)
         return Table(gtype, table, None, hidden)
 
     def prepare_factored_table(self, table: FactoredLinear) -> nt.FactoredTable:
@@ -181,8 +182,8 @@ class NumbaBackend(Backend):
 
     # --- ops ----------------------------------------------------------------------------------------------------
     def fused_blocks(self, model) -> nd.FusedBlocks | None:
-        """Every block of one token in one compiled call (numba_decode.py), for the exact kernels."""
-        return nd.FusedBlocks(model, self.simd, self.threads) if self.exact else None
+        """Every block of one token in one compiled call (numba_decode.py)."""
+        return nd.FusedBlocks(model, self.simd, self.threads)
 
     def embed(self, table: Table | nt.Q4Table | nt.FactoredTable | hot_rows.HotRowsTable,
               ids: np.ndarray) -> np.ndarray:
@@ -214,15 +215,12 @@ class NumbaBackend(Backend):
             y = np.empty(w.m, np.float32)
             decode = w.decode if self._parallel() else nk.SERIAL
             for i, p in enumerate(w.paths):
-                if self.exact and self.simd:
+                if self.simd:
                     lut16.binary_path_token(x[0], p.s_in, p.v_tiles, p.s_mid, p.u_tiles, p.s_out, xs, tab, h, sums,
                                             y, i > 0)
-                elif self.exact:
+                else:
                     decode.binary_path_decode(x[0], p.s_in, p.v_bytes, p.s_mid, p.u_bytes, p.s_out, xs, tab, h, y,
                                               i > 0)
-                else:
-                    decode.binary_path_decode_int8(x[0], p.s_in, p.v_words, p.s_mid, p.u_words, p.s_out,
-                                                   tab.view(np.uint32), h, y, i > 0)
             y = y.reshape(1, w.m)
         elif self.simd:  # LUT-16 per token, tokens over the threads: sign tiles stay in cache for every token
             y = np.empty((t, w.m), np.float32)
@@ -325,6 +323,8 @@ class NumbaBackend(Backend):
         if isinstance(table, nt.FactoredTable):
             return self.linear(table.linear, x)
         x = np.ascontiguousarray(x, dtype=np.float32)
+        if self.int8_head and (isinstance(table, nt.Q4Table) or table.tiles is not None):
+            return self._head_int8(table, x)
         if x.shape[0] >= gemm_head.MIN_TOKENS:
             vocab = (table.raw if isinstance(table, nt.Q4Table) else table.data).shape[0]
             return gemm_head.head(self._blas, lambda ids, rows: self._rows_into(table, ids, rows), vocab, x)
@@ -343,4 +343,13 @@ class NumbaBackend(Backend):
             self.rows.head_q8(table.data, table.qs, x, out)
         else:
             self.rows.head_f32(table.data, x, out)
+        return out
+
+    def _head_int8(self, table: Table | nt.Q4Table, x: np.ndarray) -> np.ndarray:
+        """The head of a 4-bit or Q8_0 table with x quantized to int8 per block (numba_vnni.py), for any number of
+        tokens."""
+        q4 = isinstance(table, nt.Q4Table)
+        out = np.empty((x.shape[0], (table.raw if q4 else table.data).shape[0]), np.float32)
+        kernel = vnni.head_parallel if self.threads > 1 else vnni.head_serial
+        kernel(*table.tiles, table.lut if q4 else vnni.NO_LUT, x, out, q4)
         return out

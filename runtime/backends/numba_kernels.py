@@ -46,18 +46,6 @@ def f16_bits_to_f32(typingctx, bits):
     return types.float32(types.uint16), codegen
 
 
-@intrinsic
-def popcount(typingctx, word):
-    """Set bits of an unsigned integer (LLVM ctpop: vpopcnt where the CPU has it)."""
-    if not isinstance(word, types.Integer) or word.signed:
-        return None
-
-    def codegen(context, builder, signature, args):
-        return builder.ctpop(args[0])
-
-    return word(word), codegen
-
-
 # --- lookup tables -------------------------------------------------------------------------------------------------
 @njit(inline="always", **_OPTS)
 def _fill_table(xs, tab, g):
@@ -74,44 +62,6 @@ def _fill_table(xs, tab, g):
         for b in range(size):
             tab[base + size + b] = tab[base + b] - d
         size *= 2
-
-
-@njit(inline="always", **_OPTS)
-def _planes(x, scale, n, words, planes):
-    """x (times `scale` unless it is empty) → u = round(127·x/absmax) + 128 as 8 bit planes, plane-major
-    (planes[p·words + word]); returns (absmax/127, Σu). Padding columns stay 0 in every plane."""
-    amax = np.float32(0.0)
-    for j in range(n):
-        v = x[j] * scale[j] if scale.shape[0] else x[j]
-        amax = max(amax, abs(v))
-    step = amax / np.float32(127.0) if amax > 0 else np.float32(1.0)
-    for k in range(words * 8):
-        planes[k] = 0
-    usum = 0
-    for j in range(n):
-        v = x[j] * scale[j] if scale.shape[0] else x[j]
-        u = np.int64(round(v / step)) + 128
-        usum += u
-        bit = np.uint32(1) << np.uint32(j % 32)
-        for p in range(8):
-            if (u >> p) & 1:
-                planes[p * words + j // 32] |= bit
-    return step, usum
-
-
-@njit(inline="always", **_OPTS)
-def _popcount_dot(words, i, nw, planes, n, usum):
-    """Σ_k sign_k·q_k of row i against the planes (q = u − 128); each plane's loop over words vectorizes."""
-    ones = np.int32(0)
-    for wd in range(nw):
-        ones += np.int32(popcount(words[i, wd]))
-    neg = 0
-    for p in range(8):
-        c = np.int32(0)
-        for wd in range(nw):
-            c += np.int32(popcount(words[i, wd] & planes[p * nw + wd]))
-        neg += np.int64(c) << p
-    return np.float32(usum - 2 * neg - 128 * (n - 2 * np.int64(ones)))
 
 
 # --- small ops -----------------------------------------------------------------------------------------------------
@@ -561,28 +511,7 @@ def _kernels(parallel: bool) -> SimpleNamespace:
                 for t in range(t_all):
                     out[t, v] = _q8_dot(raw, qs, v, x[t], acc)
 
-    @njit(parallel=parallel, **_OPTS)
-    def binary_path_decode_int8(x, s_in, v_words, s_mid, u_words, s_out, planes, h, y, accumulate):
-        """The opt-in approximate decode product: each stage's input quantized to int8 (absmax per vector) and
-        split into 8 bit planes, so a row's dot product is popcounts (bit 1 = −1):
-        Σ_k s_k·u_k = Σ_k u_k − 2·Σ_p 2^p·popc(w & plane_p), with u = q + 128 ≥ 0 and the offset removed as
-        128·Σ_k s_k = 128·(n − 2·popc(w))."""
-        n = x.shape[0]
-        r, nw1 = v_words.shape
-        m, nw2 = u_words.shape
-        scale1, usum1 = _planes(x, s_in, n, nw1, planes)
-        for i in loop(r):
-            h[i] = _popcount_dot(v_words, i, nw1, planes, n, usum1) * scale1 * s_mid[i]
-        scale2, usum2 = _planes(h, s_out[:0], r, nw2, planes)
-        for i in loop(m):
-            v = _popcount_dot(u_words, i, nw2, planes, r, usum2) * scale2 * s_out[i]
-            if accumulate:
-                y[i] += v
-            else:
-                y[i] = v
-
     return SimpleNamespace(binary_path_decode=_decode_serial if not parallel else _decode_kernel(True),
-                           binary_path_decode_int8=binary_path_decode_int8,
                            binary_path_lanes=binary_path_lanes,
                            attention=attention, attention_batch=attention_batch, head_f16=head_f16,
                            head_f16_dots=head_f16_dots, head_f32=head_f32, head_q8=head_q8)

@@ -24,6 +24,7 @@ from nqfmt.keys import GGMLType
 from nqfmt.q4 import GRIDS
 
 from . import numba_lut16 as lut16
+from . import numba_vnni as vnni
 
 _OPTS = dict(fastmath=True, cache=True, nogil=True)
 Q4_BLOCK_BYTES = 18
@@ -41,13 +42,14 @@ class Q4Table:
     grid: np.ndarray
     hidden: int
     tiles: tuple[np.ndarray, np.ndarray] | None  # codes and scales repacked for the LUT-16 head, None without AVX-512
+    lut: np.ndarray  # the grid as the int8 head's byte table (numba_vnni.grid_lut)
 
 
 def q4_table(raw: np.ndarray, gtype: GGMLType, hidden: int, simd: bool) -> Q4Table:
     rows = raw.shape[0]
     scales = np.ascontiguousarray(raw.reshape(rows, -1, Q4_BLOCK_BYTES)[:, :, :2]).view(np.float16)[:, :, 0]
     return Q4Table(raw, scales.astype(np.float32), GRIDS[gtype].astype(np.float32), hidden,
-                   lut16.repack_q4(raw) if simd else None)
+                   lut16.repack_q4(raw) if simd else None, vnni.grid_lut(gtype))
 
 
 @njit(inline="always", **_OPTS)

@@ -34,13 +34,13 @@ def test_numpy_reference_equals_the_converters_torch_model_and_numba_equals_it(d
     ours = ref.logits(ids)
     with torch.no_grad():
         theirs = load_nq(default_nq)(torch.tensor(ids)[None]).numpy().reshape(ours.shape)
-    fast = runtime.load(default_nq, backend="numba", threads=1).logits(ids)
+    fast = runtime.load(default_nq, backend="numba", threads=1, exact=True).logits(ids)
     assert rel_diff(ours, theirs) < 1e-3
     assert rel_diff(fast, ours) < 1e-4
 
 
 def test_greedy_tokens_identical_on_numpy_and_numba(default_nq):
-    models = {name: runtime.load(default_nq, backend=name, threads=1) for name in ("numpy", "numba")}
+    models = {name: runtime.load(default_nq, backend=name, threads=1, exact=True) for name in ("numpy", "numba")}
     ids = models["numba"].tokenize(PROMPT)
     assert greedy(models["numpy"], ids, 32) == greedy(models["numba"], ids, 32)
 

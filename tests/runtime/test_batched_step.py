@@ -17,7 +17,7 @@ STEP_VARIANTS = ("llama", "llama-2path-mid", "llama3-rope-q8", "mistral-sliding"
 
 @pytest.fixture(scope="module")
 def backends():
-    return get_backend("numba", threads=2), get_backend("numpy")
+    return get_backend("numba", threads=2, exact=True), get_backend("numpy")
 
 
 @pytest.mark.parametrize("m,n,ranks,mid,bias", [(91, 100, (37,), False, False), (45, 203, (61, 7), True, True),

@@ -29,7 +29,7 @@ def test_fused_decode_matches_reference(variant_files, variant, threads, simd):
     nq = open_nq(variant_files[variant])
     ids = np.random.default_rng(23).integers(0, nq.config.vocab, size=27)
     _, want = decode_logits(nq, get_backend("numpy"), ids, 9)
-    model, got = decode_logits(nq, NumbaBackend(threads=threads, simd=simd), ids, 9)
+    model, got = decode_logits(nq, NumbaBackend(threads=threads, exact=True, simd=simd), ids, 9)
     assert model._fused is not None and model._fused.simd == simd and model._fused.workers == threads
     assert np.abs(got - want).max() <= REL * np.abs(want).max()
 
@@ -40,9 +40,9 @@ def test_fused_decode_past_a_sliding_window_equals_op_by_op(variant_files, simd)
     kernels do; both run the same float32 arithmetic up to summation order."""
     nq = open_nq(variant_files["mistral-sliding"])
     ids = np.random.default_rng(29).integers(0, nq.config.vocab, size=40)
-    backend = NumbaBackend(threads=2, simd=simd)
+    backend = NumbaBackend(threads=2, exact=True, simd=simd)
     _, fused = decode_logits(nq, backend, ids, 3)
-    op_by_op = NumbaBackend(threads=2, simd=simd)
+    op_by_op = NumbaBackend(threads=2, exact=True, simd=simd)
     op_by_op.fused_blocks = lambda model: None
     model, plain = decode_logits(nq, op_by_op, ids, 3)
     assert model._fused is None

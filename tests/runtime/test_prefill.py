@@ -34,7 +34,7 @@ def test_several_token_linear_matches_float64(simd, threads, tokens, m, n, ranks
     linear = random_linear(rng, m, n, ranks, mid, bias)
     x = rng.standard_normal((tokens, n))
     want = get_backend("numpy").linear(linear, x)
-    backend = NumbaBackend(threads=threads, simd=simd)
+    backend = NumbaBackend(threads=threads, exact=True, simd=simd)
     got = backend.linear(backend.prepare_linear(linear), x.astype(np.float32))
     assert got.shape == (tokens, m) and got.dtype == np.float32
     assert np.abs(got - want).max() <= 1e-5 * np.abs(want).max()
@@ -104,7 +104,7 @@ def test_prefill_logits_match_reference(variant_files, variant, threads, simd):
     nq = open_nq(variant_files[variant])
     ids = np.random.default_rng(31).integers(0, nq.config.vocab, size=127)
     logits = {}
-    for name, backend in (("numpy", get_backend("numpy")), ("numba", NumbaBackend(threads=threads, simd=simd))):
+    for name, backend in (("numpy", get_backend("numpy")), ("numba", NumbaBackend(threads=threads, exact=True, simd=simd))):
         model = Model(nq, backend)
         cache = model.new_cache()
         logits[name] = np.concatenate([model.forward(ids[:100], 0, cache, all_logits=True),
@@ -124,7 +124,7 @@ def test_head_over_many_tokens_matches_reference(variant_files, variant, threads
     x = np.random.default_rng(37).standard_normal((37, nq.config.hidden))
     want = Model(nq, get_backend("numpy")).head_table
     want = get_backend("numpy").head(want, x)
-    backend = NumbaBackend(threads=threads)
+    backend = NumbaBackend(threads=threads, exact=True)
     got = backend.head(Model(nq, backend).head_table, x.astype(np.float32))
     assert got.shape == want.shape and got.dtype == np.float32
     assert np.abs(got - want).max() <= 1e-5 * np.abs(want).max()

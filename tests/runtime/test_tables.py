@@ -30,14 +30,14 @@ def close(fast, ref, rel=REL):
 
 @pytest.fixture(scope="module", params=[1, 2], ids=["serial", "parallel"])
 def backends(request):
-    return get_backend("numba", threads=request.param), get_backend("numpy")
+    return get_backend("numba", threads=request.param, exact=True), get_backend("numpy")
 
 
 @pytest.fixture(scope="module", params=[(1, False), (2, False)] + [(1, True), (2, True)] * lut16.available(),
                 ids=lambda p: f"{p[0]}thr-{'lut16' if p[1] else 'portable'}")
 def q4_backends(request):
     threads, simd = request.param
-    return NumbaBackend(threads=threads, simd=simd), get_backend("numpy")
+    return NumbaBackend(threads=threads, exact=True, simd=simd), get_backend("numpy")
 
 
 def q4_table(rng, vocab, hidden, gtype):
@@ -119,7 +119,7 @@ def test_factored_table_widens_v_once_per_path(backends):
                                      "qwen2-binary-table"])
 def test_model_with_a_compact_table_reports_its_kind(variant_files, variant):
     nq = open_nq(variant_files[variant])
-    model = Model(nq, get_backend("numba", threads=1))
+    model = Model(nq, get_backend("numba", threads=1, exact=True))
     kind = nq.tables[K.EMBD_TABLE]
     assert model.embedding_type == (kind.name if isinstance(kind, GGMLType) else
                                     f"binary-factored, ranks {list(kind.ranks)}")

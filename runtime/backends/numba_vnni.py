@@ -1,0 +1,224 @@
+"""The 4-bit and Q8_0 heads by int8 dot products (AVX-512 VNNI), for CPUs that have them.
+
+The head is the largest product of a token (V·d multiply-adds: 28 M on SmolLM2-135M, 233 M on Qwen2.5-1.5B). Here the
+token's normalized hidden state is quantized per block of 32 to int8 (a float32 scale per block: absmax / 127, as
+llama.cpp's Q8_0 activations), and a row's logit is Σ_b d_row,b · xs_b · Σ_{p in b} w_p·xq_p with the inner sum exact
+in int32. The codes stay in the tiles numba_lut16.repack_q4 builds at load (16 rows, word w of a row = the nibbles of
+positions 8w..8w+7): a word's low and high nibbles (positions 8w + 0,2,4,6 and 8w + 1,3,5,7) become bytes by one
+`vpshufb` each through the type's 16 grid values + 128 (unsigned), and one `vpdpbusd` multiplies 4 bytes of each of
+the 16 rows by 4 bytes of the token (broadcast) and adds them into the row's int32 lane. The +128 offset is removed
+per block as 128·Σ_{p in b} xq_p. Q8_0 rows (a hot-row table's) are repacked the same way: word j of a row holds
+4 of its int8 values + 128 in the order the token's bytes have (8w + 0,2,4,6, then 8w + 1,3,5,7).
+
+The only difference from the exact float32 head is the rounding of the token to int8; runtime/README.md (the int8
+head) gives its measured effect on perplexity.
+"""
+from __future__ import annotations
+
+import numpy as np
+from llvmlite import ir
+from numba import njit, prange, types
+from numba.core import cgutils
+from numba.extending import intrinsic
+
+from nqfmt.q4 import GRIDS
+
+from .numba_lut16 import TILE, _data, address, repack
+
+_OPTS = dict(fastmath=True, cache=True, nogil=True)
+BLOCK = 32  # positions per scale, of the table and of the quantized token
+OFFSET = 128  # added to every table value so that vpdpbusd's unsigned operand holds it
+Q8_BLOCK_BYTES = 34
+TILES_PER_TASK = 64  # 1024 vocabulary rows per task of the parallel head
+_VI = ir.VectorType(ir.IntType(32), TILE)
+_VF = ir.VectorType(ir.FloatType(), TILE)
+_VB = ir.VectorType(ir.IntType(8), 4 * TILE)
+_I32 = types.Array(types.int32, 1, "C")
+_F32 = types.Array(types.float32, 1, "C")
+_U8 = types.Array(types.uint8, 1, "C")
+
+
+def available() -> bool:
+    """Whether this CPU has the instructions (AVX-512 F, BW for vpshufb, VNNI for vpdpbusd), as LLVM sees the host."""
+    from llvmlite import binding
+    features = binding.get_host_cpu_features()
+    return all(features.get(f, False) for f in ("avx512f", "avx512bw", "avx512vnni"))
+
+
+NO_LUT = np.zeros(4 * TILE, np.uint8)  # the Q8_0 head's unused byte table
+
+
+def byte_order() -> np.ndarray:
+    """slot[p]: where position p of a block of 32 goes in the quantized token (and in a Q8_0 tile's words)."""
+    p = np.arange(BLOCK)
+    w, j = p // 8, p % 8
+    return 8 * w + j // 2 + 4 * (j % 2)
+
+
+def grid_lut(gtype) -> np.ndarray:
+    """The type's 16 grid values + OFFSET as bytes, repeated in each 128-bit lane (vpshufb looks up per lane)."""
+    return np.tile((GRIDS[gtype].astype(np.int16) + OFFSET).astype(np.uint8), 4)
+
+
+def repack_q8(raw: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Q8_0 rows (rows, d/32·34 bytes) → value tiles (⌈rows/16⌉, d/4, 16) uint32, word j of a row holding its values
+    + 128 at the positions byte_order puts in slots 4j..4j+3, and scale tiles (⌈rows/16⌉, d/32, 16) float32; rows past
+    the end are zero."""
+    rows = raw.shape[0]
+    blocks = raw.reshape(rows, -1, Q8_BLOCK_BYTES)
+    nb = blocks.shape[1]
+    scales = np.ascontiguousarray(blocks[:, :, :2]).view(np.float16)[:, :, 0].astype(np.float32)
+    values = np.empty((rows, nb, BLOCK), np.uint8)
+    values[:, :, byte_order()] = blocks[:, :, 2:] ^ np.uint8(OFFSET)
+    n_tiles = (rows + TILE - 1) // TILE
+    scale_tiles = np.zeros((n_tiles * TILE, nb), np.float32)
+    scale_tiles[:rows] = scales
+    words = repack(np.ascontiguousarray(values).reshape(rows, -1).view(np.uint32))
+    return words, np.ascontiguousarray(scale_tiles.reshape(n_tiles, TILE, nb).transpose(0, 2, 1))
+
+
+@njit(**_OPTS)
+def quantize_tokens(x, xq, xs, corr):
+    """x (T, d) float32 → xq (T, d) int8 in byte_order within each block of 32, xs (T, d/32) float32 block scales
+    (absmax / 127), corr (T, d/32) int32 = OFFSET·Σ xq of the block."""
+    t_all, d = x.shape
+    for t in range(t_all):
+        for b in range(d // BLOCK):
+            amax = np.float32(0.0)
+            for p in range(BLOCK):
+                amax = max(amax, abs(x[t, b * BLOCK + p]))
+            inv = np.float32(127.0) / amax if amax > 0 else np.float32(0.0)
+            xs[t, b] = amax / np.float32(127.0)
+            total = 0
+            for p in range(BLOCK):
+                q = np.int32(np.rint(x[t, b * BLOCK + p] * inv))
+                xq[t, b * BLOCK + 8 * (p // 8) + (p % 8) // 2 + 4 * (p % 2)] = q
+                total += q
+            corr[t, b] = OFFSET * total
+
+
+def _splat(builder, value):
+    undef = ir.Constant(_VI, ir.Undefined)
+    one = builder.insert_element(undef, value, ir.Constant(ir.IntType(32), 0))
+    return builder.shuffle_vector(one, undef, ir.Constant(_VI, [0] * TILE))
+
+
+def _vnni(builder):
+    dot = cgutils.get_or_insert_function(builder.module, ir.FunctionType(_VI, [_VI, _VI, _VI]),
+                                         "llvm.x86.avx512.vpdpbusd.512")
+    shuffle = cgutils.get_or_insert_function(builder.module, ir.FunctionType(_VB, [_VB, _VB]),
+                                             "llvm.x86.avx512.pshuf.b.512")
+    return dot, shuffle
+
+
+def _tile_codegen(nibbles: bool):
+    """The body shared by the 4-bit and the Q8_0 tile: per block, words of 16 rows → int32 block sums by vpdpbusd
+    (two chains), offset removed, widened, times the rows' block scales and the token's, added to the row sums."""
+    words_per_block = BLOCK // 8 if nibbles else BLOCK // 4
+
+    def codegen(context, builder, signature, args):
+        ty = signature.args
+        intp = context.get_value_type(types.intp)
+        dot, shuffle = _vnni(builder)
+        lut = builder.load(builder.bitcast(_data(context, builder, ty[0], args[0]), _VB.as_pointer()), align=1)
+        codes = builder.inttoptr(context.cast(builder, args[1], ty[1], types.int64), _VI.as_pointer())
+        scales = builder.inttoptr(context.cast(builder, args[2], ty[2], types.int64), _VF.as_pointer())
+        nb = context.cast(builder, args[3], ty[3], types.intp)
+        xq_p, xs_p, corr_p, sums_p = (_data(context, builder, ty[k], args[k]) for k in (4, 6, 8, 10))
+        xi, si, ci, oi = (context.cast(builder, args[k], ty[k], types.intp) for k in (5, 7, 9, 11))
+        low = ir.Constant(_VI, [0x0F0F0F0F] * TILE)
+        zero = ir.Constant(_VI, [0] * TILE)
+        acc = cgutils.alloca_once_value(builder, ir.Constant(_VF, [0.0] * TILE))
+        with cgutils.for_range(builder, nb) as loop:
+            b = loop.index
+            chains, n = [zero, zero], 0
+            for k in range(words_per_block):
+                w = builder.add(builder.mul(b, ir.Constant(intp, words_per_block)), ir.Constant(intp, k))
+                word = builder.load(builder.gep(codes, [w]), align=4)
+                if nibbles:  # low nibbles: token bytes 2w; high: 2w + 1
+                    parts = [builder.and_(word, low), builder.and_(builder.lshr(word, ir.Constant(_VI, [4] * TILE)),
+                                                                   low)]
+                    parts = [builder.bitcast(builder.call(shuffle, [lut, builder.bitcast(p, _VB)]), _VI)
+                             for p in parts]
+                    slots = [builder.mul(w, ir.Constant(intp, 2)),
+                             builder.add(builder.mul(w, ir.Constant(intp, 2)), ir.Constant(intp, 1))]
+                else:
+                    parts, slots = [word], [w]
+                for part, slot in zip(parts, slots):
+                    x4 = _splat(builder, builder.load(builder.gep(xq_p, [builder.add(xi, slot)])))
+                    chains[n % 2] = builder.call(dot, [chains[n % 2], part, x4])
+                    n += 1
+            block_sum = builder.sub(builder.add(chains[0], chains[1]),
+                                    _splat(builder, builder.load(builder.gep(corr_p, [builder.add(ci, b)]))))
+            token_scale = builder.load(builder.gep(xs_p, [builder.add(si, b)]))
+            splat_scale = builder.shuffle_vector(
+                builder.insert_element(ir.Constant(_VF, ir.Undefined), token_scale, ir.Constant(ir.IntType(32), 0)),
+                ir.Constant(_VF, ir.Undefined), ir.Constant(_VI, [0] * TILE))
+            row_scales = builder.fmul(builder.load(builder.gep(scales, [b]), align=4), splat_scale)
+            term = builder.fmul(builder.sitofp(block_sum, _VF), row_scales)
+            builder.store(builder.fadd(builder.load(acc), term), acc)
+        out = builder.bitcast(builder.gep(sums_p, [oi]), _VF.as_pointer())
+        builder.store(builder.load(acc), out, align=4)
+        return context.get_dummy_value()
+
+    return codegen
+
+
+def _tile_signature(lut, tile_addr, scales_addr, blocks, xq, xi, xs, si, corr, ci, sums, oi):
+    ints = (tile_addr, scales_addr, blocks, xi, si, ci, oi)
+    if not (lut == _U8 and xq == corr == _I32 and xs == sums == _F32 and all(isinstance(a, types.Integer) for a in ints)):
+        return None
+    return types.void(lut, tile_addr, scales_addr, blocks, xq, xi, xs, si, corr, ci, sums, oi)
+
+
+@intrinsic
+def q4_tile(typingctx, lut, tile_addr, scales_addr, blocks, xq, xi, xs, si, corr, ci, sums, oi):
+    """sums[oi : oi+16] = the dot products of the 16 rows of the 4-bit code tile at `tile_addr` (4·blocks words × 16,
+    with block scales at `scales_addr`: blocks × 16 float32) with the quantized token whose int32 words start at
+    xq[xi] (block scales xs[si..], offsets corr[ci..]); `lut` is grid_lut of the table's type."""
+    sig = _tile_signature(lut, tile_addr, scales_addr, blocks, xq, xi, xs, si, corr, ci, sums, oi)
+    return (sig, _tile_codegen(True)) if sig else None
+
+
+@intrinsic
+def q8_tile(typingctx, lut, tile_addr, scales_addr, blocks, xq, xi, xs, si, corr, ci, sums, oi):
+    """As q4_tile for a Q8_0 value tile (8·blocks words × 16, repack_q8); `lut` is unused."""
+    sig = _tile_signature(lut, tile_addr, scales_addr, blocks, xq, xi, xs, si, corr, ci, sums, oi)
+    return (sig, _tile_codegen(False)) if sig else None
+
+
+def _head_kernel(parallel: bool):
+    loop = prange if parallel else range
+
+    @njit(parallel=parallel, **_OPTS)
+    def head(tiles, scales, lut, x, out, nibbles):
+        """out (T, V) = x (T, d) · tableᵀ, x quantized to int8 per block first; `tiles` are 4-bit codes (`nibbles`,
+        repack_q4) or Q8_0 values (repack_q8). Tasks are runs of TILES_PER_TASK tiles, each doing every token (a tile
+        stays in L1 for all of them)."""
+        t_all, d = x.shape
+        vocab = out.shape[1]
+        n_tiles, words, blocks = tiles.shape[0], tiles.shape[1], scales.shape[1]
+        xq = np.empty((t_all, d), np.int8)
+        xs = np.empty((t_all, blocks), np.float32)
+        corr = np.empty((t_all, blocks), np.int32)
+        quantize_tokens(x, xq, xs, corr)
+        xq4, xs1, corr1 = xq.reshape(-1).view(np.int32), xs.reshape(-1), corr.reshape(-1)
+        tiles_at, scales_at = address(tiles), address(scales)
+        for task in loop((n_tiles + TILES_PER_TASK - 1) // TILES_PER_TASK):
+            sums = np.empty(TILE, np.float32)
+            for b in range(task * TILES_PER_TASK, min((task + 1) * TILES_PER_TASK, n_tiles)):
+                rows = min(TILE, vocab - b * TILE)
+                at, scales_b = tiles_at + b * words * TILE * 4, scales_at + b * blocks * TILE * 4
+                for t in range(t_all):
+                    if nibbles:
+                        q4_tile(lut, at, scales_b, blocks, xq4, t * (d // 4), xs1, t * blocks, corr1, t * blocks, sums, 0)
+                    else:
+                        q8_tile(lut, at, scales_b, blocks, xq4, t * (d // 4), xs1, t * blocks, corr1, t * blocks, sums, 0)
+                    for l in range(rows):
+                        out[t, b * TILE + l] = sums[l]
+
+    return head
+
+
+head_serial = _head_kernel(False)
+head_parallel = _head_kernel(True)

@@ -1,0 +1,70 @@
+"""The int8 head (numba_vnni.py) against a float64 reference that quantizes the token the same way: absmax / 127
+per block of 32, rounded to nearest even; then Σ_b d·grid·xq·xs in float64. Odd vocabularies (not multiples of 16),
+one token and several, serial and parallel, every table type it serves; the backend picks it by default and keeps
+every product in float32 with exact=True."""
+import numpy as np
+import pytest
+from gguf import GGMLQuantizationType
+from gguf.quants import dequantize, quantize
+
+from nqfmt.keys import GGMLType
+from nqfmt.q4 import quantize_iq4_nl, quantize_q4_0
+from runtime.backends import get_backend
+from runtime.backends import numba_vnni as vnni
+from runtime.backends.numba_cpu import NumbaBackend
+
+pytestmark = pytest.mark.skipif(not (vnni.available()), reason="the int8 head needs AVX-512 BW and VNNI")
+
+TABLES = {GGMLType.Q4_0: quantize_q4_0, GGMLType.IQ4_NL: quantize_iq4_nl,
+          GGMLType.Q8_0: lambda v: quantize(v.astype(np.float32), GGMLQuantizationType.Q8_0)}
+
+
+def quantized_tokens(x: np.ndarray) -> np.ndarray:
+    """x (T, d) float32 as the int8 head sees it, in float64: per block of 32, rint(x·127/absmax)·absmax/127."""
+    blocks = x.astype(np.float32).reshape(x.shape[0], -1, 32)
+    amax = np.abs(blocks).max(-1, keepdims=True)
+    inv = np.where(amax > 0, np.float32(127.0) / np.where(amax > 0, amax, 1), np.float32(0.0)).astype(np.float32)
+    q = np.rint(blocks * inv)
+    return (q.astype(np.float64) * (amax / np.float32(127.0)).astype(np.float64)).reshape(x.shape)
+
+
+def table(rng, gtype, vocab, hidden):
+    values = rng.standard_normal((vocab, hidden)) * rng.uniform(0.1, 2.0, (vocab, 1))
+    raw = TABLES[gtype](values)
+    raw.setflags(write=False)  # as the memory-mapped file's views
+    return raw
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("gtype", list(TABLES))
+@pytest.mark.parametrize("vocab,hidden,tokens", [(203, 96, 1), (203, 96, 5), (1000, 576, 3), (37, 32, 1)])
+def test_int8_head_matches_quantized_token_reference(threads, gtype, vocab, hidden, tokens):
+    rng = np.random.default_rng(vocab + hidden + tokens)
+    raw = table(rng, gtype, vocab, hidden)
+    backend = get_backend("numba", threads=threads)
+    assert backend.int8_head
+    prepared = backend.prepare_embedding(raw, gtype, hidden)
+    x = (rng.standard_normal((tokens, hidden)) * rng.uniform(0.01, 3.0, (1, hidden))).astype(np.float32)
+    got = backend.head(prepared, x)
+    rows = dequantize(raw, GGMLQuantizationType(gtype)).astype(np.float64)
+    want = quantized_tokens(x) @ rows.T
+    assert got.shape == (tokens, vocab) and got.dtype == np.float32
+    assert np.abs(got - want).max() <= 1e-5 * np.abs(want).max()
+    exact = rows @ x.astype(np.float64).T
+    assert not np.allclose(got, exact.T, rtol=0, atol=1e-6 * np.abs(exact).max())  # the quantized path really ran
+
+
+def test_exact_keeps_float32_and_zero_blocks_stay_zero():
+    rng = np.random.default_rng(3)
+    raw = table(rng, GGMLType.IQ4_NL, 203, 96)
+    x = rng.standard_normal((2, 96)).astype(np.float32)
+    x[1, 32:64] = 0.0  # an all-zero block: scale 0, no division by zero
+    rows = dequantize(raw, GGMLQuantizationType.IQ4_NL).astype(np.float64)
+    exact = NumbaBackend(threads=1, exact=True)
+    assert not exact.int8_head
+    got = exact.head(exact.prepare_embedding(raw, GGMLType.IQ4_NL, 96), x)
+    assert np.abs(got - x.astype(np.float64) @ rows.T).max() <= 1e-5 * np.abs(got).max()
+    fast = NumbaBackend(threads=1)
+    got = fast.head(fast.prepare_embedding(raw, GGMLType.IQ4_NL, 96), x)
+    assert np.isfinite(got).all()
+    assert np.abs(got - quantized_tokens(x) @ rows.T).max() <= 1e-5 * np.abs(got).max()
