@@ -30,6 +30,9 @@ _SCALAR = {VT.UINT8: "<B", VT.INT8: "<b", VT.UINT16: "<H", VT.INT16: "<h", VT.UI
 _MAX_DIMS = 4
 
 
+VERIFY_CHUNK = 8 << 20  # bytes checksummed before their pages are let go (verify keeps ~8 MB of the file resident)
+
+
 @dataclass(frozen=True)
 class TensorInfo:
     """Where one tensor lives in the file."""
@@ -134,6 +137,7 @@ class NQFile:
         except OSError as e:
             raise NQFormatError(f"{self.path}: cannot open: {e.strerror}") from e
         self._buf = memoryview(self._mm)
+        self._address = np.frombuffer(self._mm, np.uint8, count=1).__array_interface__["data"][0]
         self.metadata, self._types, self.tensors, self.data_start = self._parse_header()
         self._check_header_crc()
         self._check_metadata_types()
@@ -293,6 +297,8 @@ class NQFile:
             if is_signs(spec.name) and not padding_is_clear(
                     self._view(info), sign_columns(spec.name, self.config, self.linears, self.tables)):
                 raise NQFormatError(f"tensor {spec.name!r}: padding bits past the last column are not 0")
+            if is_signs(spec.name):
+                self._drop(info.offset, info.nbytes)
 
     # --- access -------------------------------------------------------------------------------------------------
     def _view(self, info: TensorInfo) -> np.ndarray:
@@ -305,6 +311,21 @@ class NQFile:
         if name not in self.tensors:
             raise KeyError(f"no tensor {name!r} in {self.path}")
         return self._view(self.tensors[name])
+
+    def release(self, *views: np.ndarray) -> None:
+        """Let the OS take the pages under these views of the file out of this process's resident set
+        (MADV_DONTNEED; a later read faults them back in from the page cache, unchanged). For tensors a reader has
+        copied into a layout of its own, so that they are not resident twice."""
+        for v in views:
+            start = v.__array_interface__["data"][0] - self._address
+            if 0 <= start and start + v.nbytes <= self.size:
+                self._drop(start, v.nbytes)
+
+    def _drop(self, offset: int, nbytes: int) -> None:
+        """MADV_DONTNEED over the pages that bytes offset..offset+nbytes touch, where the platform has it."""
+        if nbytes > 0 and hasattr(mmap, "MADV_DONTNEED"):
+            start = offset - offset % mmap.PAGESIZE
+            self._mm.madvise(mmap.MADV_DONTNEED, start, offset + nbytes - start)
 
     def linear(self, layer: int, linear: str) -> FactoredLinear:
         """A decoder linear with all its binary paths (views into the file)."""
@@ -339,16 +360,22 @@ class NQFile:
         return FactoredLinear(m, n, tuple(paths), bias)
 
     def verify(self) -> None:
-        """Check every tensor's CRC32 and that all alignment padding is zero."""
+        """Check every tensor's CRC32 and that all alignment padding is zero. The pages read leave the resident set
+        as it goes (release): a reader faults back in only what it uses."""
         table = self._view(self.tensors[K.CHECKSUMS])
         for i, info in enumerate(list(self.tensors.values())[:-1]):
-            data = self._buf[info.offset:info.offset + info.nbytes]
-            if zlib.crc32(data) != int(table[i + 1]):
+            crc = 0
+            for start in range(info.offset, info.offset + info.nbytes, VERIFY_CHUNK):  # read once, then let go
+                end = min(start + VERIFY_CHUNK, info.offset + info.nbytes)
+                crc = zlib.crc32(self._buf[start:end], crc)
+                self._drop(start, end - start)
+            if crc != int(table[i + 1]):
                 raise NQFormatError(f"tensor {info.name!r}: checksum mismatch (data corrupted)")
         for info in self.tensors.values():
             pad = self._buf[info.offset + info.nbytes:info.offset + info.nbytes + (-info.nbytes) % K.ALIGNMENT]
             if any(pad):
                 raise NQFormatError(f"tensor {info.name!r}: alignment padding after it is not zero")
+        self._drop(0, self.size)  # what the padding checks read back in
 
 
 def open_nq(path: str | os.PathLike) -> NQFile:

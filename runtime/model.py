@@ -105,6 +105,8 @@ class Model:
                 if lin.bias is not None and not np.all(np.isfinite(lin.bias)):
                     raise NQFormatError(f"tensor {K.bias_tensor(layer, name)!r}: non-finite bias")
                 linears[name] = backend.prepare_linear(lin)
+                if backend.copies_weights:
+                    nq.release(*(a for p in lin.paths for a in (p.v_signs, p.u_signs)))
             self.blocks.append(Block(norms, linears, cfg.sliding_layers[layer]))
         self._inv_freq = {local: rope_inv_freq(cfg, local) for local in (False, True)}
         self._fused = backend.fused_blocks(self)  # one token's blocks in one backend call, where it has one
@@ -287,17 +289,26 @@ def _split(counts: np.ndarray, parts: int) -> list[tuple[int, int]]:
 
 def _prepared_table(nq: NQFile, table: str, backend: Backend) -> Any:
     """The embedding (K.EMBD_TABLE) or untied head (K.OUTPUT_TABLE) as the backend runs it: a dense table checked
-    finite, or a binary-factored one (its scales are checked finite by the reader)."""
+    finite, or a binary-factored one (its scales are checked finite by the reader). Where the backend computes from
+    copies (repacked signs or 4-bit codes), the file's pages of what it copied leave the resident set."""
     kind = nq.tables[table]
     if isinstance(kind, LinearPlan):
-        return backend.prepare_factored_table(nq.factored_table(table))
-    if isinstance(kind, HotRows):
+        factored = nq.factored_table(table)
+        prepared = backend.prepare_factored_table(factored)
+        copied = [a for p in factored.paths for a in (p.v_signs, p.u_signs)]
+    elif isinstance(kind, HotRows):
         hot_ids = nq.hot_table(table)[1]
-        return backend.prepare_hot_table(_checked_table(nq, K.dense_table_tensor(table)), kind.gtype, hot_ids,
-                                         _checked_table(nq, K.hot_rows_tensor(table)), nq.config.vocab,
-                                         nq.config.hidden)
-    name = K.dense_table_tensor(table)
-    return backend.prepare_embedding(_checked_table(nq, name), kind, nq.config.hidden)
+        cold = _checked_table(nq, K.dense_table_tensor(table))
+        prepared = backend.prepare_hot_table(cold, kind.gtype, hot_ids, _checked_table(nq, K.hot_rows_tensor(table)),
+                                             nq.config.vocab, nq.config.hidden)
+        copied = [cold]
+    else:
+        dense = _checked_table(nq, K.dense_table_tensor(table))
+        prepared = backend.prepare_embedding(dense, kind, nq.config.hidden)
+        copied = [dense] if kind in (GGMLType.Q4_0, GGMLType.IQ4_NL) else []
+    if backend.copies_weights:
+        nq.release(*copied)
+    return prepared
 
 
 def _checked_table(nq: NQFile, name: str) -> np.ndarray:

@@ -57,6 +57,7 @@ class Backend(ABC):
     name: str
     dtype: np.dtype
     jit: bool = False  # kernels compiled (or loaded from a disk cache) on first use
+    copies_weights: bool = False  # prepare_linear and a 4-bit table's prepare compute from copies, not the file
 
     # --- weights ------------------------------------------------------------------------------------------------
     @abstractmethod

@@ -124,6 +124,7 @@ class NumbaBackend(Backend):
         numba.set_num_threads(self.threads)
         self.rows = nk.PARALLEL if self.threads > 1 else nk.SERIAL
         self.simd = lut16.available() if simd is None else simd  # LUT-16 kernels (AVX-512), else LUT-8
+        self.copies_weights = self.simd  # LUT-16 runs on repacked tiles of the signs and of 4-bit codes
         self.int8_head = not exact and self.simd and vnni.available()  # the 4-bit / Q8_0 head on int8 tokens
         self._scratch_bytes = 0  # widest sign row seen (bytes), sizes the shared scratch buffers
         self._scratch_rows = 0  # largest rank of any path

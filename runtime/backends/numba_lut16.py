@@ -201,7 +201,7 @@ binary_path_parallel = _kernels(True)
 # a row's code at p indexes it. One 512-bit load holds 8 codes of 16 rows; 4 loads cover a block of 32 positions,
 # whose 32 lookups are added as a tree and multiplied by the 16 rows' block scales. Exact float32 arithmetic (the
 # additions in another order than a dot product's).
-REPACK_ROWS = 4096  # rows repacked at a time at load
+REPACK_ROWS = 1024  # rows repacked at a time at load (the chunk's temporaries are ~12 bytes per value)
 
 
 def repack_q4(raw: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -210,14 +210,26 @@ def repack_q4(raw: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     the end have code 0 and scale 0."""
     rows, d = raw.shape[0], raw.shape[1] // BLOCK_BYTES * BLOCK
     shifts = (4 * np.arange(8, dtype=np.uint32))[None, None, :]
-    words = np.empty((rows, d // 8), np.uint32)
     blocks = (rows + TILE - 1) // TILE
-    scale_tiles = np.zeros((blocks * TILE, d // 32), np.float32)
-    for start in range(0, rows, REPACK_ROWS):  # a chunk at a time: whole-table temporaries would be 8× the table
-        end = min(start + REPACK_ROWS, rows)
-        scale_tiles[start:end], codes = unpack_q4(raw[start:end])
-        words[start:end] = (codes.reshape(end - start, d // 8, 8).astype(np.uint32) << shifts).sum(-1, dtype=np.uint32)
-    return repack(words), np.ascontiguousarray(scale_tiles.reshape(blocks, TILE, -1).transpose(0, 2, 1))
+    tiles = np.empty((blocks, d // 8, TILE), np.uint32)
+    scale_tiles = np.empty((blocks, d // 32, TILE), np.float32)
+    step = max(TILE, REPACK_ROWS // TILE * TILE)  # whole tiles per chunk
+    for start in range(0, rows, step):  # a chunk at a time, straight into the tiles: no whole-table temporary
+        end = min(start + step, rows)
+        scales, codes = unpack_q4(raw[start:end])
+        words = (codes.reshape(end - start, d // 8, 8).astype(np.uint32) << shifts).sum(-1, dtype=np.uint32)
+        b0, b1 = start // TILE, (end + TILE - 1) // TILE
+        tiles[b0:b1] = repack(words)
+        scale_tiles[b0:b1] = _tiled(scales)
+    return tiles, scale_tiles
+
+
+def _tiled(rows: np.ndarray) -> np.ndarray:
+    """(n, k) float32 → (⌈n/16⌉, k, 16), rows past n zero: tiled[b, j, l] = rows[16b + l, j]."""
+    n, k = rows.shape
+    out = np.zeros((-(-n // TILE) * TILE, k), np.float32)
+    out[:n] = rows
+    return out.reshape(-1, TILE, k).transpose(0, 2, 1)
 
 
 @intrinsic
