@@ -6,7 +6,8 @@
 Every point is the perplexity ratio on the 40 test windows of spec/EVALUATION.md §2 (the same token windows for every
 method) against bits per weight counted two ways: over the whole file, and over the decoder linears only.
 - ours: `bench/quality.py --preset P --bits B --allocation A` for every (preset, bits, allocation) not yet measured
-  (each writes its own bench/results/quality-*.json; a run that exists is skipped, so the command resumes).
+  (each writes its own bench/results/quality-*.json; a run that exists is skipped, so the command resumes), and the
+  points earlier runs measured (MEASURED), drawn whichever flags are given.
 - llama.cpp (llama-cpp-python): the default model's F16 GGUF quantized by `llama_model_quantize` to each --llama type;
   the type each decoder linear really got is read back from the file (llama.cpp falls back to another type where a
   row length does not fit a type's block), and perplexity is computed from its logits over the same windows.
@@ -62,6 +63,33 @@ def run_ours(preset: str, bits: float, allocation: str, embedding: str | None) -
                 ratio=rec["ppl_ratio"], ppl=rec["ppl_quantized"], source=path.name)
 
 
+# Points measured by earlier runs (bench/quality.py or a fresh install), drawn beside the sweep's own: (JSON, series).
+# Their embedding is whatever the run stored, named in the series (the presets' default changed from f16 to
+# iq4_nl+5120 at 931a890).
+MEASURED = (
+    ("quality-smollm2-135m-quick-emb-iq4_nl+5120.json", "nanoquant quick, IQ4_NL+5120 table"),
+    ("quality-smollm2-135m-quick-emb-binary-512x2.json", "nanoquant quick, binary 512x2 table"),
+    ("quality-smollm2-135m-quick-b0.55.json", "nanoquant quick, F16 table"),
+    ("quality-smollm2-135m-quick-b0.8.json", "nanoquant quick, F16 table"),
+    ("fresh-install-quick-0c2587d.json", "nanoquant quick, F16 table"),
+    ("quality-smollm2-135m-quick-b2-alloc-uniform.json", "nanoquant quick, F16 table"),
+    ("quality-smollm2-135m-standard.json", "nanoquant standard, F16 table"),
+)
+
+
+def measured_points() -> list[dict]:
+    """The MEASURED points whose JSON exists."""
+    points = []
+    for name, series in MEASURED:
+        path = RESULTS / name
+        if path.is_file():
+            rec = json.loads(path.read_text())
+            target = rec.get("bits_target") or 1.0
+            points.append(dict(method=series, label=f"{target:g}", bpw_file=rec["bpw_whole_file"],
+                               bpw_linears=rec["bpw_decoder_linears"], ratio=rec["ppl_ratio"], source=name))
+    return points
+
+
 # --- llama.cpp ------------------------------------------------------------------------------------------------------
 def llama_point(ftype: str, work: Path) -> dict:
     path = POINTS / f"llama-{ftype}.json"
@@ -69,7 +97,19 @@ def llama_point(ftype: str, work: Path) -> dict:
         return json.loads(path.read_text())
     from bench.speed import original_q4_1, quantize
     f16 = quantize(original_q4_1(), work / "f16.gguf", "LLAMA_FTYPE_MOSTLY_F16")
-    gguf = f16 if ftype == "F16" else quantize(f16, work / f"{ftype}.gguf", f"LLAMA_FTYPE_MOSTLY_{ftype}")
+    gguf = work / f"{ftype}.gguf"
+    if ftype == "F16":
+        gguf = f16
+    elif not gguf.exists():  # in a subprocess: llama.cpp aborts the process on some types (IQ2 without an imatrix)
+        code = ("import sys; from pathlib import Path; from bench.speed import quantize; "
+                "quantize(Path(sys.argv[1]), Path(sys.argv[2]), sys.argv[3])")
+        done = subprocess.run([sys.executable, "-c", code, str(f16), str(gguf), f"LLAMA_FTYPE_MOSTLY_{ftype}"],
+                              cwd=ROOT, capture_output=True, text=True, env=dict(os.environ, PYTHONPATH=str(ROOT)))
+        if done.returncode != 0:
+            rec = dict(method="llama.cpp", type=ftype, error=f"llama_model_quantize failed (exit {done.returncode})",
+                       stderr_tail=done.stderr[-1500:], commit=git_commit())
+            path.write_text(json.dumps(rec, indent=1))
+            return rec
     cmd = [sys.executable, str(Path(__file__)), "--llama-worker", str(gguf)]
     done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
     if done.returncode != 0:
@@ -195,20 +235,24 @@ def main() -> None:
         return
     POINTS.mkdir(parents=True, exist_ok=True)
     a.work.mkdir(parents=True, exist_ok=True)
-    points = []
+    points = measured_points()
     if not a.no_ours:
         for preset in a.preset:
             for allocation in a.allocation:
                 for bits in a.bits:
                     if a.plot_only and not (RESULTS / quality_name(preset, bits, allocation, a.embedding)).is_file():
                         continue
-                    if p := run_ours(preset, bits, allocation, a.embedding):
+                    p = run_ours(preset, bits, allocation, a.embedding)
+                    if p and p["source"] not in {q.get("source") for q in points}:
                         points.append(p | {"label": f"{bits:g}"})
     if not a.no_llama:
         for ftype in a.llama:
             if a.plot_only and not (POINTS / f"llama-{ftype}.json").is_file():
                 continue
             rec = llama_point(ftype, a.work)
+            if "error" in rec:
+                print(f"llama.cpp {ftype}: {rec['error']}", flush=True)
+                continue
             points.append(dict(method="llama.cpp", label=ftype, bpw_file=rec["bpw_file"],
                                bpw_linears=rec["bpw_linears"], ratio=rec["ppl"] / fp_ppl(), ppl=rec["ppl"],
                                linear_types=rec["linear_types"]))

@@ -97,8 +97,9 @@ def quantize_tokens(x, xq, xs, corr):
             corr[t, b] = OFFSET * total
 
 
-def _splat(builder, value):
-    undef = ir.Constant(_VI, ir.Undefined)
+def _splat(builder, value, vtype=_VI):
+    """`value` in every lane of a vector of type vtype."""
+    undef = ir.Constant(vtype, ir.Undefined)
     one = builder.insert_element(undef, value, ir.Constant(ir.IntType(32), 0))
     return builder.shuffle_vector(one, undef, ir.Constant(_VI, [0] * TILE))
 
@@ -150,11 +151,8 @@ def _tile_codegen(nibbles: bool):
                     n += 1
             block_sum = builder.sub(builder.add(chains[0], chains[1]),
                                     _splat(builder, builder.load(builder.gep(corr_p, [builder.add(ci, b)]))))
-            token_scale = builder.load(builder.gep(xs_p, [builder.add(si, b)]))
-            splat_scale = builder.shuffle_vector(
-                builder.insert_element(ir.Constant(_VF, ir.Undefined), token_scale, ir.Constant(ir.IntType(32), 0)),
-                ir.Constant(_VF, ir.Undefined), ir.Constant(_VI, [0] * TILE))
-            row_scales = builder.fmul(builder.load(builder.gep(scales, [b]), align=4), splat_scale)
+            token_scale = _splat(builder, builder.load(builder.gep(xs_p, [builder.add(si, b)])), _VF)
+            row_scales = builder.fmul(builder.load(builder.gep(scales, [b]), align=4), token_scale)
             term = builder.fmul(builder.sitofp(block_sum, _VF), row_scales)
             builder.store(builder.fadd(builder.load(acc), term), acc)
         out = builder.bitcast(builder.gep(sums_p, [oi]), _VF.as_pointer())
