@@ -185,6 +185,36 @@ def q8_tile(typingctx, lut, tile_addr, scales_addr, blocks, xq, xi, xs, si, corr
     return (sig, _tile_codegen(False)) if sig else None
 
 
+@intrinsic
+def expand_q4_tile(typingctx, lut, tile_addr, words, out):
+    """out[0 : 32·words] = the 4-bit code tile at `tile_addr` (words × 16) as a Q8_0-layout value tile: word 2w of each
+    row = its grid values + 128 at positions 8w + 0,2,4,6, word 2w + 1 at 8w + 1,3,5,7 (one vpshufb each), so that
+    several tokens run q8_tile over codes expanded once."""
+    if not (lut == _U8 and out == types.Array(types.uint32, 1, "C") and isinstance(tile_addr, types.Integer)
+            and isinstance(words, types.Integer)):
+        return None
+
+    def codegen(context, builder, signature, args):
+        ty = signature.args
+        intp = context.get_value_type(types.intp)
+        _, shuffle = _vnni(builder)
+        table = builder.load(builder.bitcast(_data(context, builder, ty[0], args[0]), _VB.as_pointer()), align=1)
+        codes = builder.inttoptr(context.cast(builder, args[1], ty[1], types.int64), _VI.as_pointer())
+        out = builder.bitcast(_data(context, builder, ty[3], args[3]), _VI.as_pointer())
+        low = ir.Constant(_VI, [0x0F0F0F0F] * TILE)
+        with cgutils.for_range(builder, context.cast(builder, args[2], ty[2], types.intp)) as loop:
+            w = loop.index
+            word = builder.load(builder.gep(codes, [w]), align=4)
+            halves = (builder.and_(word, low), builder.and_(builder.lshr(word, ir.Constant(_VI, [4] * TILE)), low))
+            for k, half in enumerate(halves):
+                values = builder.bitcast(builder.call(shuffle, [table, builder.bitcast(half, _VB)]), _VI)
+                at = builder.add(builder.mul(w, ir.Constant(intp, 2)), ir.Constant(intp, k))
+                builder.store(values, builder.gep(out, [at]), align=4)
+        return context.get_dummy_value()
+
+    return types.void(lut, tile_addr, words, out), codegen
+
+
 def _head_kernel(parallel: bool):
     loop = prange if parallel else range
 
@@ -192,7 +222,7 @@ def _head_kernel(parallel: bool):
     def head(tiles, scales, lut, x, out, nibbles):
         """out (T, V) = x (T, d) · tableᵀ, x quantized to int8 per block first; `tiles` are 4-bit codes (`nibbles`,
         repack_q4) or Q8_0 values (repack_q8). Tasks are runs of TILES_PER_TASK tiles, each doing every token (a tile
-        stays in L1 for all of them)."""
+        stays in L1 for all of them); for several tokens a 4-bit tile is expanded to bytes once (expand_q4_tile)."""
         t_all, d = x.shape
         vocab = out.shape[1]
         n_tiles, words, blocks = tiles.shape[0], tiles.shape[1], scales.shape[1]
@@ -204,11 +234,15 @@ def _head_kernel(parallel: bool):
         tiles_at, scales_at = address(tiles), address(scales)
         for task in loop((n_tiles + TILES_PER_TASK - 1) // TILES_PER_TASK):
             sums = np.empty(TILE, np.float32)
+            expanded = np.empty(TILE * d // 4, np.uint32)  # one 4-bit tile as Q8_0 values, for several tokens
             for b in range(task * TILES_PER_TASK, min((task + 1) * TILES_PER_TASK, n_tiles)):
                 rows = min(TILE, vocab - b * TILE)
                 at, scales_b = tiles_at + b * words * TILE * 4, scales_at + b * blocks * TILE * 4
+                if nibbles and t_all > 1:
+                    expand_q4_tile(lut, at, words, expanded)
+                    at = address(expanded)
                 for t in range(t_all):
-                    if nibbles:
+                    if nibbles and t_all == 1:
                         q4_tile(lut, at, scales_b, blocks, xq4, t * (d // 4), xs1, t * blocks, corr1, t * blocks, sums, 0)
                     else:
                         q8_tile(lut, at, scales_b, blocks, xq4, t * (d // 4), xs1, t * blocks, corr1, t * blocks, sums, 0)
