@@ -175,9 +175,8 @@ def hqq_point(nbits: int) -> dict:
     linear_params = 0
     for block in model.blocks:
         for name, lin in block.linears.items():
-            q = HQQLinear(lin, quant_config=config, compute_dtype=torch.float32, device="cpu")
-            block.linears[name] = q
-            linear_params += lin.weight.numel()
+            linear_params += lin.weight.numel()  # before HQQLinear, which frees the original weight
+            block.linears[name] = HQQLinear(lin, quant_config=config, compute_dtype=torch.float32, device="cpu")
     ppl = perplexity(model, windows)
     c = source.config
     linear_bits = nbits + 2 * 16 / HQQ_GROUP  # codes, then an fp16 scale and zero per group
@@ -190,6 +189,9 @@ def hqq_point(nbits: int) -> dict:
 
 
 # --- the picture ----------------------------------------------------------------------------------------------------
+Y_MAX = 100.0  # the picture's top: a point above it is drawn on the edge with its value
+
+
 def plot(points: list[dict], out: Path) -> None:
     import matplotlib
     matplotlib.use("Agg")
@@ -200,13 +202,21 @@ def plot(points: list[dict], out: Path) -> None:
     for ax, key, label in ((axes[0], "bpw_file", "bits per weight, whole file"),
                            (axes[1], "bpw_linears", "bits per weight, decoder linears")):
         for method in methods:
-            pts = sorted((p[key], p["ratio"], p.get("label", "")) for p in points if p["method"] == method)
-            ax.plot([x for x, _, _ in pts], [y for _, y, _ in pts], "o-", label=method)
+            same: dict[tuple, list[str]] = {}  # types that gave one file (fallbacks) share a point and a label
+            for p in points:
+                if p["method"] == method:
+                    same.setdefault((p[key], p["ratio"]), []).append(p.get("label", ""))
+            pts = sorted((x, y, " = ".join(filter(None, labels))) for (x, y), labels in same.items())
+            line, = ax.plot([x for x, _, _ in pts], [min(y, Y_MAX) for _, y, _ in pts], "o-", label=method)
             for x, y, text in pts:
+                if y > Y_MAX:  # drawn on the top edge, the value written beside it
+                    ax.plot([x], [Y_MAX], "^", color=line.get_color(), markersize=9)
+                    text = f"{text} ({y:,.0f}×, off scale)"
                 if text:
-                    ax.annotate(text, (x, y), fontsize=7, xytext=(3, 3), textcoords="offset points")
+                    ax.annotate(text, (x, min(y, Y_MAX)), fontsize=7, xytext=(3, 3), textcoords="offset points")
         ax.axhline(1.0, color="gray", linestyle="--", linewidth=1, label="full precision")
         ax.set_yscale("log")
+        ax.set_ylim(top=Y_MAX * 1.3)
         ax.set_xlabel(label)
         ax.grid(True, which="both", alpha=0.3)
     axes[0].set_ylabel("perplexity ÷ full precision (40 × 2048 tokens)")
