@@ -53,6 +53,8 @@ def checked_json(text: str) -> str:
         kind = model.get("type") if isinstance(model, dict) else None
         raise NQRunError(f"the file's tokenizer.json has no model of a known type (found {kind!r}; known: "
                          f"{', '.join(MODEL_TYPES)})")
+    if data.get("padding") is None and data.get("truncation") is None:
+        return text  # nothing to drop: skips re-serializing a JSON of megabytes at every load
     data["padding"] = data["truncation"] = None
     return json.dumps(data)
 
