@@ -23,7 +23,7 @@ from llvmlite import ir
 from numba import njit, prange, types
 from numba.core import cgutils
 from numba.extending import intrinsic
-from nqfmt.q4 import BLOCK, BLOCK_BYTES, unpack_q4
+from nqfmt.q4 import BLOCK_BYTES
 
 _OPTS = dict(fastmath=True, cache=True, nogil=True)
 TILE = 16  # rows per tile: the lanes of one 512-bit register of int32 indices
@@ -201,27 +201,32 @@ binary_path_parallel = _kernels(True)
 # a row's code at p indexes it. One 512-bit load holds 8 codes of 16 rows; 4 loads cover a block of 32 positions,
 # whose 32 lookups are added as a tree and multiplied by the 16 rows' block scales. Exact float32 arithmetic (the
 # additions in another order than a dot product's).
-REPACK_ROWS = 1024  # rows repacked at a time at load (the chunk's temporaries are ~12 bytes per value)
-
-
 def repack_q4(raw: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """4-bit block bytes (rows, d/32·18) → code tiles (⌈rows/16⌉, d/8, 16) uint32, word w of a row holding the codes
     of positions 8w .. 8w+7 (nibble j = position 8w + j), and scale tiles (⌈rows/16⌉, d/32, 16) float32; rows past
-    the end have code 0 and scale 0."""
-    rows, d = raw.shape[0], raw.shape[1] // BLOCK_BYTES * BLOCK
-    shifts = (4 * np.arange(8, dtype=np.uint32))[None, None, :]
-    blocks = (rows + TILE - 1) // TILE
-    tiles = np.empty((blocks, d // 8, TILE), np.uint32)
-    scale_tiles = np.empty((blocks, d // 32, TILE), np.float32)
-    step = max(TILE, REPACK_ROWS // TILE * TILE)  # whole tiles per chunk
-    for start in range(0, rows, step):  # a chunk at a time, straight into the tiles: no whole-table temporary
-        end = min(start + step, rows)
-        scales, codes = unpack_q4(raw[start:end])
-        words = (codes.reshape(end - start, d // 8, 8).astype(np.uint32) << shifts).sum(-1, dtype=np.uint32)
-        b0, b1 = start // TILE, (end + TILE - 1) // TILE
-        tiles[b0:b1] = repack(words)
-        scale_tiles[b0:b1] = _tiled(scales)
-    return tiles, scale_tiles
+    the end have code 0 and scale 0. The codes go straight from the bytes into the tiles (no table-sized temporary)."""
+    rows, blocks = raw.shape[0], raw.shape[1] // BLOCK_BYTES
+    tiles = np.zeros(((rows + TILE - 1) // TILE, 4 * blocks, TILE), np.uint32)
+    _code_tiles(np.ascontiguousarray(raw), tiles)
+    scales = np.ascontiguousarray(raw.reshape(rows, blocks, BLOCK_BYTES)[:, :, :2]).view(np.float16)[:, :, 0]
+    return tiles, np.ascontiguousarray(_tiled(scales.astype(np.float32)))
+
+
+@njit(cache=True, nogil=True)
+def _code_tiles(raw, tiles):
+    """The code words of repack_q4. A block's 16 code bytes hold positions 0..15 in their low nibbles and 16..31 in
+    their high ones, so word 4b + 2·half + g of row i gathers nibble `half` of bytes 8g .. 8g+7 of block b."""
+    for i in range(raw.shape[0]):
+        tile, lane = i // TILE, i % TILE
+        for b in range(raw.shape[1] // BLOCK_BYTES):
+            at = b * BLOCK_BYTES + 2
+            for half in range(2):
+                for g in range(2):
+                    word = np.uint32(0)
+                    for k in range(8):
+                        code = np.uint32((raw[i, at + 8 * g + k] >> (4 * half)) & 15)
+                        word |= code << np.uint32(4 * k)
+                    tiles[tile, 4 * b + 2 * half + g, lane] = word
 
 
 def _tiled(rows: np.ndarray) -> np.ndarray:

@@ -9,7 +9,7 @@ from gguf.quants import dequantize, quantize
 from nqfmt import BinaryPath, FactoredLinear, open_nq, pack_signs, unpack_signs
 from nqfmt import keys as K
 from nqfmt.keys import GGMLType
-from nqfmt.q4 import quantize_iq4_nl, quantize_q4_0
+from nqfmt.q4 import quantize_iq4_nl, quantize_q4_0, unpack_q4
 from runtime.backends import get_backend
 from runtime.backends import numba_lut16 as lut16
 from runtime.backends import numba_tables as nt
@@ -170,15 +170,24 @@ def test_hot_rows_embed_and_head(q4_backends, vocab, hot_rows, tokens, gtype):
 
 
 @pytest.mark.skipif(not lut16.available(), reason="the LUT-16 kernels need AVX-512")
-def test_4bit_repack_in_chunks_equals_whole(monkeypatch):
+def test_4bit_repack_matches_the_documented_layout():
     rng = np.random.default_rng(5)
-    raw = q4_table(rng, 45, 64, GGMLType.IQ4_NL)
-    whole = lut16.repack_q4(raw)
-    monkeypatch.setattr(lut16, "REPACK_ROWS", 7)
-    for a, b in zip(lut16.repack_q4(raw), whole):
-        np.testing.assert_array_equal(a, b)
-    x = rng.standard_normal((1, 64)).astype(np.float32)
-    out = np.empty((1, 45), np.float32)
-    lut16.head_q4_serial(*whole, nt.GRIDS[GGMLType.IQ4_NL].astype(np.float32), x, out)
+    rows, d = 45, 96
+    raw = q4_table(rng, rows, d, GGMLType.IQ4_NL)
+    tiles, scale_tiles = lut16.repack_q4(raw)
+    scales, codes = unpack_q4(raw)
+    words = np.zeros((rows, d // 8), np.uint64)
+    for k in range(8):  # nibble k of word w: the code at position 8w + k
+        words |= codes[:, k::8].astype(np.uint64) << np.uint64(4 * k)
+    want = np.zeros((3, d // 8, 16), np.uint32)
+    want_scales = np.zeros((3, d // 32, 16), np.float32)
+    for i in range(rows):
+        want[i // 16, :, i % 16] = words[i]
+        want_scales[i // 16, :, i % 16] = scales[i]
+    np.testing.assert_array_equal(tiles, want)
+    np.testing.assert_array_equal(scale_tiles, want_scales)
+    x = rng.standard_normal((1, d)).astype(np.float32)
+    out = np.empty((1, rows), np.float32)
+    lut16.head_q4_serial(tiles, scale_tiles, nt.GRIDS[GGMLType.IQ4_NL].astype(np.float32), x, out)
     want = x.astype(np.float64) @ dequantize(raw, GGMLQuantizationType.IQ4_NL).astype(np.float64).T
     assert close(out, want)
