@@ -47,9 +47,10 @@ def nqconvert(
     samples: Optional[int] = typer.Option(None, help="calibration windows of the block stage (default: the "
                                                       "preset's); distillation's windows scale with it"),
     seqlen: Optional[int] = typer.Option(None, help="tokens per calibration window (default: the preset's)"),
-    allocation: Optional[str] = typer.Option(None, help="how ranks are spread over the linears: uniform, or fisher "
-                                                        "(where a Fisher estimate says they lower the loss most); "
-                                                        "default: the preset's"),
+    allocation: Optional[str] = typer.Option(None, help="how ranks are spread over the linears: uniform, fisher "
+                                                        "(where a Fisher estimate says they lower the loss most), or "
+                                                        "last-block (the bits uniform ranks leave, in the last "
+                                                        "block); default: the preset's"),
     embedding: Optional[str] = typer.Option(None, help="how the embedding and head are stored: f16, q8_0, q4_0, "
                                                          "iq4_nl, q4_0+K or iq4_nl+K (the K most frequent tokens' "
                                                          "rows at Q8_0), binary, binary:RANK or binary:RANKxPATHS "

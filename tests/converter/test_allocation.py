@@ -5,7 +5,8 @@ import torch
 
 import hf_tiny
 from converter import pipeline as P
-from converter.allocation import effective_rank, error_tail, fisher_ranks
+from converter.allocation import effective_rank, error_tail, fisher_ranks, last_block_ranks
+from converter.block_reconstruction import block_ranks
 from converter.preconditioners import LayerPreconditioners
 from converter.torch_model import load_nq
 from nqfmt import ModelConfig, open_nq
@@ -66,18 +67,36 @@ def test_fisher_ranks_spend_the_budget_and_favour_the_sensitive_block(bits):
             assert all(1 <= x <= min(config.linear_shape(lin)) for x in r)
 
 
-def test_conversion_with_fisher_allocation(tmp_path, tiny_preset):  # noqa: F811
+@pytest.mark.parametrize("bits", [0.55, 1.0, 2.0])
+def test_last_block_ranks_keep_the_uniform_ones_and_fill_the_budget_in_the_last_block(bits):
+    config = ModelConfig(**SMOLLM2_SHAPES)
+    weights, pres = synthetic(config, loud_layer=0)  # the Fisher scales do not decide which block grows
+    ranks = last_block_ranks(config, weights.__getitem__, pres, bits)
+    uniform = block_ranks(config, bits)
+    assert ranks[:-1] == [uniform] * (config.n_layers - 1)
+    assert all(sum(ranks[-1][lin]) >= sum(uniform[lin]) for lin in K.LINEARS)
+    assert any(sum(ranks[-1][lin]) > sum(uniform[lin]) for lin in K.LINEARS)
+    total = sum(m * n for m, n in map(config.linear_shape, K.LINEARS)) * config.n_layers
+    spent = sum(linear_bits(*config.linear_shape(lin), r) for block in ranks for lin, r in block.items())
+    assert 0.995 * bits * total <= spent <= bits * total
+    assert spent > sum(linear_bits(*config.linear_shape(lin), r) for lin, r in uniform.items()) * config.n_layers
+
+
+@pytest.mark.parametrize("allocation", ["fisher", "last-block"])
+def test_conversion_with_allocation(tmp_path, tiny_preset, allocation):  # noqa: F811
     """The file holds the allocated ranks (not all blocks alike), equals the converter's model and load_nq, and its
     bits never exceed the target."""
     hf_tiny.save("llama", tmp_path / "src", num_hidden_layers=3)
-    summary = run(tmp_path, tmp_path / "src", bits=1.5, allocation="fisher")
+    summary = run(tmp_path, tmp_path / "src", bits=1.5, allocation=allocation)
     nq = open_nq(summary.out)
-    assert '"allocation":"fisher"' in nq.provenance.recipe
+    assert f'"allocation":"{allocation}"' in nq.provenance.recipe
+    ranks = [[tuple(p.rank for p in nq.linear(layer, name).paths) for name in K.LINEARS] for layer in range(3)]
+    assert ranks[0] != ranks[2] or ranks[1] != ranks[2]
     loaded = load_nq(summary.out)
     for ours, back in zip(summary.model.blocks, loaded.blocks):
         for name in K.LINEARS:
             assert torch.equal(back.linears[name].dense_weight(), ours.linears[name].dense_weight())
     assert summary.bpw_linears <= 1.5
-    assert P.Options(model="m", out=tmp_path / "o.nq", allocation="fisher").recipe().allocation == "fisher"
+    assert P.Options(model="m", out=tmp_path / "o.nq", allocation=allocation).recipe().allocation == allocation
     with pytest.raises(P.ConversionError, match="allocation"):
         P.Options(model="m", out=tmp_path / "o.nq", allocation="magic").recipe()
