@@ -69,6 +69,7 @@ def run_ours(preset: str, bits: float, allocation: str, embedding: str | None) -
 MEASURED = (
     ("quality-smollm2-135m-quick-emb-iq4_nl+5120.json", "nanoquant quick, IQ4_NL+5120 table"),
     ("quality-smollm2-135m-quick-emb-binary-512x2.json", "nanoquant quick, binary 512x2 table"),
+    ("quality-smollm2-135m-quick-alloc-last-block.json", "nanoquant quick, last-block allocation"),
     ("quality-smollm2-135m-quick-b0.55.json", "nanoquant quick, F16 table"),
     ("quality-smollm2-135m-quick-b0.8.json", "nanoquant quick, F16 table"),
     ("fresh-install-quick-0c2587d.json", "nanoquant quick, F16 table"),
