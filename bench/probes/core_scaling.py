@@ -23,6 +23,9 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(REPO))
+
+from bench.speed import commit  # noqa: E402
 
 
 def job_compute() -> float:
@@ -82,8 +85,7 @@ def main() -> None:
         print(job_compute() if job == "compute" else job_decode(path))
         return
     result = dict(file=args.file, rounds=args.rounds, load_average_start=os.getloadavg(),
-                  commit=subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True,
-                                        text=True).stdout.strip(), cpus=os.cpu_count())
+                  commit=commit(), cpus=os.cpu_count())
     for job in ("compute", "decode"):
         run(job, args.file, 1)  # kernels compiled / cached
         alone = [run(job, args.file, 1)[0] for _ in range(args.rounds)]

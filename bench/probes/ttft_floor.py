@@ -25,6 +25,9 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(REPO))
+
+from bench.speed import commit  # noqa: E402
 
 FLOOR = """
 import sys, time, json
@@ -86,9 +89,7 @@ def main() -> None:
         rounds = [dict(floor=child(floor, args.file), runtime=child(run, args.file)) for _ in range(args.rounds)]
     med = {part: {k: statistics.median(r[part][k] for r in rounds) for k in rounds[0][part]}
            for part in ("floor", "runtime")}
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True,
-                            text=True).stdout.strip()
-    result = dict(file=str(args.file), commit=commit, rounds=args.rounds, median_s=med, all=rounds,
+    result = dict(file=str(args.file), commit=commit(), rounds=args.rounds, median_s=med, all=rounds,
                   load_average=os.getloadavg(), date=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
     for part, values in med.items():
         print(part + ": " + ", ".join(f"{k} {v:.3f} s" for k, v in values.items()))
