@@ -30,6 +30,7 @@ BLOCK = 32  # positions per scale, of the table and of the quantized token
 OFFSET = 128  # added to every table value so that vpdpbusd's unsigned operand holds it
 Q8_BLOCK_BYTES = 34
 TILES_PER_TASK = 64  # 1024 vocabulary rows per task of the parallel head
+GROUP = 4  # tokens per q8_tile_group: 8 independent vpdpbusd chains
 _VI = ir.VectorType(ir.IntType(32), TILE)
 _VF = ir.VectorType(ir.FloatType(), TILE)
 _VB = ir.VectorType(ir.IntType(8), 4 * TILE)
@@ -112,9 +113,12 @@ def _vnni(builder):
     return dot, shuffle
 
 
-def _tile_codegen(nibbles: bool):
+def _tile_codegen(nibbles: bool, tokens: int = 1):
     """The body shared by the 4-bit and the Q8_0 tile: per block, words of 16 rows → int32 block sums by vpdpbusd
-    (two chains), offset removed, widened, times the rows' block scales and the token's, added to the row sums."""
+    (two chains per token), offset removed, widened, times the rows' block scales and the token's, added to the row
+    sums. With several `tokens` (consecutive in xq/xs/corr, their sums 16 apart) each word is loaded once for all of
+    them and their chains are independent, so the vpdpbusd run back to back instead of waiting on each other; each
+    token's float operations are the same, in the same order, as alone."""
     words_per_block = BLOCK // 8 if nibbles else BLOCK // 4
 
     def codegen(context, builder, signature, args):
@@ -127,12 +131,16 @@ def _tile_codegen(nibbles: bool):
         nb = context.cast(builder, args[3], ty[3], types.intp)
         xq_p, xs_p, corr_p, sums_p = (_data(context, builder, ty[k], args[k]) for k in (4, 6, 8, 10))
         xi, si, ci, oi = (context.cast(builder, args[k], ty[k], types.intp) for k in (5, 7, 9, 11))
+        token_words = builder.mul(nb, ir.Constant(intp, 8))  # d/4 int32 words of one quantized token
+        xis = [builder.add(xi, builder.mul(token_words, ir.Constant(intp, t))) for t in range(tokens)]
+        sis = [builder.add(si, builder.mul(nb, ir.Constant(intp, t))) for t in range(tokens)]
+        cis = [builder.add(ci, builder.mul(nb, ir.Constant(intp, t))) for t in range(tokens)]
         low = ir.Constant(_VI, [0x0F0F0F0F] * TILE)
         zero = ir.Constant(_VI, [0] * TILE)
-        acc = cgutils.alloca_once_value(builder, ir.Constant(_VF, [0.0] * TILE))
+        accs = [cgutils.alloca_once_value(builder, ir.Constant(_VF, [0.0] * TILE)) for _ in range(tokens)]
         with cgutils.for_range(builder, nb) as loop:
             b = loop.index
-            chains, n = [zero, zero], 0
+            chains, n = [[zero, zero] for _ in range(tokens)], 0
             for k in range(words_per_block):
                 w = builder.add(builder.mul(b, ir.Constant(intp, words_per_block)), ir.Constant(intp, k))
                 word = builder.load(builder.gep(codes, [w]), align=4)
@@ -146,17 +154,20 @@ def _tile_codegen(nibbles: bool):
                 else:
                     parts, slots = [word], [w]
                 for part, slot in zip(parts, slots):
-                    x4 = _splat(builder, builder.load(builder.gep(xq_p, [builder.add(xi, slot)])))
-                    chains[n % 2] = builder.call(dot, [chains[n % 2], part, x4])
+                    for t in range(tokens):
+                        x4 = _splat(builder, builder.load(builder.gep(xq_p, [builder.add(xis[t], slot)])))
+                        chains[t][n % 2] = builder.call(dot, [chains[t][n % 2], part, x4])
                     n += 1
-            block_sum = builder.sub(builder.add(chains[0], chains[1]),
-                                    _splat(builder, builder.load(builder.gep(corr_p, [builder.add(ci, b)]))))
-            token_scale = _splat(builder, builder.load(builder.gep(xs_p, [builder.add(si, b)])), _VF)
-            row_scales = builder.fmul(builder.load(builder.gep(scales, [b]), align=4), token_scale)
-            term = builder.fmul(builder.sitofp(block_sum, _VF), row_scales)
-            builder.store(builder.fadd(builder.load(acc), term), acc)
-        out = builder.bitcast(builder.gep(sums_p, [oi]), _VF.as_pointer())
-        builder.store(builder.load(acc), out, align=4)
+            row_scales_b = builder.load(builder.gep(scales, [b]), align=4)
+            for t in range(tokens):
+                block_sum = builder.sub(builder.add(chains[t][0], chains[t][1]),
+                                        _splat(builder, builder.load(builder.gep(corr_p, [builder.add(cis[t], b)]))))
+                token_scale = _splat(builder, builder.load(builder.gep(xs_p, [builder.add(sis[t], b)])), _VF)
+                term = builder.fmul(builder.sitofp(block_sum, _VF), builder.fmul(row_scales_b, token_scale))
+                builder.store(builder.fadd(builder.load(accs[t]), term), accs[t])
+        for t in range(tokens):
+            at = builder.add(oi, ir.Constant(intp, TILE * t))
+            builder.store(builder.load(accs[t]), builder.bitcast(builder.gep(sums_p, [at]), _VF.as_pointer()), align=4)
         return context.get_dummy_value()
 
     return codegen
@@ -183,6 +194,15 @@ def q8_tile(typingctx, lut, tile_addr, scales_addr, blocks, xq, xi, xs, si, corr
     """As q4_tile for a Q8_0 value tile (8·blocks words × 16, repack_q8); `lut` is unused."""
     sig = _tile_signature(lut, tile_addr, scales_addr, blocks, xq, xi, xs, si, corr, ci, sums, oi)
     return (sig, _tile_codegen(False)) if sig else None
+
+
+@intrinsic
+def q8_tile_group(typingctx, lut, tile_addr, scales_addr, blocks, xq, xi, xs, si, corr, ci, sums, oi):
+    """q8_tile for GROUP consecutive tokens at once (token t's words at xi + t·8·blocks, scales and offsets at
+    si, ci + t·blocks, sums at oi + 16·t): each word is read once for all of them; every token's sums are
+    bit-identical to q8_tile's."""
+    sig = _tile_signature(lut, tile_addr, scales_addr, blocks, xq, xi, xs, si, corr, ci, sums, oi)
+    return (sig, _tile_codegen(False, GROUP)) if sig else None
 
 
 @intrinsic
@@ -222,7 +242,8 @@ def _head_kernel(parallel: bool):
     def head(tiles, scales, lut, x, out, nibbles):
         """out (T, V) = x (T, d) · tableᵀ, x quantized to int8 per block first; `tiles` are 4-bit codes (`nibbles`,
         repack_q4) or Q8_0 values (repack_q8). Tasks are runs of TILES_PER_TASK tiles, each doing every token (a tile
-        stays in L1 for all of them); for several tokens a 4-bit tile is expanded to bytes once (expand_q4_tile)."""
+        stays in L1 for all of them); for several tokens a 4-bit tile is expanded to bytes once (expand_q4_tile)
+        and the tokens run GROUP at a time (q8_tile_group), the rest one by one."""
         t_all, d = x.shape
         vocab = out.shape[1]
         n_tiles, words, blocks = tiles.shape[0], tiles.shape[1], scales.shape[1]
@@ -232,20 +253,29 @@ def _head_kernel(parallel: bool):
         quantize_tokens(x, xq, xs, corr)
         xq4, xs1, corr1 = xq.reshape(-1).view(np.int32), xs.reshape(-1), corr.reshape(-1)
         tiles_at, scales_at = address(tiles), address(scales)
+        grouped = t_all // GROUP * GROUP
         for task in loop((n_tiles + TILES_PER_TASK - 1) // TILES_PER_TASK):
-            sums = np.empty(TILE, np.float32)
+            sums = np.empty(GROUP * TILE, np.float32)
             expanded = np.empty(TILE * d // 4, np.uint32)  # one 4-bit tile as Q8_0 values, for several tokens
             for b in range(task * TILES_PER_TASK, min((task + 1) * TILES_PER_TASK, n_tiles)):
                 rows = min(TILE, vocab - b * TILE)
                 at, scales_b = tiles_at + b * words * TILE * 4, scales_at + b * blocks * TILE * 4
-                if nibbles and t_all > 1:
+                if nibbles and t_all == 1:
+                    q4_tile(lut, at, scales_b, blocks, xq4, 0, xs1, 0, corr1, 0, sums, 0)
+                    for l in range(rows):
+                        out[0, b * TILE + l] = sums[l]
+                    continue
+                if nibbles:
                     expand_q4_tile(lut, at, words, expanded)
                     at = address(expanded)
-                for t in range(t_all):
-                    if nibbles and t_all == 1:
-                        q4_tile(lut, at, scales_b, blocks, xq4, t * (d // 4), xs1, t * blocks, corr1, t * blocks, sums, 0)
-                    else:
-                        q8_tile(lut, at, scales_b, blocks, xq4, t * (d // 4), xs1, t * blocks, corr1, t * blocks, sums, 0)
+                for t0 in range(0, grouped, GROUP):
+                    q8_tile_group(lut, at, scales_b, blocks, xq4, t0 * (d // 4), xs1, t0 * blocks, corr1, t0 * blocks,
+                                  sums, 0)
+                    for t in range(GROUP):
+                        for l in range(rows):
+                            out[t0 + t, b * TILE + l] = sums[t * TILE + l]
+                for t in range(grouped, t_all):
+                    q8_tile(lut, at, scales_b, blocks, xq4, t * (d // 4), xs1, t * blocks, corr1, t * blocks, sums, 0)
                     for l in range(rows):
                         out[t, b * TILE + l] = sums[l]
 

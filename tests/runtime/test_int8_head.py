@@ -37,7 +37,7 @@ def table(rng, gtype, vocab, hidden):
 
 @pytest.mark.parametrize("threads", [1, 2])
 @pytest.mark.parametrize("gtype", list(TABLES))
-@pytest.mark.parametrize("vocab,hidden,tokens", [(203, 96, 1), (203, 96, 5), (1000, 576, 3), (37, 32, 1)])
+@pytest.mark.parametrize("vocab,hidden,tokens", [(203, 96, 1), (203, 96, 5), (1000, 576, 3), (37, 32, 1), (203, 96, 9)])
 def test_int8_head_matches_quantized_token_reference(threads, gtype, vocab, hidden, tokens):
     rng = np.random.default_rng(vocab + hidden + tokens)
     raw = table(rng, gtype, vocab, hidden)
@@ -68,3 +68,18 @@ def test_exact_keeps_float32_and_zero_blocks_stay_zero():
     got = fast.head(fast.prepare_embedding(raw, GGMLType.IQ4_NL, 96), x)
     assert np.isfinite(got).all()
     assert np.abs(got - quantized_tokens(x) @ rows.T).max() <= 1e-5 * np.abs(got).max()
+
+
+@pytest.mark.parametrize("gtype", [GGMLType.IQ4_NL, GGMLType.Q8_0])
+def test_a_tokens_logits_do_not_depend_on_the_tokens_beside_it(gtype):
+    """Tokens run four at a time (q8_tile_group) and the rest one by one; each token's logits are the same bits
+    whichever way it ran, so a batched decoding step returns what each sequence alone would."""
+    rng = np.random.default_rng(11)
+    raw = table(rng, gtype, 203, 96)
+    backend = get_backend("numba", threads=1)
+    prepared = backend.prepare_embedding(raw, gtype, 96)
+    x = rng.standard_normal((9, 96)).astype(np.float32)
+    together = backend.head(prepared, x)
+    for t in range(9):
+        assert np.array_equal(backend.head(prepared, x[t:t + 1])[0], together[t])
+    assert np.array_equal(backend.head(prepared, x[4:6]), together[4:6])
