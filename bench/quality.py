@@ -1,6 +1,6 @@
 """Convert a model with a preset and measure perplexity by spec/EVALUATION.md §2, full precision beside the `.nq` file.
 
-    PYTHONPATH=. nice python bench/quality.py --preset quick [--bits 1.0] [--embedding q4_0] [--allocation fisher] [--no-refine ...]
+    PYTHONPATH=. nice python bench/quality.py --preset quick [--bits 1.0] [--embedding q4_0] [--allocation last-block] [--no-refine ...]
         [--text FILE]
 
 Writes bench/results/quality-<model>-<preset>[-b<bits>][-<ablation>][-emb-<choice>].json: commit, machine, load
@@ -117,8 +117,8 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--embedding", default=None, help="an --embedding choice of nqconvert (default: the preset's); "
                                                       "names the JSON -emb-<choice>")
-    ap.add_argument("--allocation", default=None, help="uniform or fisher (default: the preset's); names the JSON "
-                                                       "-alloc-<rule>")
+    ap.add_argument("--allocation", default=None, help="an --allocation rule of nqconvert (uniform, fisher, "
+                                                       "last-block; default: the preset's); names the JSON -alloc-<rule>")
     ap.add_argument("--no-error-mitigation", action="store_true")
     ap.add_argument("--no-refine", action="store_true")
     ap.add_argument("--no-model-recon", action="store_true")
