@@ -19,6 +19,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from types import SimpleNamespace
+from typing import Any
 
 import numpy as np
 from nqfmt.keys import GGMLType
@@ -320,11 +321,16 @@ class NumbaBackend(Backend):
 
     def head(self, table: Table | nt.Q4Table | nt.FactoredTable | hot_rows.HotRowsTable, x: np.ndarray) -> np.ndarray:
         if isinstance(table, hot_rows.HotRowsTable):
-            return hot_rows.head(self, table, x)
+            if not (self.int8_head and self._int8_table(table.cold) and self._int8_table(table.hot)):
+                return hot_rows.head(self, table, x)
+            out = np.empty((x.shape[0], len(table.is_hot)), np.float32)  # each part writes its tokens' columns
+            x = np.ascontiguousarray(x, dtype=np.float32)
+            self._head_int8(table.cold, x, out, table.cold_ids)
+            return self._head_int8(table.hot, x, out, table.hot_ids)
         if isinstance(table, nt.FactoredTable):
             return self.linear(table.linear, x)
         x = np.ascontiguousarray(x, dtype=np.float32)
-        if self.int8_head and (isinstance(table, nt.Q4Table) or table.tiles is not None):
+        if self.int8_head and self._int8_table(table):
             return self._head_int8(table, x)
         if x.shape[0] >= gemm_head.MIN_TOKENS:
             vocab = (table.raw if isinstance(table, nt.Q4Table) else table.data).shape[0]
@@ -346,11 +352,18 @@ class NumbaBackend(Backend):
             self.rows.head_f32(table.data, x, out)
         return out
 
-    def _head_int8(self, table: Table | nt.Q4Table, x: np.ndarray) -> np.ndarray:
+    @staticmethod
+    def _int8_table(table: Any) -> bool:
+        """Whether the int8 head serves this table: a 4-bit one, or Q8_0 with its repacked tiles."""
+        return isinstance(table, nt.Q4Table) or (isinstance(table, Table) and table.tiles is not None)
+
+    def _head_int8(self, table: Table | nt.Q4Table, x: np.ndarray, out: np.ndarray | None = None,
+                   columns: np.ndarray = vnni.ALL_ROWS) -> np.ndarray:
         """The head of a 4-bit or Q8_0 table with x quantized to int8 per block (numba_vnni.py), for any number of
-        tokens."""
+        tokens; into `out` at `columns` (a hot-row table's part) when given."""
         q4 = isinstance(table, nt.Q4Table)
-        out = np.empty((x.shape[0], (table.raw if q4 else table.data).shape[0]), np.float32)
+        if out is None:
+            out = np.empty((x.shape[0], (table.raw if q4 else table.data).shape[0]), np.float32)
         kernel = vnni.head_parallel if self.threads > 1 else vnni.head_serial
-        kernel(*table.tiles, table.lut if q4 else vnni.NO_LUT, x, out, q4)
+        kernel(*table.tiles, table.lut if q4 else vnni.NO_LUT, x, out, q4, columns)
         return out

@@ -235,17 +235,27 @@ def expand_q4_tile(typingctx, lut, tile_addr, words, out):
     return types.void(lut, tile_addr, words, out), codegen
 
 
+ALL_ROWS = np.zeros(0, np.int64)  # head's `columns` for a table whose row r is logit r
+
+
+@njit(inline="always", **_OPTS)
+def _column(columns, r):
+    return columns[r] if columns.shape[0] > 0 else r
+
+
 def _head_kernel(parallel: bool):
     loop = prange if parallel else range
 
     @njit(parallel=parallel, **_OPTS)
-    def head(tiles, scales, lut, x, out, nibbles):
-        """out (T, V) = x (T, d) · tableᵀ, x quantized to int8 per block first; `tiles` are 4-bit codes (`nibbles`,
-        repack_q4) or Q8_0 values (repack_q8). Tasks are runs of TILES_PER_TASK tiles, each doing every token (a tile
-        stays in L1 for all of them); for several tokens a 4-bit tile is expanded to bytes once (expand_q4_tile)
-        and the tokens run GROUP at a time (q8_tile_group), the rest one by one."""
+    def head(tiles, scales, lut, x, out, nibbles, columns):
+        """out[:, columns] = x (T, d) · tableᵀ, x quantized to int8 per block first; `tiles` are 4-bit codes
+        (`nibbles`, repack_q4) or Q8_0 values (repack_q8); `columns[r]` is where table row r's logit goes (empty:
+        column r, the table fills out), so a table of some of the vocabulary's rows writes them in place. Tasks are
+        runs of TILES_PER_TASK tiles, each doing every token (a tile stays in L1 for all of them); for several
+        tokens a 4-bit tile is expanded to bytes once (expand_q4_tile) and the tokens run GROUP at a time
+        (q8_tile_group), the rest one by one."""
         t_all, d = x.shape
-        vocab = out.shape[1]
+        vocab = columns.shape[0] if columns.shape[0] > 0 else out.shape[1]
         n_tiles, words, blocks = tiles.shape[0], tiles.shape[1], scales.shape[1]
         xq = np.empty((t_all, d), np.int8)
         xs = np.empty((t_all, blocks), np.float32)
@@ -263,7 +273,7 @@ def _head_kernel(parallel: bool):
                 if nibbles and t_all == 1:
                     q4_tile(lut, at, scales_b, blocks, xq4, 0, xs1, 0, corr1, 0, sums, 0)
                     for l in range(rows):
-                        out[0, b * TILE + l] = sums[l]
+                        out[0, _column(columns, b * TILE + l)] = sums[l]
                     continue
                 if nibbles:
                     expand_q4_tile(lut, at, words, expanded)
@@ -273,11 +283,11 @@ def _head_kernel(parallel: bool):
                                   sums, 0)
                     for t in range(GROUP):
                         for l in range(rows):
-                            out[t0 + t, b * TILE + l] = sums[t * TILE + l]
+                            out[t0 + t, _column(columns, b * TILE + l)] = sums[t * TILE + l]
                 for t in range(grouped, t_all):
                     q8_tile(lut, at, scales_b, blocks, xq4, t * (d // 4), xs1, t * blocks, corr1, t * blocks, sums, 0)
                     for l in range(rows):
-                        out[t, b * TILE + l] = sums[l]
+                        out[t, _column(columns, b * TILE + l)] = sums[l]
 
     return head
 

@@ -83,3 +83,23 @@ def test_a_tokens_logits_do_not_depend_on_the_tokens_beside_it(gtype):
     for t in range(9):
         assert np.array_equal(backend.head(prepared, x[t:t + 1])[0], together[t])
     assert np.array_equal(backend.head(prepared, x[4:6]), together[4:6])
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("tokens", [1, 5, 9])
+def test_hot_rows_head_writes_each_parts_logits_in_their_tokens_places(threads, tokens):
+    """A hot-row table's two parts (IQ4_NL and Q8_0) write their logits straight into the vocabulary's columns:
+    the same values as each part's own head, at the ids the spec's rule gives them."""
+    rng = np.random.default_rng(tokens)
+    vocab, hidden = 203, 96
+    hot_ids = np.sort(rng.choice(vocab, 77, replace=False))
+    others = np.setdiff1d(np.arange(vocab), hot_ids)
+    cold, hot = table(rng, GGMLType.IQ4_NL, vocab - 77, hidden), table(rng, GGMLType.Q8_0, 77, hidden)
+    backend = get_backend("numba", threads=threads)
+    prepared = backend.prepare_hot_table(cold, GGMLType.IQ4_NL, hot_ids, hot, vocab, hidden)
+    x = rng.standard_normal((tokens, hidden)).astype(np.float32)
+    got = backend.head(prepared, x)
+    want = np.full((tokens, vocab), np.nan, np.float32)
+    want[:, others] = backend.head(prepared.cold, x)
+    want[:, hot_ids] = backend.head(prepared.hot, x)
+    assert np.array_equal(got, want)
