@@ -65,9 +65,9 @@ def run_ours(preset: str, bits: float, allocation: str, embedding: str | None) -
 
 # Points measured by earlier runs (bench/quality.py or a fresh install), drawn beside the sweep's own: (JSON, series).
 # Their embedding is whatever the run stored, named in the series (the presets' default changed from f16 to
-# iq4_nl+5120 at 931a890).
+# iq4_nl+5120 at 931a890, and quick's to last-block ranks with iq4_nl+3072 at 051a108).
 MEASURED = (
-    ("quality-smollm2-135m-quick-emb-iq4_nl+3072-alloc-last-block.json", "nanoquant quick, last-block, IQ4_NL+3072"),
+    ("quality-smollm2-135m-quick-emb-iq4_nl+3072-alloc-last-block.json", "nanoquant quick (default since 051a108)"),
     ("quality-smollm2-135m-quick-emb-iq4_nl+5120.json", "nanoquant quick, IQ4_NL+5120 table"),
     ("quality-smollm2-135m-quick-emb-binary-512x2.json", "nanoquant quick, binary 512x2 table"),
     ("quality-smollm2-135m-quick-alloc-last-block.json", "nanoquant quick, last-block allocation"),
