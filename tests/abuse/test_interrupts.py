@@ -14,6 +14,15 @@ from nqfmt.errors import command_errors
 from synthetic import write_random
 
 
+@pytest.fixture(autouse=True)
+def ctrl_c_raises():
+    """SIGINT handled as in a terminal (KeyboardInterrupt), whatever this process inherited: a shell starts its
+    background jobs with SIGINT ignored, and Python then leaves it ignored."""
+    inherited = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, inherited)
+
+
 def sigint() -> None:
     os.kill(os.getpid(), signal.SIGINT)
 
