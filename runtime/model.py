@@ -109,7 +109,7 @@ class Model:
                     nq.release(*(a for p in lin.paths for a in (p.v_signs, p.u_signs)))
             self.blocks.append(Block(norms, linears, cfg.sliding_layers[layer]))
         self._inv_freq = {local: rope_inv_freq(cfg, local) for local in (False, True)}
-        self._fused = backend.fused_blocks(self)  # one token's blocks in one backend call, where it has one
+        self._fused = backend.fused_blocks(self)  # a decoding step's blocks in one backend call, where it has one
         self._step_pool: ThreadPoolExecutor | None = None  # the extra threads of a split step (Backend.step_threads)
 
     def _norm(self, nq: NQFile, name: str) -> Any:
@@ -164,7 +164,7 @@ class Model:
             return be.attention(cache, layer, q, k, v, pos0, window, cfg.attention_scale, cfg.attn_softcap)
 
         if t == 1 and self._fused is not None:
-            x = self._fused(self._embed(ids), pos0, cache)
+            x = self._fused(self._embed(ids), np.array([pos0]), [cache])
         else:
             x = self._decoder(ids, np.arange(pos0, pos0 + t), attend)
         return self._logits(x if all_logits else x[-1:])
@@ -188,8 +188,8 @@ class Model:
         for pos, n, cache in zip(positions, counts, caches):
             if not (0 <= pos and pos + n <= cache.n_ctx):
                 raise NQRunError(f"positions {pos}..{pos + n - 1} are outside the context of {cache.n_ctx}")
-        if len(ids) == 1 and self._fused is not None:
-            return self._logits(self._fused(self._embed(ids), int(positions[0]), caches[0]))
+        if len(ids) == len(caches) and self._fused is not None:  # one token per sequence: a decoding step
+            return self._logits(self._fused(self._embed(ids), positions, caches))
         ends = np.cumsum(counts)
 
         def run(lo: int, hi: int) -> Any:  # sequences lo..hi-1 through every block

@@ -107,9 +107,10 @@ class Backend(ABC):
         return nullcontext()
 
     def fused_blocks(self, model: Any) -> Any | None:
-        """A callable f(x, pos, cache) running every decoder block of `model` for one token in one step (x: the
-        embedded token (1, hidden); returns the last block's output), or None: the model then runs its ops one by
-        one. Its result equals the op-by-op pass up to float rounding."""
+        """A callable f(x, positions, caches) running every decoder block of `model` in one call for B tokens, token
+        t the next of its own sequence, at positions[t] with KV cache caches[t] (x: the embedded tokens (B, hidden);
+        returns the last block's outputs), or None: the model then runs its ops one by one. Its result equals the
+        op-by-op pass up to float rounding."""
         return None
 
     # --- ops ----------------------------------------------------------------------------------------------------

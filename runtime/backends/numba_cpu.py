@@ -66,7 +66,8 @@ PARALLEL_MIN_ATTENTION = 4096  # query × key pairs (× heads) of one attention 
 # binary_path_lanes, LANES tokens per task; up to LANES tokens that is one task, run serially. The head's
 # several-token kernel is for a batched step's few rows.
 HEAD_DOTS_MAX_TOKENS = 2 * nk.DOT_TOKENS
-# A batched step whose products would all stay serial by that rule instead splits its sequences over the threads
+# A decoding step (one token per sequence) runs fused (numba_decode.py). A ragged step (a prompt slice beside decoding
+# sequences) whose products would all stay serial by that rule instead splits its sequences over the threads
 # (step_threads): each thread runs its sequences through every block, its own ops serial. Each thread's ~14 Python
 # calls per block hold the GIL, so a split pays only from several sequences per thread: on SmolLM2-135M's quick file
 # (idle, 2 threads, 200 steps, median ms per step) 8 sequences took 27.2 / 24.9 split against 31.4 / 29.7 in one
@@ -184,7 +185,7 @@ class NumbaBackend(Backend):
 
     # --- ops ----------------------------------------------------------------------------------------------------
     def fused_blocks(self, model) -> nd.FusedBlocks | None:
-        """Every block of one token in one compiled call (numba_decode.py)."""
+        """Every block of a decoding step in one compiled call (numba_decode.py)."""
         return nd.FusedBlocks(model, self.simd, self.threads)
 
     def embed(self, table: Table | nt.Q4Table | nt.FactoredTable | hot_rows.HotRowsTable,

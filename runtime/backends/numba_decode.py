@@ -1,11 +1,14 @@
-"""Every decoder block of one token in one compiled call: the numba backend's decode step.
+"""Every decoder block of a decoding step in one compiled call: the numba backend's decode step.
 
 Run op by op, one token is ~14 backend calls per block (~420 on SmolLM2-135M), each a Python call and a numba dispatch
 around a few microseconds of work; with threads each would also be a parallel region that wakes a sleeping thread.
-Here the blocks of one token run inside one function, `decode_*(net, x, pos)`: x (hidden,) is the embedded token on
-entry and the last block's output on exit; the KV cache gets this token's keys and values.
+Here the blocks of a step run inside one function, `decode_*(net, x, positions, keys, values)`: x (B, hidden) holds
+the step's embedded tokens on entry and the last block's outputs on exit. Token t is the next token of its own
+sequence, at positions[t], with that sequence's KV cache keys[t], values[t] (numba typed lists), which get the
+token's keys and values. A single sequence decodes with B = 1; a server's batched step runs all its sequences in one
+call, so each chunk of sign tiles is read from memory once for all of them.
 
-Threads: one parallel region per token. Every worker (`prange(workers)`) walks the same sequence of phases; a phase
+Threads: one parallel region per step. Every worker (`prange(workers)`) walks the same sequence of phases; a phase
 is a set of chunks (tiles of rows of one stage of the binary linears, kv heads, query heads), which workers claim one at
 a time from an atomic counter, and a worker leaves a phase when every chunk is done (a second counter). The work is
 shared dynamically, so a worker that starts late, or whose core is taken by another process, delays the others only by
@@ -26,6 +29,7 @@ from typing import NamedTuple
 import numpy as np
 from llvmlite import binding, ir
 from numba import literally, njit, prange, types
+from numba.typed import List
 from numba.core import cgutils
 from numba.extending import intrinsic
 
@@ -47,8 +51,8 @@ L_FIRST, L_COUNT, L_BIAS, L_OUT, L_TABS = range(5)
 N_ATTN, N_FFN, N_QNORM, N_KNORM, N_POST_ATTN, N_POST_FFN, N_SLIDING = range(7)
 # Net.ints
 (C_HIDDEN, C_HEADS, C_KV, C_HEAD_DIM, C_FFN, C_GELU, C_QK_NORM, C_POST_NORMS, C_WINDOW, C_INV_GLOBAL, C_INV_LOCAL,
- C_W_Q, C_W_K, C_W_V, C_W_ATT, C_W_O, C_W_F, C_S_XS, C_S_H, C_S_SUMS, C_S_ACC, C_S_ROPE, C_S_Q, C_S_P, C_S_TAB,
- C_SLOT, C_TABLE_WORD) = range(27)
+ C_W_Q, C_W_K, C_W_V, C_W_ATT, C_W_O, C_W_F, C_S_XS, C_S_SUMS, C_S_ACC, C_S_ROPE, C_S_Q, C_S_P, C_S_TAB,
+ C_SLOT, C_TABLE_WORD) = range(26)
 # Net.floats
 F_EPS, F_SCALE, F_SOFTCAP = range(3)
 PHASES = 12  # phase slots per block
@@ -65,11 +69,10 @@ class Net(NamedTuple):
     ints: np.ndarray  # int64, the C_* settings
     floats: np.ndarray  # float32, the F_* settings
     vecs: np.ndarray  # float32: scales, biases, norm weights, RoPE inverse frequencies
-    work: np.ndarray  # float32, shared between workers (projections, attention output, GLU, the stages' middles)
+    work: np.ndarray  # float32 (tokens, ·), shared between workers (projections, attention output, GLU, middles)
+    normed: np.ndarray  # float32 (workers, tokens, hidden): each worker's RMSNorm of the residual
     scratch: np.ndarray  # float32 (workers, ·), one row per worker
-    counters: np.ndarray  # int64, two per phase (claimed, done), 64 bytes apart; zero at the start of a token
-    k_cache: np.ndarray  # float32 (layers, kv heads, ctx, head_dim)
-    v_cache: np.ndarray
+    counters: np.ndarray  # int64, two per phase (claimed, done), 64 bytes apart; zero at the start of a step
 
 
 # --- synchronisation -----------------------------------------------------------------------------------------------
@@ -267,7 +270,11 @@ def _rope(v, vo, sc, co, half):
 
 # --- phases --------------------------------------------------------------------------------------------------------
 # Each phase binds the Net's arrays to locals once: reading a tuple member inside a loop would touch its reference
-# count on every access.
+# count on every access. A phase runs the step's B tokens (rows of x, work and the worker's normed inputs). A chunk
+# of a linear stage is some tiles of one path (or linear) for one token, chunks ordered path by path and, within a
+# path, token by token: a worker's consecutive chunks mostly share a token, so its lookup tables (8 loads per word of
+# signs) stay in L1, and the path's sign tiles (one load per word), read from memory for the first token, come from
+# L2 for the others.
 @njit(inline="always", **_OPTS)
 def _stage_chunks(lins, paths, lin0, lin1, column):
     """Chunks of the V stages (column P_BR: per path) or U stages (P_BM: per linear) of linears lin0 ≤ l < lin1."""
@@ -283,55 +290,57 @@ def _stage_chunks(lins, paths, lin0, lin1, column):
 
 
 @njit(inline="always", **_OPTS)
-def _v_phase(simd, net, phase, lin0, lin1, src, so, sc):
-    """mid_p = s_mid ⊙ V_p·(s_in ⊙ src[so:]) for every path p of linears lin0 ≤ l < lin1, into the shared work."""
+def _v_phase(simd, net, phase, lin0, lin1, src, so, sc, tokens):
+    """mid_p[t] = s_mid ⊙ V_p·(s_in ⊙ src[t, so:]) for every path p of linears lin0 ≤ l < lin1 and token t, into the
+    shared work."""
     ints, paths, lins, work, vecs, counters = net.ints, net.paths, net.lins, net.work, net.vecs, net.counters
-    total = _stage_chunks(lins, paths, lin0, lin1, P_BR)
+    total = tokens * _stage_chunks(lins, paths, lin0, lin1, P_BR)
     xs, sums, tab = ints[C_S_XS], ints[C_S_SUMS], ints[C_S_TAB]
-    held = -1
+    held_p = held_t = -1
     while True:
         c = _claim(counters, phase, total)
         if c < 0:
             break
-        p, b0 = -1, 0
+        p, t, b0 = -1, 0, 0
         for li in range(lin0, lin1):
             for q in range(lins[li, L_FIRST], lins[li, L_FIRST] + lins[li, L_COUNT]):
                 if p < 0:
                     k = (paths[q, P_BR] + CHUNK - 1) // CHUNK
-                    if c < k:
-                        p, b0 = q, c * CHUNK
+                    if c < k * tokens:
+                        p, t, b0 = q, c // k, c % k * CHUNK
                     else:
-                        c -= k
+                        c -= k * tokens
         n, r, wn = paths[p, P_N], paths[p, P_R], paths[p, P_WN]
-        if held != p:
+        if held_p != p or held_t != t:
             s_in = paths[p, P_SIN]
             for j in range(n):
-                sc[xs + j] = src[so + j] * vecs[s_in + j]
+                sc[xs + j] = src[t, so + j] * vecs[s_in + j]
             for j in range(n, 32 * wn):
                 sc[xs + j] = 0.0
             _tables(simd, sc, xs, wn, sc, tab)
-            held = p
+            held_p, held_t = p, t
         b1 = min(b0 + CHUNK, paths[p, P_BR])
         _rows(simd, sc, tab, paths[p, P_V], wn, r, b0, b1, sc, sums)
         mid, s_mid = paths[p, P_MID], paths[p, P_SMID]
         for i in range(TILE * b0, min(TILE * b1, r)):
-            work[mid + i] = sc[sums + i - TILE * b0] * vecs[s_mid + i]
+            work[t, mid + i] = sc[sums + i - TILE * b0] * vecs[s_mid + i]
         _finish(counters, phase)
     _wait(counters, phase, total)
 
 
 @njit(inline="always", **_OPTS)
-def _u_tables(simd, ints, lins, paths, work, li, sc, slot):
-    """The tables of every path's middle vector of linear li, into table slot `slot` of this worker."""
+def _u_tables(simd, ints, lins, paths, work, li, t, sc, slot):
+    """The tables of every path's middle vector of linear li for token t, into table slot `slot` of this worker."""
     base = ints[C_S_TAB] + slot * ints[C_SLOT]
     first = lins[li, L_FIRST]
     for p in range(first, first + lins[li, L_COUNT]):
-        _tables(simd, work, paths[p, P_MID], paths[p, P_WR], sc, base + paths[p, P_TAB])
+        _tables(simd, work[t], paths[p, P_MID], paths[p, P_WR], sc, base + paths[p, P_TAB])
 
 
 @njit(inline="always", **_OPTS)
 def _u_rows(simd, ints, lins, paths, vecs, li, b0, b1, sc, slot, acc):
-    """sc[acc + i − 16·b0] = row i of linear li's output (Σ paths s_out ⊙ U·mid, + bias) for rows of tiles b0..b1."""
+    """sc[acc + i − 16·b0] = row i of linear li's output (Σ paths s_out ⊙ U·mid, + bias) for rows of tiles b0..b1,
+    from the tables in slot `slot`."""
     base = ints[C_S_TAB] + slot * ints[C_SLOT]
     sums = ints[C_S_SUMS]
     first = lins[li, L_FIRST]
@@ -348,28 +357,28 @@ def _u_rows(simd, ints, lins, paths, vecs, li, b0, b1, sc, slot, acc):
 
 
 @njit(inline="always", **_OPTS)
-def _u_phase(simd, net, phase, lin0, lin1, x, residual, sc):
+def _u_phase(simd, net, phase, lin0, lin1, x, residual, sc, tokens):
     """Outputs of linears lin0 ≤ l < lin1: added to the residual x (residual), else stored at the linear's L_OUT in
     the shared work."""
     ints, paths, lins, work, vecs, counters = net.ints, net.paths, net.lins, net.work, net.vecs, net.counters
-    total = _stage_chunks(lins, paths, lin0, lin1, P_BM)
+    total = tokens * _stage_chunks(lins, paths, lin0, lin1, P_BM)
     acc = ints[C_S_ACC]
-    held = -1
+    held_li = held_t = -1
     while True:
         c = _claim(counters, phase, total)
         if c < 0:
             break
-        li, b0 = -1, 0
+        li, t, b0 = -1, 0, 0
         for q in range(lin0, lin1):
             if li < 0:
                 k = (paths[lins[q, L_FIRST], P_BM] + CHUNK - 1) // CHUNK
-                if c < k:
-                    li, b0 = q, c * CHUNK
+                if c < k * tokens:
+                    li, t, b0 = q, c // k, c % k * CHUNK
                 else:
-                    c -= k
-        if held != li:
-            _u_tables(simd, ints, lins, paths, work, li, sc, 0)
-            held = li
+                    c -= k * tokens
+        if held_li != li or held_t != t:
+            _u_tables(simd, ints, lins, paths, work, li, t, sc, 0)
+            held_li, held_t = li, t
         first = lins[li, L_FIRST]
         b1 = min(b0 + CHUNK, paths[first, P_BM])
         _u_rows(simd, ints, lins, paths, vecs, li, b0, b1, sc, 0, acc)
@@ -378,36 +387,38 @@ def _u_phase(simd, net, phase, lin0, lin1, x, residual, sc):
         lo = TILE * b0
         if residual:
             for i in range(lo, min(TILE * b1, m)):
-                x[i] += sc[acc + i - lo]
+                x[t, i] += sc[acc + i - lo]
         else:
             for i in range(lo, min(TILE * b1, m)):
-                work[out + i] = sc[acc + i - lo]
+                work[t, out + i] = sc[acc + i - lo]
         _finish(counters, phase)
     _wait(counters, phase, total)
 
 
 @njit(inline="always", **_OPTS)
-def _glu_phase(simd, net, phase, gate, sc):
+def _glu_phase(simd, net, phase, gate, sc, tokens):
     """f = act(gate) ⊙ up, rows chunked together: a chunk's gate and up rows come from table slots 0 and 1."""
     ints, paths, lins, work, vecs, counters = net.ints, net.paths, net.lins, net.work, net.vecs, net.counters
     first = lins[gate, L_FIRST]
     tiles = paths[first, P_BM]
     m = paths[first, P_M]
-    total = (tiles + CHUNK - 1) // CHUNK
+    per_token = (tiles + CHUNK - 1) // CHUNK
+    total = tokens * per_token
     acc = ints[C_S_ACC]
     up_acc = acc + TILE * CHUNK
     f = ints[C_W_F]
     gelu = ints[C_GELU] != 0
-    ready = False
+    held_t = -1
     while True:
         c = _claim(counters, phase, total)
         if c < 0:
             break
-        if not ready:
-            _u_tables(simd, ints, lins, paths, work, gate, sc, 0)
-            _u_tables(simd, ints, lins, paths, work, gate + 1, sc, 1)
-            ready = True
-        b0 = c * CHUNK
+        t = c // per_token
+        if held_t != t:
+            _u_tables(simd, ints, lins, paths, work, gate, t, sc, 0)
+            _u_tables(simd, ints, lins, paths, work, gate + 1, t, sc, 1)
+            held_t = t
+        b0 = c % per_token * CHUNK
         b1 = min(b0 + CHUNK, tiles)
         _u_rows(simd, ints, lins, paths, vecs, gate, b0, b1, sc, 0, acc)
         _u_rows(simd, ints, lins, paths, vecs, gate + 1, b0, b1, sc, 1, up_acc)
@@ -418,68 +429,72 @@ def _glu_phase(simd, net, phase, gate, sc):
                 a = 0.5 * g * (1.0 + math.tanh(0.7978845608028654 * (g + 0.044715 * g * g * g)))
             else:
                 a = g / (np.float32(1.0) + exp32(-g))
-            work[f + i] = a * sc[up_acc + i - lo]
+            work[t, f + i] = a * sc[up_acc + i - lo]
         _finish(counters, phase)
     _wait(counters, phase, total)
 
 
 @njit(inline="always", **_OPTS)
-def _kv_phase(net, phase, layer, pos, sc, rope_at):
-    """Per kv head: the key's RMSNorm (qk_norm) and RoPE, then key and value stored at `pos` in the cache."""
+def _kv_phase(net, phase, layer, positions, keys, values, sc, rope_at, tokens):
+    """Per token and kv head: the key's RMSNorm (qk_norm) and RoPE, then key and value stored at the token's position
+    in its sequence's cache."""
     ints, work, vecs, counters = net.ints, net.work, net.vecs, net.counters
-    k_cache, v_cache = net.k_cache, net.v_cache
     kv, d = ints[C_KV], ints[C_HEAD_DIM]
     knorm = net.layers[layer, N_KNORM]
     eps = net.floats[F_EPS]
     while True:
-        g = _claim(counters, phase, kv)
-        if g < 0:
+        c = _claim(counters, phase, tokens * kv)
+        if c < 0:
             break
+        t, g = c // kv, c % kv
+        row = work[t]
         ko, vo = ints[C_W_K] + g * d, ints[C_W_V] + g * d
         if ints[C_QK_NORM]:
-            _rms(work, ko, d, vecs, knorm, eps, work, ko)
-        _rope(work, ko, sc, rope_at, d // 2)
-        kc, vc = k_cache[layer, g, pos], v_cache[layer, g, pos]
+            _rms(row, ko, d, vecs, knorm, eps, row, ko)
+        _rope(row, ko, sc, rope_at + 2 * d * t, d // 2)
+        kc, vc = keys[t][layer, g, positions[t]], values[t][layer, g, positions[t]]
         for k in range(d):
-            kc[k] = work[ko + k]
-            vc[k] = work[vo + k]
+            kc[k] = row[ko + k]
+            vc[k] = row[vo + k]
         _finish(counters, phase)
-    _wait(counters, phase, kv)
+    _wait(counters, phase, tokens * kv)
 
 
 @njit(inline="always", **_OPTS)
-def _attention_phase(net, phase, layer, pos, sc, rope_at):
-    """Per query head: RMSNorm (qk_norm) and RoPE of its query, then causal attention over the cache (the last
-    `window` positions on sliding layers), into the shared work."""
+def _attention_phase(net, phase, layer, positions, keys, values, sc, rope_at, tokens):
+    """Per token and query head: RMSNorm (qk_norm) and RoPE of the query, then causal attention over the token's
+    cache (the last `window` positions on sliding layers), into the shared work."""
     ints, work, floats, vecs, counters = net.ints, net.work, net.floats, net.vecs, net.counters
-    k_cache, v_cache = net.k_cache, net.v_cache
     heads, d = ints[C_HEADS], ints[C_HEAD_DIM]
     group = heads // ints[C_KV]
     qo, po = ints[C_S_Q], ints[C_S_P]
     window = ints[C_WINDOW] if net.layers[layer, N_SLIDING] else 0
     qnorm = net.layers[layer, N_QNORM]
-    lo = max(0, pos - window + 1) if window > 0 else 0
-    n = pos + 1 - lo
     scale, softcap, eps = floats[F_SCALE], floats[F_SOFTCAP], floats[F_EPS]
     q = sc[qo:qo + d]
-    p = sc[po:po + n]
     while True:
-        h = _claim(counters, phase, heads)
-        if h < 0:
+        c = _claim(counters, phase, tokens * heads)
+        if c < 0:
             break
-        kc, vc = k_cache[layer, h // group], v_cache[layer, h // group]  # (ctx, d) views
+        t, h = c // heads, c % heads
+        pos = positions[t]
+        lo = max(0, pos - window + 1) if window > 0 else 0
+        n = pos + 1 - lo
+        p = sc[po:po + n]
+        row = work[t]
+        kc, vc = keys[t][layer, h // group], values[t][layer, h // group]  # (ctx, d) views
         for k in range(d):
-            q[k] = work[ints[C_W_Q] + h * d + k]
+            q[k] = row[ints[C_W_Q] + h * d + k]
         if ints[C_QK_NORM]:
             _rms(q, 0, d, vecs, qnorm, eps, q, 0)
-        _rope(q, 0, sc, rope_at, d // 2)
+        _rope(q, 0, sc, rope_at + 2 * d * t, d // 2)
         best = attention_scores(q, kc, lo, n, scale, softcap, p)
         total = np.float32(0.0)
         for j in range(n):
             e = exp32(p[j] - best)
             p[j] = e
             total += e
-        out = work[ints[C_W_ATT] + h * d:ints[C_W_ATT] + (h + 1) * d]
+        out = row[ints[C_W_ATT] + h * d:ints[C_W_ATT] + (h + 1) * d]
         for k in range(d):
             out[k] = 0.0
         for j in range(n):
@@ -487,23 +502,27 @@ def _attention_phase(net, phase, layer, pos, sc, rope_at):
             for k in range(d):
                 out[k] += wj * vc[lo + j, k]
         _finish(counters, phase)
-    _wait(counters, phase, heads)
+    _wait(counters, phase, tokens * heads)
 
 
 @njit(inline="always", **_OPTS)
-def _post_norm_phase(net, phase, norm, x):
-    """x += RMSNorm(the work's W_O buffer), once (a single chunk)."""
+def _post_norm_phase(net, phase, norm, x, tokens):
+    """x[t] += RMSNorm(the work's W_O buffer of token t), one chunk per token."""
     ints, work, counters = net.ints, net.work, net.counters
-    if _claim(counters, phase, 1) == 0:
-        o, n = ints[C_W_O], ints[C_HIDDEN]
-        _rms(work, o, n, net.vecs, norm, net.floats[F_EPS], work, o)
+    o, n = ints[C_W_O], ints[C_HIDDEN]
+    while True:
+        t = _claim(counters, phase, tokens)
+        if t < 0:
+            break
+        row = work[t]
+        _rms(row, o, n, net.vecs, norm, net.floats[F_EPS], row, o)
         for i in range(n):
-            x[i] += work[o + i]
+            x[t, i] += row[o + i]
         _finish(counters, phase)
-    _wait(counters, phase, 1)
+    _wait(counters, phase, tokens)
 
 
-# --- the token -----------------------------------------------------------------------------------------------------
+# --- the step ------------------------------------------------------------------------------------------------------
 @njit(cache=True, nogil=True)
 def _rope_tables(vecs, inv_global, inv_local, half, pos, sc, at):
     """cos then sin of this position's angles, for global layers at sc[at:] and local (sliding) ones at
@@ -518,58 +537,63 @@ def _rope_tables(vecs, inv_global, inv_local, half, pos, sc, at):
 
 
 @njit(**_OPTS)
-def _blocks(simd, net, worker, x, pos):
-    """Worker `worker`'s walk through every block of one token (all workers walk it; see the module docstring)."""
+def _blocks(simd, net, worker, x, positions, keys, values):
+    """Worker `worker`'s walk through every block for the step's tokens (all workers walk it; see the module
+    docstring)."""
     ints, layers, vecs, work = net.ints, net.layers, net.vecs, net.work
     sc = net.scratch[worker]
+    normed = net.normed[worker]
+    tokens = x.shape[0]
     hidden, d = ints[C_HIDDEN], ints[C_HEAD_DIM]
     rope = ints[C_S_ROPE]
-    _rope_tables(vecs, ints[C_INV_GLOBAL], ints[C_INV_LOCAL], d // 2, pos, sc, rope)
-    h = ints[C_S_H]
+    for t in range(tokens):
+        _rope_tables(vecs, ints[C_INV_GLOBAL], ints[C_INV_LOCAL], d // 2, positions[t], sc, rope + 2 * d * t)
     eps = net.floats[F_EPS]
     post = ints[C_POST_NORMS] != 0
     for layer in range(layers.shape[0]):
         ph = layer * PHASES
         li = layer * _LINEARS
         rope_at = rope + (d if layers[layer, N_SLIDING] else 0)
-        _rms(x, 0, hidden, vecs, layers[layer, N_ATTN], eps, sc, h)
-        _v_phase(simd, net, ph, li + _Q, li + _O, sc, h, sc)
-        _u_phase(simd, net, ph + 1, li + _Q, li + _O, x, False, sc)
-        _kv_phase(net, ph + 2, layer, pos, sc, rope_at)
-        _attention_phase(net, ph + 3, layer, pos, sc, rope_at)
-        _v_phase(simd, net, ph + 4, li + _O, li + _GATE, work, ints[C_W_ATT], sc)
-        _u_phase(simd, net, ph + 5, li + _O, li + _GATE, x, not post, sc)
+        for t in range(tokens):
+            _rms(x[t], 0, hidden, vecs, layers[layer, N_ATTN], eps, normed[t], 0)
+        _v_phase(simd, net, ph, li + _Q, li + _O, normed, 0, sc, tokens)
+        _u_phase(simd, net, ph + 1, li + _Q, li + _O, x, False, sc, tokens)
+        _kv_phase(net, ph + 2, layer, positions, keys, values, sc, rope_at, tokens)
+        _attention_phase(net, ph + 3, layer, positions, keys, values, sc, rope_at, tokens)
+        _v_phase(simd, net, ph + 4, li + _O, li + _GATE, work, ints[C_W_ATT], sc, tokens)
+        _u_phase(simd, net, ph + 5, li + _O, li + _GATE, x, not post, sc, tokens)
         if post:
-            _post_norm_phase(net, ph + 6, layers[layer, N_POST_ATTN], x)
-        _rms(x, 0, hidden, vecs, layers[layer, N_FFN], eps, sc, h)
-        _v_phase(simd, net, ph + 7, li + _GATE, li + _DOWN, sc, h, sc)
-        _glu_phase(simd, net, ph + 8, li + _GATE, sc)
-        _v_phase(simd, net, ph + 9, li + _DOWN, li + _LINEARS, work, ints[C_W_F], sc)
-        _u_phase(simd, net, ph + 10, li + _DOWN, li + _LINEARS, x, not post, sc)
+            _post_norm_phase(net, ph + 6, layers[layer, N_POST_ATTN], x, tokens)
+        for t in range(tokens):
+            _rms(x[t], 0, hidden, vecs, layers[layer, N_FFN], eps, normed[t], 0)
+        _v_phase(simd, net, ph + 7, li + _GATE, li + _DOWN, normed, 0, sc, tokens)
+        _glu_phase(simd, net, ph + 8, li + _GATE, sc, tokens)
+        _v_phase(simd, net, ph + 9, li + _DOWN, li + _LINEARS, work, ints[C_W_F], sc, tokens)
+        _u_phase(simd, net, ph + 10, li + _DOWN, li + _LINEARS, x, not post, sc, tokens)
         if post:
-            _post_norm_phase(net, ph + 11, layers[layer, N_POST_FFN], x)
+            _post_norm_phase(net, ph + 11, layers[layer, N_POST_FFN], x, tokens)
 
 
 @njit(**_OPTS)
-def decode_lut16(net, x, pos):
-    _blocks(literally(True), net, 0, x, pos)
+def decode_lut16(net, x, positions, keys, values):
+    _blocks(literally(True), net, 0, x, positions, keys, values)
 
 
 @njit(**_OPTS)
-def decode_lut8(net, x, pos):
-    _blocks(literally(False), net, 0, x, pos)
+def decode_lut8(net, x, positions, keys, values):
+    _blocks(literally(False), net, 0, x, positions, keys, values)
 
 
 @njit(parallel=True, **_OPTS)
-def decode_lut16_threads(net, x, pos):
+def decode_lut16_threads(net, x, positions, keys, values):
     for w in prange(net.scratch.shape[0]):
-        _blocks(literally(True), net, w, x, pos)
+        _blocks(literally(True), net, w, x, positions, keys, values)
 
 
 @njit(parallel=True, **_OPTS)
-def decode_lut8_threads(net, x, pos):
+def decode_lut8_threads(net, x, positions, keys, values):
     for w in prange(net.scratch.shape[0]):
-        _blocks(literally(False), net, w, x, pos)
+        _blocks(literally(False), net, w, x, positions, keys, values)
 
 
 # --- building the flat arrays from a model -------------------------------------------------------------------------
@@ -587,11 +611,11 @@ def _round16(n: int) -> int:
 
 
 class FusedBlocks:
-    """The decode step of a model on the numba backend: `self(x, pos, cache)` runs every block for one token.
+    """The decode step of a model on the numba backend: `self(x, positions, caches)` runs every block for B tokens,
+    token t of its own sequence (caches[t]) at positions[t].
 
     `simd` picks LUT-16 (the backend's paths carry repacked tiles) or LUT-8 (the file's sign bytes); `workers` is the
-    number of threads that share each token (1: no parallel region at all)."""
-
+    number of threads that share each step (1: no parallel region at all)."""
     def __init__(self, model, simd: bool, workers: int) -> None:
         cfg = model.config
         self.simd, self.workers = simd, workers
@@ -647,37 +671,55 @@ class FusedBlocks:
         self.lins = np.array(lins, np.int64)
         self.layers = np.array(layers, np.int64)
         self.vecs = np.concatenate(vecs) if vecs else np.zeros(1, np.float32)
-        self.work = _aligned((mid_size,), np.float32)
         self.floats = np.array([cfg.norm_eps, cfg.attention_scale, cfg.attn_softcap], np.float32)
         self.counters = np.zeros(16 * PHASES * len(model.blocks), np.int64)
-        scratch = {}
-        at = 0
-        for name, n in (("xs", 32 * max_wn), ("h", cfg.hidden), ("sums", TILE * CHUNK), ("acc", 2 * TILE * CHUNK),
-                        ("rope", 2 * d), ("q", d), ("tab", 2 * slot)):
-            scratch[name] = at
-            at += _round16(n)
-        self._scratch_at = at  # the attention's scores follow, sized by the cache
-        ints = {C_HIDDEN: cfg.hidden, C_HEADS: cfg.n_heads, C_KV: cfg.n_kv_heads, C_HEAD_DIM: d, C_FFN: cfg.ffn,
-                C_GELU: int(cfg.activation == "gelu_tanh"), C_QK_NORM: int(cfg.qk_norm),
-                C_POST_NORMS: int(cfg.post_norms), C_WINDOW: cfg.sliding_window, C_INV_GLOBAL: inv_global,
-                C_INV_LOCAL: inv_local, C_W_Q: w_q, C_W_K: w_k, C_W_V: w_v, C_W_ATT: w_att, C_W_O: w_o, C_W_F: w_f,
-                C_S_XS: scratch["xs"], C_S_H: scratch["h"], C_S_SUMS: scratch["sums"], C_S_ACC: scratch["acc"],
-                C_S_ROPE: scratch["rope"], C_S_Q: scratch["q"], C_S_P: at, C_S_TAB: scratch["tab"], C_SLOT: slot,
-                C_TABLE_WORD: table_word}
-        self.ints = np.array([ints[i] for i in range(len(ints))], np.int64)
-        self._scratch = _aligned((workers, 16), np.float32)
+        self._hidden, self._mid_size = cfg.hidden, mid_size
+        # scratch regions per worker: these once, then the RoPE tables of every token
+        self._once = (("xs", C_S_XS, 32 * max_wn), ("sums", C_S_SUMS, TILE * CHUNK), ("acc", C_S_ACC, 2 * TILE * CHUNK),
+                      ("q", C_S_Q, d), ("tab", C_S_TAB, 2 * slot))
+        self._per_token = (("rope", C_S_ROPE, 2 * d),)
+        self._settings = {C_HIDDEN: cfg.hidden, C_HEADS: cfg.n_heads, C_KV: cfg.n_kv_heads, C_HEAD_DIM: d,
+                          C_FFN: cfg.ffn, C_GELU: int(cfg.activation == "gelu_tanh"), C_QK_NORM: int(cfg.qk_norm),
+                          C_POST_NORMS: int(cfg.post_norms), C_WINDOW: cfg.sliding_window, C_INV_GLOBAL: inv_global,
+                          C_INV_LOCAL: inv_local, C_W_Q: w_q, C_W_K: w_k, C_W_V: w_v, C_W_ATT: w_att, C_W_O: w_o,
+                          C_W_F: w_f, C_SLOT: slot, C_TABLE_WORD: table_word}
+        self._tokens = self._ctx = 0
+        self._lists: tuple[list, List, List] | None = None
         self._kernel = ((decode_lut16_threads if workers > 1 else decode_lut16) if simd else
                         (decode_lut8_threads if workers > 1 else decode_lut8))
 
-    def __call__(self, x: np.ndarray, pos: int, cache) -> np.ndarray:
-        """x (1, hidden) float32, the embedded token at position `pos` → the last block's output (1, hidden); the
-        token's keys and values go into `cache`."""
-        ctx = cache.k.shape[2]
-        if self._scratch.shape[1] < self._scratch_at + ctx:
-            self._scratch = _aligned((self.workers, _round16(self._scratch_at + ctx)), np.float32)
-        out = np.array(x, np.float32).reshape(-1)
+    def _fit(self, tokens: int, ctx: int) -> None:
+        """Size the work, the normed inputs and the scratch (whose offsets go into ints) for `tokens` tokens per step
+        and attention over `ctx` positions; they only grow."""
+        if tokens <= self._tokens and ctx <= self._ctx:
+            return
+        self._tokens, self._ctx = max(tokens, self._tokens), max(ctx, self._ctx)
+        ints, at = dict(self._settings), 0
+        for _, key, n in self._once:
+            ints[key], at = at, at + _round16(n)
+        for _, key, n in self._per_token:
+            ints[key], at = at, at + _round16(n) * self._tokens
+        ints[C_S_P] = at  # the attention's scores
+        self.ints = np.array([ints[i] for i in range(len(ints))], np.int64)
+        self.scratch = _aligned((self.workers, _round16(at + self._ctx)), np.float32)
+        self.work = _aligned((self._tokens, self._mid_size), np.float32)
+        self.normed = _aligned((self.workers, self._tokens, _round16(self._hidden)), np.float32)
+
+    def _cache_lists(self, caches: list) -> tuple[List, List]:
+        """The caches' key and value arrays as numba typed lists, rebuilt only when the set of caches changes."""
+        held = self._lists
+        if held is None or len(held[0]) != len(caches) or any(a is not b for a, b in zip(held[0], caches)):
+            held = self._lists = (list(caches), List([c.k for c in caches]), List([c.v for c in caches]))
+        return held[1], held[2]
+
+    def __call__(self, x: np.ndarray, positions: np.ndarray, caches: list) -> np.ndarray:
+        """x (B, hidden) float32, the embedded tokens, token t at position positions[t] of the sequence whose cache is
+        caches[t] → the last block's outputs (B, hidden); each token's keys and values go into its cache."""
+        out = np.array(x, np.float32).reshape(len(caches), -1)
+        self._fit(len(caches), max(c.k.shape[2] for c in caches))
         self.counters.fill(0)
-        net = Net(self.paths, self.lins, self.layers, self.ints, self.floats, self.vecs, self.work, self._scratch,
-                  self.counters, cache.k, cache.v)
-        self._kernel(net, out, pos)
-        return out.reshape(1, -1)
+        keys, values = self._cache_lists(caches)
+        net = Net(self.paths, self.lins, self.layers, self.ints, self.floats, self.vecs, self.work, self.normed,
+                  self.scratch, self.counters)
+        self._kernel(net, out, np.asarray(positions, np.int64).reshape(-1), keys, values)
+        return out

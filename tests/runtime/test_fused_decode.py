@@ -1,5 +1,6 @@
-"""The numba backend's fused decode step (numba_decode.py: every block of one token in one compiled call) against
-the float64 numpy reference, for every architecture variant, LUT-16 and LUT-8 stages, one worker and two."""
+"""The numba backend's fused decode step (numba_decode.py: every block of a decoding step in one compiled call) against
+the float64 numpy reference, for every architecture variant, LUT-16 and LUT-8 stages, one worker and two; and a step
+of several sequences against each sequence alone."""
 import numpy as np
 import pytest
 
@@ -32,6 +33,30 @@ def test_fused_decode_matches_reference(variant_files, variant, threads, simd):
     model, got = decode_logits(nq, NumbaBackend(threads=threads, exact=True, simd=simd), ids, 9)
     assert model._fused is not None and model._fused.simd == simd and model._fused.workers == threads
     assert np.abs(got - want).max() <= REL * np.abs(want).max()
+
+
+@pytest.mark.parametrize("simd", STAGES)
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("variant", ["llama-2path-mid", "mistral-sliding", "gemma3", "qwen3"])
+def test_fused_step_of_several_sequences_equals_each_alone(variant_files, variant, threads, simd):
+    """One fused call over 5 sequences (each its own cache, at positions 2, 13, 0, 9, 21: past the sliding window)
+    gives every sequence the hidden state and cache entries it gets alone, bit for bit."""
+    model = Model(open_nq(variant_files[variant]), NumbaBackend(threads=threads, exact=True, simd=simd))
+    rng = np.random.default_rng(31)
+    positions = np.array([2, 13, 0, 9, 21])
+    caches = [model.new_cache(32) for _ in positions]
+    for c, p in zip(caches, positions):  # earlier positions hold random keys and values
+        c.k[:, :, :p] = rng.standard_normal(c.k[:, :, :p].shape)
+        c.v[:, :, :p] = rng.standard_normal(c.v[:, :, :p].shape)
+    alone = [model.new_cache(32) for _ in positions]
+    for a, c in zip(alone, caches):
+        a.k[:], a.v[:] = c.k, c.v
+    x = rng.standard_normal((5, model.config.hidden)).astype(np.float32)
+    together = model._fused(x, positions, caches)
+    for t, p in enumerate(positions):
+        np.testing.assert_array_equal(model._fused(x[t:t + 1], positions[t:t + 1], [alone[t]])[0], together[t])
+        np.testing.assert_array_equal(alone[t].k, caches[t].k)
+        np.testing.assert_array_equal(alone[t].v, caches[t].v)
 
 
 @pytest.mark.parametrize("simd", STAGES)
