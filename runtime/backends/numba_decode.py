@@ -2,10 +2,11 @@
 
 Run op by op, one token is ~14 backend calls per block (~420 on SmolLM2-135M), each a Python call and a numba dispatch
 around a few microseconds of work; with threads each would also be a parallel region that wakes a sleeping thread.
-Here the blocks of a step run inside one function, `decode_*(net, x, positions, keys, values)`: x (B, hidden) holds
+Here the blocks of a step run inside one function, `decode_*(net, x, positions, caches)`: x (B, hidden) holds
 the step's embedded tokens on entry and the last block's outputs on exit. Token t is the next token of its own
-sequence, at positions[t], with that sequence's KV cache keys[t], values[t] (numba typed lists), which get the
-token's keys and values. A single sequence decodes with B = 1; a server's batched step runs all its sequences in one
+sequence, at positions[t], whose KV cache gets the token's keys and values; caches[t] holds that cache's key and
+value addresses and its context length (numba's typed lists would say the same at half a second of compilation in
+every process). A single sequence decodes with B = 1; a server's batched step runs all its sequences in one
 call, so each chunk of sign tiles is read from memory once for all of them.
 
 Threads: one parallel region per step. Every worker (`prange(workers)`) walks the same sequence of phases; a phase
@@ -28,8 +29,7 @@ from typing import NamedTuple
 
 import numpy as np
 from llvmlite import binding, ir
-from numba import literally, njit, prange, types
-from numba.typed import List
+from numba import carray, literally, njit, prange, types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
@@ -199,6 +199,26 @@ def _rows(simd, tab, to, addr, words, rows, b0, b1, sums, si):
             for g in range(nb):
                 acc += tab[to + 256 * g + load_byte(addr, i * nb + g)]
             sums[si + i - TILE * b0] = acc
+
+
+@intrinsic
+def _f32_pointer(typingctx, addr):
+    """The int64 address `addr` as a float32 pointer (for numba.carray)."""
+    if not isinstance(addr, types.Integer):
+        return None
+
+    def codegen(context, builder, signature, args):
+        value = context.cast(builder, args[0], signature.args[0], types.int64)
+        return builder.inttoptr(value, ir.FloatType().as_pointer())
+
+    return types.CPointer(types.float32)(addr), codegen
+
+
+@njit(inline="always", **_OPTS)
+def _cache(net, caches, t, which):
+    """Token t's keys (which 0) or values (1): a (layers, kv heads, ctx, head_dim) view of its cache."""
+    ints = net.ints
+    return carray(_f32_pointer(caches[t, which]), (net.layers.shape[0], ints[C_KV], caches[t, 2], ints[C_HEAD_DIM]))
 
 
 # --- small ops -----------------------------------------------------------------------------------------------------
@@ -435,7 +455,7 @@ def _glu_phase(simd, net, phase, gate, sc, tokens):
 
 
 @njit(inline="always", **_OPTS)
-def _kv_phase(net, phase, layer, positions, keys, values, sc, rope_at, tokens):
+def _kv_phase(net, phase, layer, positions, caches, sc, rope_at, tokens):
     """Per token and kv head: the key's RMSNorm (qk_norm) and RoPE, then key and value stored at the token's position
     in its sequence's cache."""
     ints, work, vecs, counters = net.ints, net.work, net.vecs, net.counters
@@ -452,7 +472,8 @@ def _kv_phase(net, phase, layer, positions, keys, values, sc, rope_at, tokens):
         if ints[C_QK_NORM]:
             _rms(row, ko, d, vecs, knorm, eps, row, ko)
         _rope(row, ko, sc, rope_at + 2 * d * t, d // 2)
-        kc, vc = keys[t][layer, g, positions[t]], values[t][layer, g, positions[t]]
+        kc = _cache(net, caches, t, 0)[layer, g, positions[t]]
+        vc = _cache(net, caches, t, 1)[layer, g, positions[t]]
         for k in range(d):
             kc[k] = row[ko + k]
             vc[k] = row[vo + k]
@@ -461,7 +482,7 @@ def _kv_phase(net, phase, layer, positions, keys, values, sc, rope_at, tokens):
 
 
 @njit(inline="always", **_OPTS)
-def _attention_phase(net, phase, layer, positions, keys, values, sc, rope_at, tokens):
+def _attention_phase(net, phase, layer, positions, caches, sc, rope_at, tokens):
     """Per token and query head: RMSNorm (qk_norm) and RoPE of the query, then causal attention over the token's
     cache (the last `window` positions on sliding layers), into the shared work."""
     ints, work, floats, vecs, counters = net.ints, net.work, net.floats, net.vecs, net.counters
@@ -482,7 +503,8 @@ def _attention_phase(net, phase, layer, positions, keys, values, sc, rope_at, to
         n = pos + 1 - lo
         p = sc[po:po + n]
         row = work[t]
-        kc, vc = keys[t][layer, h // group], values[t][layer, h // group]  # (ctx, d) views
+        kc = _cache(net, caches, t, 0)[layer, h // group]  # (ctx, d) views
+        vc = _cache(net, caches, t, 1)[layer, h // group]
         for k in range(d):
             q[k] = row[ints[C_W_Q] + h * d + k]
         if ints[C_QK_NORM]:
@@ -537,7 +559,7 @@ def _rope_tables(vecs, inv_global, inv_local, half, pos, sc, at):
 
 
 @njit(**_OPTS)
-def _blocks(simd, net, worker, x, positions, keys, values):
+def _blocks(simd, net, worker, x, positions, caches):
     """Worker `worker`'s walk through every block for the step's tokens (all workers walk it; see the module
     docstring)."""
     ints, layers, vecs, work = net.ints, net.layers, net.vecs, net.work
@@ -558,8 +580,8 @@ def _blocks(simd, net, worker, x, positions, keys, values):
             _rms(x[t], 0, hidden, vecs, layers[layer, N_ATTN], eps, normed[t], 0)
         _v_phase(simd, net, ph, li + _Q, li + _O, normed, 0, sc, tokens)
         _u_phase(simd, net, ph + 1, li + _Q, li + _O, x, False, sc, tokens)
-        _kv_phase(net, ph + 2, layer, positions, keys, values, sc, rope_at, tokens)
-        _attention_phase(net, ph + 3, layer, positions, keys, values, sc, rope_at, tokens)
+        _kv_phase(net, ph + 2, layer, positions, caches, sc, rope_at, tokens)
+        _attention_phase(net, ph + 3, layer, positions, caches, sc, rope_at, tokens)
         _v_phase(simd, net, ph + 4, li + _O, li + _GATE, work, ints[C_W_ATT], sc, tokens)
         _u_phase(simd, net, ph + 5, li + _O, li + _GATE, x, not post, sc, tokens)
         if post:
@@ -575,25 +597,25 @@ def _blocks(simd, net, worker, x, positions, keys, values):
 
 
 @njit(**_OPTS)
-def decode_lut16(net, x, positions, keys, values):
-    _blocks(literally(True), net, 0, x, positions, keys, values)
+def decode_lut16(net, x, positions, caches):
+    _blocks(literally(True), net, 0, x, positions, caches)
 
 
 @njit(**_OPTS)
-def decode_lut8(net, x, positions, keys, values):
-    _blocks(literally(False), net, 0, x, positions, keys, values)
+def decode_lut8(net, x, positions, caches):
+    _blocks(literally(False), net, 0, x, positions, caches)
 
 
 @njit(parallel=True, **_OPTS)
-def decode_lut16_threads(net, x, positions, keys, values):
+def decode_lut16_threads(net, x, positions, caches):
     for w in prange(net.scratch.shape[0]):
-        _blocks(literally(True), net, w, x, positions, keys, values)
+        _blocks(literally(True), net, w, x, positions, caches)
 
 
 @njit(parallel=True, **_OPTS)
-def decode_lut8_threads(net, x, positions, keys, values):
+def decode_lut8_threads(net, x, positions, caches):
     for w in prange(net.scratch.shape[0]):
-        _blocks(literally(False), net, w, x, positions, keys, values)
+        _blocks(literally(False), net, w, x, positions, caches)
 
 
 # --- building the flat arrays from a model -------------------------------------------------------------------------
@@ -684,7 +706,6 @@ class FusedBlocks:
                           C_INV_LOCAL: inv_local, C_W_Q: w_q, C_W_K: w_k, C_W_V: w_v, C_W_ATT: w_att, C_W_O: w_o,
                           C_W_F: w_f, C_SLOT: slot, C_TABLE_WORD: table_word}
         self._tokens = self._ctx = 0
-        self._lists: tuple[list, List, List] | None = None
         self._kernel = ((decode_lut16_threads if workers > 1 else decode_lut16) if simd else
                         (decode_lut8_threads if workers > 1 else decode_lut8))
 
@@ -705,21 +726,14 @@ class FusedBlocks:
         self.work = _aligned((self._tokens, self._mid_size), np.float32)
         self.normed = _aligned((self.workers, self._tokens, _round16(self._hidden)), np.float32)
 
-    def _cache_lists(self, caches: list) -> tuple[List, List]:
-        """The caches' key and value arrays as numba typed lists, rebuilt only when the set of caches changes."""
-        held = self._lists
-        if held is None or len(held[0]) != len(caches) or any(a is not b for a, b in zip(held[0], caches)):
-            held = self._lists = (list(caches), List([c.k for c in caches]), List([c.v for c in caches]))
-        return held[1], held[2]
-
     def __call__(self, x: np.ndarray, positions: np.ndarray, caches: list) -> np.ndarray:
         """x (B, hidden) float32, the embedded tokens, token t at position positions[t] of the sequence whose cache is
         caches[t] → the last block's outputs (B, hidden); each token's keys and values go into its cache."""
         out = np.array(x, np.float32).reshape(len(caches), -1)
         self._fit(len(caches), max(c.k.shape[2] for c in caches))
         self.counters.fill(0)
-        keys, values = self._cache_lists(caches)
+        at = np.array([(c.k.ctypes.data, c.v.ctypes.data, c.k.shape[2]) for c in caches], np.int64)
         net = Net(self.paths, self.lins, self.layers, self.ints, self.floats, self.vecs, self.work, self.normed,
                   self.scratch, self.counters)
-        self._kernel(net, out, np.asarray(positions, np.int64).reshape(-1), keys, values)
+        self._kernel(net, out, np.asarray(positions, np.int64).reshape(-1), at)
         return out
