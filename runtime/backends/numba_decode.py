@@ -5,8 +5,7 @@ around a few microseconds of work; with threads each would also be a parallel re
 Here the blocks of a step run inside one function, `decode_*(net, x, positions, caches)`: x (B, hidden) holds
 the step's embedded tokens on entry and the last block's outputs on exit. Token t is the next token of its own
 sequence, at positions[t], whose KV cache gets the token's keys and values; caches[t] holds that cache's key and
-value addresses and its context length (numba's typed lists would say the same at half a second of compilation in
-every process). A single sequence decodes with B = 1; a server's batched step runs all its sequences in one
+value addresses and its context length (an int64 row, so the kernels need no typed containers). A single sequence decodes with B = 1; a server's batched step runs all its sequences in one
 call, so each chunk of sign tiles is read from memory once for all of them.
 
 Threads: one parallel region per step. Every worker (`prange(workers)`) walks the same sequence of phases; a phase
@@ -638,6 +637,7 @@ class FusedBlocks:
 
     `simd` picks LUT-16 (the backend's paths carry repacked tiles) or LUT-8 (the file's sign bytes); `workers` is the
     number of threads that share each step (1: no parallel region at all)."""
+
     def __init__(self, model, simd: bool, workers: int) -> None:
         cfg = model.config
         self.simd, self.workers = simd, workers
@@ -696,10 +696,9 @@ class FusedBlocks:
         self.floats = np.array([cfg.norm_eps, cfg.attention_scale, cfg.attn_softcap], np.float32)
         self.counters = np.zeros(16 * PHASES * len(model.blocks), np.int64)
         self._hidden, self._mid_size = cfg.hidden, mid_size
-        # scratch regions per worker: these once, then the RoPE tables of every token
-        self._once = (("xs", C_S_XS, 32 * max_wn), ("sums", C_S_SUMS, TILE * CHUNK), ("acc", C_S_ACC, 2 * TILE * CHUNK),
-                      ("q", C_S_Q, d), ("tab", C_S_TAB, 2 * slot))
-        self._per_token = (("rope", C_S_ROPE, 2 * d),)
+        # a worker's scratch regions (offset key, floats), then the RoPE tables of every token, then the scores
+        self._regions = ((C_S_XS, 32 * max_wn), (C_S_SUMS, TILE * CHUNK), (C_S_ACC, 2 * TILE * CHUNK), (C_S_Q, d),
+                         (C_S_TAB, 2 * slot))
         self._settings = {C_HIDDEN: cfg.hidden, C_HEADS: cfg.n_heads, C_KV: cfg.n_kv_heads, C_HEAD_DIM: d,
                           C_FFN: cfg.ffn, C_GELU: int(cfg.activation == "gelu_tanh"), C_QK_NORM: int(cfg.qk_norm),
                           C_POST_NORMS: int(cfg.post_norms), C_WINDOW: cfg.sliding_window, C_INV_GLOBAL: inv_global,
@@ -716,10 +715,9 @@ class FusedBlocks:
             return
         self._tokens, self._ctx = max(tokens, self._tokens), max(ctx, self._ctx)
         ints, at = dict(self._settings), 0
-        for _, key, n in self._once:
+        for key, n in self._regions:
             ints[key], at = at, at + _round16(n)
-        for _, key, n in self._per_token:
-            ints[key], at = at, at + _round16(n) * self._tokens
+        ints[C_S_ROPE], at = at, at + _round16(2 * self._settings[C_HEAD_DIM] * self._tokens)  # token t at + 2d·t
         ints[C_S_P] = at  # the attention's scores
         self.ints = np.array([ints[i] for i in range(len(ints))], np.int64)
         self.scratch = _aligned((self.workers, _round16(at + self._ctx)), np.float32)
