@@ -30,7 +30,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from converter.torch_model import TorchModel, load_nq  # noqa: E402
-from converter.calibration import default_calibration_text  # noqa: E402
+from converter.calibration import default_calibration_texts, read_texts  # noqa: E402
 from converter.pipeline import Options, convert  # noqa: E402
 from converter.progress import LineReporter  # noqa: E402
 from converter.sources import open_source  # noqa: E402
@@ -110,8 +110,9 @@ def main() -> None:
     ap.add_argument("--preset", default="quick")
     ap.add_argument("--bits", type=float, default=1.0)
     ap.add_argument("--text", type=Path, default=None, help="evaluation text (default: the project's test text)")
-    ap.add_argument("--calib", type=Path, default=None, help="calibration text (default: the project's train text); "
-                                                          "names the JSON -calib-<sha256 prefix>")
+    ap.add_argument("--calib", type=Path, nargs="+", default=None,
+                    help="calibration text file(s) (default: the project's mix); names the JSON -calib-<sha256 prefix "
+                         "of the texts as the converter joins them>")
     ap.add_argument("--windows", type=int, default=40)
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--seed", type=int, default=0)
@@ -135,8 +136,8 @@ def main() -> None:
     ablation += [f"seed{args.seed}"] if args.seed else []
     ablation += [f"emb-{args.embedding.replace(':', '-')}"] if args.embedding else []
     ablation += [f"alloc-{args.allocation}"] if args.allocation else []
-    calib = args.calib or default_calibration_text()
-    ablation += [f"calib-{file_sha256(calib)[:8]}"] if args.calib else []
+    calib = args.calib or default_calibration_texts()
+    ablation += [f"calib-{hashlib.sha256(read_texts(calib).encode('utf-8')).hexdigest()[:8]}"] if args.calib else []
     name = "-".join([f"quality-{Path(args.model).name}-{args.preset}"]
                     + ([f"b{args.bits:g}"] if args.bits != 1.0 else []) + ablation)
     result_path = RESULTS / f"{name}.json"
@@ -153,7 +154,7 @@ def main() -> None:
                               threads=args.threads, error_mitigation=not args.no_error_mitigation,
                               refine=not args.no_refine, model_recon=not args.no_model_recon,
                               embedding=args.embedding, allocation=args.allocation, resume=args.resume,
-                              calib=[calib] if args.calib else ()),
+                              calib=calib if args.calib else ()),
                       LineReporter(sys.stdout))
     convert_seconds = time.perf_counter() - t0
     load_after_convert = os.getloadavg()
@@ -171,7 +172,7 @@ def main() -> None:
                      "error_mitigation": not args.no_error_mitigation,
                      "refine": not args.no_refine, "model_recon": not args.no_model_recon,
                      "text": str(text), "text_sha256": file_sha256(text),
-                     "calibration_text": str(calib), "calibration_text_sha256": file_sha256(calib),
+                     "calibration_texts": [{"path": str(p), "sha256": file_sha256(p)} for p in calib],
                      "mwparserfromhell": importlib.metadata.version("mwparserfromhell"), "windows": len(windows),
                      "recipe": json.loads(open_nq(out).provenance.recipe)},
         "bits_target": args.bits, "bpw_decoder_linears": summary.bpw_linears, "bpw_whole_file": summary.bpw_file,

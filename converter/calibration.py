@@ -19,10 +19,12 @@ class CalibrationError(NQError):
     """The calibration text cannot supply the requested windows (one clear line)."""
 
 
-def default_calibration_text() -> Path:
-    """The project's Wikipedia training text (`nqdata`), built on first use."""
-    from nqdata import default_text
-    return default_text("train")
+def default_calibration_texts() -> list[Path]:
+    """The project's calibration mix (`nqdata`), built on first use: the Wikipedia training text and a public-domain
+    novel, whose narrative prose keeps the quantized model from fitting Wikipedia alone (spec/CONVERTER.md,
+    "Calibration text")."""
+    from nqdata import default_text, fiction_text
+    return [default_text("train"), fiction_text()]
 
 
 def read_texts(paths: Sequence[Path]) -> str:

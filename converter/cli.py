@@ -43,7 +43,7 @@ def nqconvert(
                                           "path's maximum a linear carries residual paths)"),
     preset: str = typer.Option("quick", help=f"recipe: {', '.join(PRESETS)}"),
     calib: Optional[list[Path]] = typer.Option(None, help="calibration text file(s); default: the project's "
-                                                          "Wikipedia training text"),
+                                                          "mix (Wikipedia and a novel, built by nqdata)"),
     samples: Optional[int] = typer.Option(None, help="calibration windows of the block stage (default: the "
                                                       "preset's); distillation's windows scale with it"),
     seqlen: Optional[int] = typer.Option(None, help="tokens per calibration window (default: the preset's)"),

@@ -45,7 +45,7 @@ from .allocation import ALLOCATIONS, allocate
 from .calibration import (
     CalibrationError,
     calibration_tokens,
-    default_calibration_text,
+    default_calibration_texts,
     draw_windows,
     windows_sha256,
 )
@@ -454,7 +454,7 @@ def convert(options: Options, reporter: Reporter | None = None) -> Summary:
     check_bits(options.bits)
     recipe = dataclasses.replace(recipe, embedding=E.resolve_embedding(recipe.embedding, config,
                                                                        options.embedding is not None))
-    calib = list(options.calib) or [default_calibration_text()]
+    calib = list(options.calib) or default_calibration_texts()
     reporter.stage("calibration", 1)
     with timer.stage("calibration"):
         tokens = calibration_tokens(source.hf_tokenizer(), calib)

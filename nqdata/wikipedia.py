@@ -8,16 +8,12 @@ from __future__ import annotations
 
 import bz2
 import os
-import subprocess
-import sys
-import tempfile
 import xml.etree.ElementTree as ET
 import zipfile
 from pathlib import Path
 
-from nqfmt.errors import NQError
-
 from .cache import cache_dir
+from .downloads import DataError, pip_download
 
 WHEEL_REQUIREMENT = "gensim==4.4.0"
 DUMP_MEMBER = "gensim/test/test_data/enwiki-latest-pages-articles1.xml-p000000010p000030302-shortened.bz2"
@@ -34,10 +30,6 @@ _DROP_LINK_PREFIXES = ("file:", "image:", "category:", "media:")
 # A table the parser does not see as a tag (one inside another node) survives as lines of its own markup: row and
 # cell lines start with one of these; no prose line does.
 _TABLE_MARKS = ("{|", "|", "!")
-
-
-class DataError(NQError):
-    """The default text could not be built (no network for pip, a changed wheel, ...)."""
 
 
 def default_text(split: str) -> Path:
@@ -57,23 +49,8 @@ def default_text(split: str) -> Path:
 
 
 def download_wheel() -> Path:
-    """Fetch the gensim wheel (no dependencies) into the cache; the wheel is only read as a zip file."""
-    dest = cache_dir() / "wheels"
-    found = sorted(dest.glob("gensim-4.4.0-*.whl")) if dest.exists() else []
-    if found:
-        return found[0]
-    dest.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=dest) as tmp:
-        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "-q", "-d", tmp,
-               WHEEL_REQUIREMENT]
-        done = subprocess.run(cmd, capture_output=True, text=True)
-        wheels = list(Path(tmp).glob("gensim-*.whl"))
-        if done.returncode or not wheels:
-            raise DataError(f"could not download {WHEEL_REQUIREMENT} for the default text: "
-                            f"{done.stderr.strip().splitlines()[-1] if done.stderr.strip() else 'no wheel'}")
-        final = dest / wheels[0].name
-        os.replace(wheels[0], final)
-    return final
+    """The gensim wheel (no dependencies) in the cache; it is only read as a zip file."""
+    return pip_download(WHEEL_REQUIREMENT, "gensim-4.4.0-*.whl", binary=True)
 
 
 def read_dump(wheel: Path) -> bytes:

@@ -32,7 +32,7 @@ sys.path.insert(0, str(ROOT))
 from bench.quality import RESULTS, eval_windows, git_commit, machine, perplexity, test_text
 from converter import block_reconstruction as B
 from converter.admm import AdmmSettings
-from converter.calibration import calibration_tokens, default_calibration_text, draw_windows
+from converter.calibration import calibration_tokens, default_calibration_texts, draw_windows
 from converter.preconditioners import LayerPreconditioners, collect_preconditioners
 from converter.torch_model import DecoderBlock, TorchModel
 from converter.pipeline import PRESETS, skeleton
@@ -77,7 +77,7 @@ def main() -> None:
     teacher_bf16 = recipe.teacher_bf16 and B.native_bf16()  # the targets' precision, as the pipeline picks it
     src = open_source("smollm2-135m")
     c = src.config
-    ids = calibration_tokens(src.hf_tokenizer(), [default_calibration_text()])
+    ids = calibration_tokens(src.hf_tokenizer(), default_calibration_texts())
     win = draw_windows(ids, recipe.stat_samples, recipe.seqlen, 0)
     base = skeleton(src)
     stats_by_shrink: dict[float, list[LayerPreconditioners]] = {}

@@ -29,7 +29,7 @@ sys.path.insert(0, str(ROOT))
 
 from bench.quality import RESULTS, eval_windows, git_commit, machine, perplexity, test_text  # noqa: E402
 from converter import embedding as E  # noqa: E402
-from converter.calibration import calibration_tokens, calibration_windows, default_calibration_text  # noqa: E402
+from converter.calibration import calibration_tokens, calibration_windows, default_calibration_texts  # noqa: E402
 from converter.factored import BinaryFactoredLinear  # noqa: E402
 from converter.model_reconstruction import reconstruct, teacher_cache  # noqa: E402
 from converter.pipeline import PRESETS  # noqa: E402
@@ -49,7 +49,7 @@ def main() -> None:
     config = source.config
     fp = TorchModel.from_source(source)
     evaluation = eval_windows(source, test_text(), args.windows)
-    calib = calibration_windows(source.hf_tokenizer(), [default_calibration_text()], recipe.samples, recipe.seqlen, 0)
+    calib = calibration_windows(source.hf_tokenizer(), default_calibration_texts(), recipe.samples, recipe.seqlen, 0)
     with torch.no_grad():
         final = E.final_hidden(fp.embed, lambda i: fp.blocks[i], config.n_layers,
                                calib if args.tune_lr else calib[:recipe.stat_samples], recipe.forward_batch, False)
@@ -57,7 +57,7 @@ def main() -> None:
     final = final[:recipe.stat_samples]
     cols = E.column_weights(fp.output_norm, final, recipe.shrinkage)
     rows = E.row_weights(calib, config.vocab, recipe.shrinkage)
-    tokens = torch.as_tensor(calibration_tokens(source.hf_tokenizer(), [default_calibration_text()]))
+    tokens = torch.as_tensor(calibration_tokens(source.hf_tokenizer(), default_calibration_texts()))
     counts = torch.bincount(tokens, minlength=config.vocab)[:config.vocab]  # hot rows: the whole text's counts
     w = fp.token_embd.detach()
     weight = rows[:, None] * cols[None, :]

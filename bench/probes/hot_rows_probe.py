@@ -24,7 +24,7 @@ sys.path.insert(0, str(ROOT))
 
 from bench.quality import RESULTS, eval_windows, git_commit, machine, perplexity, test_text  # noqa: E402
 from converter import embedding as E  # noqa: E402
-from converter.calibration import calibration_tokens, calibration_windows, default_calibration_text  # noqa: E402
+from converter.calibration import calibration_tokens, calibration_windows, default_calibration_texts  # noqa: E402
 from converter.pipeline import PRESETS  # noqa: E402
 from converter.sources import open_source  # noqa: E402
 from converter.torch_model import TorchModel  # noqa: E402
@@ -44,7 +44,7 @@ def main() -> None:
     config = source.config
     fp = TorchModel.from_source(source)
     evaluation = eval_windows(source, test_text(), args.windows)
-    calib = calibration_windows(source.hf_tokenizer(), [default_calibration_text()], recipe.samples, recipe.seqlen, 0)
+    calib = calibration_windows(source.hf_tokenizer(), default_calibration_texts(), recipe.samples, recipe.seqlen, 0)
     with torch.no_grad():
         final = E.final_hidden(fp.embed, lambda i: fp.blocks[i], config.n_layers, calib[:recipe.stat_samples],
                                recipe.forward_batch, False)
@@ -52,7 +52,7 @@ def main() -> None:
     w = fp.token_embd.detach().to(torch.float32)
     gtype = E.DENSE[args.cold]
     cold = torch.from_numpy(dequantize_q4(E.quantize_q4(w, cols, gtype), gtype).reshape(w.shape))
-    tokens = torch.as_tensor(calibration_tokens(source.hf_tokenizer(), [default_calibration_text()]))
+    tokens = torch.as_tensor(calibration_tokens(source.hf_tokenizer(), default_calibration_texts()))
     counts = torch.bincount(tokens.reshape(-1), minlength=config.vocab)[:config.vocab]
     test_counts = torch.bincount(evaluation.reshape(-1), minlength=config.vocab)[:config.vocab]
     order = torch.argsort(counts, descending=True, stable=True)

@@ -26,7 +26,7 @@ sys.path.insert(0, str(ROOT))
 
 from bench.quality import RESULTS, eval_windows, fp_perplexity, git_commit, machine, perplexity, test_text  # noqa: E402
 from converter.block_reconstruction import block_outputs  # noqa: E402
-from converter.calibration import calibration_windows, default_calibration_text  # noqa: E402
+from converter.calibration import calibration_windows, default_calibration_texts  # noqa: E402
 from converter.model_reconstruction import reconstruct, teacher_cache  # noqa: E402
 from converter.sources import open_source  # noqa: E402
 from converter.torch_model import TorchModel, load_nq  # noqa: E402
@@ -58,7 +58,7 @@ def main() -> None:
     args = ap.parse_args()
 
     source = open_source(args.model)
-    calib = calibration_windows(source.hf_tokenizer(), [default_calibration_text()],
+    calib = calibration_windows(source.hf_tokenizer(), default_calibration_texts(),
                                 max(args.calib_samples, args.samples), args.seqlen, args.seed)[:args.samples]
     t0 = time.perf_counter()
     with torch.no_grad():
