@@ -68,6 +68,7 @@ def run_ours(preset: str, bits: float, allocation: str, embedding: str | None) -
 # iq4_nl+5120 at 931a890, and quick's to last-block ranks with iq4_nl+3072 at 051a108).
 MEASURED = (
     ("quality-smollm2-135m-quick-emb-iq4_nl+3072-alloc-last-block.json", "nanoquant quick (default since 051a108)"),
+    ("quality-smollm2-135m-quick-b2-alloc-last-block.json", "nanoquant quick (default since 051a108)"),
     ("quality-smollm2-135m-quick-emb-iq4_nl+5120.json", "nanoquant quick, IQ4_NL+5120 table"),
     ("quality-smollm2-135m-quick-emb-binary-512x2.json", "nanoquant quick, binary 512x2 table"),
     ("quality-smollm2-135m-quick-alloc-last-block.json", "nanoquant quick, last-block allocation"),
