@@ -7,6 +7,14 @@ import os
 from pathlib import Path
 
 
+def write_atomically(path: Path, text: str) -> None:
+    """`text` as UTF-8 at `path`, through a `.partial` sibling renamed into place (never a half-written file)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".partial")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+
+
 def cache_dir() -> Path:
     """The project's cache directory (not created here)."""
     if env := os.environ.get("NANOQUANT_CACHE"):

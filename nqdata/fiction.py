@@ -10,15 +10,15 @@ it is built on first use, from what pip can download, and checked against its sh
 from __future__ import annotations
 
 import hashlib
-import os
 import tarfile
 from pathlib import Path
 
-from .cache import cache_dir
+from .cache import cache_dir, write_atomically
 from .downloads import DataError, pip_download
 
+SDIST = "sentencepiece-0.2.3"
 SDIST_REQUIREMENT = "sentencepiece==0.2.3"
-MEMBER = "sentencepiece-0.2.3/test/botchan.txt"
+MEMBER = f"{SDIST}/test/botchan.txt"
 START_MARK = "*** START OF"  # Gutenberg's header ends here; the next line credits the producers
 END_LINE = "--(THE END)--"  # the book's last line; errata and the licence follow
 TEXT_SHA256 = "8eb9a819d3434619c6544248936423009859352635d40a626d58d7c0314d104f"
@@ -28,13 +28,10 @@ def fiction_text() -> Path:
     """Path of the book's text, built on first use."""
     path = cache_dir() / "data" / "botchan" / "botchan.txt"
     if not path.exists():
-        text = book_body(read_member(pip_download(SDIST_REQUIREMENT, "sentencepiece-0.2.3.tar.gz", binary=False)))
+        text = book_body(read_member(pip_download(SDIST_REQUIREMENT, f"{SDIST}.tar.gz", binary=False)))
         if hashlib.sha256(text.encode("utf-8")).hexdigest() != TEXT_SHA256:
             raise DataError(f"{MEMBER} of {SDIST_REQUIREMENT} is not the text this version of nqdata expects")
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + ".partial")
-        tmp.write_text(text, encoding="utf-8")
-        os.replace(tmp, path)
+        write_atomically(path, text)
     return path
 
 

@@ -7,12 +7,11 @@ caches it in the user's cache directory.
 from __future__ import annotations
 
 import bz2
-import os
 import xml.etree.ElementTree as ET
 import zipfile
 from pathlib import Path
 
-from .cache import cache_dir
+from .cache import cache_dir, write_atomically
 from .downloads import DataError, pip_download
 
 WHEEL_REQUIREMENT = "gensim==4.4.0"
@@ -40,11 +39,8 @@ def default_text(split: str) -> Path:
     paths = {s: out / f"enwiki-{s}.txt" for s in SPLITS}
     if not all(p.exists() for p in paths.values()):
         texts = split_articles(articles(read_dump(download_wheel())))
-        out.mkdir(parents=True, exist_ok=True)
         for s, p in paths.items():
-            tmp = p.with_name(p.name + ".partial")
-            tmp.write_text(texts[s], encoding="utf-8")
-            os.replace(tmp, p)
+            write_atomically(p, texts[s])
     return paths[split]
 
 
