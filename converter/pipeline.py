@@ -128,7 +128,8 @@ PRESETS: dict[str, Recipe] = {
                        mitigation=B.TuneSettings(epochs=1, batch=4, lr=1e-4, scale_lr=0.0),
                        refinement=B.TuneSettings(epochs=3, batch=2, lr=3e-2, scale_lr=2e-2),
                        recon_samples=2000, recon_epochs=1, recon_batch=1, recon_lr=5e-3, recon_ce=1.0,
-                       teacher_bf16=True, kl_blocks=2, top_k=512),
+                       teacher_bf16=True, kl_blocks=2, top_k=512,
+                       embedding="iq4_nl+3072", allocation="last-block"),
 }
 
 

@@ -153,6 +153,8 @@ def test_presets_are_consistent():
     quick, standard = P.PRESETS["quick"], P.PRESETS["standard"]
     assert standard.samples * standard.seqlen >= quick.samples * quick.seqlen
     assert dataclasses.asdict(quick) != dataclasses.asdict(standard)
+    for recipe in (quick, standard):  # the measured defaults: spec/CONVERTER.md, "Embedding and head", "Presets"
+        assert (recipe.embedding, recipe.allocation) == ("iq4_nl+3072", "last-block")
 
 
 def test_distillation_windows_beyond_the_block_stage(tmp_path, tiny_preset, monkeypatch):
