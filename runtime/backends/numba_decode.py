@@ -8,14 +8,18 @@ sequence, at positions[t], whose KV cache gets the token's keys and values; cach
 value addresses and its context length (an int64 row, so the kernels need no typed containers). A single sequence decodes with B = 1; a server's batched step runs all its sequences in one
 call, so each chunk of sign tiles is read from memory once for all of them.
 
-Threads: one parallel region per step. Every worker (`prange(workers)`) walks the same sequence of phases; a phase
-is a set of chunks (tiles of rows of one stage of the binary linears, kv heads, query heads), which workers claim one at
-a time from an atomic counter, and a worker leaves a phase when every chunk is done (a second counter). The work is
-shared dynamically, so a worker that starts late, or whose core is taken by another process, delays the others only by
-the chunk it holds: it then finds the finished phases' counters exhausted and passes them. Small serial steps (an
+Threads: one parallel region per step. Every worker (`prange(workers)`) walks the same sequence of phases; a phase is a
+list of chunks (tiles of rows of one stage of the binary linears, kv heads, query heads) cut into one contiguous range
+per worker. A worker claims chunks one at a time from its own range's atomic counter, then from the other ranges'
+(`_claim`), adds how many it finished to the phase's done count once, and leaves the phase when all are done (`_done`).
+Its own range keeps a worker on few paths (fewer lookup tables built twice) and its counter's cache line on its own
+core: a line that moves between cores costs more than a chunk of lookups, and one counter shared by all workers and
+claimed per chunk left the second core little to add (runtime/README.md, "Threads"). Taking from the others' ranges
+keeps the sharing dynamic, so a worker that starts late, or whose core is taken by another process, delays the others
+only by the chunk it holds: it then finds the finished phases' ranges exhausted and passes them. Small serial steps (an
 RMSNorm of the residual, the lookup tables of a stage's input) are recomputed by each worker that needs them instead of
-being a phase of their own; a worker computes them only for a phase in which it then claims a chunk, which is what
-makes the redundant copies safe (while a phase has chunks left, its inputs cannot change).
+being a phase of their own; a worker computes them only for a phase in which it then claims a chunk, which is what makes
+the redundant copies safe (while a phase has chunks left, its inputs cannot change).
 
 A binary linear's stages run on LUT-16 (numba_lut16.py, AVX-512) or, on other CPUs, on LUT-8 tables over the file's
 sign bytes (the same tables as numba_kernels.py); the choice is a literal argument, so each compiled variant holds only
@@ -71,7 +75,7 @@ class Net(NamedTuple):
     work: np.ndarray  # float32 (tokens, ·), shared between workers (projections, attention output, GLU, middles)
     normed: np.ndarray  # float32 (workers, tokens, hidden): each worker's RMSNorm of the residual
     scratch: np.ndarray  # float32 (workers, ·), one row per worker
-    counters: np.ndarray  # int64, two per phase (claimed, done), 64 bytes apart; zero at the start of a step
+    counters: np.ndarray  # int64 per phase: done, then each worker range's claims, 64 bytes apart; zeroed per step
 
 
 # --- synchronisation -----------------------------------------------------------------------------------------------
@@ -130,20 +134,31 @@ def relax(typingctx, spins):
 
 
 @njit(inline="always", **_OPTS)
-def _claim(counters, phase, total):
-    c = atomic_add(counters, 16 * phase, 1)
-    return c if c < total else -1
+def _claim(counters, phase, total, me, workers, k):
+    """(chunk, k): the next of a phase's `total` chunks for worker `me`, or -1 when none is left. Worker w's range
+    is chunks [total·w/W, total·(w+1)/W); a worker takes its own range first, then, once that is empty, the others'
+    ranges in turn (k: how many ranges it has found empty). Each range's counter lives on its own cache line."""
+    base = phase * 8 * (workers + 1)
+    while k < workers:
+        w = me + k
+        if w >= workers:
+            w -= workers
+        hi = total * (w + 1) // workers
+        c = total * w // workers + atomic_add(counters, base + 8 * (w + 1), 1)
+        if c < hi:
+            return c, k
+        k += 1
+    return -1, k
 
 
 @njit(inline="always", **_OPTS)
-def _finish(counters, phase):
-    atomic_add(counters, 16 * phase + 8, 1)
-
-
-@njit(inline="always", **_OPTS)
-def _wait(counters, phase, total):
+def _done(counters, phase, workers, done, total):
+    """Adds the `done` chunks this worker finished to the phase's count, then waits until all `total` are done."""
+    base = phase * 8 * (workers + 1)
+    if done > 0:
+        atomic_add(counters, base, done)
     spins = 0
-    while atomic_load(counters, 16 * phase + 8) < total:
+    while atomic_load(counters, base) < total:
         spins += 1
         relax(spins)
 
@@ -309,15 +324,16 @@ def _stage_chunks(lins, paths, lin0, lin1, column):
 
 
 @njit(inline="always", **_OPTS)
-def _v_phase(simd, net, phase, lin0, lin1, src, so, sc, tokens):
+def _v_phase(simd, net, me, phase, lin0, lin1, src, so, sc, tokens):
     """mid_p[t] = s_mid ⊙ V_p·(s_in ⊙ src[t, so:]) for every path p of linears lin0 ≤ l < lin1 and token t, into the
     shared work."""
     ints, paths, lins, work, vecs, counters = net.ints, net.paths, net.lins, net.work, net.vecs, net.counters
     total = tokens * _stage_chunks(lins, paths, lin0, lin1, P_BR)
     xs, sums, tab = ints[C_S_XS], ints[C_S_SUMS], ints[C_S_TAB]
     held_p = held_t = -1
+    workers, emptied, done = net.scratch.shape[0], 0, 0
     while True:
-        c = _claim(counters, phase, total)
+        c, emptied = _claim(counters, phase, total, me, workers, emptied)
         if c < 0:
             break
         p, t, b0 = -1, 0, 0
@@ -343,8 +359,8 @@ def _v_phase(simd, net, phase, lin0, lin1, src, so, sc, tokens):
         mid, s_mid = paths[p, P_MID], paths[p, P_SMID]
         for i in range(TILE * b0, min(TILE * b1, r)):
             work[t, mid + i] = sc[sums + i - TILE * b0] * vecs[s_mid + i]
-        _finish(counters, phase)
-    _wait(counters, phase, total)
+        done += 1
+    _done(counters, phase, workers, done, total)
 
 
 @njit(inline="always", **_OPTS)
@@ -376,15 +392,16 @@ def _u_rows(simd, ints, lins, paths, vecs, li, b0, b1, sc, slot, acc):
 
 
 @njit(inline="always", **_OPTS)
-def _u_phase(simd, net, phase, lin0, lin1, x, residual, sc, tokens):
+def _u_phase(simd, net, me, phase, lin0, lin1, x, residual, sc, tokens):
     """Outputs of linears lin0 ≤ l < lin1: added to the residual x (residual), else stored at the linear's L_OUT in
     the shared work."""
     ints, paths, lins, work, vecs, counters = net.ints, net.paths, net.lins, net.work, net.vecs, net.counters
     total = tokens * _stage_chunks(lins, paths, lin0, lin1, P_BM)
     acc = ints[C_S_ACC]
     held_li = held_t = -1
+    workers, emptied, done = net.scratch.shape[0], 0, 0
     while True:
-        c = _claim(counters, phase, total)
+        c, emptied = _claim(counters, phase, total, me, workers, emptied)
         if c < 0:
             break
         li, t, b0 = -1, 0, 0
@@ -410,12 +427,12 @@ def _u_phase(simd, net, phase, lin0, lin1, x, residual, sc, tokens):
         else:
             for i in range(lo, min(TILE * b1, m)):
                 work[t, out + i] = sc[acc + i - lo]
-        _finish(counters, phase)
-    _wait(counters, phase, total)
+        done += 1
+    _done(counters, phase, workers, done, total)
 
 
 @njit(inline="always", **_OPTS)
-def _glu_phase(simd, net, phase, gate, sc, tokens):
+def _glu_phase(simd, net, me, phase, gate, sc, tokens):
     """f = act(gate) ⊙ up, rows chunked together: a chunk's gate and up rows come from table slots 0 and 1."""
     ints, paths, lins, work, vecs, counters = net.ints, net.paths, net.lins, net.work, net.vecs, net.counters
     first = lins[gate, L_FIRST]
@@ -428,8 +445,9 @@ def _glu_phase(simd, net, phase, gate, sc, tokens):
     f = ints[C_W_F]
     gelu = ints[C_GELU] != 0
     held_t = -1
+    workers, emptied, done = net.scratch.shape[0], 0, 0
     while True:
-        c = _claim(counters, phase, total)
+        c, emptied = _claim(counters, phase, total, me, workers, emptied)
         if c < 0:
             break
         t = c // per_token
@@ -452,20 +470,21 @@ def _glu_phase(simd, net, phase, gate, sc, tokens):
             for i in range(lo, hi):
                 g = sc[acc + i - lo]
                 work[t, f + i] = g / (np.float32(1.0) + exp32(-g)) * sc[up_acc + i - lo]
-        _finish(counters, phase)
-    _wait(counters, phase, total)
+        done += 1
+    _done(counters, phase, workers, done, total)
 
 
 @njit(inline="always", **_OPTS)
-def _kv_phase(net, phase, layer, positions, caches, sc, rope_at, tokens):
+def _kv_phase(net, me, phase, layer, positions, caches, sc, rope_at, tokens):
     """Per token and kv head: the key's RMSNorm (qk_norm) and RoPE, then key and value stored at the token's position
     in its sequence's cache."""
     ints, work, vecs, counters = net.ints, net.work, net.vecs, net.counters
     kv, d = ints[C_KV], ints[C_HEAD_DIM]
     knorm = net.layers[layer, N_KNORM]
     eps = net.floats[F_EPS]
+    workers, emptied, done = net.scratch.shape[0], 0, 0
     while True:
-        c = _claim(counters, phase, tokens * kv)
+        c, emptied = _claim(counters, phase, tokens * kv, me, workers, emptied)
         if c < 0:
             break
         t, g = c // kv, c % kv
@@ -479,12 +498,12 @@ def _kv_phase(net, phase, layer, positions, caches, sc, rope_at, tokens):
         for k in range(d):
             kc[k] = row[ko + k]
             vc[k] = row[vo + k]
-        _finish(counters, phase)
-    _wait(counters, phase, tokens * kv)
+        done += 1
+    _done(counters, phase, workers, done, tokens * kv)
 
 
 @njit(inline="always", **_OPTS)
-def _attention_phase(net, phase, layer, positions, caches, sc, rope_at, tokens):
+def _attention_phase(net, me, phase, layer, positions, caches, sc, rope_at, tokens):
     """Per token and query head: RMSNorm (qk_norm) and RoPE of the query, then causal attention over the token's
     cache (the last `window` positions on sliding layers), into the shared work."""
     ints, work, floats, vecs, counters = net.ints, net.work, net.floats, net.vecs, net.counters
@@ -495,8 +514,9 @@ def _attention_phase(net, phase, layer, positions, caches, sc, rope_at, tokens):
     qnorm = net.layers[layer, N_QNORM]
     scale, softcap, eps = floats[F_SCALE], floats[F_SOFTCAP], floats[F_EPS]
     q = sc[qo:qo + d]
+    workers, emptied, done = net.scratch.shape[0], 0, 0
     while True:
-        c = _claim(counters, phase, tokens * heads)
+        c, emptied = _claim(counters, phase, tokens * heads, me, workers, emptied)
         if c < 0:
             break
         t, h = c // heads, c % heads
@@ -521,29 +541,38 @@ def _attention_phase(net, phase, layer, positions, caches, sc, rope_at, tokens):
         out = row[ints[C_W_ATT] + h * d:ints[C_W_ATT] + (h + 1) * d]
         for k in range(d):
             out[k] = 0.0
-        for j in range(n):
-            wj = p[j] / total
+        inv = np.float32(1.0) / total
+        j = 0
+        while j + 4 <= n:  # four positions per pass over out: a quarter of its loads and stores
+            w0, w1, w2, w3 = p[j] * inv, p[j + 1] * inv, p[j + 2] * inv, p[j + 3] * inv
+            v0, v1, v2, v3 = vc[lo + j], vc[lo + j + 1], vc[lo + j + 2], vc[lo + j + 3]
+            for k in range(d):
+                out[k] += (w0 * v0[k] + w1 * v1[k]) + (w2 * v2[k] + w3 * v3[k])
+            j += 4
+        for j in range(j, n):
+            wj = p[j] * inv
             for k in range(d):
                 out[k] += wj * vc[lo + j, k]
-        _finish(counters, phase)
-    _wait(counters, phase, tokens * heads)
+        done += 1
+    _done(counters, phase, workers, done, tokens * heads)
 
 
 @njit(inline="always", **_OPTS)
-def _post_norm_phase(net, phase, norm, x, tokens):
+def _post_norm_phase(net, me, phase, norm, x, tokens):
     """x[t] += RMSNorm(the work's W_O buffer of token t), one chunk per token."""
     ints, work, counters = net.ints, net.work, net.counters
     o, n = ints[C_W_O], ints[C_HIDDEN]
+    workers, emptied, done = net.scratch.shape[0], 0, 0
     while True:
-        t = _claim(counters, phase, tokens)
+        t, emptied = _claim(counters, phase, tokens, me, workers, emptied)
         if t < 0:
             break
         row = work[t]
         _rms(row, o, n, net.vecs, norm, net.floats[F_EPS], row, o)
         for i in range(n):
             x[t, i] += row[o + i]
-        _finish(counters, phase)
-    _wait(counters, phase, tokens)
+        done += 1
+    _done(counters, phase, workers, done, tokens)
 
 
 # --- the step ------------------------------------------------------------------------------------------------------
@@ -580,22 +609,22 @@ def _blocks(simd, net, worker, x, positions, caches):
         rope_at = rope + (d if layers[layer, N_SLIDING] else 0)
         for t in range(tokens):
             _rms(x[t], 0, hidden, vecs, layers[layer, N_ATTN], eps, normed[t], 0)
-        _v_phase(simd, net, ph, li + _Q, li + _O, normed, 0, sc, tokens)
-        _u_phase(simd, net, ph + 1, li + _Q, li + _O, x, False, sc, tokens)
-        _kv_phase(net, ph + 2, layer, positions, caches, sc, rope_at, tokens)
-        _attention_phase(net, ph + 3, layer, positions, caches, sc, rope_at, tokens)
-        _v_phase(simd, net, ph + 4, li + _O, li + _GATE, work, ints[C_W_ATT], sc, tokens)
-        _u_phase(simd, net, ph + 5, li + _O, li + _GATE, x, not post, sc, tokens)
+        _v_phase(simd, net, worker, ph, li + _Q, li + _O, normed, 0, sc, tokens)
+        _u_phase(simd, net, worker, ph + 1, li + _Q, li + _O, x, False, sc, tokens)
+        _kv_phase(net, worker, ph + 2, layer, positions, caches, sc, rope_at, tokens)
+        _attention_phase(net, worker, ph + 3, layer, positions, caches, sc, rope_at, tokens)
+        _v_phase(simd, net, worker, ph + 4, li + _O, li + _GATE, work, ints[C_W_ATT], sc, tokens)
+        _u_phase(simd, net, worker, ph + 5, li + _O, li + _GATE, x, not post, sc, tokens)
         if post:
-            _post_norm_phase(net, ph + 6, layers[layer, N_POST_ATTN], x, tokens)
+            _post_norm_phase(net, worker, ph + 6, layers[layer, N_POST_ATTN], x, tokens)
         for t in range(tokens):
             _rms(x[t], 0, hidden, vecs, layers[layer, N_FFN], eps, normed[t], 0)
-        _v_phase(simd, net, ph + 7, li + _GATE, li + _DOWN, normed, 0, sc, tokens)
-        _glu_phase(simd, net, ph + 8, li + _GATE, sc, tokens)
-        _v_phase(simd, net, ph + 9, li + _DOWN, li + _LINEARS, work, ints[C_W_F], sc, tokens)
-        _u_phase(simd, net, ph + 10, li + _DOWN, li + _LINEARS, x, not post, sc, tokens)
+        _v_phase(simd, net, worker, ph + 7, li + _GATE, li + _DOWN, normed, 0, sc, tokens)
+        _glu_phase(simd, net, worker, ph + 8, li + _GATE, sc, tokens)
+        _v_phase(simd, net, worker, ph + 9, li + _DOWN, li + _LINEARS, work, ints[C_W_F], sc, tokens)
+        _u_phase(simd, net, worker, ph + 10, li + _DOWN, li + _LINEARS, x, not post, sc, tokens)
         if post:
-            _post_norm_phase(net, ph + 11, layers[layer, N_POST_FFN], x, tokens)
+            _post_norm_phase(net, worker, ph + 11, layers[layer, N_POST_FFN], x, tokens)
 
 
 @njit(**_OPTS)
@@ -697,7 +726,7 @@ class FusedBlocks:
         self.layers = np.array(layers, np.int64)
         self.vecs = np.concatenate(vecs) if vecs else np.zeros(1, np.float32)
         self.floats = np.array([cfg.norm_eps, cfg.attention_scale, cfg.attn_softcap], np.float32)
-        self.counters = np.zeros(16 * PHASES * len(model.blocks), np.int64)
+        self.counters = _aligned((8 * (workers + 1) * PHASES * len(model.blocks),), np.int64)
         self._hidden, self._mid_size = cfg.hidden, mid_size
         # a worker's scratch regions (offset key, floats), then the RoPE tables of every token, then the scores
         self._regions = ((C_S_XS, 32 * max_wn), (C_S_SUMS, TILE * CHUNK), (C_S_ACC, 2 * TILE * CHUNK), (C_S_Q, d),

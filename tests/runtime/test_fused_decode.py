@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from nqfmt import open_nq
-from runtime.backends import get_backend, numba_lut16
+from runtime.backends import get_backend, numba_decode as nd, numba_lut16
 from runtime.backends.numba_cpu import NumbaBackend
 from runtime.model import Model
 from synthetic_variants import VARIANTS
@@ -57,6 +57,31 @@ def test_fused_step_of_several_sequences_equals_each_alone(variant_files, varian
         np.testing.assert_array_equal(model._fused(x[t:t + 1], positions[t:t + 1], [alone[t]])[0], together[t])
         np.testing.assert_array_equal(alone[t].k, caches[t].k)
         np.testing.assert_array_equal(alone[t].v, caches[t].v)
+
+
+@pytest.mark.parametrize("simd", STAGES)
+@pytest.mark.parametrize("workers", [2, 3, 5])
+def test_any_number_of_workers_gives_the_same_bits(variant_files, simd, workers):
+    """Every chunk is computed the same way whichever worker takes it, so a step's outputs and cache entries do not
+    depend on the number of workers: more workers than threads (a worker runs after another has finished, its range
+    taken by the others), ranges of unequal length, some empty (3 sequences' kv heads over 5 workers)."""
+    model = Model(open_nq(variant_files["llama-2path-mid"]), NumbaBackend(threads=1, exact=True, simd=simd))
+    many = nd.FusedBlocks(model, simd, workers)
+    rng = np.random.default_rng(37)
+    positions = np.array([4, 0, 11])
+    caches = {n: [model.new_cache(16) for _ in positions] for n in ("one", "many")}
+    for i, p in enumerate(positions):
+        keys, values = rng.standard_normal(caches["one"][i].k.shape), rng.standard_normal(caches["one"][i].v.shape)
+        for n in caches:
+            caches[n][i].k[:], caches[n][i].v[:] = keys, values
+    x = rng.standard_normal((len(positions), model.config.hidden)).astype(np.float32)
+    for step in range(3):
+        one, out = model._fused(x, positions + step, caches["one"]), many(x, positions + step, caches["many"])
+        np.testing.assert_array_equal(out, one)
+        x = np.tanh(one)
+    for a, b in zip(caches["one"], caches["many"]):
+        np.testing.assert_array_equal(a.k, b.k)
+        np.testing.assert_array_equal(a.v, b.v)
 
 
 @pytest.mark.parametrize("simd", STAGES)
