@@ -66,6 +66,9 @@ PARALLEL_MIN_ATTENTION = 4096  # query × key pairs (× heads) of one attention 
 # binary_path_lanes, LANES tokens per task; up to LANES tokens that is one task, run serially. The head's
 # several-token kernel is for a batched step's few rows.
 HEAD_DOTS_MAX_TOKENS = 2 * nk.DOT_TOKENS
+# The int8 head runs on the threads from this many rows × tokens: a hot-row table's 3072-row Q8_0 part took 40 µs
+# for one token serially and 62 µs on 2 threads (its 46080-row IQ4_NL part 671 → 388 µs).
+HEAD_PARALLEL_MIN_ROWS = 8192
 # A decoding step (one token per sequence) runs fused (numba_decode.py). A ragged step (a prompt slice beside decoding
 # sequences) whose products would all stay serial by that rule instead splits its sequences over the threads
 # (step_threads): each thread runs its sequences through every block, its own ops serial. Each thread's ~14 Python
@@ -363,8 +366,10 @@ class NumbaBackend(Backend):
         """The head of a 4-bit or Q8_0 table with x quantized to int8 per block (numba_vnni.py), for any number of
         tokens; into `out` at `columns` (a hot-row table's part) when given."""
         q4 = isinstance(table, nt.Q4Table)
+        rows = (table.raw if q4 else table.data).shape[0]
         if out is None:
-            out = np.empty((x.shape[0], (table.raw if q4 else table.data).shape[0]), np.float32)
-        kernel = vnni.head_parallel if self.threads > 1 else vnni.head_serial
-        kernel(*table.tiles, table.lut if q4 else vnni.NO_LUT, x, out, q4, columns)
+            out = np.empty((x.shape[0], rows), np.float32)
+        parallel = self.threads > 1 and rows * x.shape[0] >= HEAD_PARALLEL_MIN_ROWS
+        (vnni.head_parallel if parallel else vnni.head_serial)(*table.tiles, table.lut if q4 else vnni.NO_LUT, x, out,
+                                                                 q4, columns)
         return out
