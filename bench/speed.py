@@ -25,7 +25,9 @@ KV cache + 50 MB; llama.cpp's absolute peak RSS is reported beside ours.
 
 Usage: python -m bench.speed [--model smollm2-135m|qwen2.5-1.5b|llama-2-7b] [--nq [LABEL=]FILE ...]
        [--embedding f16 q8_0 ...] [--llama-config default|no-repack|both] [--rounds 3] [--threads 1 2] [--tokens 128]
-       [--work DIR]
+       [--work DIR] [--llama-build DIR]
+--llama-build DIR times the llama-cpp-python installed there (`pip install --target DIR`, e.g. built without AMX);
+the JSON records the build the workers imported (version, path, ggml's CPU features) in any case.
 Writes bench/results/speed-<model>-<UTC time>.json (or into --out).
 """
 from __future__ import annotations
@@ -207,8 +209,19 @@ def _worker_cmd(kind: str, *args) -> list[str]:
     return [sys.executable, "-m", "bench.speed", "--worker", kind, json.dumps(args)]
 
 
+LLAMA_BUILD: list[str] = []  # --llama-build: a directory holding another llama-cpp-python, first on the workers' path
+
+
 def _env() -> dict:
-    return dict(os.environ, PYTHONPATH=str(ROOT))
+    return dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), *LLAMA_BUILD]))
+
+
+def llama_build() -> dict:
+    """The llama-cpp-python the workers import: version, location and the CPU features ggml was built with."""
+    code = ("import json, llama_cpp, llama_cpp.llama_cpp as lc; print(json.dumps(dict(version=llama_cpp.__version__, "
+            "path=llama_cpp.__file__, system_info=lc.llama_print_system_info().decode().strip())))")
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, env=_env())
+    return json.loads(res.stdout) if res.returncode == 0 else dict(error=res.stderr[-500:])
 
 
 def run_worker(kind: str, *args) -> dict:
@@ -412,6 +425,9 @@ def main() -> None:
                     default=Path(os.environ.get("NANOQUANT_BENCH_DIR", Path(tempfile.gettempdir()) / "nq-bench")))
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results", help="directory of the JSON")
     ap.add_argument("--no-llama", action="store_true", help="measure only our files")
+    ap.add_argument("--llama-build", type=Path, default=None, metavar="DIR",
+                    help="time the llama-cpp-python installed in DIR (pip install --target DIR) instead of this "
+                         "environment's, e.g. one built without AMX where the default build's AMX buffers crash")
     ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     ap.add_argument("args", nargs="?", help=argparse.SUPPRESS)
     a = ap.parse_args()
@@ -420,6 +436,10 @@ def main() -> None:
         return
     if a.rounds < 1 or a.tokens < 1 or not a.threads or min(a.threads) < 1:
         raise SystemExit("error: --rounds, --tokens and every --threads value must be at least 1")
+    if a.llama_build is not None:
+        if not (a.llama_build / "llama_cpp").is_dir():
+            raise SystemExit(f"error: --llama-build {a.llama_build}: no llama_cpp package in it")
+        LLAMA_BUILD.append(str(a.llama_build.resolve()))
     a.work.mkdir(parents=True, exist_ok=True)
     embeddings = a.embedding if a.embedding is not None else ([] if a.nq else ["f16", "q8_0", "iq4_nl"])
     ours = parse_nq(a.nq) + synthetic_files(a.model, embeddings, a.work)
@@ -481,6 +501,7 @@ def main() -> None:
                       statistic="best of rounds", llama_config_requested=a.llama_config,
                       llama_default_fallback=fallback, command="python -m bench.speed " + " ".join(sys.argv[1:])),
         engines=[asdict(e) for e in engines], our_files=files, llama_files=llama_types, llama_default_probe=probes,
+        llama_build=None if a.no_llama else llama_build(),
         best=best, ratios=rat, memory=memory, runs=runs)
     a.out.mkdir(parents=True, exist_ok=True)
     out = a.out / f"speed-{a.model}-{datetime.now(timezone.utc):%Y%m%dT%H%M%SZ}.json"

@@ -66,3 +66,15 @@ def test_parse_nq_labels(tmp_path):
     assert speed.parse_nq([str(f), f"iq4={f}"]) == [("quick-iq4", f), ("iq4", f)]
     with pytest.raises(SystemExit, match="not a file"):
         speed.parse_nq([str(tmp_path / "missing.nq")])
+
+
+def test_the_llama_build_dir_comes_first_on_the_workers_path_and_is_recorded(monkeypatch, tmp_path):
+    """--llama-build DIR: the workers import DIR's llama_cpp, and the JSON names the build they imported."""
+    fake = tmp_path / "build" / "llama_cpp"
+    fake.mkdir(parents=True)
+    (fake / "__init__.py").write_text("__version__ = '9.9.9-test'\n")
+    (fake / "llama_cpp.py").write_text("def llama_print_system_info():\n    return b'CPU : AVX512 = 1 | AMX_INT8 = 0 | '\n")
+    monkeypatch.setattr(speed, "LLAMA_BUILD", [str(tmp_path / "build")])
+    build = speed.llama_build()
+    assert build["version"] == "9.9.9-test" and build["path"].startswith(str(fake))
+    assert build["system_info"] == "CPU : AVX512 = 1 | AMX_INT8 = 0 |"
