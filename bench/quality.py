@@ -120,6 +120,8 @@ def main() -> None:
                                                       "names the JSON -emb-<choice>")
     ap.add_argument("--allocation", default=None, help="an --allocation rule of nqconvert (uniform, fisher, "
                                                        "last-block; default: the preset's); names the JSON -alloc-<rule>")
+    ap.add_argument("--kl-blocks", type=int, default=None, help="the last N blocks tuned on the output KL "
+                                                                 "(default: the preset's)")
     ap.add_argument("--no-error-mitigation", action="store_true")
     ap.add_argument("--no-refine", action="store_true")
     ap.add_argument("--no-model-recon", action="store_true")
@@ -136,6 +138,7 @@ def main() -> None:
     ablation += [f"seed{args.seed}"] if args.seed else []
     ablation += [f"emb-{args.embedding.replace(':', '-')}"] if args.embedding else []
     ablation += [f"alloc-{args.allocation}"] if args.allocation else []
+    ablation += [f"kl{args.kl_blocks}"] if args.kl_blocks is not None else []
     calib = args.calib or default_calibration_texts()
     ablation += [f"calib-{hashlib.sha256(read_texts(calib).encode('utf-8')).hexdigest()[:8]}"] if args.calib else []
     name = "-".join([f"quality-{Path(args.model).name}-{args.preset}"]
@@ -153,7 +156,8 @@ def main() -> None:
     summary = convert(Options(model=args.model, out=out, bits=args.bits, preset=args.preset, seed=args.seed,
                               threads=args.threads, error_mitigation=not args.no_error_mitigation,
                               refine=not args.no_refine, model_recon=not args.no_model_recon,
-                              embedding=args.embedding, allocation=args.allocation, resume=args.resume,
+                              embedding=args.embedding, allocation=args.allocation, kl_blocks=args.kl_blocks,
+                              resume=args.resume,
                               calib=calib if args.calib else ()),
                       LineReporter(sys.stdout))
     convert_seconds = time.perf_counter() - t0
@@ -169,6 +173,7 @@ def main() -> None:
         "load_average_after_convert": load_after_convert, "load_average_end": os.getloadavg(),
         "settings": {"model": args.model, "preset": args.preset, "bits": args.bits, "seed": args.seed,
                      "threads": torch.get_num_threads(), "embedding": args.embedding, "allocation": args.allocation,
+                     "kl_blocks": args.kl_blocks,
                      "error_mitigation": not args.no_error_mitigation,
                      "refine": not args.no_refine, "model_recon": not args.no_model_recon,
                      "text": str(text), "text_sha256": file_sha256(text),

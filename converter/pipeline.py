@@ -152,6 +152,7 @@ class Options:
     model_recon: bool = True
     embedding: str | None = None  # None: the preset's
     allocation: str | None = None  # None: the preset's
+    kl_blocks: int | None = None  # None: the preset's
 
     def recipe(self) -> Recipe:
         if self.preset not in PRESETS:
@@ -173,6 +174,10 @@ class Options:
             if self.allocation not in ALLOCATIONS:
                 raise ConversionError(f"unknown allocation {self.allocation!r} (choose from: {', '.join(ALLOCATIONS)})")
             over["allocation"] = self.allocation
+        if self.kl_blocks is not None:
+            if self.kl_blocks < 0:
+                raise ConversionError(f"kl_blocks must be at least 0, got {self.kl_blocks}")
+            over["kl_blocks"] = self.kl_blocks
         return dataclasses.replace(r, **over)
 
 
