@@ -278,9 +278,9 @@ class NQFile:
 
     def _check_tensors(self) -> None:
         expected = file_specs(self.config, self.linears, self.tables[K.EMBD_TABLE], self.tables.get(K.OUTPUT_TABLE))
-        names = [s.name for s in expected]
+        names = {s.name for s in expected}
         for name in self.tensors:
-            if name not in set(names):
+            if name not in names:
                 raise NQFormatError(f"unexpected tensor {name!r}")
         for spec in expected:
             info = self.tensors.get(spec.name)

@@ -1,16 +1,16 @@
 """Text ↔ token ids with the file's embedded Hugging Face `tokenizer.json`, through the `tokenizers` library: the
 exact tokenizer the model was trained with, no reimplementation (spec/EVALUATION.md §5).
 
-The tokenizer.json comes with the file, so it is checked before the library reads it (a JSON object with a known
-model type, under MAX_JSON_CHARS), its padding and truncation settings are dropped (the runtime encodes one text at
-a time and never pads or truncates it; a fixed padding length of 2^31 made the library allocate 8 GiB and abort),
-it must encode a sample text at load, and whatever the library raises (including a Rust panic, which is not an
-Exception, and whose report the library prints itself: dropped while the tokenizer loads) becomes one NQRunError
-line.
+The tokenizer.json comes with the file, so it is checked: under MAX_JSON_CHARS before the library reads it; then
+parsed once, by the library (parsing it in Python as well cost ~35 ms of the time to first token), whose tokenizer
+must have a model of a known type; its padding and truncation are switched off before anything is encoded (the
+runtime encodes one text at a time and never pads or truncates it; a fixed padding length of 2^31 made the library
+allocate 8 GiB and abort); it must encode a sample text at load; and whatever the library raises (including a Rust
+panic, which is not an Exception, and whose report the library prints itself: dropped while the tokenizer loads)
+becomes one NQRunError line.
 """
 from __future__ import annotations
 
-import json
 import os
 import secrets
 import sys
@@ -39,29 +39,16 @@ def _library_error(e: BaseException) -> bool:
     return isinstance(e, Exception) or type(e).__name__ == "PanicException"
 
 
-def checked_json(text: str) -> str:
-    """The file's tokenizer.json as the runtime loads it: refused in one line unless it is a JSON object with a
-    known model type; padding and truncation dropped."""
+def check_size(text: str) -> str:
+    """The file's tokenizer.json, refused in one line when it is longer than MAX_JSON_CHARS."""
     if len(text) > MAX_JSON_CHARS:
         raise NQRunError(f"the file's tokenizer.json has {len(text)} characters, more than {MAX_JSON_CHARS}")
-    try:
-        data = json.loads(text)
-    except (ValueError, RecursionError) as e:
-        raise NQRunError(f"the file's tokenizer.json is not valid JSON ({one_line(e)})") from None
-    model = data.get("model") if isinstance(data, dict) else None
-    if not isinstance(model, dict) or model.get("type") not in MODEL_TYPES:
-        kind = model.get("type") if isinstance(model, dict) else None
-        raise NQRunError(f"the file's tokenizer.json has no model of a known type (found {kind!r}; known: "
-                         f"{', '.join(MODEL_TYPES)})")
-    if data.get("padding") is None and data.get("truncation") is None:
-        return text  # nothing to drop: skips re-serializing a JSON of megabytes at every load
-    data["padding"] = data["truncation"] = None
-    return json.dumps(data)
+    return text
 
 
 class Tokenizer:
     def __init__(self, info: TokenizerInfo) -> None:
-        self._json = checked_json(info.json)
+        self._json = check_size(info.json)
         with _library_stderr_dropped():  # a Rust panic prints its own report there before it is raised
             self._tok = _load(self._json)
             self._encode("Hello, world! 123", "the file's tokenizer cannot encode text")
@@ -207,14 +194,22 @@ def _library_stderr_dropped() -> Iterator[None]:
 
 
 def _load(text: str):
+    """The library's tokenizer of `text`, with a model of a known type, never padding or truncating."""
     from tokenizers import Tokenizer as HFTokenizer
 
     try:
-        return HFTokenizer.from_str(text)
+        tok = HFTokenizer.from_str(text)
     except BaseException as e:
         if not _library_error(e):
             raise
         raise NQRunError(f"the file's tokenizer.json cannot be loaded ({one_line(e)})") from None
+    kind = type(tok.model).__name__
+    if kind not in MODEL_TYPES:
+        raise NQRunError(f"the file's tokenizer.json has no model of a known type (found {kind!r}; known: "
+                         f"{', '.join(MODEL_TYPES)})")
+    tok.no_padding()
+    tok.no_truncation()
+    return tok
 
 
 class TextStream:
