@@ -122,6 +122,7 @@ def main() -> None:
                                                        "last-block; default: the preset's); names the JSON -alloc-<rule>")
     ap.add_argument("--kl-blocks", type=int, default=None, help="the last N blocks tuned on the output KL "
                                                                  "(default: the preset's)")
+    ap.add_argument("--recon-samples", type=int, default=None, help="distillation windows (default: the preset's)")
     ap.add_argument("--no-error-mitigation", action="store_true")
     ap.add_argument("--no-refine", action="store_true")
     ap.add_argument("--no-model-recon", action="store_true")
@@ -139,6 +140,7 @@ def main() -> None:
     ablation += [f"emb-{args.embedding.replace(':', '-')}"] if args.embedding else []
     ablation += [f"alloc-{args.allocation}"] if args.allocation else []
     ablation += [f"kl{args.kl_blocks}"] if args.kl_blocks is not None else []
+    ablation += [f"recon{args.recon_samples}"] if args.recon_samples is not None else []
     calib = args.calib or default_calibration_texts()
     ablation += [f"calib-{hashlib.sha256(read_texts(calib).encode('utf-8')).hexdigest()[:8]}"] if args.calib else []
     name = "-".join([f"quality-{Path(args.model).name}-{args.preset}"]
@@ -157,7 +159,7 @@ def main() -> None:
                               threads=args.threads, error_mitigation=not args.no_error_mitigation,
                               refine=not args.no_refine, model_recon=not args.no_model_recon,
                               embedding=args.embedding, allocation=args.allocation, kl_blocks=args.kl_blocks,
-                              resume=args.resume,
+                              recon_samples=args.recon_samples, resume=args.resume,
                               calib=calib if args.calib else ()),
                       LineReporter(sys.stdout))
     convert_seconds = time.perf_counter() - t0
@@ -173,7 +175,7 @@ def main() -> None:
         "load_average_after_convert": load_after_convert, "load_average_end": os.getloadavg(),
         "settings": {"model": args.model, "preset": args.preset, "bits": args.bits, "seed": args.seed,
                      "threads": torch.get_num_threads(), "embedding": args.embedding, "allocation": args.allocation,
-                     "kl_blocks": args.kl_blocks,
+                     "kl_blocks": args.kl_blocks, "recon_samples": args.recon_samples,
                      "error_mitigation": not args.no_error_mitigation,
                      "refine": not args.no_refine, "model_recon": not args.no_model_recon,
                      "text": str(text), "text_sha256": file_sha256(text),

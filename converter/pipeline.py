@@ -153,6 +153,7 @@ class Options:
     embedding: str | None = None  # None: the preset's
     allocation: str | None = None  # None: the preset's
     kl_blocks: int | None = None  # None: the preset's
+    recon_samples: int | None = None  # distillation windows; None: the preset's
 
     def recipe(self) -> Recipe:
         if self.preset not in PRESETS:
@@ -174,6 +175,10 @@ class Options:
             if self.allocation not in ALLOCATIONS:
                 raise ConversionError(f"unknown allocation {self.allocation!r} (choose from: {', '.join(ALLOCATIONS)})")
             over["allocation"] = self.allocation
+        if self.recon_samples is not None:
+            if self.recon_samples < 1:
+                raise ConversionError(f"recon_samples must be at least 1, got {self.recon_samples}")
+            over["recon_samples"] = self.recon_samples
         if self.kl_blocks is not None:
             if self.kl_blocks < 0:
                 raise ConversionError(f"kl_blocks must be at least 0, got {self.kl_blocks}")
