@@ -18,7 +18,7 @@ def tiny(tmp_path_factory):
     d = tmp_path_factory.mktemp("cli")
     hf_tiny.save("llama", d / "llama")
     rng = random.Random(2)
-    (d / "calib.txt").write_text("".join(rng.choice("ab") for _ in range(300)))
+    (d / "calib.txt").write_text("".join(rng.choice("ab") for _ in range(600)))
     return d
 
 
