@@ -3,11 +3,11 @@ exact tokenizer the model was trained with, no reimplementation (spec/EVALUATION
 
 The tokenizer.json comes with the file, so it is checked: under MAX_JSON_CHARS before the library reads it; then
 parsed once, by the library (a second parse in Python would add to the time to first token, runtime/README.md),
-whose tokenizer must have a model of a known type; its padding and truncation are switched off before anything is encoded (the
-runtime encodes one text at a time and never pads or truncates it; a fixed padding length of 2^31 made the library
-allocate 8 GiB and abort); it must encode a sample text at load; and whatever the library raises (including a Rust
-panic, which is not an Exception, and whose report the library prints itself: dropped while the tokenizer loads)
-becomes one NQRunError line.
+whose tokenizer must have a model of a known type; its padding and truncation are switched off before anything is
+encoded (the runtime encodes one text at a time and never pads or truncates it; a fixed padding length of 2^31 made
+the library allocate 8 GiB and abort); it must encode a sample text at load; and whatever the library raises
+(including a Rust panic, which is not an Exception, and whose report the library prints itself: dropped while the
+tokenizer loads) becomes one NQRunError line.
 """
 from __future__ import annotations
 
