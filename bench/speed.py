@@ -212,8 +212,17 @@ def _worker_cmd(kind: str, *args) -> list[str]:
 LLAMA_BUILD: list[str] = []  # --llama-build: a directory holding another llama-cpp-python, first on the workers' path
 
 
+def child_env(*paths: str) -> dict:
+    """The environment of a timed child process: `paths` first on PYTHONPATH, and Python's default bytecode cache.
+    PYTHONDONTWRITEBYTECODE (set on some sandboxes) would make every start compile this repository's modules from
+    source, a cost no installed package pays (pip writes their .pyc at install), so it is dropped here."""
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONDONTWRITEBYTECODE"}
+    env["PYTHONPATH"] = os.pathsep.join([*paths, *filter(None, [os.environ.get("PYTHONPATH")])])
+    return env
+
+
 def _env() -> dict:
-    return dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), *LLAMA_BUILD]))
+    return child_env(str(ROOT), *LLAMA_BUILD)
 
 
 def llama_build() -> dict:
@@ -498,7 +507,8 @@ def main() -> None:
                                  "prompt PROMPT of bench/speed.py; the long one the first 512 tokens of the first "
                                  f"{ids['text_chars']} characters of nqdata's test text; the same ids for every engine"
                                  + ids_note,
-                      statistic="best of rounds", llama_config_requested=a.llama_config,
+                      statistic="best of rounds", bytecode_cache="Python's default (see child_env)",
+                      llama_config_requested=a.llama_config,
                       llama_default_fallback=fallback, command="python -m bench.speed " + " ".join(sys.argv[1:])),
         engines=[asdict(e) for e in engines], our_files=files, llama_files=llama_types, llama_default_probe=probes,
         llama_build=None if a.no_llama else llama_build(),

@@ -163,8 +163,8 @@ class Model:
         def attend(layer: int, q: Any, k: Any, v: Any, window: int) -> Any:
             return be.attention(cache, layer, q, k, v, pos0, window, cfg.attention_scale, cfg.attn_softcap)
 
-        if t == 1 and self._fused is not None:
-            x = self._fused(self._embed(ids), np.array([pos0]), [cache])
+        if self._fused is not None and t <= self._fused.max_tokens:
+            x = self._fused(self._embed(ids), np.arange(pos0, pos0 + t), [cache] * t)
         else:
             x = self._decoder(ids, np.arange(pos0, pos0 + t), attend)
         return self._logits(x if all_logits else x[-1:])
@@ -188,9 +188,11 @@ class Model:
         for pos, n, cache in zip(positions, counts, caches):
             if not (0 <= pos and pos + n <= cache.n_ctx):
                 raise NQRunError(f"positions {pos}..{pos + n - 1} are outside the context of {cache.n_ctx}")
-        if len(ids) == len(caches) and self._fused is not None:  # one token per sequence: a decoding step
-            return self._logits(self._fused(self._embed(ids), positions, caches))
         ends = np.cumsum(counts)
+        if self._fused is not None and (len(ids) == len(caches) or len(ids) <= self._fused.max_tokens):
+            token_positions = np.concatenate([np.arange(p, p + n) for p, n in zip(positions, counts)])
+            x = self._fused(self._embed(ids), token_positions, [c for c, n in zip(caches, counts) for _ in range(n)])
+            return self._logits(x if len(x) == len(caches) else x[ends - 1])
 
         def run(lo: int, hi: int) -> Any:  # sequences lo..hi-1 through every block
             def attend(layer: int, q: Any, k: Any, v: Any, window: int) -> Any:

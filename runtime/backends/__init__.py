@@ -108,9 +108,10 @@ class Backend(ABC):
 
     def fused_blocks(self, model: Any) -> Any | None:
         """A callable f(x, positions, caches) running every decoder block of `model` in one call for B tokens, token
-        t the next of its own sequence, at positions[t] with KV cache caches[t] (x: the embedded tokens (B, hidden);
-        returns the last block's outputs), or None: the model then runs its ops one by one. Its result equals the
-        op-by-op pass up to float rounding."""
+        t at positions[t] of the sequence whose KV cache is caches[t] (x: the embedded tokens (B, hidden); returns
+        the last block's outputs), or None: the model then runs its ops one by one. Tokens sharing a cache are a
+        prompt's, attending causally to each other. Its `max_tokens` is the most tokens the model hands one call
+        beyond one per sequence. Its result equals the op-by-op pass up to float rounding."""
         return None
 
     # --- ops ----------------------------------------------------------------------------------------------------

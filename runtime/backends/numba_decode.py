@@ -42,6 +42,7 @@ from .numba_lut16 import TILE, build_tables, lookup_tile
 
 _OPTS = dict(fastmath=True, cache=True, nogil=True, error_model="numpy")  # no zero check per division: loops vectorize
 CHUNK = 4  # tiles (of 16 rows) per claimed chunk of a linear stage
+PROMPT_TOKENS = 128  # the most tokens of a prompt a threaded call takes (runtime/README.md, "Prefill")
 SPINS_BEFORE_YIELD = 2000  # busy-wait rounds before a waiting worker yields its core
 _I64 = types.Array(types.int64, 1, "C")
 _X86 = binding.get_default_triple().startswith(("x86_64", "i686", "i386"))
@@ -665,14 +666,17 @@ def _round16(n: int) -> int:
 
 class FusedBlocks:
     """The decode step of a model on the numba backend: `self(x, positions, caches)` runs every block for B tokens,
-    token t of its own sequence (caches[t]) at positions[t].
+    token t at positions[t] of the sequence whose cache is caches[t].
 
     `simd` picks LUT-16 (the backend's paths carry repacked tiles) or LUT-8 (the file's sign bytes); `workers` is the
-    number of threads that share each step (1: no parallel region at all)."""
+    number of threads that share each step (1: no parallel region at all). `max_tokens`: the most tokens a call
+    should take; beyond one per sequence they are a prompt's (several tokens of one cache), which a threaded call
+    spreads over the cores better than the op-by-op prefill up to PROMPT_TOKENS."""
 
     def __init__(self, model, simd: bool, workers: int) -> None:
         cfg = model.config
         self.simd, self.workers = simd, workers
+        self.max_tokens = PROMPT_TOKENS if workers > 1 else 1
         table_word = 8 * TILE if simd else 1024  # table floats per 32 inputs
         vecs: list[np.ndarray] = []
         size = 0
@@ -758,7 +762,9 @@ class FusedBlocks:
 
     def __call__(self, x: np.ndarray, positions: np.ndarray, caches: list) -> np.ndarray:
         """x (B, hidden) float32, the embedded tokens, token t at position positions[t] of the sequence whose cache is
-        caches[t] → the last block's outputs (B, hidden); each token's keys and values go into its cache."""
+        caches[t] → the last block's outputs (B, hidden); each token's keys and values go into its cache. Tokens that
+        share a cache (a prompt) see each other's keys causally: every key of the step is stored before any token
+        attends."""
         out = np.array(x, np.float32).reshape(len(caches), -1)
         self._fit(len(caches), max(c.k.shape[2] for c in caches))
         self.counters.fill(0)

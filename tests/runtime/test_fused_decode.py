@@ -1,6 +1,6 @@
 """The numba backend's fused decode step (numba_decode.py: every block of a decoding step in one compiled call) against
 the float64 numpy reference, for every architecture variant, LUT-16 and LUT-8 stages, one worker and two; and a step
-of several sequences against each sequence alone."""
+of several sequences against each sequence alone; prompts through the fused blocks against the op-by-op prefill."""
 import numpy as np
 import pytest
 
@@ -97,6 +97,73 @@ def test_fused_decode_past_a_sliding_window_equals_op_by_op(variant_files, simd)
     model, plain = decode_logits(nq, op_by_op, ids, 3)
     assert model._fused is None
     assert np.abs(fused - plain).max() <= 1e-5 * np.abs(plain).max()
+
+
+def _op_by_op(threads: int, simd: bool) -> NumbaBackend:
+    backend = NumbaBackend(threads=threads, exact=True, simd=simd)
+    backend.fused_blocks = lambda model: None
+    return backend
+
+
+@pytest.mark.parametrize("simd", STAGES)
+@pytest.mark.parametrize("variant", ["llama-2path-mid", "mistral-sliding", "gemma3", "qwen3"])
+def test_fused_prompt_equals_op_by_op_prefill(variant_files, variant, simd):
+    """With threads, a prompt of up to max_tokens runs through the fused blocks, its tokens sharing one cache and
+    attending causally to each other (past the sliding window of 7 on mistral-sliding), here a prompt of 12 tokens
+    and then 9 more after it: every token's logits and the cache's keys and values equal the op-by-op prefill's up
+    to float rounding."""
+    nq = open_nq(variant_files[variant])
+    ids = np.random.default_rng(41).integers(0, nq.config.vocab, size=21)
+    results = {}
+    for name, backend in (("fused", NumbaBackend(threads=2, exact=True, simd=simd)), ("plain", _op_by_op(2, simd))):
+        model = Model(nq, backend)
+        cache = model.new_cache(32)
+        logits = [model.forward(ids[:12], 0, cache, all_logits=True), model.forward(ids[12:], 12, cache,
+                                                                                    all_logits=True)]
+        results[name] = np.concatenate(logits), cache.k[:, :, :21].copy(), cache.v[:, :, :21].copy()
+        assert (model._fused is not None and model._fused.max_tokens >= 12) == (name == "fused")
+    for got, want in zip(results["fused"], results["plain"]):
+        assert np.abs(got - want).max() <= 1e-5 * np.abs(want).max()
+
+
+@pytest.mark.parametrize("simd", STAGES)
+def test_step_of_prompts_and_next_tokens_is_each_sequence_alone(variant_files, simd):
+    """A batched step mixing a new prompt, a decoding token and a continuation (7, 1 and 4 tokens) runs as one fused
+    call; each sequence's logits and cache are bit for bit those of forward() on its own tokens."""
+    nq = open_nq(variant_files["mistral-sliding"])
+    model = Model(nq, NumbaBackend(threads=2, exact=True, simd=simd))
+    rng = np.random.default_rng(43)
+    counts, positions = np.array([7, 1, 4]), np.array([0, 9, 3])
+    ids = rng.integers(0, nq.config.vocab, size=int(counts.sum()))
+    history = rng.integers(0, nq.config.vocab, size=9)
+    caches, alone = [model.new_cache(24) for _ in counts], [model.new_cache(24) for _ in counts]
+    for c in (caches, alone):
+        model.forward(history, 0, c[1])
+        model.forward(history[:3], 0, c[2])
+    together = model.step(ids, positions, caches, counts)
+    ends = np.cumsum(counts)
+    for b in range(len(counts)):
+        want = model.forward(ids[ends[b] - counts[b]:ends[b]], positions[b], alone[b])
+        np.testing.assert_array_equal(together[b], want[0])
+        np.testing.assert_array_equal(caches[b].k, alone[b].k)
+        np.testing.assert_array_equal(caches[b].v, alone[b].v)
+
+
+def test_prompts_beyond_max_tokens_and_one_thread_run_op_by_op(variant_files, monkeypatch):
+    """One worker gains nothing from a fused prompt (its op-by-op prefill is faster), and a prompt longer than
+    max_tokens runs op by op on any number."""
+    nq = open_nq(variant_files["llama-2path-mid"])
+    assert Model(nq, NumbaBackend(threads=1, exact=True))._fused.max_tokens == 1
+    model = Model(nq, NumbaBackend(threads=2, exact=True))
+    assert model._fused.max_tokens == nd.PROMPT_TOKENS
+    monkeypatch.setattr(model._fused, "max_tokens", 5)  # the synthetic model's context is shorter than the default
+    calls = []
+    monkeypatch.setattr(model, "_decoder", lambda ids, positions, attend: calls.append(len(ids)) or
+                        np.zeros((len(ids), model.config.hidden), np.float32))
+    model.forward(np.arange(6), 0, model.new_cache(8))
+    model.forward(np.arange(5), 0, model.new_cache(8))
+    model.step(np.arange(6), np.array([0, 0]), [model.new_cache(8), model.new_cache(8)], np.array([3, 3]))
+    assert calls == [6, 6]
 
 
 @pytest.mark.skipif(not numba_lut16.available(), reason="LUT-16 kernels need AVX-512 F")
