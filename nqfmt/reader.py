@@ -279,6 +279,7 @@ class NQFile:
     def _check_tensors(self) -> None:
         expected = file_specs(self.config, self.linears, self.tables[K.EMBD_TABLE], self.tables.get(K.OUTPUT_TABLE))
         names = {s.name for s in expected}
+        pending = _Pages(self)  # sign tensors read by the padding check, let go VERIFY_CHUNK bytes at a time
         for name in self.tensors:
             if name not in names:
                 raise NQFormatError(f"unexpected tensor {name!r}")
@@ -298,7 +299,8 @@ class NQFile:
                     self._view(info), sign_columns(spec.name, self.config, self.linears, self.tables)):
                 raise NQFormatError(f"tensor {spec.name!r}: padding bits past the last column are not 0")
             if is_signs(spec.name):
-                self._drop(info.offset, info.nbytes)
+                pending.add(info.offset, info.nbytes)
+        pending.flush()
 
     # --- access -------------------------------------------------------------------------------------------------
     def _view(self, info: TensorInfo) -> np.ndarray:
@@ -363,12 +365,13 @@ class NQFile:
         """Check every tensor's CRC32 and that all alignment padding is zero. The pages read leave the resident set
         as it goes (release): a reader faults back in only what it uses."""
         table = self._view(self.tensors[K.CHECKSUMS])
+        pending = _Pages(self)
         for i, info in enumerate(list(self.tensors.values())[:-1]):
             crc = 0
             for start in range(info.offset, info.offset + info.nbytes, VERIFY_CHUNK):  # read once, then let go
                 end = min(start + VERIFY_CHUNK, info.offset + info.nbytes)
                 crc = zlib.crc32(self._buf[start:end], crc)
-                self._drop(start, end - start)
+                pending.add(start, end - start)
             if crc != int(table[i + 1]):
                 raise NQFormatError(f"tensor {info.name!r}: checksum mismatch (data corrupted)")
         for info in self.tensors.values():
@@ -376,6 +379,25 @@ class NQFile:
             if any(pad):
                 raise NQFormatError(f"tensor {info.name!r}: alignment padding after it is not zero")
         self._drop(0, self.size)  # what the padding checks read back in
+
+
+class _Pages:
+    """Bytes of the file read and not yet let go, as one span that is dropped (MADV_DONTNEED) once it covers
+    VERIFY_CHUNK bytes: a pass over many small tensors makes a few madvise calls, not one per tensor."""
+
+    def __init__(self, nq: NQFile) -> None:
+        self.nq, self.lo, self.hi = nq, 0, 0
+
+    def add(self, offset: int, nbytes: int) -> None:
+        empty = self.hi == self.lo
+        self.lo = offset if empty else min(self.lo, offset)
+        self.hi = offset + nbytes if empty else max(self.hi, offset + nbytes)
+        if self.hi - self.lo >= VERIFY_CHUNK:
+            self.flush()
+
+    def flush(self) -> None:
+        self.nq._drop(self.lo, self.hi - self.lo)
+        self.lo = self.hi = 0
 
 
 def open_nq(path: str | os.PathLike) -> NQFile:

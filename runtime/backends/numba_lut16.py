@@ -201,24 +201,27 @@ binary_path_parallel = _kernels(True)
 # a row's code at p indexes it. One 512-bit load holds 8 codes of 16 rows; 4 loads cover a block of 32 positions,
 # whose 32 lookups are added as a tree and multiplied by the 16 rows' block scales. Exact float32 arithmetic (the
 # additions in another order than a dot product's).
-def repack_q4(raw: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """4-bit block bytes (rows, d/32·18) → code tiles (⌈rows/16⌉, d/8, 16) uint32, word w of a row holding the codes
-    of positions 8w .. 8w+7 (nibble j = position 8w + j), and scale tiles (⌈rows/16⌉, d/32, 16) float32; rows past
-    the end have code 0 and scale 0. The codes go straight from the bytes into the tiles (no table-sized temporary)."""
+def repack_q4(raw: np.ndarray, scales: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """4-bit block bytes (rows, d/32·18) and their block scales as float32 (rows, d/32) → code tiles (⌈rows/16⌉, d/8,
+    16) uint32, word w of a row holding the codes of positions 8w .. 8w+7 (nibble j = position 8w + j), and scale
+    tiles (⌈rows/16⌉, d/32, 16) float32; rows past the end have code 0 and scale 0. One pass over the bytes, no
+    table-sized temporary."""
     rows, blocks = raw.shape[0], raw.shape[1] // BLOCK_BYTES
-    tiles = np.zeros(((rows + TILE - 1) // TILE, 4 * blocks, TILE), np.uint32)
-    _code_tiles(np.ascontiguousarray(raw), tiles)
-    scales = np.ascontiguousarray(raw.reshape(rows, blocks, BLOCK_BYTES)[:, :, :2]).view(np.float16)[:, :, 0]
-    return tiles, np.ascontiguousarray(_tiled(scales.astype(np.float32)))
+    n_tiles = (rows + TILE - 1) // TILE
+    tiles = np.zeros((n_tiles, 4 * blocks, TILE), np.uint32)
+    scale_tiles = np.zeros((n_tiles, blocks, TILE), np.float32)
+    _q4_tiles(np.ascontiguousarray(raw), np.ascontiguousarray(scales, np.float32), tiles, scale_tiles)
+    return tiles, scale_tiles
 
 
 @njit(cache=True, nogil=True)
-def _code_tiles(raw, tiles):
-    """The code words of repack_q4. A block's 16 code bytes hold positions 0..15 in their low nibbles and 16..31 in
-    their high ones, so word 4b + 2·half + g of row i gathers nibble `half` of bytes 8g .. 8g+7 of block b."""
+def _q4_tiles(raw, scales, tiles, scale_tiles):
+    """The tiles of repack_q4. A block's 16 code bytes hold positions 0..15 in their low nibbles and 16..31 in their
+    high ones, so word 4b + 2·half + g of row i gathers nibble `half` of bytes 8g .. 8g+7 of block b."""
     for i in range(raw.shape[0]):
         tile, lane = i // TILE, i % TILE
         for b in range(raw.shape[1] // BLOCK_BYTES):
+            scale_tiles[tile, b, lane] = scales[i, b]
             at = b * BLOCK_BYTES + 2
             for half in range(2):
                 for g in range(2):
@@ -227,14 +230,6 @@ def _code_tiles(raw, tiles):
                         code = np.uint32((raw[i, at + 8 * g + k] >> (4 * half)) & 15)
                         word |= code << np.uint32(4 * k)
                     tiles[tile, 4 * b + 2 * half + g, lane] = word
-
-
-def _tiled(rows: np.ndarray) -> np.ndarray:
-    """(n, k) float32 → (⌈n/16⌉, k, 16), rows past n zero: tiled[b, j, l] = rows[16b + l, j]."""
-    n, k = rows.shape
-    out = np.zeros((-(-n // TILE) * TILE, k), np.float32)
-    out[:n] = rows
-    return out.reshape(-1, TILE, k).transpose(0, 2, 1)
 
 
 @intrinsic

@@ -48,8 +48,9 @@ class Q4Table:
 def q4_table(raw: np.ndarray, gtype: GGMLType, hidden: int, simd: bool) -> Q4Table:
     rows = raw.shape[0]
     scales = np.ascontiguousarray(raw.reshape(rows, -1, Q4_BLOCK_BYTES)[:, :, :2]).view(np.float16)[:, :, 0]
-    return Q4Table(raw, scales.astype(np.float32), GRIDS[gtype].astype(np.float32), hidden,
-                   lut16.repack_q4(raw) if simd else None, vnni.grid_lut(gtype))
+    scales = scales.astype(np.float32)
+    return Q4Table(raw, scales, GRIDS[gtype].astype(np.float32), hidden, lut16.repack_q4(raw, scales) if simd else None,
+                   vnni.grid_lut(gtype))
 
 
 @njit(inline="always", **_OPTS)

@@ -174,8 +174,8 @@ def test_4bit_repack_matches_the_documented_layout():
     rng = np.random.default_rng(5)
     rows, d = 45, 96
     raw = q4_table(rng, rows, d, GGMLType.IQ4_NL)
-    tiles, scale_tiles = lut16.repack_q4(raw)
     scales, codes = unpack_q4(raw)
+    tiles, scale_tiles = lut16.repack_q4(raw, scales.astype(np.float32))
     words = np.zeros((rows, d // 8), np.uint64)
     for k in range(8):  # nibble k of word w: the code at position 8w + k
         words |= codes[:, k::8].astype(np.uint64) << np.uint64(4 * k)
