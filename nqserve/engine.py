@@ -119,9 +119,11 @@ class Engine:
                 "dropped": self.dropped}
 
     def warm_up(self) -> None:
-        """A pass at each kernel size a batch meets (a prompt slice, 2 and 4 decoding rows), so a JIT backend loads
-        (or compiles) those kernels before the first request rather than inside it."""
-        for counts in ([min(PREFILL_SLICE, self.n_ctx)], [1, 1], [1, 1, 1, 1]):
+        """A pass at each kernel size a batch meets (one prompt slice, four, 2 and 4 decoding rows), so a JIT backend
+        loads (or compiles) those kernels before the first request rather than inside it (on threads a slice runs in
+        the decoding step's kernels, four slices in the op-by-op ones)."""
+        piece = min(PREFILL_SLICE, self.n_ctx)
+        for counts in ([piece], [piece] * 4, [1, 1], [1, 1, 1, 1]):
             self.model.step(np.zeros(sum(counts), dtype=np.int64), np.zeros(len(counts), dtype=np.int64),
                             [self.model.new_cache(n) for n in counts], np.array(counts))
 
