@@ -5,6 +5,7 @@ use) prints one line on stderr and exits 1, before anything is served.
 """
 from __future__ import annotations
 
+import os
 import socket
 import sys
 from pathlib import Path
@@ -31,6 +32,9 @@ def serve(
     with command_errors("nqserve", debug):
         import uvicorn
 
+        # OpenMP workers sleep as soon as a region ends: the HTTP side's threads need the cores between the engine's
+        # regions (runtime/README.md, "Threads"). Set before runtime imports numba.
+        os.environ.setdefault("OMP_WAIT_POLICY", "passive")
         import runtime
         from runtime import NQRunError
 

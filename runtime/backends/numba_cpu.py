@@ -2,9 +2,11 @@
 fused into one call, numba_decode.py) behind the Backend interface.
 
 Before numba is imported this module picks two process-wide settings (each only where the user has not):
-- threads wait passively: OpenMP with OMP_WAIT_POLICY=passive, falling back to workqueue where numba has no OpenMP.
-  An actively spinning OpenMP team holds both cores of a small machine between regions, starving whatever else runs
-  there (another process, or the decode step's own workers, numba_decode.py, which spin and yield themselves).
+- OpenMP threads (workqueue where numba has no OpenMP) spin a few ms after a parallel region before they sleep
+  (SPIN_AFTER_REGION), unless OMP_WAIT_POLICY is set: a decoding token's regions follow each other within that time,
+  and a worker woken from sleep joins each region late (runtime/README.md, "Threads"). The spin is bounded, so an idle
+  runtime leaves the cores to others; a process whose other threads need the cores between regions (nqserve's HTTP
+  side) sets OMP_WAIT_POLICY=passive.
 - the kernel cache: next to the package when that is writable (numba's default), else NUMBA_CACHE_DIR under the
   user's cache directory ($NANOQUANT_CACHE, else $XDG_CACHE_HOME/nanoquant, as nqdata), so kernels compile once
   per machine either way.
@@ -25,8 +27,13 @@ import numpy as np
 from nqfmt.keys import GGMLType
 
 
+SPIN_AFTER_REGION = {"GOMP_SPINCOUNT": "50000", "KMP_BLOCKTIME": "3"}  # a few ms (GNU: pause rounds), 3 ms (LLVM, Intel)
+
+
 def _configure_numba() -> None:
-    os.environ.setdefault("OMP_WAIT_POLICY", "passive")
+    if "OMP_WAIT_POLICY" not in os.environ:
+        for key, value in SPIN_AFTER_REGION.items():
+            os.environ.setdefault(key, value)
     os.environ.setdefault("NUMBA_THREADING_LAYER_PRIORITY", "omp workqueue tbb")
     if "NUMBA_CACHE_DIR" not in os.environ and not os.access(Path(__file__).parent, os.W_OK):
         from nqdata import cache_dir
