@@ -65,10 +65,13 @@ def run_ours(preset: str, bits: float, allocation: str, embedding: str | None) -
 
 # Points measured by earlier runs (bench/quality.py or a fresh install), drawn beside the sweep's own: (JSON, series).
 # Their embedding is whatever the run stored, named in the series (the presets' default changed from f16 to
-# iq4_nl+5120 at 931a890, and quick's to last-block ranks with iq4_nl+3072 at 051a108).
+# iq4_nl+5120 at 931a890, quick's to last-block ranks with iq4_nl+3072 at 051a108, and to 768 distillation windows at
+# 6b68613).
 MEASURED = (
-    ("quality-smollm2-135m-quick-emb-iq4_nl+3072-alloc-last-block.json", "nanoquant quick (default since 051a108)"),
-    ("quality-smollm2-135m-quick-b2-alloc-last-block.json", "nanoquant quick (default since 051a108)"),
+    ("quality-smollm2-135m-quick-recon768.json", "nanoquant quick (default since 6b68613)"),
+    ("quality-smollm2-135m-quick-b2-recon768.json", "nanoquant quick (default since 6b68613)"),
+    ("quality-smollm2-135m-quick-emb-iq4_nl+3072-alloc-last-block.json", "nanoquant quick, 512 windows (051a108)"),
+    ("quality-smollm2-135m-quick-b2-alloc-last-block.json", "nanoquant quick, 512 windows (051a108)"),
     ("quality-smollm2-135m-quick-emb-iq4_nl+5120.json", "nanoquant quick, IQ4_NL+5120 table"),
     ("quality-smollm2-135m-quick-emb-binary-512x2.json", "nanoquant quick, binary 512x2 table"),
     ("quality-smollm2-135m-quick-alloc-last-block.json", "nanoquant quick, last-block allocation"),
@@ -210,7 +213,8 @@ def plot(points: list[dict], out: Path) -> None:
                 if p["method"] == method:
                     same.setdefault((p[key], p["ratio"]), []).append(p.get("label", ""))
             pts = sorted((x, y, " = ".join(filter(None, labels))) for (x, y), labels in same.items())
-            line, = ax.plot([x for x, _, _ in pts], [min(y, Y_MAX) for _, y, _ in pts], "o-", label=method)
+            line, = ax.plot([x for x, _, _ in pts], [min(y, Y_MAX) for _, y, _ in pts], "o-", label=method,
+                            zorder=3 if "default" in method else 2)  # the current default on top of its neighbours
             for x, y, text in pts:
                 if y > Y_MAX:  # drawn on the top edge, the value written beside it
                     ax.plot([x], [Y_MAX], "^", color=line.get_color(), markersize=9)
