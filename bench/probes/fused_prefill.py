@@ -39,11 +39,13 @@ def measure(path: str, threads: int, rounds: int) -> list[dict]:
         ids = rng.integers(0, model.config.vocab, length)
         x = model._embed(ids)
         positions = np.arange(length)
-        runs = {
-            "op_by_op": lambda cache: model._decoder(ids, positions, lambda layer, q, k, v, window: model.backend.attention(
-                cache, layer, q, k, v, 0, window, model.config.attention_scale, model.config.attn_softcap)),
-            "fused": lambda cache: model._fused(x, positions, [cache] * length),
-        }
+        def op_by_op(cache):
+            def attend(layer, q, k, v, window):
+                return model.backend.attention(cache, layer, q, k, v, 0, window, model.config.attention_scale,
+                                               model.config.attn_softcap)
+            return model._decoder(ids, positions, attend)
+
+        runs = {"op_by_op": op_by_op, "fused": lambda cache: model._fused(x, positions, [cache] * length)}
         best, out = {}, {}
         for name, run in runs.items():
             times = []

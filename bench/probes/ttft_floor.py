@@ -93,8 +93,8 @@ def main() -> None:
                   for _ in range(args.rounds)]
     med = {part: {k: statistics.median(r[part][k] for r in rounds) for k in rounds[0][part]}
            for part in ("floor", "runtime")}
-    result = dict(file=str(args.file), commit=commit(), rounds=args.rounds, threads=args.threads, median_s=med, all=rounds,
-                  load_average=os.getloadavg(), date=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
+    result = dict(file=str(args.file), commit=commit(), rounds=args.rounds, threads=args.threads, median_s=med,
+                  all=rounds, load_average=os.getloadavg(), date=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
     for part, values in med.items():
         print(part + ": " + ", ".join(f"{k} {v:.3f} s" for k, v in values.items()))
     print(f"load average {os.getloadavg()[0]:.2f}")

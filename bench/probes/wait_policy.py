@@ -57,8 +57,8 @@ def main() -> None:
         for name, extra in POLICIES.items():
             runs = [decode_tps(args.file, threads, extra) for _ in range(args.rounds)]
             rows.append(dict(policy=name, threads=threads, decode_tps=max(runs), runs=runs))
-            print(f"{name}, {threads} thread(s): decode {max(runs):.1f} tok/s (runs {', '.join(f'{r:.1f}' for r in runs)})",
-                  flush=True)
+            listed = ", ".join(f"{r:.1f}" for r in runs)
+            print(f"{name}, {threads} thread(s): decode {max(runs):.1f} tok/s (runs {listed})", flush=True)
     after = os.getloadavg()
     print(f"load average {before[0]:.2f} -> {after[0]:.2f}")
     with open(REPO / "bench" / "results" / "wait-policy.jsonl", "a") as f:

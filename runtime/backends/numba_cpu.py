@@ -27,7 +27,9 @@ import numpy as np
 from nqfmt.keys import GGMLType
 
 
-SPIN_AFTER_REGION = {"GOMP_SPINCOUNT": "50000", "KMP_BLOCKTIME": "3"}  # a few ms (GNU: pause rounds), 3 ms (LLVM, Intel)
+# How long OpenMP's workers spin after a region before they sleep: 50000 pause rounds, a few ms (GNU OpenMP, which
+# numba's Linux wheels use); 3 ms (LLVM and Intel OpenMP).
+SPIN_AFTER_REGION = {"GOMP_SPINCOUNT": "50000", "KMP_BLOCKTIME": "3"}
 
 
 def _configure_numba() -> None:

@@ -42,7 +42,7 @@ from .numba_lut16 import TILE, build_tables, lookup_tile
 
 _OPTS = dict(fastmath=True, cache=True, nogil=True, error_model="numpy")  # no zero check per division: loops vectorize
 CHUNK = 4  # tiles (of 16 rows) per claimed chunk of a linear stage
-PROMPT_TOKENS = 128  # the most tokens of a prompt a threaded call takes (runtime/README.md, "Prefill")
+PROMPT_TOKENS = 128  # the most tokens of a prompt a threaded call takes (runtime/README.md, "Short prompts on threads")
 SPINS_BEFORE_YIELD = 2000  # busy-wait rounds before a waiting worker yields its core
 _I64 = types.Array(types.int64, 1, "C")
 _X86 = binding.get_default_triple().startswith(("x86_64", "i686", "i386"))
