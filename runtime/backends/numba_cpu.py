@@ -1,7 +1,7 @@
 """The numba backend: float32 CPU kernels (numba_kernels.py; LUT-16 on AVX-512, numba_lut16.py; one token's blocks
 fused into one call, numba_decode.py) behind the Backend interface.
 
-Before numba is imported this module picks two process-wide settings (each only where the user has not):
+Before numba is imported this module picks three process-wide settings (each only where the user has not):
 - OpenMP threads (workqueue where numba has no OpenMP) spin a few ms after a parallel region before they sleep
   (SPIN_AFTER_REGION), unless OMP_WAIT_POLICY is set: a decoding token's regions follow each other within that time,
   and a worker woken from sleep joins each region late (runtime/README.md, "Threads"). The spin is bounded, so an idle
@@ -10,9 +10,11 @@ Before numba is imported this module picks two process-wide settings (each only 
 - the kernel cache: next to the package when that is writable (numba's default), else NUMBA_CACHE_DIR under the
   user's cache directory ($NANOQUANT_CACHE, else $XDG_CACHE_HOME/nanoquant, as nqdata), so kernels compile once
   per machine either way.
+- glibc's malloc thresholds (MALLOC_THRESHOLDS), unless a MALLOC_* or GLIBC_TUNABLES variable is set.
 """
 from __future__ import annotations
 
+import ctypes
 import os
 import sys
 import threading
@@ -32,6 +34,23 @@ from nqfmt.keys import GGMLType
 SPIN_AFTER_REGION = {"GOMP_SPINCOUNT": "50000", "KMP_BLOCKTIME": "3"}
 
 
+# glibc's malloc serves a request above M_MMAP_THRESHOLD (128 KB at start) with a fresh mapping whose pages all fault
+# in when first written, and gives freed heap above M_TRIM_THRESHOLD back to the system; its own rule raises both (to
+# 32 MB and 64 MB at most) only after a large block has been freed. A prefill allocates and frees arrays of a few MB
+# per op: with these values from the start they reuse the heap (runtime/README.md, "Prefill").
+MALLOC_THRESHOLDS = {-3: 32 << 20, -1: 64 << 20}  # mallopt's M_MMAP_THRESHOLD, M_TRIM_THRESHOLD
+
+
+def _configure_malloc() -> None:
+    if not sys.platform.startswith("linux") or any(k.startswith("MALLOC_") or k == "GLIBC_TUNABLES"
+                                                   for k in os.environ):
+        return
+    mallopt = getattr(ctypes.CDLL(None), "mallopt", None)  # glibc's; other C libraries may lack it
+    if mallopt is not None:
+        for param, value in MALLOC_THRESHOLDS.items():
+            mallopt(param, value)
+
+
 def _configure_numba() -> None:
     if "OMP_WAIT_POLICY" not in os.environ:
         for key, value in SPIN_AFTER_REGION.items():
@@ -46,6 +65,7 @@ def _configure_numba() -> None:
 
 
 _configure_numba()
+_configure_malloc()
 
 import numba  # noqa: E402
 from numba.typed import List  # noqa: E402

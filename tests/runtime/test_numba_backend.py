@@ -127,6 +127,29 @@ def test_kernel_cache_falls_back_to_the_user_cache_dir(monkeypatch, tmp_path):
     assert numba_cpu.os.environ["NUMBA_CACHE_DIR"] == str(tmp_path / "numba")
 
 
+def test_malloc_thresholds_are_set_unless_the_user_set_malloc(monkeypatch):
+    """On Linux the backend fixes glibc's mmap and trim thresholds (a prefill's arrays then reuse the heap); a MALLOC_*
+    or GLIBC_TUNABLES variable in the environment leaves malloc as the user configured it."""
+    from runtime.backends import numba_cpu
+    calls = []
+
+    class Libc:
+        def mallopt(self, param, value):
+            calls.append((param, value))
+            return 1
+
+    monkeypatch.setattr(numba_cpu.ctypes, "CDLL", lambda name: Libc())
+    monkeypatch.setattr(numba_cpu.sys, "platform", "linux")
+    for key in [k for k in numba_cpu.os.environ if k.startswith("MALLOC_") or k == "GLIBC_TUNABLES"]:
+        monkeypatch.delenv(key)
+    numba_cpu._configure_malloc()
+    assert calls == [(-3, 32 << 20), (-1, 64 << 20)]
+    calls.clear()
+    monkeypatch.setenv("MALLOC_ARENA_MAX", "2")
+    numba_cpu._configure_malloc()
+    assert calls == []
+
+
 def test_kernels_are_cached_on_disk():
     from runtime.backends import numba_kernels as nk
     for kernel in (nk.rms_norm, nk.SERIAL.binary_path_decode, nk.PARALLEL.head_f16, nk.SERIAL.binary_path_lanes):
