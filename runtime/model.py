@@ -189,8 +189,8 @@ class Model:
             if not (0 <= pos and pos + n <= cache.n_ctx):
                 raise NQRunError(f"positions {pos}..{pos + n - 1} are outside the context of {cache.n_ctx}")
         ends = np.cumsum(counts)
+        token_positions = np.concatenate([np.arange(p, p + n) for p, n in zip(positions, counts)])
         if self._fused is not None and (len(ids) == len(caches) or len(ids) <= self._fused.max_tokens):
-            token_positions = np.concatenate([np.arange(p, p + n) for p, n in zip(positions, counts)])
             x = self._fused(self._embed(ids), token_positions, [c for c, n in zip(caches, counts) for _ in range(n)])
             return self._logits(x if len(x) == len(caches) else x[ends - 1])
 
@@ -199,8 +199,8 @@ class Model:
                 return be.attention_batch(caches[lo:hi], layer, q, k, v, counts[lo:hi], positions[lo:hi], window,
                                           cfg.attention_scale, cfg.attn_softcap)
 
-            token_positions = np.concatenate([np.arange(p, p + n) for p, n in zip(positions[lo:hi], counts[lo:hi])])
-            return self._decoder(ids[ends[lo] - counts[lo]:ends[hi - 1]], token_positions, attend)
+            first, end = ends[lo] - counts[lo], ends[hi - 1]
+            return self._decoder(ids[first:end], token_positions[first:end], attend)
 
         groups = _split(counts, be.step_threads(len(ids), len(caches)))
         if len(groups) == 1:
