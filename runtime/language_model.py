@@ -12,7 +12,7 @@ import numpy as np
 
 from nqfmt import open_nq
 
-from .backends import KindUnsupported, get_backend
+from .backends import get_backend
 from .errors import NQRunError
 from .generate import GenerationStats, Generator, text_pieces
 from .model import Model
@@ -61,13 +61,7 @@ class LanguageModel:
             self.file.verify()
         self.tokenizer = Tokenizer(self.file.tokenizer)
         self.backend = get_backend(backend, threads, exact=exact)
-        try:
-            self.model = Model(self.file, self.backend)
-        except KindUnsupported:  # `auto` picked a backend that cannot run this file: the CPU can
-            if backend != "auto":
-                raise
-            self.backend = get_backend("numba", threads, exact=exact)
-            self.model = Model(self.file, self.backend)
+        self.model = Model(self.file, self.backend)
         if self.backend.jit:
             self.model.warm_up()
         self.generator = Generator(self.model, n_ctx)

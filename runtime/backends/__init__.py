@@ -29,10 +29,6 @@ class BackendUnavailable(NQRunError):
     """The named backend cannot run here (missing package or device); the message says which and how to fix it."""
 
 
-class KindUnsupported(NQRunError):
-    """The backend cannot run a kind of table this file holds; the message says which and what to use instead."""
-
-
 class KVCache:
     """Keys and values of every layer, laid out (layer, kv_head, position, head_dim) so one head's history is
     contiguous. Backed by anonymous memory maps: pages are zero until written, so a full-context cache costs address

@@ -20,11 +20,12 @@ import numpy as np
 from nqfmt.keys import GGMLType
 
 from nqfmt import FactoredLinear, ModelConfig, NQFormatError, unpack_signs
+from nqfmt.layout import cold_ids
 
 from .. import kernels
 from ..errors import NQRunError
 from ..sampling import Sampler
-from . import Backend, BackendUnavailable, KindUnsupported
+from . import Backend, BackendUnavailable
 
 _K = kernels.constants()
 TILE_ROWS, CHUNK_COLS, BLOCK_TILES = _K["TILE_ROWS"], _K["CHUNK_COLS"], _K["BLOCK_TILES"]
@@ -133,14 +134,39 @@ class DeviceLinear:
 
 @dataclass(frozen=True)
 class DeviceTable:
-    """An embedding / head table as stored (rows of bytes) and the tables.cuh reader for its type."""
+    """An embedding / head table as stored (rows of bytes), the tables.cuh reader for its type, and which tokens its
+    rows are: every token in order, or one part of a table with hot rows (spec/FORMAT.md §3.4)."""
 
-    data: Any  # (vocab, row_bytes) uint8
+    data: Any  # (rows, row_bytes) uint8
     gtype: GGMLType
     vocab: int
     hidden: int
     reader: str
     block: int
+    row_of: Any  # (vocab,) int32: each token's row here, -1 where the table's other part holds it
+    col_of: Any  # (rows,) int32: the token of each row
+
+    @property
+    def rows(self) -> int:
+        return self.data.shape[0]
+
+
+@dataclass(frozen=True)
+class DeviceHotTable:
+    """A 4-bit table with hot rows (spec/FORMAT.md §3.4) as its two parts, the other rows and the hot rows, each a
+    DeviceTable over the whole vocabulary: the embedding and the head run one launch per part, each writing only
+    its own tokens' rows or logits."""
+
+    cold: DeviceTable
+    hot: DeviceTable
+
+    @property
+    def vocab(self) -> int:
+        return self.cold.vocab
+
+    @property
+    def hidden(self) -> int:
+        return self.cold.hidden
 
 
 @dataclass(frozen=True)
@@ -159,6 +185,13 @@ class DeviceFactoredTable:
     @property
     def hidden(self) -> int:
         return self.linear.n
+
+
+AnyTable = DeviceTable | DeviceHotTable | DeviceFactoredTable
+
+
+def _parts(table: DeviceTable | DeviceHotTable) -> tuple[DeviceTable, ...]:
+    return (table.cold, table.hot) if isinstance(table, DeviceHotTable) else (table,)
 
 
 class DeviceKVCache:
@@ -232,17 +265,29 @@ class CudaBackend(Backend):
             self._hb = self.xp.zeros(self._hb_words, np.uint32)
 
     def prepare_embedding(self, table: np.ndarray, gtype: GGMLType, hidden: int) -> DeviceTable:
+        every = np.arange(table.shape[0])
+        return self._device_table(table, gtype, hidden, every, every)
+
+    def prepare_hot_table(self, cold: np.ndarray, gtype: GGMLType, hot_ids: np.ndarray, hot: np.ndarray,
+                          vocab: int, hidden: int) -> DeviceHotTable:
+        hot_ids = np.asarray(hot_ids, np.int64)
+        parts = []
+        for rows, part_gtype, tokens in ((cold, gtype, cold_ids(hot_ids, vocab)), (hot, GGMLType.Q8_0, hot_ids)):
+            row_of = np.full(vocab, -1, np.int64)
+            row_of[tokens] = np.arange(len(tokens))
+            parts.append(self._device_table(rows, part_gtype, hidden, row_of, tokens))
+        return DeviceHotTable(*parts)
+
+    def _device_table(self, table: np.ndarray, gtype: GGMLType, hidden: int, row_of: np.ndarray,
+                      col_of: np.ndarray) -> DeviceTable:
         try:
             reader, block = kernels.table_reader(gtype, hidden)
         except KeyError as e:
             raise NQRunError(f"backend 'cuda': {e.args[0]}") from None
         raw = np.ascontiguousarray(table).view(np.uint8).reshape(table.shape[0], -1)
-        return DeviceTable(self.device.to_device(raw), gtype, table.shape[0], hidden, reader, block)
-
-    def prepare_hot_table(self, cold: np.ndarray, gtype: GGMLType, hot_ids: np.ndarray, hot: np.ndarray,
-                          vocab: int, hidden: int) -> DeviceTable:
-        raise KindUnsupported("backend 'cuda' does not run tables with hot rows (spec/FORMAT.md §3.4) yet; use "
-                              "--backend numba")
+        dev = self.device.to_device
+        return DeviceTable(dev(raw), gtype, len(row_of), hidden, reader, block, dev(row_of.astype(np.int32)),
+                           dev(col_of.astype(np.int32)))
 
     def prepare_factored_table(self, table: FactoredLinear, chunk: int = 8192) -> DeviceFactoredTable:
         rows = np.zeros((table.m, table.n), np.float32)
@@ -268,14 +313,13 @@ class CudaBackend(Backend):
         return DeviceKVCache(self.xp, config, n_ctx)
 
     # --- ops into given outputs (shared by the Backend interface and GraphDecoder) ------------------------------
-    def embed_into(self, table: DeviceTable | DeviceFactoredTable, ids: Any, out: Any, scale: float = 1.0) -> None:
+    def embed_into(self, table: AnyTable, ids: Any, out: Any, scale: float = 1.0) -> None:
         """out (T, hidden) = scale · rows ids (device int32) of the table."""
-        if isinstance(table, DeviceFactoredTable):
-            table = table.rows
         tokens = ids.shape[0]
-        count = tokens * (table.hidden // table.block)
-        self._launch(f"embed<{table.reader}>", _ceil(count, THREADS), THREADS, table.data,
-                     i64(table.data.shape[1]), i32(table.vocab), ids, i32(tokens), i32(table.hidden), f32(scale), out)
+        for part in _parts(table.rows if isinstance(table, DeviceFactoredTable) else table):
+            count = tokens * (part.hidden // part.block)
+            self._launch(f"embed<{part.reader}>", _ceil(count, THREADS), THREADS, part.data, i64(part.data.shape[1]),
+                         part.row_of, i32(part.vocab), ids, i32(tokens), i32(part.hidden), f32(scale), out)
 
     def gemv_into(self, w: DeviceLinear, x: Any, y: Any) -> None:
         """y (m,) = the linear of one token x (n,): binary_gemv's three phases in one launch."""
@@ -331,16 +375,18 @@ class CudaBackend(Backend):
         gelu = "true" if activation == "gelu_tanh" else "false"
         self._launch(f"glu<{gelu}>", _ceil(gate.size, THREADS), THREADS, gate, up, out, i64(gate.size))
 
-    def head_into(self, table: DeviceTable | DeviceFactoredTable, x: Any, out: Any) -> None:
+    def head_into(self, table: AnyTable, x: Any, out: Any) -> None:
         if isinstance(table, DeviceFactoredTable):
             (self.gemv_into if x.shape[0] == 1 else self.gemm_into)(table.linear, x, out)
             return
         tokens = x.shape[0]
-        self._launch(f"head<{table.reader}>", _ceil(table.vocab * 32, THREADS), THREADS, table.data,
-                     i64(table.data.shape[1]), i32(table.vocab), i32(table.hidden), x, i32(tokens), out)
+        for part in _parts(table):
+            self._launch(f"head<{part.reader}>", _ceil(part.rows * 32, THREADS), THREADS, part.data,
+                         i64(part.data.shape[1]), i32(part.rows), part.col_of, i32(part.vocab), i32(part.hidden), x,
+                         i32(tokens), out)
 
     # --- the Backend interface ----------------------------------------------------------------------------------
-    def embed(self, table: DeviceTable | DeviceFactoredTable, ids: np.ndarray) -> Any:
+    def embed(self, table: AnyTable, ids: np.ndarray) -> Any:
         ids_dev = self.device.to_device(np.asarray(ids, dtype=np.int32))
         out = self.xp.empty((len(ids), table.hidden), np.float32)
         self.embed_into(table, ids_dev, out)
@@ -383,7 +429,7 @@ class CudaBackend(Backend):
         self.glu_into(self.xp.ascontiguousarray(gate), self.xp.ascontiguousarray(up), activation, out)
         return out
 
-    def head(self, table: DeviceTable | DeviceFactoredTable, x: Any) -> np.ndarray:
+    def head(self, table: AnyTable, x: Any) -> np.ndarray:
         x = self.xp.ascontiguousarray(x, dtype=np.float32)
         out = self.xp.empty((x.shape[0], table.vocab), np.float32)
         self.head_into(table, x, out)

@@ -1,15 +1,18 @@
 // The output head and token selection on the device.
 
-// logits (tokens, vocab) = x (tokens, d) · tableᵀ: one warp per vocabulary row, lanes striding its BLOCK-element
-// pieces, HEAD_TOKENS tokens per pass over the row.
+// logits (tokens, vocab) = x (tokens, d) · tableᵀ: one warp per table row, lanes striding its BLOCK-element
+// pieces, HEAD_TOKENS tokens per pass over the row. Row r's logit goes to column col_of[r]: the identity for a
+// table of the whole vocabulary, the token ids of its rows for either part of a table with hot rows.
 #define HEAD_TOKENS 4
 
 template <class Table>
-__global__ void head(const unsigned char* __restrict__ table, long long row_bytes, int vocab, int d,
-                     const float* __restrict__ x, int tokens, float* __restrict__ out) {
+__global__ void head(const unsigned char* __restrict__ table, long long row_bytes, int rows,
+                     const int* __restrict__ col_of, int vocab, int d, const float* __restrict__ x, int tokens,
+                     float* __restrict__ out) {
     const int row = (int)((blockIdx.x * (long long)blockDim.x + threadIdx.x) >> 5), lane = threadIdx.x & 31;
-    if (row >= vocab) return;  // whole warps leave together
+    if (row >= rows) return;  // whole warps leave together
     const unsigned char* r = table + row * row_bytes;
+    const int col = col_of[row];
     const int pieces = d / Table::BLOCK;
     for (int t0 = 0; t0 < tokens; t0 += HEAD_TOKENS) {
         float acc[HEAD_TOKENS];
@@ -24,7 +27,7 @@ __global__ void head(const unsigned char* __restrict__ table, long long row_byte
         }
         for (int tt = 0; tt < HEAD_TOKENS && t0 + tt < tokens; ++tt) {
             const float s = warp_sum(acc[tt]);
-            if (lane == 0) out[(long long)(t0 + tt) * vocab + row] = s;
+            if (lane == 0) out[(long long)(t0 + tt) * vocab + col] = s;
         }
     }
 }

@@ -1,11 +1,13 @@
 // Embedding rows, RMSNorm, RoPE, the KV-cache store and GLU. Positions are read from device memory (`pos`), so
 // a captured decode step replays at every position.
 
-// out[t, :] = scale · row ids[t] of the table, (tokens, d); one thread per BLOCK elements. An id outside the
+// out[t, :] = scale · the table's row row_of[ids[t]], (tokens, d); one thread per BLOCK elements. row_of maps every
+// token id of the vocabulary to its row in this table, or to -1 where another table holds it (a table with hot
+// rows is two tables, spec/FORMAT.md §3.4): those tokens' rows are left to that table's launch. An id outside the
 // vocabulary gives a row of NaN instead of reading outside the table.
 template <class Table>
-__global__ void embed(const unsigned char* __restrict__ table, long long row_bytes, int vocab,
-                      const int* __restrict__ ids, int tokens, int d, float scale, float* __restrict__ out) {
+__global__ void embed(const unsigned char* __restrict__ table, long long row_bytes, const int* __restrict__ row_of,
+                      int vocab, const int* __restrict__ ids, int tokens, int d, float scale, float* __restrict__ out) {
     const int per_row = d / Table::BLOCK;
     const long long idx = blockIdx.x * (long long)blockDim.x + threadIdx.x;
     if (idx >= (long long)tokens * per_row) return;
@@ -13,7 +15,9 @@ __global__ void embed(const unsigned char* __restrict__ table, long long row_byt
     const int id = ids[t];
     float v[Table::BLOCK];
     if (id >= 0 && id < vocab) {
-        Table::load(table + id * row_bytes, b, v);
+        const int row = row_of[id];
+        if (row < 0) return;
+        Table::load(table + row * row_bytes, b, v);
     } else {
         for (int i = 0; i < Table::BLOCK; ++i) v[i] = __int_as_float(0x7fc00000);
     }

@@ -356,7 +356,7 @@ def _reader(name: str) -> tuple[int, Callable[[np.ndarray, np.ndarray], np.ndarr
 def embed(reader):
     block_, load = _reader(reader)
 
-    def kernel(grid, blk, shared, table, row_bytes, vocab, ids, tokens, d, scale, out):
+    def kernel(grid, blk, shared, table, row_bytes, row_of, vocab, ids, tokens, d, scale, out):
         ids, out = flat(ids), flat(out)
         per_row = d // block_
         idx = np.arange(grid[0] * blk[0], dtype=np.int64)
@@ -364,8 +364,12 @@ def embed(reader):
         t, b = idx // per_row, idx % per_row
         tid = ids[t]
         ok = (tid >= 0) & (tid < vocab)
+        row = np.where(ok, row_of[np.where(ok, tid, 0)], 0)
+        write = ~ok | (row >= 0)  # a token another table holds is left to that table's launch
         v = np.full((len(idx), block_), np.nan, F32)
-        v[ok] = load(table[tid[ok]], b[ok])
+        here = ok & (row >= 0)
+        v[here] = load(table[row[here]], b[here])
+        t, b, v = t[write], b[write], v[write]
         for i in range(block_):
             out[t * d + b * block_ + i] = v[:, i] * scale
     return kernel
@@ -480,11 +484,11 @@ HEAD_TOKENS, SEL, SORT, TOPK = C["HEAD_TOKENS"], C["SELECT_THREADS"], C["SORT_SI
 def head(reader):
     block_, load = _reader(reader)
 
-    def kernel(grid, blk, shared, table, row_bytes, vocab, d, x, tokens, out):
+    def kernel(grid, blk, shared, table, row_bytes, rows, col_of, vocab, d, x, tokens, out):
         x, out = flat(x), flat(out)
-        assert (grid[0] * blk[0]) // 32 >= vocab
+        assert (grid[0] * blk[0]) // 32 >= rows
         pieces = d // block_
-        for row in range(vocab):  # one warp each; its lanes' pieces b = lane + 32i, vectorized
+        for row in range(rows):  # one warp each; its lanes' pieces b = lane + 32i, vectorized
             b = np.arange(pieces)
             lane = b % 32
             v = load(np.broadcast_to(table[row], (pieces, table.shape[1])), b)  # (pieces, BLOCK)
@@ -493,7 +497,7 @@ def head(reader):
                     xr = x[(t0 + tt) * d:(t0 + tt + 1) * d].reshape(pieces, block_)
                     per_lane = np.zeros(32, F32)
                     np.add.at(per_lane, lane, (v * xr).sum(axis=1, dtype=F32))
-                    out[(t0 + tt) * vocab + row] = per_lane.sum(dtype=F32)
+                    out[(t0 + tt) * vocab + col_of[row]] = per_lane.sum(dtype=F32)
     return kernel
 
 

@@ -179,6 +179,30 @@ def test_embedding_and_head(backend, gtype, hidden):
     assert close(host(backend, logits), REF.head(tr, x))
 
 
+@pytest.mark.parametrize("gtype", [GGMLType.Q4_0, GGMLType.IQ4_NL])
+@pytest.mark.parametrize("tokens", [1, 6])
+def test_hot_row_embedding_and_head(backend, gtype, tokens):
+    """A 4-bit table with hot rows (spec/FORMAT.md §3.4): each token's row from the part that holds it, every
+    logit written once, in its token's column, by one of the two parts' launches."""
+    rng = np.random.default_rng(tokens)
+    vocab, hidden = 203, 96
+    hot_ids = np.sort(rng.choice(vocab, 13, replace=False))
+    cold_ids = np.setdiff1d(np.arange(vocab), hot_ids)
+    values = rng.standard_normal((vocab, hidden)).astype(np.float32)
+    cold = quantize(values[cold_ids], gtype) if gtype == GGMLType.Q4_0 else quantize_iq4_nl(values[cold_ids])
+    hot = quantize(values[hot_ids], GGMLType.Q8_0)
+    tb = backend.prepare_hot_table(cold, gtype, hot_ids, hot, vocab, hidden)
+    tr = REF.prepare_hot_table(cold, gtype, hot_ids, hot, vocab, hidden)
+    ids = np.concatenate([hot_ids[:3], cold_ids[:3], rng.integers(0, vocab, 5)])
+    out = poisoned(backend, (len(ids), hidden))
+    backend.embed_into(tb, backend.device.to_device(ids.astype(np.int32)), out, 1.5)
+    assert np.array_equal(host(backend, out), (tr.rows(ids) * 1.5).astype(np.float32))
+    x = rng.standard_normal((tokens, hidden))
+    logits = poisoned(backend, (tokens, vocab))
+    backend.head_into(tb, dev(backend, x), logits)
+    assert close(host(backend, logits), REF.head(tr, x))
+
+
 @pytest.mark.parametrize("vocab,hidden,ranks,mid", [(203, 72, (40, 9), True), (91, 100, (61,), False)])
 @pytest.mark.parametrize("tokens", [1, 6])
 def test_factored_embedding_and_head(backend, vocab, hidden, ranks, mid, tokens):

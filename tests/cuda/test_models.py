@@ -6,10 +6,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from nqfmt import HotRows, open_nq
+from nqfmt import open_nq
 from runtime.backends import get_backend
 from runtime.backends.cuda import GraphDecoder
-from runtime.errors import NQRunError
 from runtime.model import Model
 from runtime.sampling import Sampler, SamplingParams
 from synthetic_variants import VARIANTS
@@ -26,7 +25,7 @@ def references():
     return get_backend("numpy"), get_backend("numba", threads=1)
 
 
-@pytest.mark.parametrize("variant", [v for v in VARIANTS if not isinstance(VARIANTS[v][3], HotRows)])
+@pytest.mark.parametrize("variant", VARIANTS)
 def test_forward_and_graph_decoder_match_the_reference(backend, references, variant_files, variant):
     nq = open_nq(variant_files[variant])
     ids = np.random.default_rng(11).integers(0, nq.config.vocab, size=24)
@@ -42,12 +41,7 @@ def test_forward_and_graph_decoder_match_the_reference(backend, references, vari
     assert close(steps, want[20:])
 
 
-def test_hot_row_tables_are_refused_in_one_line(backend, variant_files):
-    with pytest.raises(NQRunError, match="backend 'cuda' does not run tables with hot rows"):
-        Model(open_nq(variant_files["qwen2-iq4-hot"]), backend)
-
-
-@pytest.mark.parametrize("variant", ["llama-2path-mid", "gemma3-softcap-linear", "llama3-rope-q8"])
+@pytest.mark.parametrize("variant", ["llama-2path-mid", "gemma3-softcap-linear", "llama3-rope-q8", "qwen2-iq4-hot"])
 def test_greedy_tokens_match_numba(backend, references, variant_files, variant):
     nq = open_nq(variant_files[variant])
     prompt = np.random.default_rng(3).integers(0, nq.config.vocab, size=9)

@@ -69,21 +69,3 @@ def test_cupy_failing_to_start_is_one_line(monkeypatch):
     with pytest.raises(BackendUnavailable) as e:
         get_backend("cuda")
     assert "cudaErrorInsufficientDriver" in str(e.value) and "\n" not in str(e.value)
-
-
-def test_auto_runs_a_file_the_gpu_backend_cannot_on_numba(monkeypatch, tmp_path):
-    """A file with hot rows (which the cuda backend refuses) still loads under `auto` on a machine with a GPU, on
-    numba; asked for by name, cuda says why it cannot in one line."""
-    from emulator import EmulatedDevice
-    from synthetic_variants import write_variant
-
-    import runtime.language_model as lm
-    from runtime.backends import KindUnsupported
-    from runtime.backends.cuda import CudaBackend
-    path = write_variant(tmp_path / "hot.nq", "qwen2-iq4-hot")
-    real = lm.get_backend
-    monkeypatch.setattr(lm, "get_backend", lambda name, *a, **k: CudaBackend(EmulatedDevice())
-                        if name in ("auto", "cuda") else real(name, *a, **k))
-    assert lm.LanguageModel(path, backend="auto", threads=1).backend.name == "numba"
-    with pytest.raises(KindUnsupported, match="backend 'cuda' does not run tables with hot rows"):
-        lm.LanguageModel(path, backend="cuda")
