@@ -13,7 +13,9 @@ with CUDA events around single launches, L2 flushed before each (a 512 MiB write
 GEMV (cuBLAS) of a dense m×n matrix the same way. Achieved GB/s = bytes the kernel must read and write / time,
 beside the measured device-to-device copy bandwidth (bytes read + written).
 (b) Synthetic models with the real shapes of SmolLM2-135M, Qwen2.5-1.5B and Llama-2-7B: random signs and scales
-made on the device machine (speed does not depend on values), F16 embeddings. Prompt --prompt tokens, then
+made on the device machine (speed does not depend on values); the embedding/head table of --table kind: by default
+the kind `nqconvert`'s presets write (IQ4_NL with its 3072 most frequent rows at Q8_0, spec/FORMAT.md §3.4; random
+bytes with a fixed block scale), or F16. Prompt --prompt tokens, then
 --new-tokens greedy tokens through GraphDecoder (one CUDA graph replay and one 4-byte copy per token); decode
 tok/s counts tokens 2..N over their wall time. transformers: the same shapes in bf16, random weights, generate
 with a StaticCache of prompt + max(new tokens), greedy; decode time = t(N tokens) - t(1 token). Peak memory: ours
@@ -74,21 +76,38 @@ def random_linear(rng: np.random.Generator, m: int, n: int, bits: float) -> Fact
     return FactoredLinear(m, n, (BinaryPath(v, u, s_in, s_out, None, r),), None)
 
 
+TABLES = ("iq4_nl+3072", "f16")  # --table: the presets' kind first
+HOT_ROWS = 3072
+
+
+def random_blocks(rng: np.random.Generator, rows: int, hidden: int, block_bytes: int) -> np.ndarray:
+    """Rows of a GGML block type (32 values per block: an F16 scale, then the codes) with random codes and the
+    scale 2^-10, so values stay small whatever the codes are."""
+    raw = rng.integers(0, 256, (rows, hidden // 32, block_bytes), dtype=np.uint8)
+    raw[..., :2] = np.frombuffer(np.float16(2 ** -10).tobytes(), np.uint8)
+    return raw.reshape(rows, -1)
+
+
+def random_table(rng: np.random.Generator, config: ModelConfig, backend: Any, kind: str) -> Any:
+    """An embedding/head table of `kind` (TABLES) with random values, prepared by the backend."""
+    vocab, d = config.vocab, config.hidden
+    if kind == "f16":
+        return backend.prepare_embedding((rng.standard_normal((vocab, d)) * 0.05).astype(np.float16), GGMLType.F16, d)
+    hot_ids = np.sort(rng.choice(vocab, min(HOT_ROWS, vocab // 4), replace=False))
+    return backend.prepare_hot_table(random_blocks(rng, vocab - len(hot_ids), d, 18), GGMLType.IQ4_NL, hot_ids,
+                                     random_blocks(rng, len(hot_ids), d, 34), vocab, d)
+
+
 class SyntheticModel(Model):
     """Model.forward over random weights with a real model's shapes, built in memory: the device machine has no
     gguf package, which writing a .nq file needs. Sets what Model.__init__ sets from a file."""
 
-    def __init__(self, config: ModelConfig, backend: Any, bits: float, seed: int = 0) -> None:
+    def __init__(self, config: ModelConfig, backend: Any, bits: float, table: str = TABLES[0], seed: int = 0) -> None:
         rng = np.random.default_rng(seed)
         self.config, self.backend, self.nq = config, backend, None
-        self.embedding_type = GGMLType.F16
-
-        def table() -> Any:
-            t = (rng.standard_normal((config.vocab, config.hidden)) * 0.05).astype(np.float16)
-            return backend.prepare_embedding(t, GGMLType.F16, config.hidden)
-
-        self.embedding = table()
-        self.head_table = self.embedding if config.tie_embeddings else table()
+        self.embedding_type = table
+        self.embedding = random_table(rng, config, backend, table)
+        self.head_table = self.embedding if config.tie_embeddings else random_table(rng, config, backend, table)
         ones = backend.vector(np.ones(config.hidden, np.float32))
         self.output_norm = ones
         self.blocks = []
@@ -226,18 +245,18 @@ def reference_linear(lin: FactoredLinear, x: np.ndarray) -> np.ndarray:
 
 # --- (b), (c) models ---------------------------------------------------------------------------------------------
 def run_ours(config: ModelConfig, be: Any, bits: float, prompt: int, new_tokens: list[int], prefill: int,
-             sync: Callable[[], None]) -> dict:
+             sync: Callable[[], None], table: str = TABLES[0]) -> dict:
     """Prefill `prompt` tokens, decode max(new_tokens) greedy tokens through GraphDecoder (decode tok/s at each
     count), then prefill tok/s at `prefill` tokens; the same calls on any backend with a GraphDecoder."""
     from runtime.backends.cuda import GraphDecoder
     t0 = time.perf_counter()
-    model = SyntheticModel(config, be, bits)
+    model = SyntheticModel(config, be, bits, table)
     build_s = time.perf_counter() - t0
     rng = np.random.default_rng(1)
     ids = rng.integers(0, config.vocab, prompt)
     cache = model.new_cache(prompt + max(new_tokens))
     model.forward(ids[:2], 0, cache)  # kernels loaded, outside any timing
-    out = dict(build_s=build_s, bits_per_weight=linear_bits(config, bits), decode={})
+    out = dict(build_s=build_s, bits_per_weight=linear_bits(config, bits), table=table, decode={})
     for n_new in sorted(new_tokens):
         logits = model.forward(ids, 0, cache)
         decoder = GraphDecoder(model, cache)
@@ -360,7 +379,7 @@ def dry_run(args: argparse.Namespace) -> None:
     from runtime.backends import get_backend
     be = get_backend("numpy")
     tiny = ModelConfig(**TINY)
-    model = SyntheticModel(tiny, be, 1.0)
+    model = SyntheticModel(tiny, be, 1.0, "f16")
     cache = model.new_cache(12)
     logits = model.forward(np.arange(8) % tiny.vocab, 0, cache)
     for pos in range(8, 11):
@@ -375,6 +394,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--models", nargs="+", choices=tuple(MODELS), default=list(MODELS))
     ap.add_argument("--bits", nargs="+", type=float, default=[1.0, 0.55])
     ap.add_argument("--model-bits", type=float, default=1.0, help="bits per weight of the synthetic models")
+    ap.add_argument("--table", choices=TABLES, default=TABLES[0], help="the synthetic models' embedding/head kind")
     ap.add_argument("--prompt", type=int, default=128)
     ap.add_argument("--new-tokens", nargs="+", type=int, default=[128, 512])
     ap.add_argument("--prefill", type=int, default=512)
@@ -422,7 +442,7 @@ def main(argv: list[str] | None = None) -> int:
             cfg = ModelConfig(**MODELS[name])
             pool.free_all_blocks()
             entry = dict(ours=run_ours(cfg, be, args.model_bits, args.prompt, args.new_tokens, args.prefill,
-                                       gpu.sync))
+                                       gpu.sync, args.table))
             entry["ours"]["peak_bytes"] = pool.total_bytes()
             pool.free_all_blocks()
             results.data["models"][name] = entry
