@@ -37,20 +37,25 @@ class Sampler:
         self.rng = np.random.default_rng(params.seed)
 
     def __call__(self, logits: np.ndarray, context: list[int] | None = None) -> int:
+        """The next token. The vocabulary-wide steps (penalty, argmax, the top-k partition) run on the logits as
+        given; only the candidates are widened to float64 (a float64 copy of every logit cost more per token than
+        the choice itself)."""
         p = self.params
-        z = np.asarray(logits, dtype=np.float64).reshape(-1).copy()
+        z = np.asarray(logits).reshape(-1)
         if p.repetition_penalty != 1.0 and context:
+            z = z.astype(np.float64)
             seen = np.unique(np.asarray(context, dtype=np.int64))
             z[seen] = np.where(z[seen] > 0, z[seen] / p.repetition_penalty, z[seen] * p.repetition_penalty)
         if p.temperature == 0:
             return int(np.argmax(z))
-        z /= p.temperature
         if 0 < p.top_k < len(z):  # partition first: a full sort of the vocabulary costs milliseconds per token
             ids = np.argpartition(-z, p.top_k - 1)[:p.top_k]
-            ids = ids[np.argsort(-z[ids], kind="stable")]
         else:
-            ids = np.argsort(-z, kind="stable")
-        probs = np.exp(z[ids] - z[ids[0]])
+            ids = np.arange(len(z))
+        scaled = z[ids].astype(np.float64) / p.temperature
+        order = np.argsort(-scaled, kind="stable")
+        ids, scaled = ids[order], scaled[order]
+        probs = np.exp(scaled - scaled[0])
         probs /= probs.sum()
         if p.top_p < 1.0:
             keep = int(np.searchsorted(np.cumsum(probs), p.top_p) + 1)

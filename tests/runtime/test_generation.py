@@ -77,6 +77,61 @@ def test_sampler_filters():
     assert Sampler(SamplingParams(temperature=0, repetition_penalty=1e6))(logits, [best]) != best
 
 
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+def test_a_non_finite_logit_is_an_error(text_model_path, monkeypatch, bad):
+    m = runtime.load(text_model_path, backend="numba", threads=1)
+    real = m.model.backend.head
+
+    def head(table, x):
+        out = real(table, x)
+        out[..., 7] = bad
+        return out
+    monkeypatch.setattr(m.model.backend, "head", head)
+    with pytest.raises(NQRunError, match="not finite"):
+        m.generate("ab", max_tokens=2)
+
+
+def float64_rule(params: SamplingParams, rng: np.random.Generator, logits: np.ndarray, context: list[int]) -> int:
+    """The sampling rule written the obvious way: every logit in float64, the penalty, the temperature, a stable
+    sort of the whole vocabulary, then top-k, top-p and min-p."""
+    z = logits.astype(np.float64)
+    if params.repetition_penalty != 1.0 and context:
+        seen = np.unique(context)
+        z[seen] = np.where(z[seen] > 0, z[seen] / params.repetition_penalty, z[seen] * params.repetition_penalty)
+    if params.temperature == 0:
+        return int(np.argmax(z))
+    z = z / params.temperature
+    ids = np.argsort(-z, kind="stable")
+    if params.top_k:
+        ids = ids[:params.top_k]
+    probs = np.exp(z[ids] - z[ids[0]])
+    probs /= probs.sum()
+    if params.top_p < 1.0:
+        keep = int(np.searchsorted(np.cumsum(probs), params.top_p) + 1)
+        ids, probs = ids[:keep], probs[:keep]
+    if params.min_p > 0:
+        mask = probs >= params.min_p * probs[0]
+        ids, probs = ids[mask], probs[mask]
+    probs /= probs.sum()
+    return int(ids[rng.choice(len(ids), p=probs)])
+
+
+@pytest.mark.parametrize("params", [dict(temperature=0), dict(temperature=0, repetition_penalty=1.3), dict(),
+                                    dict(temperature=1.7, top_k=0, top_p=1.0, min_p=0.0),
+                                    dict(temperature=0.6, top_k=7, top_p=0.9, min_p=0.0, repetition_penalty=1.2),
+                                    dict(temperature=1.0, top_k=300, top_p=0.99, min_p=0.01)])
+def test_sampler_draws_what_the_float64_rule_draws(params):
+    """The sampler widens only its candidates to float64: float32 logits (as the backends give them) draw the same
+    tokens as the whole-vocabulary float64 rule, seed for seed."""
+    rng = np.random.default_rng(4)
+    for seed in range(40):
+        logits = (rng.standard_normal(1003) * rng.uniform(0.5, 6)).astype(np.float32)
+        context = rng.integers(0, 1003, 30).tolist()
+        params_ = SamplingParams(seed=seed, **params)
+        want = float64_rule(params_, np.random.default_rng(seed), logits, context)
+        assert Sampler(params_)(logits, context) == want
+
+
 @pytest.mark.parametrize("bad", [dict(temperature=-1), dict(top_k=-1), dict(top_p=0), dict(min_p=2),
                                  dict(repetition_penalty=0)])
 def test_bad_sampling_values(bad):
