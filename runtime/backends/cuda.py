@@ -4,9 +4,9 @@ for every later token.
 
 Weights move to the device once, at prepare time: sign matrices are repacked by a kernel into the fragment order
 the tensor-core kernels read (runtime/kernels/binary.cu), scales become float32, embedding tables stay as stored
-(F16, F32, Q8_0 or Q4_0 bytes; a binary-factored table is a factored linear for the head and a float32 copy
-for the embedding). Activations and the KV cache are float32. A one-token linear is one launch
-(`binary_gemv`); several tokens (prefill) run `binary_gemm` twice per path.
+(F16, F32, Q8_0, Q4_0 or IQ4_NL bytes, a table with hot rows as its two parts; a binary-factored table is a
+factored linear for the head and a float32 copy for the embedding). Activations and the KV cache are float32. A
+one-token linear is one launch (`binary_gemv`); several tokens (prefill) run `binary_gemm` twice per path.
 
 Everything that touches the GPU goes through a `Device` (CuPy here); the tests run this same module on an
 emulating device whose kernels are numpy transliterations of the CUDA sources.
@@ -147,7 +147,7 @@ class DeviceTable:
     col_of: Any  # (rows,) int32: the token of each row
 
     @property
-    def rows(self) -> int:
+    def n_rows(self) -> int:
         return self.data.shape[0]
 
 
@@ -381,8 +381,8 @@ class CudaBackend(Backend):
             return
         tokens = x.shape[0]
         for part in _parts(table):
-            self._launch(f"head<{part.reader}>", _ceil(part.rows * 32, THREADS), THREADS, part.data,
-                         i64(part.data.shape[1]), i32(part.rows), part.col_of, i32(part.vocab), i32(part.hidden), x,
+            self._launch(f"head<{part.reader}>", _ceil(part.n_rows * 32, THREADS), THREADS, part.data,
+                         i64(part.data.shape[1]), i32(part.n_rows), part.col_of, i32(part.vocab), i32(part.hidden), x,
                          i32(tokens), out)
 
     # --- the Backend interface ----------------------------------------------------------------------------------
