@@ -70,6 +70,8 @@ def run_ours(preset: str, bits: float, allocation: str, embedding: str | None) -
 MEASURED = (
     ("quality-smollm2-135m-quick-recon768.json", "nanoquant quick (default since 6b68613)"),
     ("quality-smollm2-135m-quick-b2-recon768.json", "nanoquant quick (default since 6b68613)"),
+    ("quality-smollm2-135m-standard-emb-iq4_nl+3072-alloc-last-block.json", "nanoquant standard (default recipe)"),
+    ("quality-smollm2-135m-standard-b2.json", "nanoquant standard (default recipe)"),
     ("quality-smollm2-135m-quick-emb-iq4_nl+3072-alloc-last-block.json", "nanoquant quick, 512 windows (051a108)"),
     ("quality-smollm2-135m-quick-b2-alloc-last-block.json", "nanoquant quick, 512 windows (051a108)"),
     ("quality-smollm2-135m-quick-emb-iq4_nl+5120.json", "nanoquant quick, IQ4_NL+5120 table"),
