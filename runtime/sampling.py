@@ -54,7 +54,12 @@ class Sampler:
             ids = np.arange(len(z))
         scaled = z[ids].astype(np.float64) / p.temperature
         order = np.argsort(-scaled, kind="stable")
-        ids, scaled = ids[order], scaled[order]
+        return self.draw(ids[order], scaled[order])
+
+    def draw(self, ids: np.ndarray, scaled: np.ndarray) -> int:
+        """One token from candidates `ids`, best first, whose logits divided by the temperature are `scaled`
+        (float64): softmax, then top-p and min-p, then one draw from this sampler's generator."""
+        p = self.params
         probs = np.exp(scaled - scaled[0])
         probs /= probs.sum()
         if p.top_p < 1.0:

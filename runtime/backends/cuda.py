@@ -588,15 +588,4 @@ def choose_from_top(sampler: Sampler, ids: np.ndarray, values: np.ndarray) -> in
     p = sampler.params
     if p.temperature == 0:
         return int(ids[0])
-    z = values[:p.top_k].astype(np.float64) / p.temperature
-    ids = ids[:p.top_k]
-    probs = np.exp(z - z[0])
-    probs /= probs.sum()
-    if p.top_p < 1.0:
-        keep = int(np.searchsorted(np.cumsum(probs), p.top_p) + 1)
-        ids, probs = ids[:keep], probs[:keep]
-    if p.min_p > 0:
-        mask = probs >= p.min_p * probs[0]
-        ids, probs = ids[mask], probs[mask]
-    probs /= probs.sum()
-    return int(ids[sampler.rng.choice(len(ids), p=probs)])
+    return sampler.draw(ids[:p.top_k], values[:p.top_k].astype(np.float64) / p.temperature)
