@@ -1,6 +1,6 @@
 """Accuracy per bit on the default model: NanoQuant at several targets beside llama.cpp's types and HQQ, one picture.
 
-    python bench/pareto.py [--bits 0.55 0.8 1.0 1.5 2.0] [--allocation uniform fisher] [--preset quick]
+    python bench/pareto.py [--bits 0.55 0.8 1.0 1.5 2.0] [--allocation uniform last-block] [--preset quick]
                            [--no-ours] [--no-llama] [--no-hqq] [--plot-only]
 
 Every point is the perplexity ratio on the 40 test windows of spec/EVALUATION.md §2 (the same token windows for every
@@ -48,6 +48,15 @@ def quality_name(preset: str, bits: float, allocation: str, embedding: str | Non
     return "-".join(parts + [f"alloc-{allocation}"]) + ".json"
 
 
+def series_name(preset: str, allocation: str, embedding: str | None) -> str:
+    """A sweep point's series: the preset's default recipe (its own allocation and table) joins the MEASURED points
+    of that recipe."""
+    from converter.pipeline import PRESETS
+    if embedding is None and allocation == PRESETS[preset].allocation:
+        return f"nanoquant {preset} (default recipe)"
+    return f"nanoquant {preset}" + ("" if allocation == "uniform" else f", {allocation} allocation")
+
+
 def run_ours(preset: str, bits: float, allocation: str, embedding: str | None) -> dict | None:
     path = RESULTS / quality_name(preset, bits, allocation, embedding)
     if not path.is_file():
@@ -58,7 +67,7 @@ def run_ours(preset: str, bits: float, allocation: str, embedding: str | None) -
             print(f"failed: {' '.join(cmd)}", flush=True)
             return None
     rec = json.loads(path.read_text())
-    return dict(method=f"nanoquant {preset}" + ("" if allocation == "uniform" else f", {allocation} allocation"),
+    return dict(method=series_name(preset, allocation, embedding),
                 target=bits, bpw_file=rec["bpw_whole_file"], bpw_linears=rec["bpw_decoder_linears"],
                 ratio=rec["ppl_ratio"], ppl=rec["ppl_quantized"], source=path.name)
 
@@ -68,15 +77,16 @@ def run_ours(preset: str, bits: float, allocation: str, embedding: str | None) -
 # iq4_nl+5120 at 931a890, quick's to last-block ranks with iq4_nl+3072 at 051a108, and to 768 distillation windows at
 # 6b68613).
 MEASURED = (
-    ("quality-smollm2-135m-quick-recon768.json", "nanoquant quick (default since 6b68613)"),
-    ("quality-smollm2-135m-quick-b2-recon768.json", "nanoquant quick (default since 6b68613)"),
+    ("quality-smollm2-135m-quick-recon768.json", "nanoquant quick (default recipe)"),
+    ("quality-smollm2-135m-quick-b2-recon768.json", "nanoquant quick (default recipe)"),
     ("quality-smollm2-135m-standard-emb-iq4_nl+3072-alloc-last-block.json", "nanoquant standard (default recipe)"),
     ("quality-smollm2-135m-standard-b2.json", "nanoquant standard (default recipe)"),
     ("quality-smollm2-135m-quick-emb-iq4_nl+3072-alloc-last-block.json", "nanoquant quick, 512 windows (051a108)"),
     ("quality-smollm2-135m-quick-b2-alloc-last-block.json", "nanoquant quick, 512 windows (051a108)"),
     ("quality-smollm2-135m-quick-emb-iq4_nl+5120.json", "nanoquant quick, IQ4_NL+5120 table"),
     ("quality-smollm2-135m-quick-emb-binary-512x2.json", "nanoquant quick, binary 512x2 table"),
-    ("quality-smollm2-135m-quick-alloc-last-block.json", "nanoquant quick, last-block allocation"),
+    ("quality-smollm2-135m-quick-alloc-last-block.json", "nanoquant quick, IQ4_NL+5120 table"),
+    ("quality-smollm2-135m-quick-alloc-fisher.json", "nanoquant quick, F16 table, fisher allocation"),
     ("quality-smollm2-135m-quick-b0.55.json", "nanoquant quick, F16 table"),
     ("quality-smollm2-135m-quick-b0.8.json", "nanoquant quick, F16 table"),
     ("fresh-install-quick-0c2587d.json", "nanoquant quick, F16 table"),
@@ -238,7 +248,7 @@ def plot(points: list[dict], out: Path) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--bits", type=float, nargs="+", default=[0.55, 0.8, 1.0, 1.5, 2.0])
-    ap.add_argument("--allocation", nargs="+", default=["uniform", "fisher"])
+    ap.add_argument("--allocation", nargs="+", default=["uniform", "last-block"])
     ap.add_argument("--preset", nargs="+", default=["quick"])
     ap.add_argument("--embedding", default=None, help="embedding type of our files (default: the preset's)")
     ap.add_argument("--llama", nargs="+", default=list(LLAMA_TYPES))
