@@ -60,7 +60,7 @@ def ones_where(imp: LayerPreconditioners, v: dict) -> LayerPreconditioners:
     """The layer's preconditioners with the switched-off ones replaced by 1."""
     keep = lambda d, on: {k: (x if on else torch.ones_like(x)) for k, x in d.items()}  # noqa: E731
     cw = imp.channel_weight if v["cw"] else torch.ones_like(imp.channel_weight)
-    return LayerPreconditioners(keep(imp.d_in, v["din"]), keep(imp.d_out, v["dout"]), cw)
+    return LayerPreconditioners(keep(imp.d_in, v["din"]), keep(imp.d_out, v["dout"]), cw, imp.fisher_scale)
 
 
 def main() -> None:
