@@ -217,8 +217,8 @@ class NumbaBackend(Backend):
 
     # --- ops ----------------------------------------------------------------------------------------------------
     def fused_blocks(self, model) -> nd.FusedBlocks | None:
-        """Every block of a decoding step in one compiled call (numba_decode.py)."""
-        return nd.FusedBlocks(model, self.simd, self.threads)
+        """Every block of a decoding step in one compiled call (numba_decode.py) on LUT-16; op by op on LUT-8."""
+        return nd.FusedBlocks(model, self.threads) if self.simd else None
 
     def embed(self, table: Table | nt.Q4Table | nt.FactoredTable | hot_rows.HotRowsTable,
               ids: np.ndarray) -> np.ndarray:
@@ -373,7 +373,8 @@ class NumbaBackend(Backend):
             if table.tiles is not None:
                 (lut16.head_q4_parallel if self.threads > 1 else lut16.head_q4_serial)(*table.tiles, table.grid, x, out)
             else:
-                (nt.PARALLEL if self.threads > 1 else nt.SERIAL).head_q4(table.raw, table.scales, table.grid, x, out)
+                kernels = nt.PARALLEL if self.threads > 1 else nt.SERIAL
+                kernels.head_q4(table.raw, table.scales, table.grid, table.codes, x, out)
             return out
         out = np.empty((x.shape[0], table.data.shape[0]), np.float32)
         if table.gtype == GGMLType.F16:

@@ -21,9 +21,10 @@ RMSNorm of the residual, the lookup tables of a stage's input) are recomputed by
 being a phase of their own; a worker computes them only for a phase in which it then claims a chunk, which is what makes
 the redundant copies safe (while a phase has chunks left, its inputs cannot change).
 
-A binary linear's stages run on LUT-16 (numba_lut16.py, AVX-512) or, on other CPUs, on LUT-8 tables over the file's
-sign bytes (the same tables as numba_kernels.py); the choice is a literal argument, so each compiled variant holds only
-its own instructions. Values are float32, as in the op-by-op kernels; only summation orders differ.
+A binary linear's stages run on LUT-16 (numba_lut16.py, AVX-512). CPUs without AVX-512 decode op by op on LUT-8
+(numba_kernels.py): a fused LUT-8 variant of this walk measured 1.6-2.9× slower than op by op on an AVX2-only host
+(runtime/README.md, "Tried and not adopted"). Values are float32, as in the op-by-op kernels; only summation orders
+differ.
 """
 from __future__ import annotations
 
@@ -32,7 +33,7 @@ from typing import NamedTuple
 
 import numpy as np
 from llvmlite import binding, ir
-from numba import carray, literally, njit, prange, types
+from numba import carray, njit, prange, types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
@@ -165,55 +166,18 @@ def _done(counters, phase, workers, done, total):
 
 
 # --- one stage of a binary linear: LUT-16 or LUT-8 -----------------------------------------------------------------
-@intrinsic
-def load_byte(typingctx, addr, i):
-    """The byte at address addr + i, as int64."""
-    if not (isinstance(addr, types.Integer) and isinstance(i, types.Integer)):
-        return None
-
-    def codegen(context, builder, signature, args):
-        base = builder.inttoptr(context.cast(builder, args[0], signature.args[0], types.int64),
-                                ir.IntType(8).as_pointer())
-        byte = builder.load(builder.gep(base, [context.cast(builder, args[1], signature.args[1], types.intp)]))
-        return builder.zext(byte, ir.IntType(64))
-
-    return types.int64(addr, i), codegen
-
-
 @njit(inline="always", **_OPTS)
-def _tables(simd, src, so, words, tab, to):
+def _tables(src, so, words, tab, to):
     """The lookup tables of 32·words inputs src[so:] (zero past the matrix's columns) into tab[to:]."""
-    if simd:
-        build_tables(tab, to, src, so, 8 * words)
-    else:
-        for g in range(4 * words):  # 256 signed sums of 8 inputs, by doubling
-            base = to + 256 * g
-            total = np.float32(0.0)
-            for j in range(8):
-                total += src[so + 8 * g + j]
-            tab[base] = total
-            size = 1
-            for j in range(8):
-                d = 2 * src[so + 8 * g + j]
-                for b in range(size):
-                    tab[base + size + b] = tab[base + b] - d
-                size *= 2
+    build_tables(tab, to, src, so, 8 * words)
 
 
 @njit(inline="always", **_OPTS)
-def _rows(simd, tab, to, addr, words, rows, b0, b1, sums, si):
+def _rows(tab, to, addr, words, b0, b1, sums, si):
     """sums[si + 16(b − b0) + l] = row 16b + l of a sign matrix times the inputs whose tables are at tab[to:], for
-    tiles b0 ≤ b < b1. addr: the repacked tiles (LUT-16) or the file's sign bytes (LUT-8, rows × 4·words)."""
-    if simd:
-        for b in range(b0, b1):
-            lookup_tile(tab, to, addr + 4 * TILE * words * b, words, sums, si + TILE * (b - b0))
-    else:
-        nb = 4 * words
-        for i in range(TILE * b0, min(TILE * b1, rows)):
-            acc = np.float32(0.0)
-            for g in range(nb):
-                acc += tab[to + 256 * g + load_byte(addr, i * nb + g)]
-            sums[si + i - TILE * b0] = acc
+    tiles b0 ≤ b < b1 of the repacked tiles at addr."""
+    for b in range(b0, b1):
+        lookup_tile(tab, to, addr + 4 * TILE * words * b, words, sums, si + TILE * (b - b0))
 
 
 @intrinsic
@@ -325,7 +289,7 @@ def _stage_chunks(lins, paths, lin0, lin1, column):
 
 
 @njit(inline="always", **_OPTS)
-def _v_phase(simd, net, me, phase, lin0, lin1, src, so, sc, tokens):
+def _v_phase(net, me, phase, lin0, lin1, src, so, sc, tokens):
     """mid_p[t] = s_mid ⊙ V_p·(s_in ⊙ src[t, so:]) for every path p of linears lin0 ≤ l < lin1 and token t, into the
     shared work."""
     ints, paths, lins, work, vecs, counters = net.ints, net.paths, net.lins, net.work, net.vecs, net.counters
@@ -353,10 +317,10 @@ def _v_phase(simd, net, me, phase, lin0, lin1, src, so, sc, tokens):
                 sc[xs + j] = src[t, so + j] * vecs[s_in + j]
             for j in range(n, 32 * wn):
                 sc[xs + j] = 0.0
-            _tables(simd, sc, xs, wn, sc, tab)
+            _tables(sc, xs, wn, sc, tab)
             held_p, held_t = p, t
         b1 = min(b0 + CHUNK, paths[p, P_BR])
-        _rows(simd, sc, tab, paths[p, P_V], wn, r, b0, b1, sc, sums)
+        _rows(sc, tab, paths[p, P_V], wn, b0, b1, sc, sums)
         mid, s_mid = paths[p, P_MID], paths[p, P_SMID]
         for i in range(TILE * b0, min(TILE * b1, r)):
             work[t, mid + i] = sc[sums + i - TILE * b0] * vecs[s_mid + i]
@@ -365,16 +329,16 @@ def _v_phase(simd, net, me, phase, lin0, lin1, src, so, sc, tokens):
 
 
 @njit(inline="always", **_OPTS)
-def _u_tables(simd, ints, lins, paths, work, li, t, sc, slot):
+def _u_tables(ints, lins, paths, work, li, t, sc, slot):
     """The tables of every path's middle vector of linear li for token t, into table slot `slot` of this worker."""
     base = ints[C_S_TAB] + slot * ints[C_SLOT]
     first = lins[li, L_FIRST]
     for p in range(first, first + lins[li, L_COUNT]):
-        _tables(simd, work[t], paths[p, P_MID], paths[p, P_WR], sc, base + paths[p, P_TAB])
+        _tables(work[t], paths[p, P_MID], paths[p, P_WR], sc, base + paths[p, P_TAB])
 
 
 @njit(inline="always", **_OPTS)
-def _u_rows(simd, ints, lins, paths, vecs, li, b0, b1, sc, slot, acc):
+def _u_rows(ints, lins, paths, vecs, li, b0, b1, sc, slot, acc):
     """sc[acc + i − 16·b0] = row i of linear li's output (Σ paths s_out ⊙ U·mid, + bias) for rows of tiles b0..b1,
     from the tables in slot `slot`."""
     base = ints[C_S_TAB] + slot * ints[C_SLOT]
@@ -382,7 +346,7 @@ def _u_rows(simd, ints, lins, paths, vecs, li, b0, b1, sc, slot, acc):
     first = lins[li, L_FIRST]
     for p in range(first, first + lins[li, L_COUNT]):
         m, s_out = paths[p, P_M], paths[p, P_SOUT]
-        _rows(simd, sc, base + paths[p, P_TAB], paths[p, P_U], paths[p, P_WR], m, b0, b1, sc, sums)
+        _rows(sc, base + paths[p, P_TAB], paths[p, P_U], paths[p, P_WR], b0, b1, sc, sums)
         for i in range(TILE * b0, min(TILE * b1, m)):
             v = sc[sums + i - TILE * b0] * vecs[s_out + i]
             sc[acc + i - TILE * b0] = v if p == first else sc[acc + i - TILE * b0] + v
@@ -393,7 +357,7 @@ def _u_rows(simd, ints, lins, paths, vecs, li, b0, b1, sc, slot, acc):
 
 
 @njit(inline="always", **_OPTS)
-def _u_phase(simd, net, me, phase, lin0, lin1, x, residual, sc, tokens):
+def _u_phase(net, me, phase, lin0, lin1, x, residual, sc, tokens):
     """Outputs of linears lin0 ≤ l < lin1: added to the residual x (residual), else stored at the linear's L_OUT in
     the shared work."""
     ints, paths, lins, work, vecs, counters = net.ints, net.paths, net.lins, net.work, net.vecs, net.counters
@@ -414,11 +378,11 @@ def _u_phase(simd, net, me, phase, lin0, lin1, x, residual, sc, tokens):
                 else:
                     c -= k * tokens
         if held_li != li or held_t != t:
-            _u_tables(simd, ints, lins, paths, work, li, t, sc, 0)
+            _u_tables(ints, lins, paths, work, li, t, sc, 0)
             held_li, held_t = li, t
         first = lins[li, L_FIRST]
         b1 = min(b0 + CHUNK, paths[first, P_BM])
-        _u_rows(simd, ints, lins, paths, vecs, li, b0, b1, sc, 0, acc)
+        _u_rows(ints, lins, paths, vecs, li, b0, b1, sc, 0, acc)
         m = paths[first, P_M]
         out = lins[li, L_OUT]
         lo = TILE * b0
@@ -433,7 +397,7 @@ def _u_phase(simd, net, me, phase, lin0, lin1, x, residual, sc, tokens):
 
 
 @njit(inline="always", **_OPTS)
-def _glu_phase(simd, net, me, phase, gate, sc, tokens):
+def _glu_phase(net, me, phase, gate, sc, tokens):
     """f = act(gate) ⊙ up, rows chunked together: a chunk's gate and up rows come from table slots 0 and 1."""
     ints, paths, lins, work, vecs, counters = net.ints, net.paths, net.lins, net.work, net.vecs, net.counters
     first = lins[gate, L_FIRST]
@@ -453,13 +417,13 @@ def _glu_phase(simd, net, me, phase, gate, sc, tokens):
             break
         t = c // per_token
         if held_t != t:
-            _u_tables(simd, ints, lins, paths, work, gate, t, sc, 0)
-            _u_tables(simd, ints, lins, paths, work, gate + 1, t, sc, 1)
+            _u_tables(ints, lins, paths, work, gate, t, sc, 0)
+            _u_tables(ints, lins, paths, work, gate + 1, t, sc, 1)
             held_t = t
         b0 = c % per_token * CHUNK
         b1 = min(b0 + CHUNK, tiles)
-        _u_rows(simd, ints, lins, paths, vecs, gate, b0, b1, sc, 0, acc)
-        _u_rows(simd, ints, lins, paths, vecs, gate + 1, b0, b1, sc, 1, up_acc)
+        _u_rows(ints, lins, paths, vecs, gate, b0, b1, sc, 0, acc)
+        _u_rows(ints, lins, paths, vecs, gate + 1, b0, b1, sc, 1, up_acc)
         lo = TILE * b0
         hi = min(TILE * b1, m)
         if gelu:  # as numba_kernels.glu: g·sigmoid(2z), z = √(2/π)·(g + 0.044715·g³)
@@ -591,7 +555,7 @@ def _rope_tables(vecs, inv_global, inv_local, half, pos, sc, at):
 
 
 @njit(**_OPTS)
-def _blocks(simd, net, worker, x, positions, caches):
+def _blocks(net, worker, x, positions, caches):
     """Worker `worker`'s walk through every block for the step's tokens (all workers walk it; see the module
     docstring)."""
     ints, layers, vecs, work = net.ints, net.layers, net.vecs, net.work
@@ -610,44 +574,33 @@ def _blocks(simd, net, worker, x, positions, caches):
         rope_at = rope + (d if layers[layer, N_SLIDING] else 0)
         for t in range(tokens):
             _rms(x[t], 0, hidden, vecs, layers[layer, N_ATTN], eps, normed[t], 0)
-        _v_phase(simd, net, worker, ph, li + _Q, li + _O, normed, 0, sc, tokens)
-        _u_phase(simd, net, worker, ph + 1, li + _Q, li + _O, x, False, sc, tokens)
+        _v_phase(net, worker, ph, li + _Q, li + _O, normed, 0, sc, tokens)
+        _u_phase(net, worker, ph + 1, li + _Q, li + _O, x, False, sc, tokens)
         _kv_phase(net, worker, ph + 2, layer, positions, caches, sc, rope_at, tokens)
         _attention_phase(net, worker, ph + 3, layer, positions, caches, sc, rope_at, tokens)
-        _v_phase(simd, net, worker, ph + 4, li + _O, li + _GATE, work, ints[C_W_ATT], sc, tokens)
-        _u_phase(simd, net, worker, ph + 5, li + _O, li + _GATE, x, not post, sc, tokens)
+        _v_phase(net, worker, ph + 4, li + _O, li + _GATE, work, ints[C_W_ATT], sc, tokens)
+        _u_phase(net, worker, ph + 5, li + _O, li + _GATE, x, not post, sc, tokens)
         if post:
             _post_norm_phase(net, worker, ph + 6, layers[layer, N_POST_ATTN], x, tokens)
         for t in range(tokens):
             _rms(x[t], 0, hidden, vecs, layers[layer, N_FFN], eps, normed[t], 0)
-        _v_phase(simd, net, worker, ph + 7, li + _GATE, li + _DOWN, normed, 0, sc, tokens)
-        _glu_phase(simd, net, worker, ph + 8, li + _GATE, sc, tokens)
-        _v_phase(simd, net, worker, ph + 9, li + _DOWN, li + _LINEARS, work, ints[C_W_F], sc, tokens)
-        _u_phase(simd, net, worker, ph + 10, li + _DOWN, li + _LINEARS, x, not post, sc, tokens)
+        _v_phase(net, worker, ph + 7, li + _GATE, li + _DOWN, normed, 0, sc, tokens)
+        _glu_phase(net, worker, ph + 8, li + _GATE, sc, tokens)
+        _v_phase(net, worker, ph + 9, li + _DOWN, li + _LINEARS, work, ints[C_W_F], sc, tokens)
+        _u_phase(net, worker, ph + 10, li + _DOWN, li + _LINEARS, x, not post, sc, tokens)
         if post:
             _post_norm_phase(net, worker, ph + 11, layers[layer, N_POST_FFN], x, tokens)
 
 
 @njit(**_OPTS)
-def decode_lut16(net, x, positions, caches):
-    _blocks(literally(True), net, 0, x, positions, caches)
-
-
-@njit(**_OPTS)
-def decode_lut8(net, x, positions, caches):
-    _blocks(literally(False), net, 0, x, positions, caches)
+def decode_serial(net, x, positions, caches):
+    _blocks(net, 0, x, positions, caches)
 
 
 @njit(parallel=True, **_OPTS)
-def decode_lut16_threads(net, x, positions, caches):
+def decode_threads(net, x, positions, caches):
     for w in prange(net.scratch.shape[0]):
-        _blocks(literally(True), net, w, x, positions, caches)
-
-
-@njit(parallel=True, **_OPTS)
-def decode_lut8_threads(net, x, positions, caches):
-    for w in prange(net.scratch.shape[0]):
-        _blocks(literally(False), net, w, x, positions, caches)
+        _blocks(net, w, x, positions, caches)
 
 
 # --- building the flat arrays from a model -------------------------------------------------------------------------
@@ -668,16 +621,15 @@ class FusedBlocks:
     """The decode step of a model on the numba backend: `self(x, positions, caches)` runs every block for B tokens,
     token t at positions[t] of the sequence whose cache is caches[t].
 
-    `simd` picks LUT-16 (the backend's paths carry repacked tiles) or LUT-8 (the file's sign bytes); `workers` is the
-    number of threads that share each step (1: no parallel region at all). `max_tokens`: the most tokens a call
+    The backend's paths carry the signs repacked for LUT-16; `workers` is the number of threads that share each step (1: no parallel region at all). `max_tokens`: the most tokens a call
     should take; beyond one per sequence they are a prompt's (several tokens of one cache), which a threaded call
     spreads over the cores better than the op-by-op prefill up to PROMPT_TOKENS."""
 
-    def __init__(self, model, simd: bool, workers: int) -> None:
+    def __init__(self, model, workers: int) -> None:
         cfg = model.config
-        self.simd, self.workers = simd, workers
+        self.workers = workers
         self.max_tokens = PROMPT_TOKENS if workers > 1 else 1
-        table_word = 8 * TILE if simd else 1024  # table floats per 32 inputs
+        table_word = 8 * TILE  # table floats per 32 inputs
         vecs: list[np.ndarray] = []
         size = 0
 
@@ -711,7 +663,7 @@ class FusedBlocks:
                 out = {K.ATTN_Q: w_q, K.ATTN_K: w_k, K.ATTN_V: w_v}.get(name, w_o)
                 first, tab = len(paths), 0
                 for p in lin.paths:
-                    v, u = (p.v_tiles, p.u_tiles) if simd else (p.v_bytes, p.u_bytes)
+                    v, u = p.v_tiles, p.u_tiles
                     self._keep += [v, u]
                     r = p.s_mid.size
                     wn, wr = (lin.n + 31) // 32, (r + 31) // 32
@@ -741,8 +693,7 @@ class FusedBlocks:
                           C_INV_LOCAL: inv_local, C_W_Q: w_q, C_W_K: w_k, C_W_V: w_v, C_W_ATT: w_att, C_W_O: w_o,
                           C_W_F: w_f, C_SLOT: slot, C_TABLE_WORD: table_word}
         self._tokens = self._ctx = 0
-        self._kernel = ((decode_lut16_threads if workers > 1 else decode_lut16) if simd else
-                        (decode_lut8_threads if workers > 1 else decode_lut8))
+        self._kernel = decode_threads if workers > 1 else decode_serial
 
     def _fit(self, tokens: int, ctx: int) -> None:
         """Size the work, the normed inputs and the scratch (whose offsets go into ints) for `tokens` tokens per step

@@ -4,8 +4,10 @@ rows of a binary-factored table.
 
 On AVX-512 the 4-bit head is numba_lut16's (codes repacked at load, looked up 16 rows at a time by vpermps);
 elsewhere the head for one token keeps 32 float32 lanes per row, one per position in a block, adds d·grid[q]·x into them
-block by block and sums the lanes once per row (as the Q8_0 head does); several tokens widen each row once into a
-buffer and dot it with every token. The block scales are widened to float32 once at load. A binary-factored head
+block by block and sums the lanes once per row (as the Q8_0 head does). Where the CPU has SSSE3 (every x86-64 CPU with
+AVX) a block's 32 codes become their grid values by two byte shuffles (`pshufb`, the grid as 16 int8 values; the
+grid-indexed float loads it replaces do not vectorize); elsewhere (ARM) they are read through the float grid. Several
+tokens widen each row once into a buffer and dot it with every token. The block scales are widened to float32 once at load. A binary-factored head
 is a factored linear with m = vocabulary: the backend runs it through the decode and lanes kernels of
 numba_kernels.py.
 
@@ -17,13 +19,17 @@ from dataclasses import dataclass
 from types import SimpleNamespace
 
 import numpy as np
-from numba import njit, prange
+from llvmlite import ir
+from numba import njit, prange, types
+from numba.core import cgutils
+from numba.extending import intrinsic
 
 from nqfmt import FactoredLinear, unpack_signs
 from nqfmt.keys import GGMLType
 from nqfmt.q4 import GRIDS
 
 from . import numba_lut16 as lut16
+from .numba_lut16 import _data
 from . import numba_vnni as vnni
 
 _OPTS = dict(fastmath=True, cache=True, nogil=True)
@@ -43,6 +49,7 @@ class Q4Table:
     hidden: int
     tiles: tuple[np.ndarray, np.ndarray] | None  # codes and scales repacked for the LUT-16 head, None without AVX-512
     lut: np.ndarray  # the grid as the int8 head's byte table (numba_vnni.grid_lut)
+    codes: np.ndarray  # the grid as 16 int8 values (the pshufb head's table)
 
 
 def q4_table(raw: np.ndarray, gtype: GGMLType, hidden: int, simd: bool) -> Q4Table:
@@ -50,7 +57,7 @@ def q4_table(raw: np.ndarray, gtype: GGMLType, hidden: int, simd: bool) -> Q4Tab
     scales = np.ascontiguousarray(raw.reshape(rows, -1, Q4_BLOCK_BYTES)[:, :, :2]).view(np.float16)[:, :, 0]
     scales = scales.astype(np.float32)
     return Q4Table(raw, scales, GRIDS[gtype].astype(np.float32), hidden, lut16.repack_q4(raw, scales) if simd else None,
-                   vnni.grid_lut(gtype))
+                   vnni.grid_lut(gtype), GRIDS[gtype].astype(np.int8))
 
 
 @njit(inline="always", **_OPTS)
@@ -84,6 +91,71 @@ def _q4_dot(raw, scales, grid, v, x, lane):
     return total
 
 
+_B16 = ir.VectorType(ir.IntType(8), 16)
+_F16 = ir.VectorType(ir.FloatType(), 16)
+_I16 = ir.VectorType(ir.IntType(32), 16)
+
+
+def ssse3() -> bool:
+    """Whether this CPU has SSSE3's byte shuffle (every x86-64 CPU with AVX; none elsewhere), as LLVM sees the host."""
+    from llvmlite import binding
+    return bool(binding.get_host_cpu_features().get("ssse3", False))
+
+
+@intrinsic
+def _q4_dot_pshufb(typingctx, raw, scales, codes, v, x):
+    """4-bit row v · x with the 16 grid values as int8 `codes`: per block, the 16 code bytes' low and high nibbles
+    become int8 grid values by one `pshufb` each, widened to float32 and multiplied by x; the block's products,
+    times its scale, add into 32 float32 lanes, summed once at the end. Float32 arithmetic like _q4_dot's (the grid
+    values are integers, exact in int8), in another order."""
+    def c_array(a, dtype, ndim):  # read-only views of the file are welcome
+        return isinstance(a, types.Array) and a.dtype == dtype and a.ndim == ndim and a.layout == "C"
+
+    if not (c_array(raw, types.uint8, 2) and c_array(scales, types.float32, 2) and c_array(codes, types.int8, 1)
+            and isinstance(v, types.Integer) and c_array(x, types.float32, 1)):
+        return None
+
+    def codegen(context, builder, signature, args):
+        ty = signature.args
+        intp = context.get_value_type(types.intp)
+        shuffle = cgutils.get_or_insert_function(builder.module, ir.FunctionType(_B16, [_B16, _B16]),
+                                                 "llvm.x86.ssse3.pshuf.b.128")
+        nb = builder.extract_value(context.make_array(ty[1])(context, builder, args[1]).shape, 1)
+        row = context.cast(builder, args[3], ty[3], types.intp)
+        lut = builder.load(builder.bitcast(_data(context, builder, ty[2], args[2]), _B16.as_pointer()), align=1)
+        raw_row = builder.gep(_data(context, builder, ty[0], args[0]),
+                              [builder.mul(row, builder.mul(nb, ir.Constant(intp, Q4_BLOCK_BYTES)))])
+        scale_row = builder.gep(_data(context, builder, ty[1], args[1]), [builder.mul(row, nb)])
+        xs = _data(context, builder, ty[4], args[4])
+        low = ir.Constant(_B16, [15] * 16)
+        zero = ir.Constant(_F16, [0.0] * 16)
+        lanes = [cgutils.alloca_once_value(builder, zero) for _ in range(2)]
+        with cgutils.for_range(builder, nb) as loop:
+            b = loop.index
+            at = builder.add(builder.mul(b, ir.Constant(intp, Q4_BLOCK_BYTES)), ir.Constant(intp, 2))
+            code = builder.load(builder.bitcast(builder.gep(raw_row, [at]), _B16.as_pointer()), align=1)
+            scale = builder.load(builder.gep(scale_row, [b]))
+            one = builder.insert_element(ir.Constant(_F16, ir.Undefined), scale, ir.Constant(ir.IntType(32), 0))
+            splat = builder.shuffle_vector(one, ir.Constant(_F16, ir.Undefined), ir.Constant(_I16, [0] * 16))
+            for half, nibbles in enumerate((builder.and_(code, low), builder.lshr(code, ir.Constant(_B16, [4] * 16)))):
+                grid = builder.sitofp(builder.call(shuffle, [lut, nibbles]), _F16)
+                xp = builder.gep(xs, [builder.add(builder.mul(b, ir.Constant(intp, 32)), ir.Constant(intp, 16 * half))])
+                xv = builder.load(builder.bitcast(xp, _F16.as_pointer()), align=4)
+                term = builder.fmul(builder.fmul(grid, xv, flags=["fast"]), splat, flags=["fast"])
+                builder.store(builder.fadd(builder.load(lanes[half]), term, flags=["fast"]), lanes[half])
+        total = builder.fadd(builder.load(lanes[0]), builder.load(lanes[1]), flags=["fast"])
+        width = 16
+        while width > 1:  # pairwise halving: 4 vector additions, not 15 scalar ones
+            width //= 2
+            halves = [builder.shuffle_vector(total, total, ir.Constant(ir.VectorType(ir.IntType(32), width),
+                                                                       list(range(k * width, (k + 1) * width))))
+                      for k in range(2)]
+            total = builder.fadd(*halves, flags=["fast"])
+        return builder.extract_element(total, ir.Constant(ir.IntType(32), 0))
+
+    return types.float32(raw, scales, codes, v, x), codegen
+
+
 @njit(**_OPTS)
 def embed_q4(raw, scales, grid, ids, out):
     """out (T, d) = rows ids of a 4-bit table."""
@@ -108,13 +180,25 @@ def embed_factored(u_bytes, v_rows, s_mid, s_out, ids, out, accumulate):
             out[t, j] = out[t, j] + scale * acc[j] if accumulate else scale * acc[j]
 
 
-def _kernels(parallel: bool) -> SimpleNamespace:
+@njit(inline="always", **_OPTS)
+def _q4_dot_bytes(raw, scales, grid, codes, v, x, lane):
+    return _q4_dot_pshufb(raw, scales, codes, v, x)
+
+
+@njit(inline="always", **_OPTS)
+def _q4_dot_floats(raw, scales, grid, codes, v, x, lane):
+    return _q4_dot(raw, scales, grid, v, x, lane)
+
+
+def _kernels(parallel: bool, pshufb: bool) -> SimpleNamespace:
     loop = prange if parallel else range
+    dot = _q4_dot_bytes if pshufb else _q4_dot_floats
 
     @njit(parallel=parallel, **_OPTS)
-    def head_q4(raw, scales, grid, x, out):
-        """out (T, V) = x (T, d) · tableᵀ over 4-bit rows; tasks are blocks of ROW_BLOCK rows. One token: _q4_dot;
-        several: each row widened once into a buffer, then one vectorized reduction per token."""
+    def head_q4(raw, scales, grid, codes, x, out):
+        """out (T, V) = x (T, d) · tableᵀ over 4-bit rows; tasks are blocks of ROW_BLOCK rows. One token: a row's
+        dot product (_q4_dot_pshufb where the CPU has SSSE3, else _q4_dot); several: each row widened once into a
+        buffer, then one vectorized reduction per token."""
         t_all, d = x.shape
         vocab = raw.shape[0]
         for blk in loop((vocab + ROW_BLOCK - 1) // ROW_BLOCK):
@@ -122,7 +206,7 @@ def _kernels(parallel: bool) -> SimpleNamespace:
             row = np.empty(d, dtype=np.float32)
             for v in range(blk * ROW_BLOCK, min((blk + 1) * ROW_BLOCK, vocab)):
                 if t_all == 1:
-                    out[0, v] = _q4_dot(raw, scales, grid, v, x[0], lane)
+                    out[0, v] = dot(raw, scales, grid, codes, v, x[0], lane)
                     continue
                 _q4_row(raw, scales, grid, v, row)
                 for t in range(t_all):
@@ -134,8 +218,9 @@ def _kernels(parallel: bool) -> SimpleNamespace:
     return SimpleNamespace(head_q4=head_q4)
 
 
-SERIAL = _kernels(False)
-PARALLEL = _kernels(True)
+PSHUFB = ssse3()
+SERIAL = _kernels(False, PSHUFB)
+PARALLEL = _kernels(True, PSHUFB)
 
 
 @dataclass(frozen=True)

@@ -108,9 +108,10 @@ def prefilled(model, rng, lengths):
 @pytest.mark.parametrize("variant", STEP_VARIANTS)
 def test_step_equals_one_sequence_at_a_time(backends, variant_files, backend, variant):
     """Row b of one step over sequences at positions 3, 17, 9, 30 (past the sliding windows) is the logits of
-    forward(token b, position b) on that sequence alone, and the step leaves each cache as forward does. On numba both
-    run the fused decode step (numba_decode.py), whose tokens never mix: the caches are bit for bit the same (the
-    logits not quite: the head's several-token kernel adds in another order)."""
+    forward(token b, position b) on that sequence alone, and the step leaves each cache as forward does. On numba with
+    LUT-16 both run the fused decode step (numba_decode.py), whose tokens never mix: the caches are bit for bit the
+    same (the logits not quite: the head's several-token kernel adds in another order); on LUT-8 (no AVX-512) the step
+    runs op by op, its linears in the several-token kernel, so the caches agree up to float rounding."""
     be = backends[0] if backend == "numba" else backends[1]
     model = Model(open_nq(variant_files[variant]), be)
     lengths = [3, 17, 9, 30]
@@ -126,11 +127,15 @@ def test_step_equals_one_sequence_at_a_time(backends, variant_files, backend, va
             assert close(caches[b].k[:, :, :n + 1], alone[b].k[:, :, :n + 1], 1e-5)
             assert close(caches[b].v[:, :, :n + 1], alone[b].v[:, :, :n + 1], 1e-5)
     else:
-        assert model._fused is not None
+        assert (model._fused is not None) == be.simd
         assert close(got, want, 1e-5)
-        for b in range(len(lengths)):
-            np.testing.assert_array_equal(caches[b].k, alone[b].k)
-            np.testing.assert_array_equal(caches[b].v, alone[b].v)
+        for b, n in enumerate(lengths):
+            if be.simd:
+                np.testing.assert_array_equal(caches[b].k, alone[b].k)
+                np.testing.assert_array_equal(caches[b].v, alone[b].v)
+            else:
+                assert close(caches[b].k[:, :, :n + 1], alone[b].k[:, :, :n + 1], 1e-5)
+                assert close(caches[b].v[:, :, :n + 1], alone[b].v[:, :, :n + 1], 1e-5)
 
 
 @pytest.mark.parametrize("backend", ["numpy", "numba"])

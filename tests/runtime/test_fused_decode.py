@@ -1,6 +1,7 @@
 """The numba backend's fused decode step (numba_decode.py: every block of a decoding step in one compiled call) against
-the float64 numpy reference, for every architecture variant, LUT-16 and LUT-8 stages, one worker and two; and a step
-of several sequences against each sequence alone; prompts through the fused blocks against the op-by-op prefill."""
+the float64 numpy reference, for every architecture variant, one worker and two; and a step of several sequences
+against each sequence alone; prompts through the fused blocks against the op-by-op prefill. The fused step runs on
+LUT-16 (AVX-512); elsewhere the backend decodes op by op."""
 import numpy as np
 import pytest
 
@@ -11,7 +12,7 @@ from runtime.model import Model
 from synthetic_variants import VARIANTS
 
 REL = 1e-4
-STAGES = [False] + ([True] if numba_lut16.available() else [])
+LUT16 = pytest.mark.skipif(not numba_lut16.available(), reason="the fused step runs on LUT-16, which needs AVX-512 F")
 
 
 def decode_logits(nq, backend, ids, prompt):
@@ -23,25 +24,25 @@ def decode_logits(nq, backend, ids, prompt):
     return model, np.concatenate(out)
 
 
-@pytest.mark.parametrize("simd", STAGES)
+@LUT16
 @pytest.mark.parametrize("threads", [1, 2])
 @pytest.mark.parametrize("variant", VARIANTS)
-def test_fused_decode_matches_reference(variant_files, variant, threads, simd):
+def test_fused_decode_matches_reference(variant_files, variant, threads):
     nq = open_nq(variant_files[variant])
     ids = np.random.default_rng(23).integers(0, nq.config.vocab, size=27)
     _, want = decode_logits(nq, get_backend("numpy"), ids, 9)
-    model, got = decode_logits(nq, NumbaBackend(threads=threads, exact=True, simd=simd), ids, 9)
-    assert model._fused is not None and model._fused.simd == simd and model._fused.workers == threads
+    model, got = decode_logits(nq, NumbaBackend(threads=threads, exact=True), ids, 9)
+    assert model._fused is not None and model._fused.workers == threads
     assert np.abs(got - want).max() <= REL * np.abs(want).max()
 
 
-@pytest.mark.parametrize("simd", STAGES)
+@LUT16
 @pytest.mark.parametrize("threads", [1, 2])
 @pytest.mark.parametrize("variant", ["llama-2path-mid", "mistral-sliding", "gemma3", "qwen3"])
-def test_fused_step_of_several_sequences_equals_each_alone(variant_files, variant, threads, simd):
+def test_fused_step_of_several_sequences_equals_each_alone(variant_files, variant, threads):
     """One fused call over 5 sequences (each its own cache, at positions 2, 13, 0, 9, 21: past the sliding window)
     gives every sequence the hidden state and cache entries it gets alone, bit for bit."""
-    model = Model(open_nq(variant_files[variant]), NumbaBackend(threads=threads, exact=True, simd=simd))
+    model = Model(open_nq(variant_files[variant]), NumbaBackend(threads=threads, exact=True))
     rng = np.random.default_rng(31)
     positions = np.array([2, 13, 0, 9, 21])
     caches = [model.new_cache(32) for _ in positions]
@@ -59,14 +60,14 @@ def test_fused_step_of_several_sequences_equals_each_alone(variant_files, varian
         np.testing.assert_array_equal(alone[t].v, caches[t].v)
 
 
-@pytest.mark.parametrize("simd", STAGES)
+@LUT16
 @pytest.mark.parametrize("workers", [2, 3, 5])
-def test_any_number_of_workers_gives_the_same_bits(variant_files, simd, workers):
+def test_any_number_of_workers_gives_the_same_bits(variant_files, workers):
     """Every chunk is computed the same way whichever worker takes it, so a step's outputs and cache entries do not
     depend on the number of workers: more workers than threads (a worker runs after another has finished, its range
     taken by the others), ranges of unequal length, some empty (3 sequences' kv heads over 5 workers)."""
-    model = Model(open_nq(variant_files["llama-2path-mid"]), NumbaBackend(threads=1, exact=True, simd=simd))
-    many = nd.FusedBlocks(model, simd, workers)
+    model = Model(open_nq(variant_files["llama-2path-mid"]), NumbaBackend(threads=1, exact=True))
+    many = nd.FusedBlocks(model, workers)
     rng = np.random.default_rng(37)
     positions = np.array([4, 0, 11])
     caches = {n: [model.new_cache(16) for _ in positions] for n in ("one", "many")}
@@ -84,30 +85,30 @@ def test_any_number_of_workers_gives_the_same_bits(variant_files, simd, workers)
         np.testing.assert_array_equal(a.v, b.v)
 
 
-@pytest.mark.parametrize("simd", STAGES)
-def test_fused_decode_past_a_sliding_window_equals_op_by_op(variant_files, simd):
+@LUT16
+def test_fused_decode_past_a_sliding_window_equals_op_by_op(variant_files):
     """Past the window (7 on this variant) the fused attention reads only the last positions, as the op-by-op
     kernels do; both run the same float32 arithmetic up to summation order."""
     nq = open_nq(variant_files["mistral-sliding"])
     ids = np.random.default_rng(29).integers(0, nq.config.vocab, size=40)
-    backend = NumbaBackend(threads=2, exact=True, simd=simd)
+    backend = NumbaBackend(threads=2, exact=True)
     _, fused = decode_logits(nq, backend, ids, 3)
-    op_by_op = NumbaBackend(threads=2, exact=True, simd=simd)
+    op_by_op = NumbaBackend(threads=2, exact=True)
     op_by_op.fused_blocks = lambda model: None
     model, plain = decode_logits(nq, op_by_op, ids, 3)
     assert model._fused is None
     assert np.abs(fused - plain).max() <= 1e-5 * np.abs(plain).max()
 
 
-def _op_by_op(threads: int, simd: bool) -> NumbaBackend:
-    backend = NumbaBackend(threads=threads, exact=True, simd=simd)
+def _op_by_op(threads: int) -> NumbaBackend:
+    backend = NumbaBackend(threads=threads, exact=True)
     backend.fused_blocks = lambda model: None
     return backend
 
 
-@pytest.mark.parametrize("simd", STAGES)
+@LUT16
 @pytest.mark.parametrize("variant", ["llama-2path-mid", "mistral-sliding", "gemma3", "qwen3"])
-def test_fused_prompt_equals_op_by_op_prefill(variant_files, variant, simd):
+def test_fused_prompt_equals_op_by_op_prefill(variant_files, variant):
     """With threads, a prompt of up to max_tokens runs through the fused blocks, its tokens sharing one cache and
     attending causally to each other (past the sliding window of 7 on mistral-sliding), here a prompt of 12 tokens
     and then 9 more after it: every token's logits and the cache's keys and values equal the op-by-op prefill's up
@@ -115,7 +116,7 @@ def test_fused_prompt_equals_op_by_op_prefill(variant_files, variant, simd):
     nq = open_nq(variant_files[variant])
     ids = np.random.default_rng(41).integers(0, nq.config.vocab, size=21)
     results = {}
-    for name, backend in (("fused", NumbaBackend(threads=2, exact=True, simd=simd)), ("plain", _op_by_op(2, simd))):
+    for name, backend in (("fused", NumbaBackend(threads=2, exact=True)), ("plain", _op_by_op(2))):
         model = Model(nq, backend)
         cache = model.new_cache(32)
         logits = [model.forward(ids[:12], 0, cache, all_logits=True), model.forward(ids[12:], 12, cache,
@@ -126,12 +127,12 @@ def test_fused_prompt_equals_op_by_op_prefill(variant_files, variant, simd):
         assert np.abs(got - want).max() <= 1e-5 * np.abs(want).max()
 
 
-@pytest.mark.parametrize("simd", STAGES)
-def test_step_of_prompts_and_next_tokens_is_each_sequence_alone(variant_files, simd):
+@LUT16
+def test_step_of_prompts_and_next_tokens_is_each_sequence_alone(variant_files):
     """A batched step mixing a new prompt, a decoding token and a continuation (7, 1 and 4 tokens) runs as one fused
     call; each sequence's logits and cache are bit for bit those of forward() on its own tokens."""
     nq = open_nq(variant_files["mistral-sliding"])
-    model = Model(nq, NumbaBackend(threads=2, exact=True, simd=simd))
+    model = Model(nq, NumbaBackend(threads=2, exact=True))
     rng = np.random.default_rng(43)
     counts, positions = np.array([7, 1, 4]), np.array([0, 9, 3])
     ids = rng.integers(0, nq.config.vocab, size=int(counts.sum()))
@@ -149,6 +150,19 @@ def test_step_of_prompts_and_next_tokens_is_each_sequence_alone(variant_files, s
         np.testing.assert_array_equal(caches[b].v, alone[b].v)
 
 
+def test_without_lut16_every_step_runs_op_by_op(variant_files):
+    """LUT-8 (CPUs without AVX-512) has no fused step: decoding and batched steps run op by op, and agree with the
+    float64 reference."""
+    nq = open_nq(variant_files["llama-2path-mid"])
+    ids = np.random.default_rng(47).integers(0, nq.config.vocab, size=14)
+    _, want = decode_logits(nq, get_backend("numpy"), ids, 5)
+    for threads in (1, 2):
+        model, got = decode_logits(nq, NumbaBackend(threads=threads, exact=True, simd=False), ids, 5)
+        assert model._fused is None
+        assert np.abs(got - want).max() <= REL * np.abs(want).max()
+
+
+@LUT16
 def test_prompts_beyond_max_tokens_and_one_thread_run_op_by_op(variant_files, monkeypatch):
     """One worker gains nothing from a fused prompt (its op-by-op prefill is faster), and a prompt longer than
     max_tokens runs op by op on any number."""
