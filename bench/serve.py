@@ -7,7 +7,8 @@ usage in the last chunk. Runs, one after another:
   C clients: C clients at once, each sending --requests requests back to back (client i, request j: prompt i + j)
 Figures per run: aggregate tok/s (all completion tokens over the run's wall time), aggregate decode tok/s (tokens
 after each request's first, over the span from the first first token to the last token), per-request decode tok/s
-(tokens after the first over first → last token), time to first token p50/p99 (request sent → first text), errors.
+(tokens after the first over first → last token), time to first token p50/p99 (request sent → first text), errors,
+and the CPU time per completion token of the server process and of the client (both share the machine's cores).
 Every streamed text is compared with its prompt's single-request text. The bars (issue 32): 0 errors and equal
 texts in every run; 8 clients' aggregate tok/s ≥ 2.5× one client's; TTFT p99 with 8 clients ≤ 2 s.
 
@@ -138,6 +139,16 @@ async def run_clients(url: str, model: str, plan: list[list[int]], prompt_ids: l
         return time.perf_counter() - start, [r for rs in results for r in rs]
 
 
+def cpu_seconds(pid: int | None = None) -> float:
+    """User + system CPU seconds of a process so far (this one when pid is None), its threads included."""
+    if pid is None:
+        t = os.times()
+        return t.user + t.system
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def summarize(wall: float, records: list[dict], reference: dict[int, str] | None) -> dict:
     ok = [r for r in records if "error" not in r]
     decode = [(r["tokens"] - 1) / (r["last"] - r["first"]) for r in ok if r["tokens"] > 1 and r["last"] > r["first"]]
@@ -183,15 +194,19 @@ def main() -> None:
             for c in a.clients:
                 plan = [list(range(len(ids)))] if c == 1 else [[(i + j) % len(ids) for j in range(a.requests)]
                                                               for i in range(c)]
+                cpu = cpu_seconds(proc.pid), cpu_seconds()
                 wall, records = asyncio.run(run_clients(url, model, plan, ids, a.tokens))
+                cpu = cpu_seconds(proc.pid) - cpu[0], cpu_seconds() - cpu[1]
                 if c == 1 and reference is None:
                     reference = {r["prompt"]: r["text"] for r in records if "error" not in r}
                 s = dict(summarize(wall, records, reference), load_average=os.getloadavg())
+                s["cpu_ms_per_token"] = {k: 1e3 * v / max(s["completion_tokens"], 1)
+                                         for k, v in zip(("server", "client"), cpu)}
                 rounds[c].append(s)
                 print(f"round {rnd + 1}, {c} client(s): {s['requests']} requests, {s['errors']} errors, aggregate "
                       f"{s['aggregate_tps']:.1f} tok/s (decode {s['aggregate_decode_tps']:.1f}), per request "
                       f"{s['per_request_decode_tps']}, TTFT {s['ttft_s']}, texts equal: "
-                      f"{s['texts_equal_single_request']}, load {s['load_average']}", flush=True)
+                      f"{s['texts_equal_single_request']}, CPU ms/token {s['cpu_ms_per_token']}, load {s['load_average']}", flush=True)
     finally:
         proc.terminate()
         proc.wait(timeout=30)
