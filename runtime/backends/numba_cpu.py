@@ -1,5 +1,5 @@
-"""The numba backend: float32 CPU kernels (numba_kernels.py; LUT-16 on AVX-512, numba_lut16.py; one token's blocks
-fused into one call, numba_decode.py) behind the Backend interface.
+"""The numba backend: float32 CPU kernels (numba_kernels.py; LUT-16 on AVX-512, numba_lut16.py, where a decoding
+step's blocks are fused into one call, numba_decode.py) behind the Backend interface.
 
 Before numba is imported this module picks three process-wide settings (each only where the user has not):
 - OpenMP threads (workqueue where numba has no OpenMP) spin a few ms after a parallel region before they sleep
