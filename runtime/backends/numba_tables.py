@@ -180,6 +180,56 @@ def embed_factored(u_bytes, v_rows, s_mid, s_out, ids, out, accumulate):
             out[t, j] = out[t, j] + scale * acc[j] if accumulate else scale * acc[j]
 
 
+@intrinsic
+def _q4_row_pshufb(typingctx, raw, scales, codes, v, out):
+    """Row v of a 4-bit table widened to float32 into out (d,): per block, the 16 code bytes' low and high nibbles
+    become int8 grid values by one `pshufb` each, widened and multiplied by the block's scale (as _q4_row)."""
+    def c_array(a, dtype, ndim):  # read-only views of the file are welcome
+        return isinstance(a, types.Array) and a.dtype == dtype and a.ndim == ndim and a.layout == "C"
+
+    if not (c_array(raw, types.uint8, 2) and c_array(scales, types.float32, 2) and c_array(codes, types.int8, 1)
+            and isinstance(v, types.Integer) and c_array(out, types.float32, 1)):
+        return None
+
+    def codegen(context, builder, signature, args):
+        ty = signature.args
+        intp = context.get_value_type(types.intp)
+        shuffle = cgutils.get_or_insert_function(builder.module, ir.FunctionType(_B16, [_B16, _B16]),
+                                                 "llvm.x86.ssse3.pshuf.b.128")
+        nb = builder.extract_value(context.make_array(ty[1])(context, builder, args[1]).shape, 1)
+        row = context.cast(builder, args[3], ty[3], types.intp)
+        lut = builder.load(builder.bitcast(_data(context, builder, ty[2], args[2]), _B16.as_pointer()), align=1)
+        raw_row = builder.gep(_data(context, builder, ty[0], args[0]),
+                              [builder.mul(row, builder.mul(nb, ir.Constant(intp, Q4_BLOCK_BYTES)))])
+        scale_row = builder.gep(_data(context, builder, ty[1], args[1]), [builder.mul(row, nb)])
+        dst = _data(context, builder, ty[4], args[4])
+        low = ir.Constant(_B16, [15] * 16)
+        with cgutils.for_range(builder, nb) as loop:
+            b = loop.index
+            at = builder.add(builder.mul(b, ir.Constant(intp, Q4_BLOCK_BYTES)), ir.Constant(intp, 2))
+            code = builder.load(builder.bitcast(builder.gep(raw_row, [at]), _B16.as_pointer()), align=1)
+            one = builder.insert_element(ir.Constant(_F16, ir.Undefined), builder.load(builder.gep(scale_row, [b])),
+                                         ir.Constant(ir.IntType(32), 0))
+            splat = builder.shuffle_vector(one, ir.Constant(_F16, ir.Undefined), ir.Constant(_I16, [0] * 16))
+            for half, nibbles in enumerate((builder.and_(code, low), builder.lshr(code, ir.Constant(_B16, [4] * 16)))):
+                values = builder.fmul(builder.sitofp(builder.call(shuffle, [lut, nibbles]), _F16), splat)
+                at = builder.add(builder.mul(b, ir.Constant(intp, 32)), ir.Constant(intp, 16 * half))
+                builder.store(values, builder.bitcast(builder.gep(dst, [at]), _F16.as_pointer()), align=4)
+        return context.get_dummy_value()
+
+    return types.void(raw, scales, codes, v, out), codegen
+
+
+@njit(inline="always", **_OPTS)
+def _q4_row_bytes(raw, scales, grid, codes, v, out):
+    _q4_row_pshufb(raw, scales, codes, v, out)
+
+
+@njit(inline="always", **_OPTS)
+def _q4_row_floats(raw, scales, grid, codes, v, out):
+    _q4_row(raw, scales, grid, v, out)
+
+
 @njit(inline="always", **_OPTS)
 def _q4_dot_bytes(raw, scales, grid, codes, v, x, lane):
     return _q4_dot_pshufb(raw, scales, codes, v, x)
@@ -192,13 +242,13 @@ def _q4_dot_floats(raw, scales, grid, codes, v, x, lane):
 
 def _kernels(parallel: bool, pshufb: bool) -> SimpleNamespace:
     loop = prange if parallel else range
-    dot = _q4_dot_bytes if pshufb else _q4_dot_floats
+    dot, widen = (_q4_dot_bytes, _q4_row_bytes) if pshufb else (_q4_dot_floats, _q4_row_floats)
 
     @njit(parallel=parallel, **_OPTS)
     def head_q4(raw, scales, grid, codes, x, out):
         """out (T, V) = x (T, d) · tableᵀ over 4-bit rows; tasks are blocks of ROW_BLOCK rows. One token: a row's
         dot product (_q4_dot_pshufb where the CPU has SSSE3, else _q4_dot); several: each row widened once into a
-        buffer, then one vectorized reduction per token."""
+        buffer (by pshufb, or through the float grid), then one vectorized reduction per token."""
         t_all, d = x.shape
         vocab = raw.shape[0]
         for blk in loop((vocab + ROW_BLOCK - 1) // ROW_BLOCK):
@@ -208,7 +258,7 @@ def _kernels(parallel: bool, pshufb: bool) -> SimpleNamespace:
                 if t_all == 1:
                     out[0, v] = dot(raw, scales, grid, codes, v, x[0], lane)
                     continue
-                _q4_row(raw, scales, grid, v, row)
+                widen(raw, scales, grid, codes, v, row)
                 for t in range(t_all):
                     acc = np.float32(0.0)
                     for k in range(d):

@@ -68,16 +68,17 @@ def test_4bit_embed_and_head(q4_backends, vocab, hidden, tokens, gtype):
 @pytest.mark.parametrize("pshufb", [False] + [True] * nt.ssse3(), ids=lambda p: "pshufb" if p else "floats")
 @pytest.mark.parametrize("gtype", [GGMLType.Q4_0, GGMLType.IQ4_NL])
 @pytest.mark.parametrize("vocab,hidden", [(203, 96), (37, 32), (515, 576)])
-def test_4bit_head_of_one_token_both_row_products(vocab, hidden, gtype, pshufb):
-    """Without LUT-16 a token's 4-bit head runs one row product per vocabulary row: by pshufb over the codes where the
-    CPU has SSSE3, else through the float grid; both against float64, serial and parallel."""
-    rng = np.random.default_rng(vocab * hidden)
+@pytest.mark.parametrize("tokens", [1, 5])
+def test_4bit_head_without_lut16_both_code_readers(vocab, hidden, gtype, pshufb, tokens):
+    """Without LUT-16 the 4-bit head reads a row's codes by pshufb where the CPU has SSSE3, else through the float
+    grid: one token's row products and several tokens' widened rows, against float64, serial and parallel."""
+    rng = np.random.default_rng(vocab * hidden + tokens)
     raw = q4_table(rng, vocab, hidden, gtype)
     table = nt.q4_table(raw, gtype, hidden, simd=False)
-    x = rng.standard_normal((1, hidden)).astype(np.float32)
+    x = rng.standard_normal((tokens, hidden)).astype(np.float32)
     want = x.astype(np.float64) @ dequantize(raw, GGMLQuantizationType(gtype)).astype(np.float64).T
     for parallel in (False, True):
-        out = np.full((1, vocab), np.nan, np.float32)
+        out = np.full((tokens, vocab), np.nan, np.float32)
         nt._kernels(parallel, pshufb).head_q4(table.raw, table.scales, table.grid, table.codes, x, out)
         assert close(out, want, rel=1e-5)
 
