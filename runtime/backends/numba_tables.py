@@ -7,9 +7,9 @@ elsewhere the head for one token keeps 32 float32 lanes per row, one per positio
 block by block and sums the lanes once per row (as the Q8_0 head does). Where the CPU has SSSE3 (every x86-64 CPU with
 AVX) a block's 32 codes become their grid values by two byte shuffles (`pshufb`, the grid as 16 int8 values; the
 grid-indexed float loads it replaces do not vectorize); elsewhere (ARM) they are read through the float grid. Several
-tokens widen each row once into a buffer and dot it with every token. The block scales are widened to float32 once at load. A binary-factored head
-is a factored linear with m = vocabulary: the backend runs it through the decode and lanes kernels of
-numba_kernels.py.
+tokens widen each row once into a buffer (by the same shuffles where there are) and dot it with every token. The block
+scales are widened to float32 once at load. A binary-factored head is a factored linear with m = vocabulary: the
+backend runs it through the decode and lanes kernels of numba_kernels.py.
 
 Built twice like numba_kernels' row kernels: SERIAL (plain loops) and PARALLEL (prange over row blocks).
 """
@@ -102,47 +102,69 @@ def ssse3() -> bool:
     return bool(binding.get_host_cpu_features().get("ssse3", False))
 
 
-@intrinsic
-def _q4_dot_pshufb(typingctx, raw, scales, codes, v, x):
-    """4-bit row v · x with the 16 grid values as int8 `codes`: per block, the 16 code bytes' low and high nibbles
-    become int8 grid values by one `pshufb` each, widened to float32 and multiplied by x; the block's products,
-    times its scale, add into 32 float32 lanes, summed once at the end. Float32 arithmetic like _q4_dot's (the grid
-    values are integers, exact in int8), in another order."""
-    def c_array(a, dtype, ndim):  # read-only views of the file are welcome
+def _q4_row_types(raw, scales, codes, v, vec) -> bool:
+    """The argument types of the pshufb row kernels: C arrays (read-only views of the file welcome), a row index."""
+    def c_array(a, dtype, ndim):
         return isinstance(a, types.Array) and a.dtype == dtype and a.ndim == ndim and a.layout == "C"
 
-    if not (c_array(raw, types.uint8, 2) and c_array(scales, types.float32, 2) and c_array(codes, types.int8, 1)
-            and isinstance(v, types.Integer) and c_array(x, types.float32, 1)):
+    return (c_array(raw, types.uint8, 2) and c_array(scales, types.float32, 2) and c_array(codes, types.int8, 1)
+            and isinstance(v, types.Integer) and c_array(vec, types.float32, 1))
+
+
+def _q4_row_blocks(context, builder, signature, args, block) -> None:
+    """The loop over the blocks of row args[3] of a 4-bit table (args: raw, scales, codes, v, vec): per block the 16
+    code bytes' low and high nibbles become int8 grid values by one `pshufb` each, widened to float32; then
+    block(b, halves, scale) with halves the two <16 x float> of positions 0-15 and 16-31 and the block's scale in
+    every lane."""
+    ty = signature.args
+    intp = context.get_value_type(types.intp)
+    shuffle = cgutils.get_or_insert_function(builder.module, ir.FunctionType(_B16, [_B16, _B16]),
+                                             "llvm.x86.ssse3.pshuf.b.128")
+    nb = builder.extract_value(context.make_array(ty[1])(context, builder, args[1]).shape, 1)
+    row = context.cast(builder, args[3], ty[3], types.intp)
+    lut = builder.load(builder.bitcast(_data(context, builder, ty[2], args[2]), _B16.as_pointer()), align=1)
+    raw_row = builder.gep(_data(context, builder, ty[0], args[0]),
+                          [builder.mul(row, builder.mul(nb, ir.Constant(intp, Q4_BLOCK_BYTES)))])
+    scale_row = builder.gep(_data(context, builder, ty[1], args[1]), [builder.mul(row, nb)])
+    low = ir.Constant(_B16, [15] * 16)
+    with cgutils.for_range(builder, nb) as loop:
+        b = loop.index
+        at = builder.add(builder.mul(b, ir.Constant(intp, Q4_BLOCK_BYTES)), ir.Constant(intp, 2))
+        code = builder.load(builder.bitcast(builder.gep(raw_row, [at]), _B16.as_pointer()), align=1)
+        one = builder.insert_element(ir.Constant(_F16, ir.Undefined), builder.load(builder.gep(scale_row, [b])),
+                                     ir.Constant(ir.IntType(32), 0))
+        scale = builder.shuffle_vector(one, ir.Constant(_F16, ir.Undefined), ir.Constant(_I16, [0] * 16))
+        halves = [builder.sitofp(builder.call(shuffle, [lut, nibbles]), _F16)
+                  for nibbles in (builder.and_(code, low), builder.lshr(code, ir.Constant(_B16, [4] * 16)))]
+        block(b, halves, scale)
+
+
+def _f16_at(context, builder, base, b, half):
+    """Pointer to the <16 x float> at base[32·b + 16·half]."""
+    intp = context.get_value_type(types.intp)
+    at = builder.add(builder.mul(b, ir.Constant(intp, 32)), ir.Constant(intp, 16 * half))
+    return builder.bitcast(builder.gep(base, [at]), _F16.as_pointer())
+
+
+@intrinsic
+def _q4_dot_pshufb(typingctx, raw, scales, codes, v, x):
+    """4-bit row v · x with the 16 grid values as int8 `codes` (_q4_row_blocks): each block's grid values times x,
+    times its scale, add into 32 float32 lanes, summed once at the end. Float32 arithmetic like _q4_dot's (the grid
+    values are integers, exact in int8), in another order."""
+    if not _q4_row_types(raw, scales, codes, v, x):
         return None
 
     def codegen(context, builder, signature, args):
-        ty = signature.args
-        intp = context.get_value_type(types.intp)
-        shuffle = cgutils.get_or_insert_function(builder.module, ir.FunctionType(_B16, [_B16, _B16]),
-                                                 "llvm.x86.ssse3.pshuf.b.128")
-        nb = builder.extract_value(context.make_array(ty[1])(context, builder, args[1]).shape, 1)
-        row = context.cast(builder, args[3], ty[3], types.intp)
-        lut = builder.load(builder.bitcast(_data(context, builder, ty[2], args[2]), _B16.as_pointer()), align=1)
-        raw_row = builder.gep(_data(context, builder, ty[0], args[0]),
-                              [builder.mul(row, builder.mul(nb, ir.Constant(intp, Q4_BLOCK_BYTES)))])
-        scale_row = builder.gep(_data(context, builder, ty[1], args[1]), [builder.mul(row, nb)])
-        xs = _data(context, builder, ty[4], args[4])
-        low = ir.Constant(_B16, [15] * 16)
-        zero = ir.Constant(_F16, [0.0] * 16)
-        lanes = [cgutils.alloca_once_value(builder, zero) for _ in range(2)]
-        with cgutils.for_range(builder, nb) as loop:
-            b = loop.index
-            at = builder.add(builder.mul(b, ir.Constant(intp, Q4_BLOCK_BYTES)), ir.Constant(intp, 2))
-            code = builder.load(builder.bitcast(builder.gep(raw_row, [at]), _B16.as_pointer()), align=1)
-            scale = builder.load(builder.gep(scale_row, [b]))
-            one = builder.insert_element(ir.Constant(_F16, ir.Undefined), scale, ir.Constant(ir.IntType(32), 0))
-            splat = builder.shuffle_vector(one, ir.Constant(_F16, ir.Undefined), ir.Constant(_I16, [0] * 16))
-            for half, nibbles in enumerate((builder.and_(code, low), builder.lshr(code, ir.Constant(_B16, [4] * 16)))):
-                grid = builder.sitofp(builder.call(shuffle, [lut, nibbles]), _F16)
-                xp = builder.gep(xs, [builder.add(builder.mul(b, ir.Constant(intp, 32)), ir.Constant(intp, 16 * half))])
-                xv = builder.load(builder.bitcast(xp, _F16.as_pointer()), align=4)
-                term = builder.fmul(builder.fmul(grid, xv, flags=["fast"]), splat, flags=["fast"])
+        xs = _data(context, builder, signature.args[4], args[4])
+        lanes = [cgutils.alloca_once_value(builder, ir.Constant(_F16, [0.0] * 16)) for _ in range(2)]
+
+        def block(b, halves, scale):
+            for half, grid in enumerate(halves):
+                xv = builder.load(_f16_at(context, builder, xs, b, half), align=4)
+                term = builder.fmul(builder.fmul(grid, xv, flags=["fast"]), scale, flags=["fast"])
                 builder.store(builder.fadd(builder.load(lanes[half]), term, flags=["fast"]), lanes[half])
+
+        _q4_row_blocks(context, builder, signature, args, block)
         total = builder.fadd(builder.load(lanes[0]), builder.load(lanes[1]), flags=["fast"])
         width = 16
         while width > 1:  # pairwise halving: 4 vector additions, not 15 scalar ones
@@ -154,6 +176,26 @@ def _q4_dot_pshufb(typingctx, raw, scales, codes, v, x):
         return builder.extract_element(total, ir.Constant(ir.IntType(32), 0))
 
     return types.float32(raw, scales, codes, v, x), codegen
+
+
+@intrinsic
+def _q4_row_pshufb(typingctx, raw, scales, codes, v, out):
+    """Row v of a 4-bit table widened to float32 into out (d,) (_q4_row_blocks: grid values times the block's scale,
+    as _q4_row)."""
+    if not _q4_row_types(raw, scales, codes, v, out):
+        return None
+
+    def codegen(context, builder, signature, args):
+        dst = _data(context, builder, signature.args[4], args[4])
+
+        def block(b, halves, scale):
+            for half, grid in enumerate(halves):
+                builder.store(builder.fmul(grid, scale), _f16_at(context, builder, dst, b, half), align=4)
+
+        _q4_row_blocks(context, builder, signature, args, block)
+        return context.get_dummy_value()
+
+    return types.void(raw, scales, codes, v, out), codegen
 
 
 @njit(**_OPTS)
@@ -178,46 +220,6 @@ def embed_factored(u_bytes, v_rows, s_mid, s_out, ids, out, accumulate):
         scale = s_out[row]
         for j in range(d):
             out[t, j] = out[t, j] + scale * acc[j] if accumulate else scale * acc[j]
-
-
-@intrinsic
-def _q4_row_pshufb(typingctx, raw, scales, codes, v, out):
-    """Row v of a 4-bit table widened to float32 into out (d,): per block, the 16 code bytes' low and high nibbles
-    become int8 grid values by one `pshufb` each, widened and multiplied by the block's scale (as _q4_row)."""
-    def c_array(a, dtype, ndim):  # read-only views of the file are welcome
-        return isinstance(a, types.Array) and a.dtype == dtype and a.ndim == ndim and a.layout == "C"
-
-    if not (c_array(raw, types.uint8, 2) and c_array(scales, types.float32, 2) and c_array(codes, types.int8, 1)
-            and isinstance(v, types.Integer) and c_array(out, types.float32, 1)):
-        return None
-
-    def codegen(context, builder, signature, args):
-        ty = signature.args
-        intp = context.get_value_type(types.intp)
-        shuffle = cgutils.get_or_insert_function(builder.module, ir.FunctionType(_B16, [_B16, _B16]),
-                                                 "llvm.x86.ssse3.pshuf.b.128")
-        nb = builder.extract_value(context.make_array(ty[1])(context, builder, args[1]).shape, 1)
-        row = context.cast(builder, args[3], ty[3], types.intp)
-        lut = builder.load(builder.bitcast(_data(context, builder, ty[2], args[2]), _B16.as_pointer()), align=1)
-        raw_row = builder.gep(_data(context, builder, ty[0], args[0]),
-                              [builder.mul(row, builder.mul(nb, ir.Constant(intp, Q4_BLOCK_BYTES)))])
-        scale_row = builder.gep(_data(context, builder, ty[1], args[1]), [builder.mul(row, nb)])
-        dst = _data(context, builder, ty[4], args[4])
-        low = ir.Constant(_B16, [15] * 16)
-        with cgutils.for_range(builder, nb) as loop:
-            b = loop.index
-            at = builder.add(builder.mul(b, ir.Constant(intp, Q4_BLOCK_BYTES)), ir.Constant(intp, 2))
-            code = builder.load(builder.bitcast(builder.gep(raw_row, [at]), _B16.as_pointer()), align=1)
-            one = builder.insert_element(ir.Constant(_F16, ir.Undefined), builder.load(builder.gep(scale_row, [b])),
-                                         ir.Constant(ir.IntType(32), 0))
-            splat = builder.shuffle_vector(one, ir.Constant(_F16, ir.Undefined), ir.Constant(_I16, [0] * 16))
-            for half, nibbles in enumerate((builder.and_(code, low), builder.lshr(code, ir.Constant(_B16, [4] * 16)))):
-                values = builder.fmul(builder.sitofp(builder.call(shuffle, [lut, nibbles]), _F16), splat)
-                at = builder.add(builder.mul(b, ir.Constant(intp, 32)), ir.Constant(intp, 16 * half))
-                builder.store(values, builder.bitcast(builder.gep(dst, [at]), _F16.as_pointer()), align=4)
-        return context.get_dummy_value()
-
-    return types.void(raw, scales, codes, v, out), codegen
 
 
 @njit(inline="always", **_OPTS)
