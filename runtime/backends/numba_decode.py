@@ -57,7 +57,7 @@ N_ATTN, N_FFN, N_QNORM, N_KNORM, N_POST_ATTN, N_POST_FFN, N_SLIDING = range(7)
 # Net.ints
 (C_HIDDEN, C_HEADS, C_KV, C_HEAD_DIM, C_FFN, C_GELU, C_QK_NORM, C_POST_NORMS, C_WINDOW, C_INV_GLOBAL, C_INV_LOCAL,
  C_W_Q, C_W_K, C_W_V, C_W_ATT, C_W_O, C_W_F, C_S_XS, C_S_SUMS, C_S_ACC, C_S_ROPE, C_S_Q, C_S_P, C_S_TAB,
- C_SLOT, C_TABLE_WORD) = range(26)
+ C_SLOT) = range(25)
 # Net.floats
 F_EPS, F_SCALE, F_SOFTCAP = range(3)
 PHASES = 12  # phase slots per block
@@ -691,7 +691,7 @@ class FusedBlocks:
                           C_FFN: cfg.ffn, C_GELU: int(cfg.activation == "gelu_tanh"), C_QK_NORM: int(cfg.qk_norm),
                           C_POST_NORMS: int(cfg.post_norms), C_WINDOW: cfg.sliding_window, C_INV_GLOBAL: inv_global,
                           C_INV_LOCAL: inv_local, C_W_Q: w_q, C_W_K: w_k, C_W_V: w_v, C_W_ATT: w_att, C_W_O: w_o,
-                          C_W_F: w_f, C_SLOT: slot, C_TABLE_WORD: table_word}
+                          C_W_F: w_f, C_SLOT: slot}
         self._tokens = self._ctx = 0
         self._kernel = decode_threads if workers > 1 else decode_serial
 
