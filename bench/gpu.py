@@ -46,7 +46,10 @@ from runtime.kernels import constants
 from runtime.model import Block, Model, rope_inv_freq
 
 RESULTS = Path(__file__).parent / "results"
-GEMV_SHAPES = ((4096, 4096), (11008, 4096), (4096, 11008), (8192, 28672))
+# (m, n): SmolLM2-135M's and Qwen2.5-1.5B's decoder linears (whose few rows leave most of the GPU idle), then
+# Llama-2-7B's and a 70B-sized FFN
+GEMV_SHAPES = ((576, 576), (1536, 576), (576, 1536), (1536, 1536), (8960, 1536), (1536, 8960),
+               (4096, 4096), (11008, 4096), (4096, 11008), (8192, 28672))
 MODELS = {
     "smollm2-135m": dict(arch="llama", n_layers=30, hidden=576, n_heads=9, n_kv_heads=3, head_dim=64, ffn=1536,
                          vocab=49152, context_length=8192, norm_eps=1e-5, rope_theta=100000.0, tie_embeddings=True),

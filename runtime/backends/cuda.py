@@ -31,7 +31,7 @@ _K = kernels.constants()
 TILE_ROWS, CHUNK_COLS, BLOCK_TILES = _K["TILE_ROWS"], _K["CHUNK_COLS"], _K["BLOCK_TILES"]
 BLOCK_ROWS = TILE_ROWS * BLOCK_TILES  # rows of one binary-linear block (and columns of one digit chunk)
 DIGIT_WORDS, MAX_KSPLIT = _K["DIGIT_WORDS"], _K["MAX_KSPLIT"]
-ATT_THREADS, ATT_MAX_DIM = _K["ATT_THREADS"], _K["ATT_MAX_DIM"]
+ATT_THREADS, ATT_WARPS, ATT_MAX_DIM = _K["ATT_THREADS"], _K["ATT_WARPS"], _K["ATT_MAX_DIM"]
 SELECT_THREADS, SORT_SIZE, TOPK = _K["SELECT_THREADS"], _K["SORT_SIZE"], _K["TOPK"]
 GEMM_TOKENS = _K["GEMM_TOKENS"]  # tokens per binary_gemm block (blockIdx.y)
 CHUNKS_PER_WARP = 4  # binary_gemv splits a block's columns over up to MAX_KSPLIT warps, about this many chunks each
@@ -369,7 +369,7 @@ class CudaBackend(Backend):
                      i32(t), i32(kv_heads), i32(d), i32(n_ctx))
         self._launch("attention", t * heads, ATT_THREADS, q, cache.k, cache.v, i32(layer), pos, i32(heads),
                      i32(kv_heads), i32(d), i32(n_ctx), i32(window), f32(scale), f32(softcap), out,
-                     shared_mem=4 * d)
+                     shared_mem=4 * ATT_WARPS * d)
 
     def glu_into(self, gate: Any, up: Any, activation: str, out: Any) -> None:
         gelu = "true" if activation == "gelu_tanh" else "false"

@@ -23,6 +23,7 @@
 #define DIGIT_WORDS 96
 #define MAX_KSPLIT 8
 #define GEMM_TOKENS 32
+#define PREFETCH 8
 
 // Signs of one path (rows × cols, the file's layout: ceil(cols/32) little-endian words per row, bit 1 = -1)
 // into fragment order: tiles × chunks lane words written at dst[(tile·dst_chunks + chunk_offset + chunk)·32].
@@ -84,6 +85,24 @@ __device__ __forceinline__ void tile_row_sums(const float (&acc)[4], float& r0, 
     r1 += __shfl_xor_sync(FULL_MASK, r1, 2);
 }
 
+// A warp's first PREFETCH lane words of chunks c0..c1-1 (zero past c1). The weights do not depend on the
+// input, so a block loads them before it waits for the phase that produces its input: their memory latency
+// overlaps the wait instead of following it.
+__device__ __forceinline__ void prefetch_words(const u32* arow, int c0, int c1, u32 (&words)[PREFETCH]) {
+#pragma unroll
+    for (int i = 0; i < PREFETCH; ++i) words[i] = c0 + i < c1 ? __ldg(arow + (c0 + i) * 32) : 0u;
+}
+
+// End of one path's chunks in stage 2: its sums for rows row0 and row1, times s_out of that path, join the totals.
+__device__ __forceinline__ void path_end(float (&acc)[4], const float* s_out_p, int m, int row0, int row1,
+                                         float& tot0, float& tot1) {
+    float r0, r1;
+    tile_row_sums(acc, r0, r1);
+    if (row0 < m) tot0 += s_out_p[row0] * r0;
+    if (row1 < m) tot1 += s_out_p[row1] * r1;
+    acc[0] = acc[1] = acc[2] = acc[3] = 0.f;
+}
+
 // One token through a whole factored linear in one launch of three phases (tickets, see common.cuh):
 //  0. digits of s_in_p ⊙ x for every path (blocks0 blocks, one digit word per thread) into xb;
 //  1. one block per 64 stacked stage-1 rows (each path's r_p rows padded to a multiple of 64; blocks1 in all):
@@ -127,12 +146,18 @@ __global__ void __launch_bounds__(128 * MAX_KSPLIT, 1)
         const int rb = ticket - blocks0;
         int p = 0;
         while (p + 1 < paths && seg[p + 1] <= rb) ++p;
-        wait_phase(counters, 0, blocks0);
         const int c0 = kpart * k1_chunks / ksplit, c1 = (kpart + 1) * k1_chunks / ksplit;
         const u32* arow = a1 + (long long)(rb * BLOCK_TILES + tl) * k1_chunks * 32 + lane;
+        u32 words[PREFETCH];
+        prefetch_words(arow, c0, c1, words);
+        wait_phase(counters, 0, blocks0);
         const u32* digits = xb + (long long)p * k1_chunks * DIGIT_WORDS + (4 * g + t) * 8;
         float acc[4] = {0.f, 0.f, 0.f, 0.f};
-        for (int c = c0; c < c1; ++c) chunk_mma(arow[c * 32], digits + c * DIGIT_WORDS, g < 3, acc);
+#pragma unroll
+        for (int i = 0; i < PREFETCH; ++i) {
+            if (c0 + i < c1) chunk_mma(words[i], digits + (c0 + i) * DIGIT_WORDS, g < 3, acc);
+        }
+        for (int c = c0 + PREFETCH; c < c1; ++c) chunk_mma(arow[c * 32], digits + c * DIGIT_WORDS, g < 3, acc);
         float r0, r1;
         tile_row_sums(acc, r0, r1);
         if (t == 0) {
@@ -156,26 +181,28 @@ __global__ void __launch_bounds__(128 * MAX_KSPLIT, 1)
     }
 
     const int ob = ticket - blocks0 - blocks1;
-    wait_phase(counters, 1, blocks1);
     const int c0 = kpart * k2_chunks / ksplit, c1 = (kpart + 1) * k2_chunks / ksplit;
-    const int row0 = (ob * BLOCK_TILES + tl) * TILE_ROWS + g, row1 = row0 + 8;
     const u32* arow = a2 + (long long)(ob * BLOCK_TILES + tl) * k2_chunks * 32 + lane;
+    u32 words[PREFETCH];
+    prefetch_words(arow, c0, c1, words);
+    wait_phase(counters, 1, blocks1);
+    const int row0 = (ob * BLOCK_TILES + tl) * TILE_ROWS + g, row1 = row0 + 8;
     const u32* digits = hb + (4 * g + t) * 8;
     int p = 0;
     while (p + 1 < paths && seg[p + 1] <= c0) ++p;
     float acc[4] = {0.f, 0.f, 0.f, 0.f}, tot0 = 0.f, tot1 = 0.f;
-    for (int c = c0; c <= c1; ++c) {
-        if (c == c1 || c == seg[p + 1]) {  // end of this warp's part or of path p's chunks: apply s_out_p
-            float r0, r1;
-            tile_row_sums(acc, r0, r1);
-            if (row0 < m) tot0 += s_out[(long long)p * m + row0] * r0;
-            if (row1 < m) tot1 += s_out[(long long)p * m + row1] * r1;
-            acc[0] = acc[1] = acc[2] = acc[3] = 0.f;
-            if (c == c1) break;
-            ++p;
+#pragma unroll
+    for (int i = 0; i < PREFETCH; ++i) {
+        if (c0 + i < c1) {
+            if (c0 + i == seg[p + 1]) path_end(acc, s_out + (long long)p++ * m, m, row0, row1, tot0, tot1);
+            chunk_mma(words[i], digits + (c0 + i) * DIGIT_WORDS, g < 3, acc);
         }
+    }
+    for (int c = c0 + PREFETCH; c < c1; ++c) {
+        if (c == seg[p + 1]) path_end(acc, s_out + (long long)p++ * m, m, row0, row1, tot0, tot1);
         chunk_mma(arow[c * 32], digits + c * DIGIT_WORDS, g < 3, acc);
     }
+    path_end(acc, s_out + (long long)p * m, m, row0, row1, tot0, tot1);
     if (t == 0) {
         part[kpart][tl * TILE_ROWS + g] = tot0;
         part[kpart][tl * TILE_ROWS + g + 8] = tot1;

@@ -434,14 +434,15 @@ def glu(gelu: bool):
 
 
 # --- attention.cu -------------------------------------------------------------------------------------------------
-ATT, ATT_MAX = C["ATT_THREADS"], C["ATT_MAX_DIM"]
+ATT, ATT_WARPS, ATT_MAX = C["ATT_THREADS"], C["ATT_WARPS"], C["ATT_MAX_DIM"]
 
 
 def attention(grid, block, shared, q, cache_k, cache_v, layer, pos, heads, kv_heads, d, n_ctx, window, scale, softcap,
               out):
+    """Per (token, head) block: tiles of ATT keys; key j0 + jj belongs to warp jj % ATT_WARPS, which accumulates
+    p·V over its keys into its own partial output; the partials are summed at the end."""
     q, cache_k, cache_v, pos, out = map(flat, (q, cache_k, cache_v, pos, out))
-    assert block[0] == ATT and shared >= 4 * d and d <= ATT_MAX
-    tid = np.arange(ATT)
+    assert block[0] == ATT and shared >= 4 * ATT_WARPS * d and d <= ATT_MAX
     for bid in range(grid[0]):
         t, h = bid // heads, bid % heads
         kvh = h // (heads // kv_heads)
@@ -450,31 +451,25 @@ def attention(grid, block, shared, q, cache_k, cache_v, layer, pos, heads, kv_he
         n = qp + 1 - lo
         qs = q[(t * heads + h) * d:(t * heads + h + 1) * d].copy()
         kbase = ((layer * kv_heads + kvh) * n_ctx + lo) * d
-        acc = np.zeros((ATT_MAX // ATT, ATT), F32)
+        part = np.zeros((ATT_WARPS, d), F32)
         run_max, run_sum = F32(-np.inf), F32(0)
         for j0 in range(0, n, ATT):
-            j = j0 + tid
-            live = j < n
-            s = np.full(ATT, -np.inf, F32)
-            rows = cache_k[kbase + j[live, None] * d + np.arange(d)]
-            s[live] = (rows * qs).sum(axis=1, dtype=F32) * F32(scale)
+            jj = np.arange(min(ATT, n - j0))
+            keys = cache_k[kbase + (j0 + jj)[:, None] * d + np.arange(d)]
+            s = (keys * qs).sum(axis=1, dtype=F32) * F32(scale)
             if softcap > 0:
-                s[live] = F32(softcap) * np.tanh(s[live] / F32(softcap))
+                s = F32(softcap) * np.tanh(s / F32(softcap))
             new_max = max(run_max, s.max())
             corr = np.exp(F32(run_max - new_max))
-            p = np.where(live, np.exp(s - new_max), F32(0)).astype(F32)
+            p = np.exp(s - new_max).astype(F32)
             run_sum = run_sum * corr + p.sum(dtype=F32)
             run_max = new_max
-            count = min(ATT, n - j0)
-            for i in range(ATT_MAX // ATT):
-                e = tid + i * ATT
-                ok = e < d
-                vals = cache_v[kbase + (j0 + np.arange(count))[:, None] * d + e[None, ok]]
-                acc[i, ok] = acc[i, ok] * corr + (p[:count, None] * vals).sum(axis=0, dtype=F32)
-        for i in range(ATT_MAX // ATT):
-            e = tid + i * ATT
-            ok = e < d
-            out[(t * heads + h) * d + e[ok]] = acc[i, ok] / run_sum
+            vals = cache_v[kbase + (j0 + jj)[:, None] * d + np.arange(d)]
+            part *= corr
+            for w in range(ATT_WARPS):
+                mine = jj % ATT_WARPS == w
+                part[w] += (p[mine, None] * vals[mine]).sum(axis=0, dtype=F32)
+        out[(t * heads + h) * d:(t * heads + h + 1) * d] = part.sum(axis=0, dtype=F32) / run_sum
 
 
 # --- head.cu ------------------------------------------------------------------------------------------------------
