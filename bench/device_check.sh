@@ -3,8 +3,10 @@
 # per "SECONDS:ARGUMENTS" given. Runs from the repository root under that machine's python3 (CuPy, numba, torch,
 # transformers installed there); the pure-Python gguf wheel, which writing the tests' .nq files needs, travels in
 # .whl/. Every stage has its own time limit, so a hang or a failure in one still leaves the others' output; logs
-# and JSON go to $OUT.
-#   [TESTS="pytest -k expression"] bash bench/device_check.sh TEST_SECONDS ["SECONDS:bench.gpu arguments" ...]
+# and JSON go to $OUT. NQ_COMMIT names the tree's commit in the JSON (the copy there has no .git: paste the hash).
+#   NQ_COMMIT=HASH [TESTS="pytest -k expression"] bash bench/device_check.sh TEST_SECONDS ["SECONDS:ARGS" ...]
+# e.g. bash bench/device_check.sh 90 "60:--parts gemv --bits 1.0" "170:--parts models --models llama-2-7b"
+# The wheel: pip download --no-deps --only-binary=:all: --python-version 3.12 -d .whl gguf==0.19.0
 set -u
 TEST_S=${1:-150}; shift
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"

@@ -349,6 +349,18 @@ def static_cache(transformers: Any, model: Any, length: int) -> Any:
 
 
 # --- the command ---------------------------------------------------------------------------------------------------
+def commit() -> str | None:
+    """The tree's commit: $NQ_COMMIT (the device machine gets a copy of the tree without .git), else git's HEAD."""
+    if os.environ.get("NQ_COMMIT"):
+        return os.environ["NQ_COMMIT"]
+    import subprocess
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=Path(__file__).parent)
+    except OSError:
+        return None
+    return out.stdout.strip() or None
+
+
 def load_average() -> str:
     try:
         return Path("/proc/loadavg").read_text().split(" ")[0]
@@ -426,7 +438,7 @@ def main(argv: list[str] | None = None) -> int:
     stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
     results = Results(RESULTS / f"gpu-{stamp}.json", dict(
         device=be.device.name, cupy=cp.__version__, torch=getattr(torch, "__version__", None),
-        python=platform.python_version(), argv=sys.argv[1:], load_average=load_average(),
+        commit=commit(), python=platform.python_version(), argv=sys.argv[1:], load_average=load_average(),
         copy_gbps=gpu.copy_bandwidth()))
     results.save()
     print(f"{be.device.name}: copy {results.data['copy_gbps']:.0f} GB/s (read + write), load {load_average()}")
