@@ -2,12 +2,12 @@
 with random values (speed does not depend on them).
 
     python bench/head_kernels.py [--vocab 49152] [--hidden 576] [--threads 1] [--tokens 1 8 64] [--rank 576]
-                                 [--hot 5120]
+                                 [--hot 5120] [--label NAME]
 
 Times the head for each token count, with every product in float32 (`exact`) and as the runtime runs it by default
-(`default`: a 4-bit or Q8_0 head on int8 tokens where the CPU has AVX-512 VNNI), and one-token embedding lookups, best
-of `--rounds`; writes bench/results/head-kernels-<vocab>x<hidden>-t<threads>.json with the load average before and
-after.
+(`default`: a 4-bit or Q8_0 head on int8 tokens where the CPU has AVX-512 VNNI, or AVX2 without AVX-512), and
+one-token embedding lookups, best of `--rounds`; writes bench/results/head-kernels-<vocab>x<hidden>-t<threads>[-<label>].json
+with the load average before and after.
 """
 from __future__ import annotations
 
@@ -66,6 +66,7 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, nargs="+", default=[1, 8, 64])
     ap.add_argument("--rounds", type=int, default=7)
     ap.add_argument("--hot", type=int, default=5120, help="hot rows (Q8_0) of the IQ4_NL+K kind")
+    ap.add_argument("--label", default="", help="suffix of the JSON's name (e.g. the host's kind)")
     args = ap.parse_args()
     load_before = os.getloadavg()
     head_ms: dict[str, dict[str, dict[int, float]]] = {}
@@ -84,7 +85,8 @@ def main() -> None:
               "load_average_end": os.getloadavg(), "vocab": args.vocab, "hidden": args.hidden, "rank": args.rank,
               "threads": args.threads, "rounds": args.rounds, "int8_head": backend.int8_head, "head_ms": head_ms,
               "embed_one_token_us": embed_us}
-    out = ROOT / "bench" / "results" / f"head-kernels-{args.vocab}x{args.hidden}-t{args.threads}.json"
+    label = f"-{args.label}" if args.label else ""
+    out = ROOT / "bench" / "results" / f"head-kernels-{args.vocab}x{args.hidden}-t{args.threads}{label}.json"
     out.write_text(json.dumps(record, indent=2))
     print(json.dumps({"embed_one_token_us": embed_us, "load_average": record["load_average_end"]}))
 

@@ -34,7 +34,7 @@ from bench.speed import commit  # noqa: E402
 from nqfmt import pack_signs, unpack_signs  # noqa: E402
 from runtime.backends import numba_lut16 as lut16  # noqa: E402
 from runtime.backends.numba_lut16 import TILE, _data, address  # noqa: E402
-from runtime.backends.numba_vnni import _VF, _VI, _splat, _vnni  # noqa: E402
+from runtime.backends.numba_int8 import _VF, _VI, _splat, _vnni  # noqa: E402
 
 EXPAND = np.array([sum(((e >> j) & 1) << (8 * j) for j in range(4)) for e in range(16)], np.int32)
 

@@ -154,7 +154,7 @@ class Backend(ABC):
 def get_backend(name: str = "auto", threads: int | None = None, *, exact: bool = False) -> Backend:
     """Build a backend by name. `threads` caps the CPU threads (None: the machine's cores, at most 4);
     `exact=True` keeps every product in float32 (the numba backend otherwise quantizes the input of a 4-bit or Q8_0
-    head to int8 where the CPU has AVX-512 VNNI: numba_vnni.py)."""
+    head to int8 where the CPU has AVX-512 VNNI or AVX2 alone: numba_int8.py)."""
     if name not in BACKENDS:
         raise NQRunError(f"unknown backend {name!r} (choose one of: {', '.join(BACKENDS)})")
     if name == "auto":

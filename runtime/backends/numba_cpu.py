@@ -80,7 +80,7 @@ from . import numba_decode as nd  # noqa: E402
 from . import numba_kernels as nk  # noqa: E402
 from . import numba_lut16 as lut16  # noqa: E402
 from . import numba_tables as nt  # noqa: E402
-from . import numba_vnni as vnni  # noqa: E402
+from . import numba_int8 as int8  # noqa: E402
 
 DEFAULT_MAX_THREADS = 4
 # Below these sizes a thread launch costs more than it saves. Passive waiting makes each parallel region wake a
@@ -133,7 +133,7 @@ class Linear:
 @dataclass(frozen=True)
 class Table:
     """An embedding / head table as stored: F16 bits (uint16), F32, or Q8_0 bytes plus their int8 view and, for the
-    int8 head, their repacked tiles (numba_vnni.repack_q8)."""
+    int8 head, their repacked tiles (numba_int8.repack_q8)."""
 
     gtype: GGMLType
     data: np.ndarray
@@ -159,7 +159,9 @@ class NumbaBackend(Backend):
         self.rows = nk.PARALLEL if self.threads > 1 else nk.SERIAL
         self.simd = lut16.available() if simd is None else simd  # LUT-16 kernels (AVX-512), else LUT-8
         self.copies_weights = self.simd  # LUT-16 runs on repacked tiles of the signs and of 4-bit codes
-        self.int8_head = not exact and self.simd and vnni.available()  # the 4-bit / Q8_0 head on int8 tokens
+        # the 4-bit / Q8_0 head on int8 tokens: by VNNI where LUT-16 runs (AVX-512 without VNNI keeps LUT-16's float
+        # head), by AVX2 below that
+        self.int8_head = not exact and int8.isa() == ("vnni" if self.simd else "avx2")
         self._scratch_bytes = 0  # widest sign row seen (bytes), sizes the shared scratch buffers
         self._scratch_rows = 0  # largest rank of any path
         self._max_lookups = 0  # sign bytes of the largest linear
@@ -191,11 +193,11 @@ class NumbaBackend(Backend):
 
     def prepare_embedding(self, table: np.ndarray, gtype: GGMLType, hidden: int) -> Table | nt.Q4Table:
         if gtype in (GGMLType.Q4_0, GGMLType.IQ4_NL):
-            return nt.q4_table(table, gtype, hidden, self.simd)
+            return nt.q4_table(table, gtype, hidden, self.simd or self.int8_head)
         if gtype == GGMLType.F16:
             return Table(gtype, table.view(np.uint16), None, hidden)
         if gtype == GGMLType.Q8_0:
-            return Table(gtype, table, table.view(np.int8), hidden, vnni.repack_q8(table) if self.int8_head else None)
+            return Table(gtype, table, table.view(np.int8), hidden, int8.repack_q8(table) if self.int8_head else None)
         return Table(gtype, table, None, hidden)
 
     def prepare_factored_table(self, table: FactoredLinear) -> nt.FactoredTable:
@@ -392,14 +394,14 @@ class NumbaBackend(Backend):
         return isinstance(table, nt.Q4Table) or (isinstance(table, Table) and table.tiles is not None)
 
     def _head_int8(self, table: Table | nt.Q4Table, x: np.ndarray, out: np.ndarray | None = None,
-                   columns: np.ndarray = vnni.ALL_ROWS) -> np.ndarray:
-        """The head of a 4-bit or Q8_0 table with x quantized to int8 per block (numba_vnni.py), for any number of
+                   columns: np.ndarray = int8.ALL_ROWS) -> np.ndarray:
+        """The head of a 4-bit or Q8_0 table with x quantized to int8 per block (numba_int8.py), for any number of
         tokens; into `out` at `columns` (a hot-row table's part) when given."""
         q4 = isinstance(table, nt.Q4Table)
         rows = (table.raw if q4 else table.data).shape[0]
         if out is None:
             out = np.empty((x.shape[0], rows), np.float32)
         parallel = self.threads > 1 and rows * x.shape[0] >= HEAD_PARALLEL_MIN_ROWS
-        (vnni.head_parallel if parallel else vnni.head_serial)(*table.tiles, table.lut if q4 else vnni.NO_LUT, x, out,
+        (int8.head_parallel if parallel else int8.head_serial)(*table.tiles, table.lut if q4 else int8.NO_LUT, x, out,
                                                                  q4, columns)
         return out

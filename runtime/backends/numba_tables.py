@@ -30,7 +30,7 @@ from nqfmt.q4 import GRIDS
 
 from . import numba_lut16 as lut16
 from .numba_lut16 import _data
-from . import numba_vnni as vnni
+from . import numba_int8 as int8
 
 _OPTS = dict(fastmath=True, cache=True, nogil=True)
 Q4_BLOCK_BYTES = 18
@@ -47,17 +47,17 @@ class Q4Table:
     scales: np.ndarray
     grid: np.ndarray
     hidden: int
-    tiles: tuple[np.ndarray, np.ndarray] | None  # codes and scales repacked for the LUT-16 head, None without AVX-512
-    lut: np.ndarray  # the grid as the int8 head's byte table (numba_vnni.grid_lut)
+    tiles: tuple[np.ndarray, np.ndarray] | None  # codes and scales repacked for the LUT-16 or int8 head, else None
+    lut: np.ndarray  # the grid as the int8 head's byte table (numba_int8.grid_lut)
     codes: np.ndarray  # the grid as 16 int8 values (the pshufb head's table)
 
 
-def q4_table(raw: np.ndarray, gtype: GGMLType, hidden: int, simd: bool) -> Q4Table:
+def q4_table(raw: np.ndarray, gtype: GGMLType, hidden: int, tiles: bool) -> Q4Table:
     rows = raw.shape[0]
     scales = np.ascontiguousarray(raw.reshape(rows, -1, Q4_BLOCK_BYTES)[:, :, :2]).view(np.float16)[:, :, 0]
     scales = scales.astype(np.float32)
-    return Q4Table(raw, scales, GRIDS[gtype].astype(np.float32), hidden, lut16.repack_q4(raw, scales) if simd else None,
-                   vnni.grid_lut(gtype), GRIDS[gtype].astype(np.int8))
+    return Q4Table(raw, scales, GRIDS[gtype].astype(np.float32), hidden, lut16.repack_q4(raw, scales) if tiles else None,
+                   int8.grid_lut(gtype), GRIDS[gtype].astype(np.int8))
 
 
 @njit(inline="always", **_OPTS)

@@ -74,7 +74,7 @@ def test_4bit_head_without_lut16_both_code_readers(vocab, hidden, gtype, pshufb,
     grid: one token's row products and several tokens' widened rows, against float64, serial and parallel."""
     rng = np.random.default_rng(vocab * hidden + tokens)
     raw = q4_table(rng, vocab, hidden, gtype)
-    table = nt.q4_table(raw, gtype, hidden, simd=False)
+    table = nt.q4_table(raw, gtype, hidden, tiles=False)
     x = rng.standard_normal((tokens, hidden)).astype(np.float32)
     want = x.astype(np.float64) @ dequantize(raw, GGMLQuantizationType(gtype)).astype(np.float64).T
     for parallel in (False, True):

@@ -1,4 +1,4 @@
-"""The 4-bit and Q8_0 heads by int8 dot products (AVX-512 VNNI), for CPUs that have them.
+"""The 4-bit and Q8_0 heads by int8 dot products: AVX-512 VNNI where the CPU has it, else AVX2.
 
 The head is the largest product of a token (V·d multiply-adds: 28 M on SmolLM2-135M, 233 M on Qwen2.5-1.5B). Here the
 token's normalized hidden state is quantized per block of 32 to int8 (a float32 scale per block: absmax / 127, as
@@ -9,6 +9,12 @@ positions 8w..8w+7): a word's low and high nibbles (positions 8w + 0,2,4,6 and 8
 the 16 rows by 4 bytes of the token (broadcast) and adds them into the row's int32 lane. The +128 offset is removed
 per block as 128·Σ_{p in b} xq_p. Q8_0 rows (a hot-row table's) are repacked the same way: word j of a row holds
 4 of its int8 values + 128 in the order the token's bytes have (8w + 0,2,4,6, then 8w + 1,3,5,7).
+
+Without VNNI (AVX2: most x86 CPUs without AVX-512) each 16-row word runs as two halves of 8 rows: with w the signed
+values (the table bytes − 128), `vpmaddubsw` multiplies |w| (unsigned, psign(w, w): 128 where w = −128) by the token's
+bytes carrying w's sign (psign(x, w)) and adds pairs into int16 (|w·x| ≤ 128·127, a pair ≤ 32512: no saturation),
+and `vpmaddwd` by ones adds those pairs into the row's int32 lane: Σ w·x exactly, no offset to remove. The block
+sums, hence the logits, are the same integers as VNNI's, and the float operations after them are the same.
 
 The only difference from the exact float32 head is the rounding of the token to int8; runtime/README.md (the int8
 head) gives its measured effect on perplexity.
@@ -39,11 +45,24 @@ _F32 = types.Array(types.float32, 1, "C")
 _U8 = types.Array(types.uint8, 1, "C")
 
 
+def isa() -> str | None:
+    """The instructions the kernels use: "vnni" (AVX-512 F, BW for vpshufb, VNNI for vpdpbusd), "avx2" (vpshufb,
+    vpmaddubsw, vpmaddwd on 256 bits), or None, for the CPU numba compiles for (NUMBA_CPU_FEATURES when set, else the
+    host as LLVM sees it). The kernels emit one or the other when numba compiles them."""
+    from numba.core import config
+    if config.CPU_FEATURES is not None:
+        on = {f[1:] for f in config.CPU_FEATURES.split(",") if f.startswith("+")}
+    else:
+        from llvmlite import binding
+        on = {name for name, present in binding.get_host_cpu_features().items() if present}
+    if {"avx512f", "avx512bw", "avx512vnni"} <= on:
+        return "vnni"
+    return "avx2" if "avx2" in on else None
+
+
 def available() -> bool:
-    """Whether this CPU has the instructions (AVX-512 F, BW for vpshufb, VNNI for vpdpbusd), as LLVM sees the host."""
-    from llvmlite import binding
-    features = binding.get_host_cpu_features()
-    return all(features.get(f, False) for f in ("avx512f", "avx512bw", "avx512vnni"))
+    """Whether this CPU runs the int8 head (VNNI or AVX2)."""
+    return isa() is not None
 
 
 NO_LUT = np.zeros(4 * TILE, np.uint8)  # the Q8_0 head's unused byte table
@@ -113,6 +132,57 @@ def _vnni(builder):
     return dot, shuffle
 
 
+_VB2 = ir.VectorType(ir.IntType(8), 32)  # one 256-bit half of a word of 16 rows: 8 rows × 4 bytes
+_VW2 = ir.VectorType(ir.IntType(16), 16)
+_VI2 = ir.VectorType(ir.IntType(32), 8)
+_HALF = 8
+
+
+class _Avx2:
+    """The 512-bit operations of the kernels on two 256-bit halves (rows 0-7 and 8-15 of a tile)."""
+
+    def __init__(self, builder) -> None:
+        fn = lambda name, ret, *args: cgutils.get_or_insert_function(  # noqa: E731
+            builder.module, ir.FunctionType(ret, list(args)), name)
+        self.b = builder
+        self.pshufb = fn("llvm.x86.avx2.pshuf.b", _VB2, _VB2, _VB2)
+        self.psign = fn("llvm.x86.avx2.psign.b", _VB2, _VB2, _VB2)
+        self.maddubs = fn("llvm.x86.avx2.pmadd.ub.sw", _VW2, _VB2, _VB2)
+        self.maddwd = fn("llvm.x86.avx2.pmadd.wd", _VI2, _VW2, _VW2)
+        self.ones = ir.Constant(_VW2, [1] * 16)
+        self.flip = ir.Constant(_VI, [0x80808080] * TILE)
+
+    def halves(self, v):
+        """<16 x i32> → two <32 x i8>."""
+        b = self.b
+        return [b.bitcast(b.shuffle_vector(v, v, ir.Constant(_VI2, list(range(k, k + _HALF)))), _VB2)
+                for k in (0, _HALF)]
+
+    def join(self, lo, hi):
+        """Two 256-bit halves → <16 x i32>."""
+        b = self.b
+        return b.shuffle_vector(b.bitcast(lo, _VI2), b.bitcast(hi, _VI2), ir.Constant(_VI, list(range(TILE))))
+
+    def shuffle(self, table, index):
+        """vpshufb of <64 x i8> `table` (16 bytes repeated) by the bytes of <16 x i32> `index`, as two halves."""
+        b = self.b
+        lut = b.shuffle_vector(table, table, ir.Constant(ir.VectorType(ir.IntType(32), 32), list(range(32))))
+        return self.join(*(b.call(self.pshufb, [lut, h]) for h in self.halves(index)))
+
+    def signed(self, word):
+        """A word of table bytes (values + 128) → its signed values w and |w|, as halves."""
+        w = self.halves(self.b.xor(word, self.flip))
+        return w, [self.b.call(self.psign, [h, h]) for h in w]
+
+    def dot(self, chain, w, absw, x4):
+        """chain (<16 x i32>) + per row Σ of its 4 bytes w times the token's 4 bytes x4 (splat <16 x i32>)."""
+        b = self.b
+        x = self.halves(x4)[0]
+        prods = [b.call(self.maddwd, [b.call(self.maddubs, [absw[k], b.call(self.psign, [x, w[k]])]), self.ones])
+                 for k in range(2)]
+        return b.add(chain, self.join(*prods))
+
+
 def _tile_codegen(nibbles: bool, tokens: int = 1):
     """The body shared by the 4-bit and the Q8_0 tile: per block, words of 16 rows → int32 block sums by vpdpbusd
     (two chains per token), offset removed, widened, times the rows' block scales and the token's, added to the row
@@ -124,7 +194,14 @@ def _tile_codegen(nibbles: bool, tokens: int = 1):
     def codegen(context, builder, signature, args):
         ty = signature.args
         intp = context.get_value_type(types.intp)
-        dot, shuffle = _vnni(builder)
+        vnni = isa() == "vnni"
+        if vnni:
+            dot, vnni_shuffle = _vnni(builder)
+            shuffle = lambda table, index: builder.bitcast(  # noqa: E731
+                builder.call(vnni_shuffle, [table, builder.bitcast(index, _VB)]), _VI)
+        else:
+            avx2 = _Avx2(builder)
+            shuffle = avx2.shuffle
         lut = builder.load(builder.bitcast(_data(context, builder, ty[0], args[0]), _VB.as_pointer()), align=1)
         codes = builder.inttoptr(context.cast(builder, args[1], ty[1], types.int64), _VI.as_pointer())
         scales = builder.inttoptr(context.cast(builder, args[2], ty[2], types.int64), _VF.as_pointer())
@@ -147,21 +224,25 @@ def _tile_codegen(nibbles: bool, tokens: int = 1):
                 if nibbles:  # low nibbles: token bytes 2w; high: 2w + 1
                     parts = [builder.and_(word, low), builder.and_(builder.lshr(word, ir.Constant(_VI, [4] * TILE)),
                                                                    low)]
-                    parts = [builder.bitcast(builder.call(shuffle, [lut, builder.bitcast(p, _VB)]), _VI)
-                             for p in parts]
+                    parts = [shuffle(lut, p) for p in parts]
                     slots = [builder.mul(w, ir.Constant(intp, 2)),
                              builder.add(builder.mul(w, ir.Constant(intp, 2)), ir.Constant(intp, 1))]
                 else:
                     parts, slots = [word], [w]
                 for part, slot in zip(parts, slots):
+                    if not vnni:
+                        w, absw = avx2.signed(part)
                     for t in range(tokens):
                         x4 = _splat(builder, builder.load(builder.gep(xq_p, [builder.add(xis[t], slot)])))
-                        chains[t][n % 2] = builder.call(dot, [chains[t][n % 2], part, x4])
+                        chains[t][n % 2] = (builder.call(dot, [chains[t][n % 2], part, x4]) if vnni
+                                            else avx2.dot(chains[t][n % 2], w, absw, x4))
                     n += 1
             row_scales_b = builder.load(builder.gep(scales, [b]), align=4)
             for t in range(tokens):
-                block_sum = builder.sub(builder.add(chains[t][0], chains[t][1]),
-                                        _splat(builder, builder.load(builder.gep(corr_p, [builder.add(cis[t], b)]))))
+                block_sum = builder.add(chains[t][0], chains[t][1])
+                if vnni:  # vpdpbusd multiplied w + 128
+                    block_sum = builder.sub(block_sum, _splat(builder, builder.load(builder.gep(corr_p, [
+                        builder.add(cis[t], b)]))))
                 token_scale = _splat(builder, builder.load(builder.gep(xs_p, [builder.add(sis[t], b)])), _VF)
                 term = builder.fmul(builder.sitofp(block_sum, _VF), builder.fmul(row_scales_b, token_scale))
                 builder.store(builder.fadd(builder.load(accs[t]), term), accs[t])
@@ -217,7 +298,12 @@ def expand_q4_tile(typingctx, lut, tile_addr, words, out):
     def codegen(context, builder, signature, args):
         ty = signature.args
         intp = context.get_value_type(types.intp)
-        _, shuffle = _vnni(builder)
+        if isa() == "vnni":
+            vnni_shuffle = _vnni(builder)[1]
+            shuffle = lambda table, index: builder.bitcast(  # noqa: E731
+                builder.call(vnni_shuffle, [table, builder.bitcast(index, _VB)]), _VI)
+        else:
+            shuffle = _Avx2(builder).shuffle
         table = builder.load(builder.bitcast(_data(context, builder, ty[0], args[0]), _VB.as_pointer()), align=1)
         codes = builder.inttoptr(context.cast(builder, args[1], ty[1], types.int64), _VI.as_pointer())
         out = builder.bitcast(_data(context, builder, ty[3], args[3]), _VI.as_pointer())
@@ -227,7 +313,7 @@ def expand_q4_tile(typingctx, lut, tile_addr, words, out):
             word = builder.load(builder.gep(codes, [w]), align=4)
             halves = (builder.and_(word, low), builder.and_(builder.lshr(word, ir.Constant(_VI, [4] * TILE)), low))
             for k, half in enumerate(halves):
-                values = builder.bitcast(builder.call(shuffle, [table, builder.bitcast(half, _VB)]), _VI)
+                values = shuffle(table, half)
                 at = builder.add(builder.mul(w, ir.Constant(intp, 2)), ir.Constant(intp, k))
                 builder.store(values, builder.gep(out, [at]), align=4)
         return context.get_dummy_value()
