@@ -183,6 +183,15 @@ class _Avx2:
         return b.add(chain, self.join(*prods))
 
 
+def _byte_shuffle(builder):
+    """shuffle(table, index): vpshufb of the <64 x i8> table by the bytes of a <16 x i32> index, as one 512-bit
+    instruction (VNNI's CPUs) or two 256-bit ones."""
+    if isa() != "vnni":
+        return _Avx2(builder).shuffle
+    vnni_shuffle = _vnni(builder)[1]
+    return lambda table, index: builder.bitcast(builder.call(vnni_shuffle, [table, builder.bitcast(index, _VB)]), _VI)
+
+
 def _tile_codegen(nibbles: bool, tokens: int = 1):
     """The body shared by the 4-bit and the Q8_0 tile: per block, words of 16 rows → int32 block sums by vpdpbusd
     (two chains per token), offset removed, widened, times the rows' block scales and the token's, added to the row
@@ -195,13 +204,11 @@ def _tile_codegen(nibbles: bool, tokens: int = 1):
         ty = signature.args
         intp = context.get_value_type(types.intp)
         vnni = isa() == "vnni"
+        shuffle = _byte_shuffle(builder)
         if vnni:
-            dot, vnni_shuffle = _vnni(builder)
-            shuffle = lambda table, index: builder.bitcast(  # noqa: E731
-                builder.call(vnni_shuffle, [table, builder.bitcast(index, _VB)]), _VI)
+            dot = _vnni(builder)[0]
         else:
             avx2 = _Avx2(builder)
-            shuffle = avx2.shuffle
         lut = builder.load(builder.bitcast(_data(context, builder, ty[0], args[0]), _VB.as_pointer()), align=1)
         codes = builder.inttoptr(context.cast(builder, args[1], ty[1], types.int64), _VI.as_pointer())
         scales = builder.inttoptr(context.cast(builder, args[2], ty[2], types.int64), _VF.as_pointer())
@@ -298,12 +305,7 @@ def expand_q4_tile(typingctx, lut, tile_addr, words, out):
     def codegen(context, builder, signature, args):
         ty = signature.args
         intp = context.get_value_type(types.intp)
-        if isa() == "vnni":
-            vnni_shuffle = _vnni(builder)[1]
-            shuffle = lambda table, index: builder.bitcast(  # noqa: E731
-                builder.call(vnni_shuffle, [table, builder.bitcast(index, _VB)]), _VI)
-        else:
-            shuffle = _Avx2(builder).shuffle
+        shuffle = _byte_shuffle(builder)
         table = builder.load(builder.bitcast(_data(context, builder, ty[0], args[0]), _VB.as_pointer()), align=1)
         codes = builder.inttoptr(context.cast(builder, args[1], ty[1], types.int64), _VI.as_pointer())
         out = builder.bitcast(_data(context, builder, ty[3], args[3]), _VI.as_pointer())
