@@ -297,10 +297,8 @@ def binary_gemm(grid, block, shared, X, ldx, tokens, k_cols, s_in, has_s_in, a, 
                         r = 8 * (step_ >> 1) + 2 * (step_ & 1)
                         a0, a1_ = signs_bf16x2(lw, r), signs_bf16x2(lw, r + 4)
                         a2_, a3 = signs_bf16x2(lw, r + 1), signs_bf16x2(lw, r + 5)
-                        for group_ in range(4):
-                            for digit_ in range(3):
-                                mma_bf16(acc[warp, group_], a0, a1_, a2_, a3, sb[step_, group_, digit_, :, 0],
-                                         sb[step_, group_, digit_, :, 1])
+                        for digit_ in range(3):  # the four token groups' mmas at once (independent accumulators)
+                            mma_bf16(acc[warp], a0, a1_, a2_, a3, sb[step_, :, digit_, :, 0], sb[step_, :, digit_, :, 1])
             for warp in range(4):
                 tile = bx * BT + warp
                 for group in range(4):
