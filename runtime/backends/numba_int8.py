@@ -60,11 +60,6 @@ def isa() -> str | None:
     return "avx2" if "avx2" in on else None
 
 
-def available() -> bool:
-    """Whether this CPU runs the int8 head (VNNI or AVX2)."""
-    return isa() is not None
-
-
 NO_LUT = np.zeros(4 * TILE, np.uint8)  # the Q8_0 head's unused byte table
 
 
