@@ -77,6 +77,7 @@ from . import Backend, KVCache  # noqa: E402
 from . import gemm_attention, gemm_head, hot_rows  # noqa: E402
 from .blas_workers import BlasWorkers  # noqa: E402
 from . import numba_decode as nd  # noqa: E402
+from . import numba_fixed as fixed  # noqa: E402
 from . import numba_kernels as nk  # noqa: E402
 from . import numba_lut16 as lut16  # noqa: E402
 from . import numba_tables as nt  # noqa: E402
@@ -116,8 +117,8 @@ class SignPath:
     s_in: np.ndarray
     s_mid: np.ndarray  # ones when the file has no scale_mid
     s_out: np.ndarray
-    v_tiles: np.ndarray | None  # the signs repacked for LUT-16 (numba_lut16.repack), None without AVX-512
-    u_tiles: np.ndarray | None
+    v_tiles: np.ndarray | None  # the signs repacked for LUT-16 (numba_lut16.repack) or for the fixed-point kernels
+    u_tiles: np.ndarray | None  # (numba_fixed.repack); None where LUT-8 reads the file's bytes
 
 
 @dataclass(frozen=True)
@@ -158,13 +159,17 @@ class NumbaBackend(Backend):
         numba.set_num_threads(self.threads)
         self.rows = nk.PARALLEL if self.threads > 1 else nk.SERIAL
         self.simd = lut16.available() if simd is None else simd  # LUT-16 kernels (AVX-512), else LUT-8
-        self.copies_weights = self.simd  # LUT-16 runs on repacked tiles of the signs and of 4-bit codes
+        # binary linears on 11-bit fixed-point inputs by AVX2 where LUT-16 does not run (exact=True: LUT-8)
+        self.fixed_linears = not exact and not self.simd and int8.isa() is not None
+        # LUT-16 and the fixed-point kernels run on repacked tiles of the signs (and LUT-16 of 4-bit codes)
+        self.copies_weights = self.simd or self.fixed_linears
         # the 4-bit / Q8_0 head on int8 tokens: by VNNI where LUT-16 runs (AVX-512 without VNNI keeps LUT-16's float
         # head), by AVX2 below that
         self.int8_head = not exact and int8.isa() == ("vnni" if self.simd else "avx2")
         self._scratch_bytes = 0  # widest sign row seen (bytes), sizes the shared scratch buffers
         self._scratch_rows = 0  # largest rank of any path
         self._max_lookups = 0  # sign bytes of the largest linear
+        self._widest = (0, 0, 0)  # largest n, rank and m of any path: sizes the fixed-point kernels' scratch
         self._local = threading.local()  # per thread: the one-token scratch, the step's cache lists
         self._blas = BlasWorkers(self.threads)  # threads for many-token attention and head products on BLAS
 
@@ -180,11 +185,17 @@ class NumbaBackend(Backend):
                 raise NQFormatError(f"factored linear ({linear.m}×{linear.n}, rank {r}): sign arrays have shapes "
                                     f"{v_bytes.shape}, {u_bytes.shape}")
             mid = np.ones(r, np.float32) if p.scale_mid is None else p.scale_mid.astype(np.float32)
-            tiles = (lut16.repack(p.v_signs), lut16.repack(p.u_signs)) if self.simd else (None, None)
+            if self.simd:
+                tiles = (lut16.repack(p.v_signs), lut16.repack(p.u_signs))
+            elif self.fixed_linears:
+                tiles = (fixed.repack(v_bytes), fixed.repack(u_bytes))
+            else:
+                tiles = (None, None)
             paths.append(SignPath(v_bytes, u_bytes, p.scale_in.astype(np.float32), mid, p.scale_out.astype(np.float32),
                                   *tiles))
             self._scratch_bytes = max(self._scratch_bytes, v_bytes.shape[1], u_bytes.shape[1])
             self._scratch_rows = max(self._scratch_rows, r, linear.m)
+            self._widest = tuple(max(a, b) for a, b in zip(self._widest, (linear.n, r, linear.m)))
         bias = None if linear.bias is None else linear.bias.astype(np.float32)
         lookups = sum(p.v_bytes.size + p.u_bytes.size for p in paths)
         self._max_lookups = max(self._max_lookups, lookups)
@@ -217,6 +228,16 @@ class NumbaBackend(Backend):
     def _scratch_size(self) -> int:
         return max(self._scratch_bytes, (self._scratch_rows + 7) // 8)
 
+    def _fixed_buffers(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """Scratch of the one-token fixed-point linear (inputs, tables, block scales, row sums), once per thread."""
+        local = self._local
+        sizes = fixed.scratch_sizes(*self._widest)
+        if getattr(local, "fixed_sizes", None) != sizes:
+            local.fixed_sizes = sizes
+            local.fixed = (np.zeros(sizes[0], np.float32), np.zeros(sizes[1], np.uint8),
+                           np.zeros(sizes[2], np.float32), np.zeros(sizes[3], np.float32))
+        return local.fixed
+
     # --- ops ----------------------------------------------------------------------------------------------------
     def fused_blocks(self, model) -> nd.FusedBlocks | None:
         """Every block of a decoding step in one compiled call (numba_decode.py) on LUT-16; op by op on LUT-8."""
@@ -247,7 +268,9 @@ class NumbaBackend(Backend):
     def linear(self, w: Linear, x: np.ndarray) -> np.ndarray:
         x = np.ascontiguousarray(x, dtype=np.float32)
         t = x.shape[0]
-        if t == 1:
+        if self.fixed_linears:
+            y = self._fixed_linear(w, x)
+        elif t == 1:
             xs, tab, h, sums = self._buffers()
             y = np.empty(w.m, np.float32)
             decode = w.decode if self._parallel() else nk.SERIAL
@@ -272,6 +295,24 @@ class NumbaBackend(Backend):
                 kernel(x, p.s_in, p.v_bytes, p.s_mid, p.u_bytes, p.s_out, y, i > 0)
         if w.bias is not None:
             y += w.bias
+        return y
+
+    def _fixed_linear(self, w: Linear, x: np.ndarray) -> np.ndarray:
+        """The product on the fixed-point kernels: one token's tiles over the threads where the linear is large
+        enough (as LUT-8's rows), several tokens each alone, tokens over the threads."""
+        t = x.shape[0]
+        y = np.empty((t, w.m), np.float32)
+        if t == 1:
+            v, tab, xs, sums = self._fixed_buffers()
+            parallel = self._parallel() and w.decode is nk.PARALLEL
+            kernel = fixed.path_token_parallel if parallel else fixed.path_token_serial
+            for i, p in enumerate(w.paths):
+                kernel(x[0], p.s_in, p.v_tiles, p.s_mid, p.u_tiles, p.s_out, v, tab, xs, sums, y[0], i > 0)
+            return y
+        parallel = self._parallel() and t * w.lookups >= PARALLEL_MIN_LOOKUPS
+        kernel = fixed.path_tokens_parallel if parallel else fixed.path_tokens_serial
+        for i, p in enumerate(w.paths):
+            kernel(x, p.s_in, p.v_tiles, p.s_mid, p.u_tiles, p.s_out, y, i > 0)
         return y
 
     def rms_norm(self, x: np.ndarray, weight: np.ndarray, eps: float) -> np.ndarray:

@@ -169,8 +169,13 @@ def test_chat_template_renders_chatml(model):
 def test_logits_match_the_reference_backend(text_model_path, model):
     ids = model.tokenize("abc xyz")
     want = runtime.load(text_model_path, backend="numpy").logits(ids)
+    exact = runtime.load(text_model_path, backend="numba", threads=1, exact=True).logits(ids)
+    assert exact.shape == (7, 259) and np.abs(exact - want).max() <= 1e-4 * np.abs(want).max()
+    # the default rounds the binary linears' inputs to 11 bits where the fixed-point kernels run
+    # (tests/runtime/test_fixed_linear.py bounds each product); a random model amplifies that through 2 blocks
     got = model.logits(ids)
-    assert got.shape == (7, 259) and np.abs(got - want).max() <= 1e-4 * np.abs(want).max()
+    tolerance = 1e-2 if model.backend.fixed_linears else 1e-4
+    assert np.abs(got - want).max() <= tolerance * np.abs(want).max()
 
 
 def test_context_limits(text_model_path):
