@@ -228,20 +228,21 @@ class NumbaBackend(Backend):
     def _scratch_size(self) -> int:
         return max(self._scratch_bytes, (self._scratch_rows + 7) // 8)
 
-    def _fixed_buffers(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-        """Scratch of the one-token fixed-point linear (inputs, tables, block scales, row sums), once per thread."""
+    def _fixed_buffers(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Scratch of the one-token fixed-point linear (a stage's input, its tables, its row sums), once per thread."""
         local = self._local
         sizes = fixed.scratch_sizes(*self._widest)
         if getattr(local, "fixed_sizes", None) != sizes:
             local.fixed_sizes = sizes
-            local.fixed = (np.zeros(sizes[0], np.float32), np.zeros(sizes[1], np.uint8),
-                           np.zeros(sizes[2], np.float32), np.zeros(sizes[3], np.float32))
+            local.fixed = tuple(np.zeros(size, np.float32) for size in sizes)
         return local.fixed
 
     # --- ops ----------------------------------------------------------------------------------------------------
     def fused_blocks(self, model) -> nd.FusedBlocks | None:
-        """Every block of a decoding step in one compiled call (numba_decode.py) on LUT-16; op by op on LUT-8."""
-        return nd.FusedBlocks(model, self.threads) if self.simd else None
+        """Every block of a decoding step in one compiled call (numba_decode.py) where the linears run on the kernels
+        that module compiles (LUT-16 with AVX-512, else the fixed-point ones); op by op on LUT-8."""
+        fused = self.simd if nd.STAGES == "lut16" else self.fixed_linears
+        return nd.FusedBlocks(model, self.threads) if fused else None
 
     def embed(self, table: Table | nt.Q4Table | nt.FactoredTable | hot_rows.HotRowsTable,
               ids: np.ndarray) -> np.ndarray:
@@ -303,11 +304,11 @@ class NumbaBackend(Backend):
         t = x.shape[0]
         y = np.empty((t, w.m), np.float32)
         if t == 1:
-            v, tab, xs, sums = self._fixed_buffers()
+            v, tab, sums = self._fixed_buffers()
             parallel = self._parallel() and w.decode is nk.PARALLEL
             kernel = fixed.path_token_parallel if parallel else fixed.path_token_serial
             for i, p in enumerate(w.paths):
-                kernel(x[0], p.s_in, p.v_tiles, p.s_mid, p.u_tiles, p.s_out, v, tab, xs, sums, y[0], i > 0)
+                kernel(x[0], p.s_in, p.v_tiles, p.s_mid, p.u_tiles, p.s_out, v, tab, sums, y[0], i > 0)
             return y
         parallel = self._parallel() and t * w.lookups >= PARALLEL_MIN_LOOKUPS
         kernel = fixed.path_tokens_parallel if parallel else fixed.path_tokens_serial

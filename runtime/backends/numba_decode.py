@@ -21,10 +21,12 @@ RMSNorm of the residual, the lookup tables of a stage's input) are recomputed by
 being a phase of their own; a worker computes them only for a phase in which it then claims a chunk, which is what makes
 the redundant copies safe (while a phase has chunks left, its inputs cannot change).
 
-A binary linear's stages run on LUT-16 (numba_lut16.py, AVX-512). CPUs without AVX-512 decode op by op on LUT-8
-(numba_kernels.py): a fused LUT-8 variant of this walk measured 1.6-2.9× slower than op by op on an AVX2-only host
-(runtime/README.md, "Tried and not adopted"). Values are float32, as in the op-by-op kernels; only summation orders
-differ.
+A binary linear's stages run on LUT-16 (numba_lut16.py) where the CPU has AVX-512, else on the fixed-point kernels
+(numba_fixed.py, AVX2): `STAGES` names the pair, chosen when this module is imported, since a kernel of the other
+pair would not compile for the CPU. Both take the same arguments; they differ in rows per tile (TILE) and table floats
+per 32 inputs (TABLE_WORD). With exact=True on a CPU without AVX-512 the backend decodes op by op on LUT-8
+(numba_kernels.py): a fused LUT-8 variant of this walk measured 1.6-2.9× slower than op by op (runtime/README.md,
+"Tried and not adopted"). Values are float32, as in the op-by-op kernels; only summation orders differ.
 """
 from __future__ import annotations
 
@@ -39,10 +41,19 @@ from numba.extending import intrinsic
 
 from nqfmt import keys as K
 
-from .numba_lut16 import TILE, build_tables, lookup_tile
+from . import numba_lut16
+from .numba_int8 import isa
+
+if numba_lut16.available() or isa() is None:
+    STAGES = "lut16"
+    from .numba_lut16 import TILE, build_tables, lookup_tile
+    TABLE_WORD = 8 * TILE
+else:
+    STAGES = "fixed"
+    from .numba_fixed import ROWS as TILE, TABLE_WORD, build_tables, lookup_tile
 
 _OPTS = dict(fastmath=True, cache=True, nogil=True, error_model="numpy")  # no zero check per division: loops vectorize
-CHUNK = 4  # tiles (of 16 rows) per claimed chunk of a linear stage
+CHUNK = 64 // TILE  # tiles per claimed chunk of a linear stage: 64 rows
 PROMPT_TOKENS = 128  # the most tokens of a prompt a threaded call takes (runtime/README.md, "Short prompts on threads")
 SPINS_BEFORE_YIELD = 2000  # busy-wait rounds before a waiting worker yields its core
 _I64 = types.Array(types.int64, 1, "C")
@@ -174,7 +185,7 @@ def _tables(src, so, words, tab, to):
 
 @njit(inline="always", **_OPTS)
 def _rows(tab, to, addr, words, b0, b1, sums, si):
-    """sums[si + 16(b − b0) + l] = row 16b + l of a sign matrix times the inputs whose tables are at tab[to:], for
+    """sums[si + TILE(b − b0) + l] = row TILE·b + l of a sign matrix times the inputs whose tables are at tab[to:], for
     tiles b0 ≤ b < b1 of the repacked tiles at addr."""
     for b in range(b0, b1):
         lookup_tile(tab, to, addr + 4 * TILE * words * b, words, sums, si + TILE * (b - b0))
@@ -339,7 +350,7 @@ def _u_tables(ints, lins, paths, work, li, t, sc, slot):
 
 @njit(inline="always", **_OPTS)
 def _u_rows(ints, lins, paths, vecs, li, b0, b1, sc, slot, acc):
-    """sc[acc + i − 16·b0] = row i of linear li's output (Σ paths s_out ⊙ U·mid, + bias) for rows of tiles b0..b1,
+    """sc[acc + i − TILE·b0] = row i of linear li's output (Σ paths s_out ⊙ U·mid, + bias) for rows of tiles b0..b1,
     from the tables in slot `slot`."""
     base = ints[C_S_TAB] + slot * ints[C_SLOT]
     sums = ints[C_S_SUMS]
@@ -621,7 +632,7 @@ class FusedBlocks:
     """The decode step of a model on the numba backend: `self(x, positions, caches)` runs every block for B tokens,
     token t at positions[t] of the sequence whose cache is caches[t].
 
-    The backend's paths carry the signs repacked for LUT-16; `workers` is the number of threads that share each step (1: no parallel region at all). `max_tokens`: the most tokens a call
+    The backend's paths carry the signs repacked for the STAGES kernels; `workers` is the number of threads that share each step (1: no parallel region at all). `max_tokens`: the most tokens a call
     should take; beyond one per sequence they are a prompt's (several tokens of one cache), which a threaded call
     spreads over the cores better than the op-by-op prefill up to PROMPT_TOKENS."""
 
@@ -629,7 +640,7 @@ class FusedBlocks:
         cfg = model.config
         self.workers = workers
         self.max_tokens = PROMPT_TOKENS if workers > 1 else 1
-        table_word = 8 * TILE  # table floats per 32 inputs
+        table_word = TABLE_WORD  # table floats per 32 inputs
         vecs: list[np.ndarray] = []
         size = 0
 

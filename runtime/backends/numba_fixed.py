@@ -33,12 +33,13 @@ ROWS = 32  # rows per tile: the bytes of one 256-bit register
 BLOCK = 32  # inputs per scale: 4 sign bytes of a row, 8 tables
 QMAX = 1023  # |q| ≤ 1023: a block's sum of 8 table entries ≤ 8·4·1023 = 32736 fits int16
 TABLE_BYTES = 32  # a table: 16 low bytes, then 16 high bytes of its int16 entries
+BLOCK_FLOATS = 8 * TABLE_BYTES // 4  # a block's 8 tables, in the float32 scratch that holds them
+TABLE_WORD = BLOCK_FLOATS + 1  # scratch floats per 32 inputs: their tables, and their scale after every block's tables
 _VB = ir.VectorType(ir.IntType(8), ROWS)
 _VB16 = ir.VectorType(ir.IntType(8), 16)
 _VW = ir.VectorType(ir.IntType(16), 16)
 _VF = ir.VectorType(ir.FloatType(), 16)
 _F32 = types.Array(types.float32, 1, "C")
-_U8 = types.Array(types.uint8, 1, "C")
 _I32 = ir.IntType(32)
 
 
@@ -68,9 +69,10 @@ def repack(signs: np.ndarray) -> np.ndarray:
 
 @intrinsic
 def block_tables(typingctx, v, vi, inv, tab, ti):
-    """The 8 tables of the block of 32 inputs at v[vi] rounded to q = rint(v·inv), at tab[ti : ti + 8·32]: per 4
-    inputs, Σ_j ±q_j as 16 int16 entries by one `vpsignw` per input, then their low and high bytes."""
-    if not (v == _F32 and tab == _U8 and isinstance(inv, types.Float) and isinstance(vi, types.Integer)
+    """The 8 tables of the block of 32 inputs at v[vi] rounded to q = rint(v·inv), as bytes over the float32
+    tab[ti : ti + BLOCK_FLOATS]: per 4 inputs, Σ_j ±q_j as 16 int16 entries by one `vpsignw` per input, then their
+    low and high bytes."""
+    if not (v == tab == _F32 and isinstance(inv, types.Float) and isinstance(vi, types.Integer)
             and isinstance(ti, types.Integer)):
         return None
 
@@ -87,7 +89,8 @@ def block_tables(typingctx, v, vi, inv, tab, ti):
         splat = builder.shuffle_vector(builder.insert_element(ir.Constant(vb, ir.Undefined), scale, _I32(0)),
                                        ir.Constant(vb, ir.Undefined), ir.Constant(ir.VectorType(_I32, BLOCK), [0] * BLOCK))
         q = builder.fptosi(builder.call(rint, [builder.fmul(x, splat)]), ir.VectorType(ir.IntType(16), BLOCK))
-        out = builder.gep(_data(context, builder, ty[3], args[3]), [context.cast(builder, args[4], ty[4], types.intp)])
+        out = builder.bitcast(builder.gep(_data(context, builder, ty[3], args[3]),
+                                          [context.cast(builder, args[4], ty[4], types.intp)]), ir.IntType(8).as_pointer())
         signs = [ir.Constant(_VW, [-1 if (e >> j) & 1 else 1 for e in range(16)]) for j in range(4)]
         bytes_of = [ir.Constant(ir.VectorType(_I32, 16), list(range(part, 32, 2))) for part in (0, 1)]
         for k in range(BLOCK // 4):
@@ -106,25 +109,28 @@ def block_tables(typingctx, v, vi, inv, tab, ti):
     return types.void(v, vi, inv, tab, ti), codegen
 
 
-@njit(**_OPTS)
-def build_tables(v, blocks, xs, tab):
-    """v (≥ blocks·32 float32, zero past the input) → xs[b] = absmax_b / QMAX and, per 4 inputs k, the int16 table
-    of the rounded inputs q at tab[32k : 32k+32] (low bytes, then high bytes)."""
+@njit(inline="always", **_OPTS)
+def build_tables(tab, to, x, xi, groups):
+    """The tables of the 4·groups inputs x[xi:] (groups a multiple of 8, zero past the input) into tab[to:]: block
+    b's 8 tables as bytes over tab[to + 64b : to + 64b + 64], its scale absmax_b / QMAX at tab[to + 64·blocks + b]
+    (TABLE_WORD floats per 32 inputs in all). The arguments are LUT-16's build_tables', so the fused decode step
+    (numba_decode.py) runs either."""
+    blocks = groups // 8
     for b in range(blocks):
         amax = np.float32(0.0)
         for p in range(BLOCK):
-            amax = max(amax, abs(v[b * BLOCK + p]))
+            amax = max(amax, abs(x[xi + b * BLOCK + p]))
         inv = np.float32(QMAX) / amax if amax > 0 else np.float32(0.0)
-        xs[b] = amax / np.float32(QMAX)
-        block_tables(v, b * BLOCK, inv, tab, b * 8 * TABLE_BYTES)
+        tab[to + BLOCK_FLOATS * blocks + b] = amax / np.float32(QMAX)
+        block_tables(x, xi + b * BLOCK, inv, tab, to + BLOCK_FLOATS * b)
 
 
 @intrinsic
-def tile_sums(typingctx, tab, tab_index, tile_addr, blocks, xs, sums, oi):
+def lookup_tile(typingctx, tab, to, tile_addr, blocks, sums, oi):
     """sums[oi : oi+32] = the 32 rows of the tile at `tile_addr` (4·blocks sign bytes × 32) times the input whose
-    tables start at tab[tab_index] and whose block scales are xs[0 : blocks]."""
-    ints = (tab_index, tile_addr, blocks, oi)
-    if not (tab == _U8 and xs == sums == _F32 and all(isinstance(a, types.Integer) for a in ints)):
+    tables build_tables put at tab[to:] (LUT-16's lookup_tile's arguments)."""
+    ints = (to, tile_addr, blocks, oi)
+    if not (tab == sums == _F32 and all(isinstance(a, types.Integer) for a in ints)):
         return None
 
     def codegen(context, builder, signature, args):
@@ -133,10 +139,12 @@ def tile_sums(typingctx, tab, tab_index, tile_addr, blocks, xs, sums, oi):
         const = lambda value: ir.Constant(intp, value)  # noqa: E731
         pshufb = cgutils.get_or_insert_function(builder.module, ir.FunctionType(_VB, [_VB, _VB]),
                                                 "llvm.x86.avx2.pshuf.b")
-        tab_p = builder.gep(_data(context, builder, ty[0], args[0]), [context.cast(builder, args[1], ty[1], types.intp)])
+        blocks = context.cast(builder, args[3], ty[3], types.intp)
+        tab_f = builder.gep(_data(context, builder, ty[0], args[0]), [context.cast(builder, args[1], ty[1], types.intp)])
+        tab_p = builder.bitcast(tab_f, ir.IntType(8).as_pointer())
+        xs_p = builder.gep(tab_f, [builder.mul(blocks, const(BLOCK_FLOATS))])
         tiles = builder.inttoptr(context.cast(builder, args[2], ty[2], types.int64), _VB.as_pointer())
-        xs_p, sums_p = _data(context, builder, ty[4], args[4]), _data(context, builder, ty[5], args[5])
-        out = builder.gep(sums_p, [context.cast(builder, args[6], ty[6], types.intp)])
+        out = builder.gep(_data(context, builder, ty[4], args[4]), [context.cast(builder, args[5], ty[5], types.intp)])
         low = ir.Constant(_VB, [0x0F] * ROWS)
         four = ir.Constant(_VB, [4] * ROWS)
         both_lanes = ir.Constant(ir.VectorType(_I32, ROWS), list(range(16)) * 2)
@@ -149,7 +157,7 @@ def tile_sums(typingctx, tab, tab_index, tile_addr, blocks, xs, sums, oi):
             t16 = builder.load(builder.bitcast(at, _VB16.as_pointer()), align=1)
             return builder.shuffle_vector(t16, t16, both_lanes)
 
-        with cgutils.for_range(builder, context.cast(builder, args[3], ty[3], types.intp)) as loop:
+        with cgutils.for_range(builder, blocks) as loop:
             b = loop.index
             sums = [zero_w, zero_w]
             for g in range(4):
@@ -174,15 +182,16 @@ def tile_sums(typingctx, tab, tab_index, tile_addr, blocks, xs, sums, oi):
             builder.store(builder.load(accs[s]), at, align=4)
         return context.get_dummy_value()
 
-    return types.void(tab, tab_index, tile_addr, blocks, xs, sums, oi), codegen
+    return types.void(tab, to, tile_addr, blocks, sums, oi), codegen
 
 
 @njit(**_OPTS)
 def scratch_sizes(n, r, m):
-    """Float32 / uint8 sizes of one token's scratch (v, tab, xs, sums) for a path n → r → m."""
+    """Float32 sizes of one token's scratch (v: a stage's input, tab: its tables, sums: a stage's rows) for a path
+    n → r → m."""
     width = max((n + BLOCK - 1) // BLOCK, (r + BLOCK - 1) // BLOCK) * BLOCK
     rows = max((r + ROWS - 1) // ROWS, (m + ROWS - 1) // ROWS) * ROWS
-    return max(width, rows), width // 4 * TABLE_BYTES, width // BLOCK, rows
+    return max(width, rows), width // BLOCK * TABLE_WORD, rows
 
 
 def _path_kernel(parallel: bool):
@@ -190,26 +199,26 @@ def _path_kernel(parallel: bool):
     loop = prange if parallel else range
 
     @njit(parallel=parallel, **_OPTS)
-    def path_token(x, s_in, v_tiles, s_mid, u_tiles, s_out, v, tab, xs, sums, y, accumulate):
-        """One token; v, tab, xs, sums are scratch of scratch_sizes."""
+    def path_token(x, s_in, v_tiles, s_mid, u_tiles, s_out, v, tab, sums, y, accumulate):
+        """One token; v, tab, sums are scratch of scratch_sizes."""
         n, r, m = x.shape[0], s_mid.shape[0], s_out.shape[0]
-        blocks1, blocks2 = v_tiles.shape[1] // 4, u_tiles.shape[1] // 4
+        words1, words2 = v_tiles.shape[1] // 4, u_tiles.shape[1] // 4
         for j in range(n):
             v[j] = x[j] * s_in[j]
-        for j in range(n, blocks1 * BLOCK):
+        for j in range(n, words1 * BLOCK):
             v[j] = 0.0
-        build_tables(v, blocks1, xs, tab)
+        build_tables(tab, 0, v, 0, 8 * words1)
         at, stride = address(v_tiles), v_tiles.shape[1] * ROWS
         for t in loop(v_tiles.shape[0]):
-            tile_sums(tab, 0, at + t * stride, blocks1, xs, sums, t * ROWS)
+            lookup_tile(tab, 0, at + t * stride, words1, sums, t * ROWS)
         for i in range(r):
             v[i] = sums[i] * s_mid[i]
-        for i in range(r, blocks2 * BLOCK):
+        for i in range(r, words2 * BLOCK):
             v[i] = 0.0
-        build_tables(v, blocks2, xs, tab)
+        build_tables(tab, 0, v, 0, 8 * words2)
         at, stride = address(u_tiles), u_tiles.shape[1] * ROWS
         for t in loop(u_tiles.shape[0]):
-            tile_sums(tab, 0, at + t * stride, blocks2, xs, sums, t * ROWS)
+            lookup_tile(tab, 0, at + t * stride, words2, sums, t * ROWS)
         for i in range(m):
             if accumulate:
                 y[i] += sums[i] * s_out[i]
@@ -232,9 +241,8 @@ def _tokens_kernel(parallel: bool):
         gets alone."""
         sizes = scratch_sizes(x.shape[1], s_mid.shape[0], s_out.shape[0])
         for t in loop(x.shape[0]):
-            v, tab = np.empty(sizes[0], np.float32), np.empty(sizes[1], np.uint8)
-            xs, sums = np.empty(sizes[2], np.float32), np.empty(sizes[3], np.float32)
-            path_token_serial(x[t], s_in, v_tiles, s_mid, u_tiles, s_out, v, tab, xs, sums, y[t], accumulate)
+            v, tab, sums = np.empty(sizes[0], np.float32), np.empty(sizes[1], np.float32), np.empty(sizes[2], np.float32)
+            path_token_serial(x[t], s_in, v_tiles, s_mid, u_tiles, s_out, v, tab, sums, y[t], accumulate)
 
     return path_tokens
 
