@@ -47,6 +47,7 @@ def load(path: str | os.PathLike, backend: str = "auto", threads: int | None = N
          exact: bool = False, verify: bool = True) -> LanguageModel:
     """Open, validate and prepare a `.nq` file. `threads`: CPU threads (default: cores, at most 4); `n_ctx`: the
     largest context to allow (default: the model's); `exact=True`: every product in float32 (by default the numba
-    backend quantizes a 4-bit or Q8_0 head's input to int8 on CPUs with AVX-512 VNNI or AVX2 alone);
+    backend quantizes a 4-bit or Q8_0 head's input to int8 on CPUs with AVX-512 VNNI or AVX2 alone, and on CPUs with
+    AVX2 but no AVX-512 rounds the binary linears' inputs to 11-bit fixed point);
     `verify=False`: skip checking every tensor's checksum at load (spec/FORMAT.md §5)."""
     return LanguageModel(path, backend=backend, threads=threads, n_ctx=n_ctx, exact=exact, verify=verify)

@@ -52,7 +52,8 @@ def run(
     backend: str = typer.Option("auto", help="auto | numba | numpy | cuda."),
     threads: Optional[int] = typer.Option(None, "--threads", "-t", help="CPU threads (default: cores, at most 4)."),
     exact: bool = typer.Option(False, "--exact", help="Every product in float32 (default: a 4-bit / Q8_0 head's input "
-                                                       "as int8 on x86 CPUs with VNNI or AVX2 alone)."),
+                                                       "as int8 on x86 CPUs with VNNI or AVX2 alone, and on AVX2 "
+                                                       "alone the binary linears' inputs in 11-bit fixed point)."),
     stats: bool = typer.Option(False, "--stats", help="Print prefill/decode speed, time to first token, peak RSS."),
     no_verify: bool = typer.Option(False, "--no-verify", help="Skip checking every tensor's checksum at load."),
     debug: bool = typer.Option(False, "--debug", help="Show tracebacks."),

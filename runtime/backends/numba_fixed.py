@@ -194,6 +194,16 @@ def scratch_sizes(n, r, m):
     return max(width, rows), width // BLOCK * TABLE_WORD, rows
 
 
+@njit(inline="always", **_OPTS)
+def _stage_tables(src, scale, count, words, v, tab):
+    """A stage's input v = src ⊙ scale (count values, zero up to 32·words) and its tables into tab."""
+    for j in range(count):
+        v[j] = src[j] * scale[j]
+    for j in range(count, words * BLOCK):
+        v[j] = 0.0
+    build_tables(tab, 0, v, 0, 8 * words)
+
+
 def _path_kernel(parallel: bool):
     """y (+)= s_out ⊙ U·(s_mid ⊙ V·(s_in ⊙ x)) for one token, the tiles of each stage over `loop`."""
     loop = prange if parallel else range
@@ -201,25 +211,16 @@ def _path_kernel(parallel: bool):
     @njit(parallel=parallel, **_OPTS)
     def path_token(x, s_in, v_tiles, s_mid, u_tiles, s_out, v, tab, sums, y, accumulate):
         """One token; v, tab, sums are scratch of scratch_sizes."""
-        n, r, m = x.shape[0], s_mid.shape[0], s_out.shape[0]
         words1, words2 = v_tiles.shape[1] // 4, u_tiles.shape[1] // 4
-        for j in range(n):
-            v[j] = x[j] * s_in[j]
-        for j in range(n, words1 * BLOCK):
-            v[j] = 0.0
-        build_tables(tab, 0, v, 0, 8 * words1)
+        _stage_tables(x, s_in, x.shape[0], words1, v, tab)
         at, stride = address(v_tiles), v_tiles.shape[1] * ROWS
         for t in loop(v_tiles.shape[0]):
             lookup_tile(tab, 0, at + t * stride, words1, sums, t * ROWS)
-        for i in range(r):
-            v[i] = sums[i] * s_mid[i]
-        for i in range(r, words2 * BLOCK):
-            v[i] = 0.0
-        build_tables(tab, 0, v, 0, 8 * words2)
+        _stage_tables(sums, s_mid, s_mid.shape[0], words2, v, tab)
         at, stride = address(u_tiles), u_tiles.shape[1] * ROWS
         for t in loop(u_tiles.shape[0]):
             lookup_tile(tab, 0, at + t * stride, words2, sums, t * ROWS)
-        for i in range(m):
+        for i in range(s_out.shape[0]):
             if accumulate:
                 y[i] += sums[i] * s_out[i]
             else:

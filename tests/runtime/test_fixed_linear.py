@@ -1,7 +1,8 @@
 """The fixed-point binary linears (numba_fixed.py, AVX2 without AVX-512) against a float64 reference that rounds each
 stage's input the same way: per block of 32, q = rint(v·1023/absmax) in float32, then Σ ±q·absmax/1023 in float64.
 Odd shapes (not multiples of 8 or 32), several paths, one token and several, serial and parallel; a token's result
-does not depend on the tokens beside it; the backend picks the kernels by default and keeps LUT-8 with exact=True."""
+does not depend on the tokens beside it; the backend picks the kernels by default where LUT-16 does not run and keeps
+LUT-8 with exact=True. On AVX-512 CPUs the tests run them with LUT-16 switched off (simd=False)."""
 import numpy as np
 import pytest
 
@@ -55,17 +56,15 @@ def random_linear(rng, m, n, ranks, mid):
                                                   (1536, 576, (419,), True, 1)])
 def test_fixed_linear_matches_rounded_reference(threads, m, n, ranks, mid, tokens):
     rng = np.random.default_rng(m + n + tokens)
-    backend = NumbaBackend(threads=threads)
-    assert backend.fixed_linears or backend.simd
-    if backend.simd:
-        pytest.skip("the backend runs LUT-16 on this CPU: the fixed-point kernels run only below AVX-512")
+    backend = NumbaBackend(threads=threads, simd=False)
+    assert backend.fixed_linears
     lin = random_linear(rng, m, n, ranks, mid)
     x = (rng.standard_normal((tokens, n)) * rng.uniform(0.01, 3.0, n)).astype(np.float32)
     got = backend.linear(backend.prepare_linear(lin), x)
     want = reference(lin, x)
     assert got.shape == (tokens, m) and got.dtype == np.float32
     assert np.abs(got - want).max() <= 2e-6 * np.abs(want).max()
-    exact = NumbaBackend(threads=threads, exact=True)
+    exact = NumbaBackend(threads=threads, exact=True, simd=False)
     floats = exact.linear(exact.prepare_linear(lin), x)
     error = np.abs(got - floats).max() / np.abs(floats).max()
     assert 1e-6 < error < 5e-3  # the rounding really ran, and costs what 11 bits should
@@ -76,9 +75,7 @@ def test_token_result_does_not_depend_on_its_neighbours():
     lin = random_linear(rng, 130, 250, (90, 33), True)
     x = rng.standard_normal((9, 250)).astype(np.float32)
     for threads in (1, 2):
-        backend = NumbaBackend(threads=threads)
-        if not backend.fixed_linears:
-            pytest.skip("the backend runs LUT-16 on this CPU")
+        backend = NumbaBackend(threads=threads, simd=False)
         prepared = backend.prepare_linear(lin)
         together = backend.linear(prepared, x)
         for t in range(9):
@@ -101,11 +98,14 @@ def test_zero_input_blocks_and_exact_keeps_lut8():
     lin = random_linear(rng, 40, 96, (50,), False)
     x = rng.standard_normal((1, 96)).astype(np.float32)
     x[0, 32:64] = 0.0  # a block of zeros: scale 0, no division by zero
-    backend = NumbaBackend(threads=1)
-    if not backend.fixed_linears:
-        pytest.skip("the backend runs LUT-16 on this CPU")
+    backend = NumbaBackend(threads=1, simd=False)
     got = backend.linear(backend.prepare_linear(lin), x)
     assert np.isfinite(got).all()
     assert np.abs(got - reference(lin, x)).max() <= 2e-6 * np.abs(got).max()
-    exact = NumbaBackend(threads=1, exact=True)
+    exact = NumbaBackend(threads=1, exact=True, simd=False)
     assert not exact.fixed_linears and exact.prepare_linear(lin).paths[0].v_tiles is None
+
+
+def test_default_backend_runs_them_where_lut16_does_not():
+    backend = NumbaBackend(threads=1)
+    assert backend.fixed_linears == (not backend.simd)
