@@ -154,20 +154,26 @@ class Model:
     def forward(self, ids: np.ndarray, pos0: int, cache: KVCache, all_logits: bool = False) -> np.ndarray:
         """Run tokens `ids` at positions pos0.. (their keys/values go into `cache`); return the logits of the last
         token, (1, vocab), or of every token when `all_logits`."""
-        cfg, be = self.config, self.backend
         ids = self._checked_ids(ids)
         t = len(ids)
         if pos0 + t > cache.n_ctx:
             raise NQRunError(f"{pos0 + t} tokens do not fit the context of {cache.n_ctx}")
 
+        x = self._hidden(ids, pos0, cache)
+        return self._logits(x if all_logits else x[-1:])
+
+    def _hidden(self, ids: np.ndarray, pos0: int, cache: KVCache) -> Any:
+        """The last block's outputs (T, hidden) for tokens ids at positions pos0.. of one sequence: through the fused
+        blocks where they take this many tokens, else op by op."""
+        cfg, be = self.config, self.backend
+        t = len(ids)
+
         def attend(layer: int, q: Any, k: Any, v: Any, window: int) -> Any:
             return be.attention(cache, layer, q, k, v, pos0, window, cfg.attention_scale, cfg.attn_softcap)
 
         if self._fused is not None and t <= self._fused.max_tokens:
-            x = self._fused(self._embed(ids), np.arange(pos0, pos0 + t), [cache] * t)
-        else:
-            x = self._decoder(ids, np.arange(pos0, pos0 + t), attend)
-        return self._logits(x if all_logits else x[-1:])
+            return self._fused(self._embed(ids), np.arange(pos0, pos0 + t), [cache] * t)
+        return self._decoder(ids, np.arange(pos0, pos0 + t), attend)
 
     def step(self, ids: np.ndarray, positions: np.ndarray, caches: list[KVCache],
              counts: np.ndarray | None = None) -> np.ndarray:
@@ -175,8 +181,8 @@ class Model:
         one each: a decoding step), the next counts[b] of `ids`, at positions positions[b], positions[b] + 1, ...;
         its earlier keys/values are in caches[b], and these tokens' are stored there too. Embedding, norms, linears,
         RoPE, GLU and the head run on all rows at once, so each weight is read once per pass for the whole batch;
-        attention runs per sequence over its own cache. Returns the logits after each sequence's last token,
-        (B, vocab): row b is what forward(its tokens, positions[b], caches[b]) returns."""
+        attention runs per sequence over its own cache (with fused blocks, see _fused_step). Returns the logits after
+        each sequence's last token, (B, vocab): row b is what forward(its tokens, positions[b], caches[b]) returns."""
         cfg, be = self.config, self.backend
         ids = self._checked_ids(ids)
         positions = np.asarray(positions, dtype=np.int64).reshape(-1)
@@ -190,9 +196,8 @@ class Model:
                 raise NQRunError(f"positions {pos}..{pos + n - 1} are outside the context of {cache.n_ctx}")
         ends = np.cumsum(counts)
         token_positions = np.concatenate([np.arange(p, p + n) for p, n in zip(positions, counts)])
-        if self._fused is not None and (len(ids) == len(caches) or len(ids) <= self._fused.max_tokens):
-            x = self._fused(self._embed(ids), token_positions, [c for c, n in zip(caches, counts) for _ in range(n)])
-            return self._logits(x if len(x) == len(caches) else x[ends - 1])
+        if self._fused is not None:
+            return self._logits(self._fused_step(ids, positions, caches, counts, token_positions))
 
         def run(lo: int, hi: int) -> Any:  # sequences lo..hi-1 through every block
             def attend(layer: int, q: Any, k: Any, v: Any, window: int) -> Any:
@@ -215,6 +220,25 @@ class Model:
             later = [self._step_pool.submit(alone, lo, hi) for lo, hi in groups[1:]]
             x = np.concatenate([alone(*groups[0])] + [f.result() for f in later])
         return self._logits(x if len(x) == len(caches) else x[ends - 1])
+
+    def _fused_step(self, ids: np.ndarray, positions: np.ndarray, caches: list[KVCache], counts: np.ndarray,
+                    token_positions: np.ndarray) -> np.ndarray:
+        """The last hidden state of each sequence of a step, (B, hidden), each computed the way forward() computes it
+        alone: the sequences whose tokens the fused blocks take (decoding tokens, prompts of up to max_tokens) in one
+        fused call, whose results do not depend on the other sequences in it, and each longer prompt op by op on its
+        own. So a sequence's text does not depend on what joins its step, also where the fused and the op-by-op
+        kernels round differently (the fixed-point kernels, runtime/README.md)."""
+        starts = np.cumsum(counts) - counts
+        last = np.empty((len(caches), self.config.hidden), self.backend.dtype)
+        fused = np.flatnonzero(counts <= self._fused.max_tokens)
+        if len(fused):
+            rows = np.concatenate([np.arange(starts[b], starts[b] + counts[b]) for b in fused])
+            x = self._fused(self._embed(ids[rows]), token_positions[rows],
+                            [caches[b] for b in fused for _ in range(counts[b])])
+            last[fused] = x[np.cumsum(counts[fused]) - 1]
+        for b in np.flatnonzero(counts > self._fused.max_tokens):
+            last[b] = self._hidden(ids[starts[b]:starts[b] + counts[b]], positions[b], caches[b])[-1]
+        return last
 
     def _checked_ids(self, ids: np.ndarray) -> np.ndarray:
         vocab = self.config.vocab

@@ -140,11 +140,15 @@ def test_fused_prompt_equals_op_by_op_prefill(variant_files, variant):
 
 
 @FUSED
-def test_step_of_prompts_and_next_tokens_is_each_sequence_alone(variant_files):
-    """A batched step mixing a new prompt, a decoding token and a continuation (7, 1 and 4 tokens) runs as one fused
-    call; each sequence's logits and cache are bit for bit those of forward() on its own tokens."""
+@pytest.mark.parametrize("max_tokens", [nd.PROMPT_TOKENS, 6, 4])
+def test_step_of_prompts_and_next_tokens_is_each_sequence_alone(variant_files, monkeypatch, max_tokens):
+    """A batched step mixing a new prompt, a decoding token and a continuation (7, 1 and 4 tokens): in one fused call
+    where each fits max_tokens, else the longer prompts op by op on their own (max_tokens 6: the 7; 4: the 7, while
+    the others, 5 tokens together, stay fused); each sequence's logits and cache are bit for bit those of forward()
+    on its own tokens."""
     nq = open_nq(variant_files["mistral-sliding"])
     model = Model(nq, fused_backend(2))
+    monkeypatch.setattr(model._fused, "max_tokens", max_tokens)
     rng = np.random.default_rng(43)
     counts, positions = np.array([7, 1, 4]), np.array([0, 9, 3])
     ids = rng.integers(0, nq.config.vocab, size=int(counts.sum()))
@@ -177,7 +181,8 @@ def test_lut8_steps_run_op_by_op(variant_files):
 @FUSED
 def test_prompts_beyond_max_tokens_and_one_thread_run_op_by_op(variant_files, monkeypatch):
     """One worker gains nothing from a fused prompt (its op-by-op prefill is faster), and a prompt longer than
-    max_tokens runs op by op on any number."""
+    max_tokens runs op by op on any number; in a batched step such a prompt runs op by op on its own while the other
+    sequences (however many tokens they add up to) stay in one fused call, as each would run alone."""
     nq = open_nq(variant_files["llama-2path-mid"])
     assert Model(nq, fused_backend(1))._fused.max_tokens == 1
     model = Model(nq, fused_backend(2))
@@ -189,6 +194,7 @@ def test_prompts_beyond_max_tokens_and_one_thread_run_op_by_op(variant_files, mo
     model.forward(np.arange(6), 0, model.new_cache(8))
     model.forward(np.arange(5), 0, model.new_cache(8))
     model.step(np.arange(6), np.array([0, 0]), [model.new_cache(8), model.new_cache(8)], np.array([3, 3]))
+    model.step(np.arange(8), np.array([0, 0, 0]), [model.new_cache(8) for _ in range(3)], np.array([1, 6, 1]))
     assert calls == [6, 6]
 
 
