@@ -46,8 +46,7 @@ from .numba_int8 import isa
 
 if numba_lut16.available() or isa() is None:
     STAGES = "lut16"
-    from .numba_lut16 import TILE, build_tables, lookup_tile
-    TABLE_WORD = 8 * TILE
+    from .numba_lut16 import TILE, TABLE_WORD, build_tables, lookup_tile
 else:
     STAGES = "fixed"
     from .numba_fixed import ROWS as TILE, TABLE_WORD, build_tables, lookup_tile

@@ -43,6 +43,13 @@ _F32 = types.Array(types.float32, 1, "C")
 _I32 = ir.IntType(32)
 
 
+def _splat(builder, value, vtype):
+    """`value` in every lane of a vector of type vtype."""
+    undef = ir.Constant(vtype, ir.Undefined)
+    one = builder.insert_element(undef, value, _I32(0))
+    return builder.shuffle_vector(one, undef, ir.Constant(ir.VectorType(_I32, vtype.count), [0] * vtype.count))
+
+
 def _unpack_order(high: bool) -> list[int]:
     """vpunpck{l,h}bw of (lo, hi) as one shufflevector over their 64 bytes: per 128-bit lane, bytes 0-7 (or 8-15) of
     lo interleaved with the same bytes of hi."""
@@ -86,9 +93,8 @@ def block_tables(typingctx, v, vi, inv, tab, ti):
         at = builder.gep(_data(context, builder, ty[0], args[0]), [context.cast(builder, args[1], ty[1], types.intp)])
         x = builder.load(builder.bitcast(at, vb.as_pointer()), align=4)
         scale = context.cast(builder, args[2], ty[2], types.float32)
-        splat = builder.shuffle_vector(builder.insert_element(ir.Constant(vb, ir.Undefined), scale, _I32(0)),
-                                       ir.Constant(vb, ir.Undefined), ir.Constant(ir.VectorType(_I32, BLOCK), [0] * BLOCK))
-        q = builder.fptosi(builder.call(rint, [builder.fmul(x, splat)]), ir.VectorType(ir.IntType(16), BLOCK))
+        q = builder.fptosi(builder.call(rint, [builder.fmul(x, _splat(builder, scale, vb))]),
+                           ir.VectorType(ir.IntType(16), BLOCK))
         out = builder.bitcast(builder.gep(_data(context, builder, ty[3], args[3]),
                                           [context.cast(builder, args[4], ty[4], types.intp)]), ir.IntType(8).as_pointer())
         signs = [ir.Constant(_VW, [-1 if (e >> j) & 1 else 1 for e in range(16)]) for j in range(4)]
@@ -170,10 +176,7 @@ def lookup_tile(typingctx, tab, to, tile_addr, blocks, sums, oi):
                     for s in range(2):
                         words = builder.bitcast(builder.shuffle_vector(lo, hi, unpack[s]), _VW)
                         sums[s] = builder.add(sums[s], words)
-            scale = builder.load(builder.gep(xs_p, [b]))
-            splat = builder.shuffle_vector(builder.insert_element(ir.Constant(_VF, ir.Undefined), scale, _I32(0)),
-                                           ir.Constant(_VF, ir.Undefined), ir.Constant(ir.VectorType(_I32, 16),
-                                                                                        [0] * 16))
+            splat = _splat(builder, builder.load(builder.gep(xs_p, [b])), _VF)
             for s in range(2):
                 term = builder.fmul(builder.sitofp(sums[s], _VF), splat)
                 builder.store(builder.fadd(builder.load(accs[s]), term), accs[s])

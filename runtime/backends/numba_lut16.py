@@ -27,6 +27,7 @@ from nqfmt.q4 import BLOCK_BYTES
 
 _OPTS = dict(fastmath=True, cache=True, nogil=True)
 TILE = 16  # rows per tile: the lanes of one 512-bit register of int32 indices
+TABLE_WORD = 8 * TILE  # table floats per 32 inputs: 8 tables of 16 entries
 _F32 = types.Array(types.float32, 1, "C")
 _VF = ir.VectorType(ir.FloatType(), TILE)
 _VI = ir.VectorType(ir.IntType(32), TILE)
@@ -163,7 +164,7 @@ def _path(x, s_in, v_tiles, s_mid, u_tiles, s_out, xs, tab, h, sums, y, accumula
 
 def scratch_sizes(wn: int, wr: int, blocks_r: int, blocks_m: int) -> tuple[int, int, int, int]:
     """Floats of the scratch buffers (xs, tab, h, sums) a path with these tile shapes needs."""
-    return 32 * wn, 8 * TILE * max(wn, wr), 32 * wr, TILE * max(blocks_r, blocks_m)
+    return 32 * wn, TABLE_WORD * max(wn, wr), 32 * wr, TILE * max(blocks_r, blocks_m)
 
 
 def _kernels(parallel: bool):
@@ -178,7 +179,7 @@ def _kernels(parallel: bool):
         blocks = max(v_tiles.shape[0], u_tiles.shape[0])
         for t in loop(t_all):
             xs = np.empty(32 * wn, np.float32)
-            tab = np.empty(8 * TILE * max(wn, wr), np.float32)
+            tab = np.empty(TABLE_WORD * max(wn, wr), np.float32)
             h = np.empty(32 * wr, np.float32)
             sums = np.empty(TILE * blocks, np.float32)
             _path(x[t], s_in, v_tiles, s_mid, u_tiles, s_out, xs, tab, h, sums, y[t], accumulate)
