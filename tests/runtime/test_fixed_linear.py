@@ -6,7 +6,7 @@ LUT-8 with exact=True. On AVX-512 CPUs the tests run them with LUT-16 switched o
 import numpy as np
 import pytest
 
-from nqfmt import BinaryPath, FactoredLinear, pack_signs
+from nqfmt import BinaryPath, FactoredLinear, pack_signs, unpack_signs
 from runtime.backends import numba_fixed as fixed
 from runtime.backends.numba_cpu import NumbaBackend
 from runtime.backends.numba_int8 import isa
@@ -31,8 +31,7 @@ def reference(lin: FactoredLinear, x: np.ndarray) -> np.ndarray:
     """Each path's two stages on rounded inputs; the middle vector is float32 as the kernel keeps it."""
     y = np.zeros((x.shape[0], lin.m))
     for p in lin.paths:
-        v_signs = np.where(np.unpackbits(p.v_signs.view(np.uint8), axis=1, bitorder="little")[:, :lin.n], -1.0, 1.0)
-        u_signs = np.where(np.unpackbits(p.u_signs.view(np.uint8), axis=1, bitorder="little")[:, :p.rank], -1.0, 1.0)
+        v_signs, u_signs = unpack_signs(p.v_signs, lin.n, np.float64), unpack_signs(p.u_signs, p.rank, np.float64)
         s_mid = np.ones(p.rank) if p.scale_mid is None else p.scale_mid.astype(np.float64)
         for t in range(x.shape[0]):
             h = (v_signs @ rounded(x[t] * p.scale_in.astype(np.float32))).astype(np.float32)
