@@ -602,15 +602,17 @@ def _blocks(net, worker, x, positions, caches):
             _post_norm_phase(net, worker, ph + 11, layers[layer, N_POST_FFN], x, tokens)
 
 
-@njit(**_OPTS)
-def decode_serial(net, x, positions, caches):
-    _blocks(net, 0, x, positions, caches)
-
-
 @njit(parallel=True, **_OPTS)
 def decode_threads(net, x, positions, caches):
+    """Every worker's walk in one parallel region. The worker's number goes in as int64, the type a one-worker step
+    calls _blocks with, so both use one compiled _blocks (prange's own index type would compile it a second time)."""
     for w in prange(net.scratch.shape[0]):
-        _blocks(net, w, x, positions, caches)
+        _blocks(net, np.int64(w), x, positions, caches)
+
+
+def _one_worker(net, x, positions, caches) -> None:
+    """A one-worker step: the walk itself, with no parallel region."""
+    _blocks(net, 0, x, positions, caches)
 
 
 # --- building the flat arrays from a model -------------------------------------------------------------------------
@@ -703,7 +705,7 @@ class FusedBlocks:
                           C_INV_LOCAL: inv_local, C_W_Q: w_q, C_W_K: w_k, C_W_V: w_v, C_W_ATT: w_att, C_W_O: w_o,
                           C_W_F: w_f, C_SLOT: slot}
         self._tokens = self._ctx = 0
-        self._kernel = decode_threads if workers > 1 else decode_serial
+        self._kernel = decode_threads if workers > 1 else _one_worker
 
     def _fit(self, tokens: int, ctx: int) -> None:
         """Size the work, the normed inputs and the scratch (whose offsets go into ints) for `tokens` tokens per step
