@@ -2,11 +2,12 @@
 
 Run op by op, one token is ~14 backend calls per block (~420 on SmolLM2-135M), each a Python call and a numba dispatch
 around a few microseconds of work; with threads each would also be a parallel region that wakes a sleeping thread.
-Here the blocks of a step run inside one function, `decode_*(net, x, positions, caches)`: x (B, hidden) holds
-the step's embedded tokens on entry and the last block's outputs on exit. Token t is the next token of its own
-sequence, at positions[t], whose KV cache gets the token's keys and values; caches[t] holds that cache's key and
-value addresses and its context length (an int64 row, so the kernels need no typed containers). A single sequence decodes with B = 1; a server's batched step runs all its sequences in one
-call, so each chunk of sign tiles is read from memory once for all of them.
+Here the blocks of a step run inside one compiled walk, `_blocks(net, worker, x, positions, caches)`, called by each
+worker of `decode_threads` or directly for one worker: x (B, hidden) holds the step's embedded tokens on entry and the
+last block's outputs on exit. Token t is the next token of its own sequence, at positions[t], whose KV cache gets the
+token's keys and values; caches[t] holds that cache's key and value addresses and its context length (an int64 row, so
+the kernels need no typed containers). A single sequence decodes with B = 1; a server's batched step runs all its
+sequences in one call, so each chunk of sign tiles is read from memory once for all of them.
 
 Threads: one parallel region per step. Every worker (`prange(workers)`) walks the same sequence of phases; a phase is a
 list of chunks (tiles of rows of one stage of the binary linears, kv heads, query heads) cut into one contiguous range
@@ -634,9 +635,10 @@ class FusedBlocks:
     """The decode step of a model on the numba backend: `self(x, positions, caches)` runs every block for B tokens,
     token t at positions[t] of the sequence whose cache is caches[t].
 
-    The backend's paths carry the signs repacked for the STAGES kernels; `workers` is the number of threads that share each step (1: no parallel region at all). `max_tokens`: the most tokens a call
-    should take; beyond one per sequence they are a prompt's (several tokens of one cache), which a threaded call
-    spreads over the cores better than the op-by-op prefill up to PROMPT_TOKENS."""
+    The backend's paths carry the signs repacked for the STAGES kernels; `workers` is the number of threads that
+    share each step (1: no parallel region at all). `max_tokens`: the most tokens a call should take; beyond one per
+    sequence they are a prompt's (several tokens of one cache), which a threaded call spreads over the cores better
+    than the op-by-op prefill up to PROMPT_TOKENS."""
 
     def __init__(self, model, workers: int) -> None:
         cfg = model.config
