@@ -569,7 +569,7 @@ def _rope_tables(vecs, inv_global, inv_local, half, pos, sc, at):
 def _blocks(net, worker, x, positions, caches):
     """Worker `worker`'s walk through every block for the step's tokens (all workers walk it; see the module
     docstring). A block's two residual halves, attention and feed-forward, run through one loop body: numba inlines
-    a phase at each of its call sites, and half the sites halve the step's compile time."""
+    a phase at each of its call sites, and fewer sites compile faster."""
     ints, layers, vecs, work = net.ints, net.layers, net.vecs, net.work
     sc = net.scratch[worker]
     normed = net.normed[worker]

@@ -100,6 +100,18 @@ def test_any_number_of_workers_gives_the_same_bits(variant_files, workers):
 
 
 @FUSED
+def test_one_compiled_walk_serves_every_worker_count(variant_files):
+    """A one-worker step and the threaded caller pass the worker number as one type, so the walk compiles once
+    (numba compiles a callee again for each argument type, and the walk takes about a minute to compile)."""
+    nq = open_nq(variant_files["llama"])
+    for threads in (1, 2):
+        model = Model(nq, fused_backend(threads))
+        model.forward(np.array([3]), 0, model.new_cache())
+        assert model._fused.workers == threads
+    assert len(nd._blocks.signatures) == 1
+
+
+@FUSED
 def test_fused_decode_past_a_sliding_window_equals_op_by_op(variant_files):
     """Past the window (7 on this variant) the fused attention reads only the last positions, as the op-by-op
     kernels do; both run the same float32 arithmetic up to summation order."""
