@@ -76,8 +76,8 @@ def _peak_mb() -> float:
     return _status_mb("VmHWM")
 
 
-def worker_ours(path: str, threads: int, tokens: int, ids: list[int], warm: str | None) -> dict:
-    """Prefill `ids`, then decode `tokens` tokens after the first (0: the first token only)."""
+def worker_ours(path: str, threads: int, tokens: int, ids: list[int], warm: str | None, n_ctx: int = N_CTX) -> dict:
+    """Prefill `ids`, then decode `tokens` tokens after the first (0: the first token only), in a context of n_ctx."""
     started = time.perf_counter()
     import runtime
     from runtime.generate import GenerationStats
@@ -89,7 +89,7 @@ def worker_ours(path: str, threads: int, tokens: int, ids: list[int], warm: str 
         list(w.generator.tokens(warm_ids, 3, Sampler(SamplingParams(temperature=0)), frozenset(), GenerationStats()))
         del w
         base = _rss_mb()
-    m = runtime.load(path, backend="numba", threads=threads, n_ctx=N_CTX)
+    m = runtime.load(path, backend="numba", threads=threads, n_ctx=n_ctx)
     stats = GenerationStats()
     out = list(m.generator.tokens(ids, tokens + 1, Sampler(SamplingParams(temperature=0)), frozenset(), stats))
     cache = m.generator.cache
@@ -126,11 +126,13 @@ def _llama(path: str, threads: int, config: str, **kw):
         lc.llama_model_default_params = default
 
 
-def worker_llama(path: str, threads: int, tokens: int, ids: list[int], config: str) -> dict:
+def worker_llama(path: str, threads: int, tokens: int, ids: list[int], config: str, n_ctx: int = N_CTX) -> dict:
     """The same measurement as worker_ours through llama.cpp in `config`."""
     started = time.perf_counter()
     import numpy as np
-    llm = _llama(path, threads, config, n_ctx=N_CTX, n_batch=LONG_PROMPT)
+    # llama-cpp-python keeps one row of logits per position up to n_batch (512, its default): a longer context
+    # (bench/probes/long_context.py) needs n_batch to cover it
+    llm = _llama(path, threads, config, n_ctx=n_ctx, n_batch=max(LONG_PROMPT, n_ctx if n_ctx > N_CTX else 0))
     t0 = time.perf_counter()
     llm.eval(ids)
     t1 = time.perf_counter()

@@ -13,7 +13,9 @@ slower again once its threaded caller was loaded early too. So a difference betw
 is not resolved here: it can be code placement (alignment, aliasing) as much as code.
 
     git show REV:runtime/backends/numba_decode.py > a.py     # and b.py: the version to compare
-    python bench/probes/fused_ab.py FILE a.py b.py [--threads 1 2] [--batch 1] [--rounds 4]
+    python bench/probes/fused_ab.py FILE a.py b.py [--threads 1 2] [--batch 1] [--rounds 4] [--position 32]
+
+Each round times 64 steps at positions --position .. --position + 63 (the caches first filled up to it).
 
 Prints the median step per version and thread count, and appends one JSON line to bench/results/fused-ab.jsonl.
 """
@@ -60,20 +62,22 @@ def preload(version) -> None:
     version.decode_threads.compile((typeof(net), x, positions, caches))
 
 
-def timed_steps(path: str, versions: list, threads: int, batch: int, rounds: int) -> list[list[float]]:
-    """Seconds per step of each version, 64 steps per round, the order alternating."""
-    lm = runtime.load(path, backend="numba", threads=threads, n_ctx=512)
+def timed_steps(path: str, versions: list, threads: int, batch: int, rounds: int,
+                position: int) -> list[list[float]]:
+    """Seconds per step of each version, 64 steps per round at positions position.., the order alternating."""
+    n_ctx = position + 64
+    lm = runtime.load(path, backend="numba", threads=threads, n_ctx=n_ctx)
     model = lm.model
     fused = [v.FusedBlocks(model, threads) for v in versions]
-    caches = [model.new_cache(512) for _ in range(batch)]
+    caches = [model.new_cache(n_ctx) for _ in range(batch)]
     for c in caches:
-        model.forward(np.random.default_rng(0).integers(100, 1000, 32), 0, c)
+        model.forward(np.random.default_rng(0).integers(100, 1000, position), 0, c)
     x = model._embed(np.full(batch, 5))
     for f in fused:  # the first call of each, outside the timing
-        f(x, np.full(batch, 32), caches)
+        f(x, np.full(batch, position), caches)
     times: list[list[float]] = [[] for _ in versions]
     for _ in range(rounds):
-        for pos in range(32, 96):
+        for pos in range(position, position + 64):
             order = range(len(fused)) if pos % 2 else reversed(range(len(fused)))
             for i in order:
                 start = time.perf_counter()
@@ -90,19 +94,21 @@ def main() -> None:
     ap.add_argument("--threads", nargs="*", type=int, default=[1, 2])
     ap.add_argument("--batch", type=int, default=1)
     ap.add_argument("--rounds", type=int, default=4)
+    ap.add_argument("--position", type=int, default=32, help="the first timed step's position")
     args = ap.parse_args()
     versions = [load_version(args.version_a), load_version(args.version_b)]
     for v in versions:
         preload(v)
     results = []
     for threads in args.threads:
-        times = timed_steps(args.file, versions, threads, args.batch, args.rounds)
+        times = timed_steps(args.file, versions, threads, args.batch, args.rounds, args.position)
         a, b = (float(np.median(t)) for t in times)
         load = os.getloadavg()[0]
         results.append(dict(threads=threads, a_ms=a * 1e3, b_ms=b * 1e3, b_over_a=b / a, load_average=load))
-        print(f"{threads} thread(s), batch {args.batch}: A {a * 1e3:.3f} ms, B {b * 1e3:.3f} ms, B/A {b / a:.3f} "
+        print(f"{threads} thread(s), batch {args.batch}, position {args.position}: A {a * 1e3:.3f} ms, B {b * 1e3:.3f} ms, B/A {b / a:.3f} "
               f"(load {load:.2f})", flush=True)
     record = dict(file=args.file, version_a=str(args.version_a), version_b=str(args.version_b), batch=args.batch,
+                  position=args.position,
                   rounds=args.rounds, commit=commit(), machine=machine(), results=results)
     with open(REPO / "bench" / "results" / "fused-ab.jsonl", "a") as f:
         f.write(json.dumps(record) + "\n")
