@@ -6,6 +6,7 @@ becomes NQFormatError naming what is wrong, never another exception.
 """
 from __future__ import annotations
 
+import math
 import mmap
 import os
 import stat
@@ -305,7 +306,7 @@ class NQFile:
     # --- access -------------------------------------------------------------------------------------------------
     def _view(self, info: TensorInfo) -> np.ndarray:
         spec = TensorSpec(info.name, info.shape, info.gtype)
-        count = int(np.prod(spec.numpy_shape))
+        count = math.prod(spec.numpy_shape)
         return np.frombuffer(self._mm, dtype=spec.numpy_dtype, count=count, offset=info.offset).reshape(spec.numpy_shape)
 
     def array(self, name: str) -> np.ndarray:
