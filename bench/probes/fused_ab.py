@@ -105,11 +105,10 @@ def main() -> None:
         a, b = (float(np.median(t)) for t in times)
         load = os.getloadavg()[0]
         results.append(dict(threads=threads, a_ms=a * 1e3, b_ms=b * 1e3, b_over_a=b / a, load_average=load))
-        print(f"{threads} thread(s), batch {args.batch}, position {args.position}: A {a * 1e3:.3f} ms, B {b * 1e3:.3f} ms, B/A {b / a:.3f} "
-              f"(load {load:.2f})", flush=True)
+        print(f"{threads} thread(s), batch {args.batch}, position {args.position}: A {a * 1e3:.3f} ms, "
+              f"B {b * 1e3:.3f} ms, B/A {b / a:.3f} (load {load:.2f})", flush=True)
     record = dict(file=args.file, version_a=str(args.version_a), version_b=str(args.version_b), batch=args.batch,
-                  position=args.position,
-                  rounds=args.rounds, commit=commit(), machine=machine(), results=results)
+                  position=args.position, rounds=args.rounds, commit=commit(), machine=machine(), results=results)
     with open(REPO / "bench" / "results" / "fused-ab.jsonl", "a") as f:
         f.write(json.dumps(record) + "\n")
 

@@ -22,7 +22,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
 
-from bench.speed import commit, llama_files, llama_plan, machine, original_q4_1, run_worker  # noqa: E402
+from bench.speed import Engine, commit, llama_files, llama_plan, machine, original_q4_1, run_worker  # noqa: E402
 
 
 def prompt(ids: list[int], length: int) -> list[int]:
@@ -30,7 +30,7 @@ def prompt(ids: list[int], length: int) -> list[int]:
     return (ids * (length // len(ids) + 1))[:length]
 
 
-def peer_label(engine) -> str:
+def peer_label(engine: Engine) -> str:
     return f"llama.cpp Q4_0 [{engine.llama_config}]"
 
 
@@ -56,13 +56,10 @@ def main() -> None:
         for pos in a.positions:
             ids, n_ctx = prompt(text, pos), pos + a.tokens + 1
             for t in a.threads:
-                for engine in ["ours", *peers]:
-                    if engine == "ours":
-                        r = run_worker("ours", str(a.file), t, a.tokens, ids, None, n_ctx)
-                        label = "ours"
-                    else:
-                        r = run_worker("llama", engine.path, t, a.tokens, ids, engine.llama_config, n_ctx)
-                        label = peer_label(engine)
+                timed = [("ours", run_worker("ours", str(a.file), t, a.tokens, ids, None, n_ctx))]
+                timed += [(peer_label(e), run_worker("llama", e.path, t, a.tokens, ids, e.llama_config, n_ctx))
+                          for e in peers]
+                for label, r in timed:
                     runs.append(dict(round=rnd + 1, position=pos, threads=t, engine=label,
                                      decode_tps=r["decode_tps"], prefill_tps=r["prefill_tps"]))
                     print(f"round {rnd + 1} position {pos} t{t} {label}: decode {r['decode_tps']:.1f} tok/s "
