@@ -90,16 +90,16 @@ def test_llama_cpp_quantizes_and_runs_the_gguf(tmp_path, shapes):
 
 
 def test_both_workers_decode_after_a_prompt_longer_than_a_batch(tmp_path):
-    """bench/probes/long_context.py's runs: a prompt past llama-cpp-python's 512-token batch in a context larger than
-    bench/speed.py's, then decoding, through both engines' workers (llama-cpp-python keeps one row of logits per
-    position up to n_batch, so the worker widens the batch to the context)."""
+    """bench/probes/long_context.py's runs: a prompt past llama-cpp-python's 512-token batch, then decoding, through
+    both engines' workers (llama-cpp-python keeps logits only for positions below n_batch, so the worker widens the
+    batch to cover the run)."""
     pytest.importorskip("llama_cpp")
     from bench import speed
     shapes = dict(TINY_SMOL, context_length=2048)
     f16 = write_gguf_f16(tmp_path / "m-f16.gguf", shapes)
     q40 = speed.quantize(f16, tmp_path / "m-q4_0.gguf", "LLAMA_FTYPE_MOSTLY_Q4_0")
     nq = write_nq(tmp_path / "m.nq", shapes)
-    ids = [(7 * i) % (shapes["vocab"] - 1) + 1 for i in range(speed.N_CTX + 100)]
+    ids = [(7 * i) % (shapes["vocab"] - 1) + 1 for i in range(speed.LONG_PROMPT + 88)]
     n_ctx = len(ids) + 8
     ours = speed.run_worker("ours", str(nq), 1, 4, ids, None, n_ctx)
     theirs = speed.run_worker("llama", str(q40), 1, 4, ids, "no-repack", n_ctx)
