@@ -264,18 +264,20 @@ def _rms(src, so, n, vecs, wo, eps, dst, do):
     for k in range(n):
         ss += src[so + k] * src[so + k]
     inv = np.float32(1.0 / math.sqrt(ss / n + eps))
+    out, a, w = dst[do:do + n], src[so:so + n], vecs[wo:wo + n]
     for k in range(n):
-        dst[do + k] = src[so + k] * inv * vecs[wo + k]
+        out[k] = a[k] * inv * w[k]
 
 
 @njit(inline="always", **_OPTS)
 def _rope(v, vo, sc, co, half):
     """Rotate-half RoPE of v[vo : vo + 2·half] with cos at sc[co:], sin at sc[co + half:]."""
+    lo, hi, cos, sin = v[vo:vo + half], v[vo + half:vo + 2 * half], sc[co:co + half], sc[co + half:co + 2 * half]
     for k in range(half):
-        a, b = v[vo + k], v[vo + k + half]
-        c, s = sc[co + k], sc[co + half + k]
-        v[vo + k] = a * c - b * s
-        v[vo + k + half] = b * c + a * s
+        a, b = lo[k], hi[k]
+        c, s = cos[k], sin[k]
+        lo[k] = a * c - b * s
+        hi[k] = b * c + a * s
 
 
 # --- phases --------------------------------------------------------------------------------------------------------
@@ -324,17 +326,20 @@ def _v_phase(net, me, phase, lin0, lin1, src, so, sc, tokens):
         n, r, wn = paths[p, P_N], paths[p, P_R], paths[p, P_WN]
         if held_p != p or held_t != t:
             s_in = paths[p, P_SIN]
+            v, a, w = sc[xs:xs + 32 * wn], src[t, so:so + n], vecs[s_in:s_in + n]
             for j in range(n):
-                sc[xs + j] = src[t, so + j] * vecs[s_in + j]
+                v[j] = a[j] * w[j]
             for j in range(n, 32 * wn):
-                sc[xs + j] = 0.0
+                v[j] = 0.0
             _tables(sc, xs, wn, sc, tab)
             held_p, held_t = p, t
         b1 = min(b0 + CHUNK, paths[p, P_BR])
         _rows(sc, tab, paths[p, P_V], wn, b0, b1, sc, sums)
+        lo, hi = TILE * b0, min(TILE * b1, r)
         mid, s_mid = paths[p, P_MID], paths[p, P_SMID]
-        for i in range(TILE * b0, min(TILE * b1, r)):
-            work[t, mid + i] = sc[sums + i - TILE * b0] * vecs[s_mid + i]
+        out, a, w = work[t, mid + lo:mid + hi], sc[sums:sums + hi - lo], vecs[s_mid + lo:s_mid + hi]
+        for i in range(hi - lo):
+            out[i] = a[i] * w[i]
         done += 1
     _done(counters, phase, workers, done, total)
 
@@ -355,16 +360,20 @@ def _u_rows(ints, lins, paths, vecs, li, b0, b1, sc, slot, acc):
     base = ints[C_S_TAB] + slot * ints[C_SLOT]
     sums = ints[C_S_SUMS]
     first = lins[li, L_FIRST]
+    lo, hi = TILE * b0, min(TILE * b1, paths[first, P_M])
+    out = sc[acc:acc + hi - lo]
     for p in range(first, first + lins[li, L_COUNT]):
-        m, s_out = paths[p, P_M], paths[p, P_SOUT]
+        s_out = paths[p, P_SOUT]
         _rows(sc, base + paths[p, P_TAB], paths[p, P_U], paths[p, P_WR], b0, b1, sc, sums)
-        for i in range(TILE * b0, min(TILE * b1, m)):
-            v = sc[sums + i - TILE * b0] * vecs[s_out + i]
-            sc[acc + i - TILE * b0] = v if p == first else sc[acc + i - TILE * b0] + v
+        a, w = sc[sums:sums + hi - lo], vecs[s_out + lo:s_out + hi]
+        for i in range(hi - lo):
+            v = a[i] * w[i]
+            out[i] = v if p == first else out[i] + v
     bias = lins[li, L_BIAS]
     if bias >= 0:
-        for i in range(TILE * b0, min(TILE * b1, paths[first, P_M])):
-            sc[acc + i - TILE * b0] += vecs[bias + i]
+        w = vecs[bias + lo:bias + hi]
+        for i in range(hi - lo):
+            out[i] += w[i]
 
 
 @njit(inline="always", **_OPTS)
@@ -394,15 +403,17 @@ def _u_phase(net, me, phase, lin0, lin1, x, residual, sc, tokens):
         first = lins[li, L_FIRST]
         b1 = min(b0 + CHUNK, paths[first, P_BM])
         _u_rows(ints, lins, paths, vecs, li, b0, b1, sc, 0, acc)
-        m = paths[first, P_M]
-        out = lins[li, L_OUT]
-        lo = TILE * b0
+        lo, hi = TILE * b0, min(TILE * b1, paths[first, P_M])
+        a = sc[acc:acc + hi - lo]
         if residual:
-            for i in range(lo, min(TILE * b1, m)):
-                x[t, i] += sc[acc + i - lo]
+            xt = x[t, lo:hi]
+            for i in range(hi - lo):
+                xt[i] += a[i]
         else:
-            for i in range(lo, min(TILE * b1, m)):
-                work[t, out + i] = sc[acc + i - lo]
+            out = lins[li, L_OUT]
+            wt = work[t, out + lo:out + hi]
+            for i in range(hi - lo):
+                wt[i] = a[i]
         done += 1
     _done(counters, phase, workers, done, total)
 
@@ -437,15 +448,16 @@ def _glu_phase(net, me, phase, gate, sc, tokens):
         _u_rows(ints, lins, paths, vecs, gate + 1, b0, b1, sc, 1, up_acc)
         lo = TILE * b0
         hi = min(TILE * b1, m)
+        gate_v, up_v, out = sc[acc:acc + hi - lo], sc[up_acc:up_acc + hi - lo], work[t, f + lo:f + hi]
         if gelu:  # as numba_kernels.glu: g·sigmoid(2z), z = √(2/π)·(g + 0.044715·g³)
-            for i in range(lo, hi):
-                g = sc[acc + i - lo]
+            for i in range(hi - lo):
+                g = gate_v[i]
                 z2 = np.float32(1.5957691216057308) * (g + np.float32(0.044715) * g * g * g)
-                work[t, f + i] = g / (np.float32(1.0) + exp32(-z2)) * sc[up_acc + i - lo]
+                out[i] = g / (np.float32(1.0) + exp32(-z2)) * up_v[i]
         else:
-            for i in range(lo, hi):
-                g = sc[acc + i - lo]
-                work[t, f + i] = g / (np.float32(1.0) + exp32(-g)) * sc[up_acc + i - lo]
+            for i in range(hi - lo):
+                g = gate_v[i]
+                out[i] = g / (np.float32(1.0) + exp32(-g)) * up_v[i]
         done += 1
     _done(counters, phase, workers, done, total)
 
@@ -471,9 +483,10 @@ def _kv_phase(net, me, phase, layer, positions, caches, sc, rope_at, tokens):
         _rope(row, ko, sc, rope_at + 2 * d * t, d // 2)
         kc = _cache(net, caches, t, 0)[layer, g, positions[t]]
         vc = _cache(net, caches, t, 1)[layer, g, positions[t]]
+        key, value = row[ko:ko + d], row[vo:vo + d]
         for k in range(d):
-            kc[k] = row[ko + k]
-            vc[k] = row[vo + k]
+            kc[k] = key[k]
+            vc[k] = value[k]
         done += 1
     _done(counters, phase, workers, done, tokens * kv)
 
@@ -503,8 +516,9 @@ def _attention_phase(net, me, phase, layer, positions, caches, sc, rope_at, toke
         row = work[t]
         kc = _cache(net, caches, t, 0)[layer, h // group]  # (ctx, d) views
         vc = _cache(net, caches, t, 1)[layer, h // group]
+        qh = row[ints[C_W_Q] + h * d:ints[C_W_Q] + (h + 1) * d]
         for k in range(d):
-            q[k] = row[ints[C_W_Q] + h * d + k]
+            q[k] = qh[k]
         if ints[C_QK_NORM]:
             _rms(q, 0, d, vecs, qnorm, eps, q, 0)
         _rope(q, 0, sc, rope_at + 2 * d * t, d // 2)
@@ -545,8 +559,9 @@ def _post_norm_phase(net, me, phase, norm, x, tokens):
             break
         row = work[t]
         _rms(row, o, n, net.vecs, norm, net.floats[F_EPS], row, o)
+        xt, a = x[t], row[o:o + n]
         for i in range(n):
-            x[t, i] += row[o + i]
+            xt[i] += a[i]
         done += 1
     _done(counters, phase, workers, done, tokens)
 

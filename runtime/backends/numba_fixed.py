@@ -124,8 +124,9 @@ def build_tables(tab, to, x, xi, groups):
     blocks = groups // 8
     for b in range(blocks):
         amax = np.float32(0.0)
+        xb = x[xi + b * BLOCK:xi + (b + 1) * BLOCK]
         for p in range(BLOCK):
-            amax = max(amax, abs(x[xi + b * BLOCK + p]))
+            amax = max(amax, abs(xb[p]))
         inv = np.float32(QMAX) / amax if amax > 0 else np.float32(0.0)
         tab[to + BLOCK_FLOATS * blocks + b] = amax / np.float32(QMAX)
         block_tables(x, xi + b * BLOCK, inv, tab, to + BLOCK_FLOATS * b)
