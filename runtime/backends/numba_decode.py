@@ -281,14 +281,14 @@ def _rope(v, vo, sc, co, half):
 
 
 # --- phases --------------------------------------------------------------------------------------------------------
-# Each phase binds the Net's arrays to locals once: reading a tuple member inside a loop would touch its reference
-# count on every access. Elementwise loops index slice views from 0 (`a = sc[at:at + n]`, then `a[i]`), never an array
-# at a runtime offset (`sc[at + i]`): numba guards every signed index against wrapping around, LLVM drops the guard
-# only where it can prove the index non-negative, and a guarded loop runs one element at a time. A phase runs the step's B tokens (rows of x, work and the worker's normed inputs). A chunk
-# of a linear stage is some tiles of one path (or linear) for one token, chunks ordered path by path and, within a
-# path, token by token: a worker's consecutive chunks mostly share a token, so its lookup tables (8 loads per word of
-# signs) stay in L1, and the path's sign tiles (one load per word), read from memory for the first token, come from
-# L2 for the others.
+# Each phase binds the Net's arrays to locals once: reading a tuple member inside a loop would touch its reference count
+# on every access. Elementwise loops index slice views from 0 (`a = sc[at:at + n]`, then `a[i]`), never an array at a
+# runtime offset (`sc[at + i]`): numba guards every signed index against wrapping around, LLVM drops the guard only
+# where it can prove the index non-negative, and a guarded loop runs one element at a time. A phase runs the step's B
+# tokens (rows of x, work and the worker's normed inputs). A chunk of a linear stage is some tiles of one path (or
+# linear) for one token, chunks ordered path by path and, within a path, token by token: a worker's consecutive chunks
+# mostly share a token, so its lookup tables (8 loads per word of signs) stay in L1, and the path's sign tiles (one load
+# per word), read from memory for the first token, come from L2 for the others.
 @njit(inline="always", **_OPTS)
 def _stage_chunks(lins, paths, lin0, lin1, column):
     """Chunks of the V stages (column P_BR: per path) or U stages (P_BM: per linear) of linears lin0 ≤ l < lin1."""
