@@ -8,7 +8,8 @@ steps), the rest being Python between ops. Where the step splits its sequences o
 server: this is the ceiling nqserve's engine works under.
 
 Usage: python -m bench.batched_step --nq FILE.nq [--batch 1 2 4 8 16] [--threads T] [--steps 20]
-Writes bench/results/batched-step-<file stem>-t<threads>.json. Run it on an otherwise idle machine.
+Writes bench/results/batched-step-<file stem>-t<threads>.json (-p<P> added with --prompt-tokens P other than 32).
+Run it on an otherwise idle machine.
 """
 from __future__ import annotations
 
@@ -88,7 +89,8 @@ def main() -> None:
                   speedup_over_b1={str(b): r["tokens_per_s"] / results[a.batch[0]]["tokens_per_s"]
                                    for b, r in results.items()} if a.batch[0] == 1 else {},
                   batch={str(b): r for b, r in results.items()})
-    out = ROOT / "bench" / "results" / f"batched-step-{a.nq.stem}-t{lm.info.threads}.json"
+    prompt = "" if a.prompt_tokens == 32 else f"-p{a.prompt_tokens}"
+    out = ROOT / "bench" / "results" / f"batched-step-{a.nq.stem}-t{lm.info.threads}{prompt}.json"
     out.write_text(json.dumps(result, indent=1))
     print(f"-> {out}")
 
