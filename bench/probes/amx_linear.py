@@ -25,7 +25,6 @@ import ctypes
 import json
 import os
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -37,6 +36,7 @@ from numba.extending import intrinsic
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
+from bench.probes.int8_linear import best_ms  # noqa: E402
 from bench.speed import commit  # noqa: E402
 from nqfmt import pack_signs  # noqa: E402
 from runtime.backends import numba_lut16 as lut16  # noqa: E402
@@ -48,6 +48,7 @@ ROW_TILES = 4  # row tiles multiplied together, each into its own accumulator
 # A load waits for every product that reads the tile it overwrites (tile registers are not renamed), so A and B
 # tiles alternate between two registers each; each A tile is 1 KB contiguous.
 A_TILES, B_TILES, C_TILES = (0, 1), (2, 3), (4, 5, 6, 7)
+ROUNDS = 30  # timings per figure, the best kept
 _I8, _I64 = ir.IntType(8), ir.IntType(64)
 _P8 = _I8.as_pointer()
 
@@ -269,15 +270,6 @@ def lut16_stages(tiles, x, xs, tab, sums, out):
         out[k] = sums[:m]
 
 
-def best_ms(f, rounds: int = 30) -> float:
-    times = []
-    for _ in range(rounds):
-        start = time.perf_counter()
-        f()
-        times.append(time.perf_counter() - start)
-    return min(times) * 1e3
-
-
 def speed(m: int, n: int, token_counts: list[int]) -> dict:
     rng = np.random.default_rng(0)
     signs = np.where(rng.random((m, n)) < 0.5, -1.0, 1.0)
@@ -309,8 +301,9 @@ def speed(m: int, n: int, token_counts: list[int]) -> dict:
         xs = np.zeros(32 * tiles.shape[1], np.float32)
         tab, sums = np.zeros(lut16.TABLE_WORD * tiles.shape[1], np.float32), np.zeros(TILE * tiles.shape[0], np.float32)
         lut16_stages(tiles, x, xs, tab, sums, lut_out)
-        rows[t] = dict(amx_ms=best_ms(lambda: stage(cfg, words, x, out_t, buf, hi, lo, bpack, cbuf, sumq, scale)),
-                       lut16_ms=best_ms(lambda: lut16_stages(tiles, x, xs, tab, sums, lut_out)),
+        amx = lambda: stage(cfg, words, x, out_t, buf, hi, lo, bpack, cbuf, sumq, scale)  # noqa: E731
+        rows[t] = dict(amx_ms=best_ms(amx, ROUNDS),
+                       lut16_ms=best_ms(lambda: lut16_stages(tiles, x, xs, tab, sums, lut_out), ROUNDS),
                        amx_error=float(np.abs(out - want).max() / np.abs(want).max()),
                        amx_vs_rounded=float(np.abs(out - exact_int).max() / np.abs(want).max()),
                        lut16_error=float(np.abs(lut_out - want).max() / np.abs(want).max()))
@@ -321,10 +314,10 @@ def speed(m: int, n: int, token_counts: list[int]) -> dict:
     hi, lo = np.zeros((GROUP, n64), np.int8), np.zeros((GROUP, n64), np.int8)
     sumq, scale = np.zeros(GROUP, np.int32), np.zeros(GROUP, np.float32)
     cbuf = np.zeros(ROW_TILES * 256, np.int32)
-    parts = dict(expansion_ms=best_ms(lambda: expand_all(words, buf, m16)),
-                 rounding_8_tokens_ms=best_ms(lambda: prepare(x, hi, lo, bpack, sumq, scale)),
-                 tiles_8_tokens_ms=best_ms(lambda: tiles_alone(cfg, buf, bpack, cbuf, steps, m16)),
-                 products_8_tokens_without_loads_ms=best_ms(lambda: products_alone(cfg, m16 // 64 * steps)))
+    parts = dict(expansion_ms=best_ms(lambda: expand_all(words, buf, m16), ROUNDS),
+                 rounding_8_tokens_ms=best_ms(lambda: prepare(x, hi, lo, bpack, sumq, scale), ROUNDS),
+                 tiles_8_tokens_ms=best_ms(lambda: tiles_alone(cfg, buf, bpack, cbuf, steps, m16), ROUNDS),
+                 products_8_tokens_without_loads_ms=best_ms(lambda: products_alone(cfg, m16 // 64 * steps), ROUNDS))
     print("parts", {k: round(v, 5) for k, v in parts.items()}, flush=True)
     return dict(shape=[m, n], tokens=rows, parts=parts)
 
