@@ -31,15 +31,33 @@ class SamplingParams:
             raise NQRunError(f"repetition penalty {self.repetition_penalty} must be > 0")
 
 
+TOP_K_GROUP = 64  # logits per group whose maximum top_k looks at first
+
+
+def top_k(z: np.ndarray, k: int) -> np.ndarray:
+    """Ids of the k largest logits, largest first, equal ones by lower id: the first k of a stable sort of −z.
+    The logits fall into groups of TOP_K_GROUP (group j: logits j, j + G, j + 2G, ... for G groups, so that the
+    maxima are an elementwise maximum of rows); the k-th largest group maximum is a lower bound of the k-th largest
+    logit (k groups each hold one at least that large), so only logits at or above it are sorted: one pass over the
+    vocabulary, a partition of G maxima and a sort of a few candidates, instead of a partition of the vocabulary."""
+    groups = len(z) // TOP_K_GROUP
+    if k >= groups:
+        return np.argsort(-z, kind="stable")[:k]
+    maxima = z[:groups * TOP_K_GROUP].reshape(TOP_K_GROUP, groups).max(axis=0)
+    bound = np.partition(maxima, groups - k)[groups - k]
+    candidates = np.flatnonzero(z >= bound)
+    return candidates[np.lexsort((candidates, -z[candidates]))[:k]]
+
+
 class Sampler:
     def __init__(self, params: SamplingParams) -> None:
         self.params = params
         self.rng = np.random.default_rng(params.seed)
 
     def __call__(self, logits: np.ndarray, context: list[int] | None = None) -> int:
-        """The next token. The vocabulary-wide steps (penalty, argmax, the top-k partition) run on the logits as
-        given; only the candidates are widened to float64 (a float64 copy of every logit cost more per token than
-        the choice itself)."""
+        """The next token. The vocabulary-wide steps (penalty, argmax, top-k) run on the logits as given; only the
+        candidates are widened to float64 (a float64 copy of every logit cost more per token than the choice
+        itself)."""
         p = self.params
         z = np.asarray(logits).reshape(-1)
         if p.repetition_penalty != 1.0 and context:
@@ -48,13 +66,11 @@ class Sampler:
             z[seen] = np.where(z[seen] > 0, z[seen] / p.repetition_penalty, z[seen] * p.repetition_penalty)
         if p.temperature == 0:
             return int(np.argmax(z))
-        if 0 < p.top_k < len(z):  # partition first: a full sort of the vocabulary costs milliseconds per token
-            ids = np.argpartition(-z, p.top_k - 1)[:p.top_k]
+        if 0 < p.top_k < len(z):  # a full sort of the vocabulary costs milliseconds per token
+            ids = top_k(z, p.top_k)
         else:
-            ids = np.arange(len(z))
-        scaled = z[ids].astype(np.float64) / p.temperature
-        order = np.argsort(-scaled, kind="stable")
-        return self.draw(ids[order], scaled[order])
+            ids = np.argsort(-z, kind="stable")
+        return self.draw(ids, z[ids].astype(np.float64) / p.temperature)
 
     def draw(self, ids: np.ndarray, scaled: np.ndarray) -> int:
         """One token from candidates `ids`, best first, whose logits divided by the temperature are `scaled`
