@@ -44,6 +44,7 @@ from nqfmt import keys as K
 
 from . import numba_lut16
 from .numba_int8 import isa
+from .numba_lut16 import _vector_at
 
 if numba_lut16.available() or isa() is None:
     STAGES = "lut16"
@@ -52,6 +53,7 @@ else:
     STAGES = "fixed"
     from .numba_fixed import ROWS as TILE, TABLE_WORD, build_tables, lookup_tile
 
+WIDE_SUMS = numba_lut16.available()  # AVX-512: attention's weighted sums in registers (weighted_sum)
 _OPTS = dict(fastmath=True, cache=True, nogil=True, error_model="numpy")  # no zero check per division: loops vectorize
 CHUNK = 64 // TILE  # tiles per claimed chunk of a linear stage: 64 rows
 PROMPT_TOKENS = 128  # the most tokens of a prompt a threaded call takes (runtime/README.md, "Short prompts on threads")
@@ -255,6 +257,51 @@ def attention_scores(q, keys, lo, n, scale, softcap, p):
         p[j] = s
         best = max(best, s)
     return best
+
+
+@intrinsic
+def weighted_sum(typingctx, p, values, lo, n, out, chunks):
+    """out[:16·chunks] = Σ_{j<n} p[j]·values[lo + j] for rows of exactly 16·chunks floats (chunks a literal): the
+    row's sum stays in 2·chunks vector registers over all n positions (two positions per pass, each into its own
+    set), where a loop over out for every few positions loads and stores out each time."""
+    if not isinstance(chunks, types.IntegerLiteral):
+        return None
+    count = chunks.literal_value
+
+    def codegen(context, builder, signature, args):
+        ty = signature.args
+        intp = context.get_value_type(types.intp)
+        vf = ir.VectorType(ir.FloatType(), 16)
+        pa, va, oa = (context.make_array(ty[k])(context, builder, args[k]) for k in (0, 1, 4))
+        row = builder.extract_value(va.shape, 1)
+        first, total = (context.cast(builder, args[k], ty[k], types.intp) for k in (2, 3))
+        fma = cgutils.get_or_insert_function(builder.module, ir.FunctionType(vf, [vf, vf, vf]), "llvm.fma.v16f32")
+        undef, zeros = ir.Constant(vf, ir.Undefined), ir.Constant(ir.VectorType(ir.IntType(32), 16), [0] * 16)
+        sets = [[cgutils.alloca_once_value(builder, ir.Constant(vf, [0.0] * 16)) for _ in range(count)]
+                for _ in range(2)]
+
+        def add(j, accs):
+            w = builder.shuffle_vector(builder.insert_element(undef, builder.load(builder.gep(pa.data, [j])),
+                                                              ir.Constant(ir.IntType(32), 0)), undef, zeros)
+            at = builder.mul(builder.add(first, j), row)
+            for c, acc in enumerate(accs):
+                v = builder.load(_vector_at(builder, va.data, builder.add(at, ir.Constant(intp, 16 * c)), vf), align=4)
+                builder.store(builder.call(fma, [w, v, builder.load(acc)]), acc)
+
+        pairs = builder.udiv(total, ir.Constant(intp, 2))
+        with cgutils.for_range(builder, pairs) as loop:
+            j = builder.mul(loop.index, ir.Constant(intp, 2))
+            add(j, sets[0])
+            add(builder.add(j, ir.Constant(intp, 1)), sets[1])
+        odd = builder.icmp_unsigned("!=", builder.urem(total, ir.Constant(intp, 2)), ir.Constant(intp, 0))
+        with builder.if_then(odd):
+            add(builder.sub(total, ir.Constant(intp, 1)), sets[0])
+        for c in range(count):
+            value = builder.fadd(builder.load(sets[0][c]), builder.load(sets[1][c]))
+            builder.store(value, _vector_at(builder, oa.data, ir.Constant(intp, 16 * c), vf), align=4)
+        return context.get_dummy_value()
+
+    return types.void(p, values, lo, n, out, chunks), codegen
 
 
 @njit(inline="always", **_OPTS)
@@ -494,6 +541,35 @@ def _kv_phase(net, me, phase, layer, positions, caches, sc, rope_at, tokens):
 
 
 @njit(inline="always", **_OPTS)
+def _attention_output(p, vc, lo, n, inv, out):
+    """out = inv · Σ_j p[j]·vc[lo + j] over n positions: by weighted_sum where the CPU has AVX-512 (32 vector
+    registers hold its two sets of sums for a head of 64 or 128) and the head has that size, else four positions per
+    pass over out."""
+    d = out.shape[0]
+    if WIDE_SUMS and (d == 64 or d == 128):
+        if d == 64:
+            weighted_sum(p, vc, lo, n, out, 4)
+        else:
+            weighted_sum(p, vc, lo, n, out, 8)
+        for k in range(d):
+            out[k] *= inv
+        return
+    for k in range(d):
+        out[k] = 0.0
+    j = 0
+    while j + 4 <= n:  # four positions per pass over out: a quarter of its loads and stores
+        w0, w1, w2, w3 = p[j] * inv, p[j + 1] * inv, p[j + 2] * inv, p[j + 3] * inv
+        v0, v1, v2, v3 = vc[lo + j], vc[lo + j + 1], vc[lo + j + 2], vc[lo + j + 3]
+        for k in range(d):
+            out[k] += (w0 * v0[k] + w1 * v1[k]) + (w2 * v2[k] + w3 * v3[k])
+        j += 4
+    for j in range(j, n):
+        wj = p[j] * inv
+        for k in range(d):
+            out[k] += wj * vc[lo + j, k]
+
+
+@njit(inline="always", **_OPTS)
 def _attention_phase(net, me, phase, layer, positions, caches, sc, rope_at, tokens):
     """Per token and query head: RMSNorm (qk_norm) and RoPE of the query, then causal attention over the token's
     cache (the last `window` positions on sliding layers), into the shared work."""
@@ -530,21 +606,7 @@ def _attention_phase(net, me, phase, layer, positions, caches, sc, rope_at, toke
             e = exp32(p[j] - best)
             p[j] = e
             total += e
-        out = row[ints[C_W_ATT] + h * d:ints[C_W_ATT] + (h + 1) * d]
-        for k in range(d):
-            out[k] = 0.0
-        inv = np.float32(1.0) / total
-        j = 0
-        while j + 4 <= n:  # four positions per pass over out: a quarter of its loads and stores
-            w0, w1, w2, w3 = p[j] * inv, p[j + 1] * inv, p[j + 2] * inv, p[j + 3] * inv
-            v0, v1, v2, v3 = vc[lo + j], vc[lo + j + 1], vc[lo + j + 2], vc[lo + j + 3]
-            for k in range(d):
-                out[k] += (w0 * v0[k] + w1 * v1[k]) + (w2 * v2[k] + w3 * v3[k])
-            j += 4
-        for j in range(j, n):
-            wj = p[j] * inv
-            for k in range(d):
-                out[k] += wj * vc[lo + j, k]
+        _attention_output(p, vc, lo, n, np.float32(1.0) / total, row[ints[C_W_ATT] + h * d:ints[C_W_ATT] + (h + 1) * d])
         done += 1
     _done(counters, phase, workers, done, tokens * heads)
 

@@ -14,6 +14,9 @@ from synthetic import TINY_TOKENIZER, provenance, random_tensors, tiny_config
 VARIANTS = {
     "llama": (dict(arch="llama"), (40,), False, GGMLType.F16),
     "llama-2path-mid": (dict(arch="llama"), (40, 24), True, GGMLType.F16),
+    # head sizes the fused step's attention sums in registers on AVX-512 (numba_decode.weighted_sum)
+    "llama-head64": (dict(arch="llama", n_heads=2, n_kv_heads=1, head_dim=64), (40,), False, GGMLType.F16),
+    "qwen2-head128": (dict(arch="qwen2", n_heads=2, n_kv_heads=1, head_dim=128), (40,), False, GGMLType.F16),
     "llama3-rope-q8": (dict(arch="llama", rope_scaling_type="llama3", rope_scaling_factor=8.0,
                             rope_low_freq_factor=1.0, rope_high_freq_factor=4.0, rope_original_context=32,
                             tie_embeddings=False, hidden=96), (40,), False, GGMLType.Q8_0),

@@ -52,7 +52,7 @@ def test_fused_decode_matches_reference(variant_files, variant, threads):
 
 @FUSED
 @pytest.mark.parametrize("threads", [1, 2])
-@pytest.mark.parametrize("variant", ["llama-2path-mid", "mistral-sliding", "gemma3", "qwen3"])
+@pytest.mark.parametrize("variant", ["llama-2path-mid", "mistral-sliding", "gemma3", "qwen3", "llama-head64"])
 def test_fused_step_of_several_sequences_equals_each_alone(variant_files, variant, threads):
     """One fused call over 5 sequences (each its own cache, at positions 2, 13, 0, 9, 21: past the sliding window)
     gives every sequence the hidden state and cache entries it gets alone, bit for bit."""
@@ -131,7 +131,7 @@ def _op_by_op(threads: int) -> NumbaBackend:
 
 
 @FUSED
-@pytest.mark.parametrize("variant", ["llama-2path-mid", "mistral-sliding", "gemma3", "qwen3"])
+@pytest.mark.parametrize("variant", ["llama-2path-mid", "mistral-sliding", "gemma3", "qwen3", "llama-head64"])
 def test_fused_prompt_equals_op_by_op_prefill(variant_files, variant):
     """With threads, a prompt of up to max_tokens runs through the fused blocks, its tokens sharing one cache and
     attending causally to each other (past the sliding window of 7 on mistral-sliding), here a prompt of 12 tokens
