@@ -227,6 +227,15 @@ def _env() -> dict:
     return child_env(str(ROOT), *LLAMA_BUILD)
 
 
+def use_llama_build(directory: Path | None) -> None:
+    """--llama-build: the workers import the llama-cpp-python installed in `directory` (None: this environment's)."""
+    if directory is None:
+        return
+    if not (directory / "llama_cpp").is_dir():
+        raise SystemExit(f"error: --llama-build {directory}: no llama_cpp package in it")
+    LLAMA_BUILD.append(str(directory.resolve()))
+
+
 def llama_build() -> dict:
     """The llama-cpp-python the workers import: version, location and the CPU features ggml was built with."""
     code = ("import json, llama_cpp, llama_cpp.llama_cpp as lc; print(json.dumps(dict(version=llama_cpp.__version__, "
@@ -447,10 +456,7 @@ def main() -> None:
         return
     if a.rounds < 1 or a.tokens < 1 or not a.threads or min(a.threads) < 1:
         raise SystemExit("error: --rounds, --tokens and every --threads value must be at least 1")
-    if a.llama_build is not None:
-        if not (a.llama_build / "llama_cpp").is_dir():
-            raise SystemExit(f"error: --llama-build {a.llama_build}: no llama_cpp package in it")
-        LLAMA_BUILD.append(str(a.llama_build.resolve()))
+    use_llama_build(a.llama_build)
     a.work.mkdir(parents=True, exist_ok=True)
     embeddings = a.embedding if a.embedding is not None else ([] if a.nq else ["f16", "q8_0", "iq4_nl"])
     ours = parse_nq(a.nq) + synthetic_files(a.model, embeddings, a.work)

@@ -7,6 +7,7 @@ each run a fresh process, the context P + tokens + 1). Engines alternate run by 
 llama.cpp's default configuration is probed first and its fallback recorded, as in bench/speed.py.
 
     python bench/probes/long_context.py FILE [--positions 128 1024 2000] [--threads 1 2] [--rounds 2] [--tokens 32]
+                                        [--llama-build DIR]
 
 Prints one line per run and the best per configuration; appends one JSON line to bench/results/long-context.jsonl.
 """
@@ -22,7 +23,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
 
-from bench.speed import Engine, commit, llama_files, llama_plan, machine, original_q4_1, run_worker  # noqa: E402
+from bench.speed import (Engine, commit, llama_build, llama_files, llama_plan, machine, original_q4_1,  # noqa: E402
+                         run_worker, use_llama_build)
 
 
 def prompt(ids: list[int], length: int) -> list[int]:
@@ -43,7 +45,10 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, default=32)
     ap.add_argument("--work", type=Path, help="llama.cpp's files, as bench/speed.py's --work",
                     default=Path(os.environ.get("NANOQUANT_BENCH_DIR", Path(tempfile.gettempdir()) / "nq-bench")))
+    ap.add_argument("--llama-build", type=Path, default=None, metavar="DIR",
+                    help="the llama-cpp-python installed in DIR, as bench/speed.py's --llama-build")
     a = ap.parse_args()
+    use_llama_build(a.llama_build)
     if not a.file.is_file():
         raise SystemExit(f"error: {a.file}: no such file")
     a.work.mkdir(parents=True, exist_ok=True)
@@ -77,7 +82,8 @@ def main() -> None:
         print(f"ours / llama.cpp Q4_0 {k}: {v:.2f}x")
     record = dict(file=str(a.file), commit=commit(), machine=machine(), load_average_before=load_before,
                   load_average_after=os.getloadavg(), tokens=a.tokens, rounds=a.rounds, statistic="best of rounds",
-                  llama_default_probe=probes, best_decode_tps=best, ours_over_llama=ratios, runs=runs,
+                  llama_build=llama_build(), llama_default_probe=probes, best_decode_tps=best,
+                  ours_over_llama=ratios, runs=runs,
                   command="python bench/probes/long_context.py " + " ".join(sys.argv[1:]))
     with open(REPO / "bench" / "results" / "long-context.jsonl", "a") as f:
         f.write(json.dumps(record) + "\n")
