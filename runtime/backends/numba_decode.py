@@ -46,14 +46,14 @@ from . import numba_lut16
 from .numba_int8 import isa
 from .numba_lut16 import _vector_at
 
-if numba_lut16.available() or isa() is None:
+AVX512 = numba_lut16.available()  # LUT-16 stages; attention's weighted sums in registers (weighted_sum)
+if AVX512 or isa() is None:
     STAGES = "lut16"
     from .numba_lut16 import TILE, TABLE_WORD, build_tables, lookup_tile
 else:
     STAGES = "fixed"
     from .numba_fixed import ROWS as TILE, TABLE_WORD, build_tables, lookup_tile
 
-WIDE_SUMS = numba_lut16.available()  # AVX-512: attention's weighted sums in registers (weighted_sum)
 _OPTS = dict(fastmath=True, cache=True, nogil=True, error_model="numpy")  # no zero check per division: loops vectorize
 CHUNK = 64 // TILE  # tiles per claimed chunk of a linear stage: 64 rows
 PROMPT_TOKENS = 128  # the most tokens of a prompt a threaded call takes (runtime/README.md, "Short prompts on threads")
@@ -546,7 +546,7 @@ def _attention_output(p, vc, lo, n, inv, out):
     registers hold its two sets of sums for a head of 64 or 128) and the head has that size, else four positions per
     pass over out."""
     d = out.shape[0]
-    if WIDE_SUMS and (d == 64 or d == 128):
+    if AVX512 and (d == 64 or d == 128):
         if d == 64:
             weighted_sum(p, vc, lo, n, out, 4)
         else:
